@@ -1,0 +1,146 @@
+//! Single-flight: concurrent loads of one key in one process share one loader call.
+//!
+//! moka's `try_get_with` coalesces the same way, but it leaves the loaded value in its cache,
+//! where a call arriving after an invalidation would still be handed the old value. Here a
+//! flight exists only while its load runs: the entry leaves the table as soon as its result is
+//! known (or its last waiter is gone), and the result lives only in the waiters' hands.
+//! `tokio::sync::OnceCell` does the waiting: if the task running the loader is cancelled, the
+//! next waiter runs its own loader.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OnceCell;
+
+type FlightKey = (String, TypeId);
+
+/// One load in progress: its result, once known, for every waiter.
+pub(crate) struct Flight<V, E> {
+    pub(crate) cell: OnceCell<Result<V, Arc<E>>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Flights {
+    // A std mutex: it is held only to look up or remove an entry, never across an await.
+    table: Mutex<HashMap<FlightKey, Arc<dyn Any + Send + Sync>>>,
+}
+
+/// A caller's membership in a flight; leaving (by finishing or being dropped) removes the flight
+/// from the table once it has a result or no other member.
+pub(crate) struct Member<'a, V: Send + Sync + 'static, E: Send + Sync + 'static> {
+    flights: &'a Flights,
+    key: FlightKey,
+    pub(crate) flight: Arc<Flight<V, E>>,
+}
+
+impl Flights {
+    pub(crate) fn join<V, E>(&self, key: &str) -> Member<'_, V, E>
+    where
+        V: Send + Sync + 'static,
+        E: Send + Sync + 'static,
+    {
+        let flight_key = (key.to_owned(), TypeId::of::<(V, E)>());
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let existing = table
+            .get(&flight_key)
+            .and_then(|f| f.clone().downcast::<Flight<V, E>>().ok());
+        let flight = match existing {
+            Some(flight) => flight,
+            None => {
+                let flight = Arc::new(Flight {
+                    cell: OnceCell::new(),
+                });
+                table.insert(flight_key.clone(), flight.clone());
+                flight
+            }
+        };
+        Member {
+            flights: self,
+            key: flight_key,
+            flight,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl<V: Send + Sync + 'static, E: Send + Sync + 'static> Drop for Member<'_, V, E> {
+    fn drop(&mut self) {
+        let mut table = self.flights.table.lock().unwrap_or_else(|e| e.into_inner());
+        let ours = table
+            .get(&self.key)
+            .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(&self.flight)));
+        // strong_count: the table's reference, ours, and any other member's.
+        if ours && (self.flight.cell.initialized() || Arc::strong_count(&self.flight) <= 2) {
+            table.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn concurrent_members_share_one_load_and_leave_nothing_behind() {
+        let flights = Arc::new(Flights::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let flights = flights.clone();
+            let calls = calls.clone();
+            tasks.push(tokio::spawn(async move {
+                let member = flights.join::<u32, ()>("k");
+                member
+                    .flight
+                    .cell
+                    .get_or_init(|| async {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        Ok(7)
+                    })
+                    .await
+                    .clone()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Ok(7));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_finished_flight_is_not_reused() {
+        let flights = Flights::default();
+        let first = {
+            let m = flights.join::<u32, ()>("k");
+            m.flight.cell.get_or_init(|| async { Ok(1) }).await.clone()
+        };
+        let second = {
+            let m = flights.join::<u32, ()>("k");
+            m.flight.cell.get_or_init(|| async { Ok(2) }).await.clone()
+        };
+        assert_eq!((first, second), (Ok(1), Ok(2)));
+    }
+
+    #[tokio::test]
+    async fn types_do_not_mix() {
+        let flights = Flights::default();
+        let a = flights.join::<u32, ()>("k");
+        let b = flights.join::<String, ()>("k");
+        assert_eq!(a.flight.cell.get_or_init(|| async { Ok(1) }).await, &Ok(1));
+        assert_eq!(
+            b.flight
+                .cell
+                .get_or_init(|| async { Ok("x".to_owned()) })
+                .await,
+            &Ok("x".to_owned())
+        );
+    }
+}

@@ -1,0 +1,599 @@
+//! Configuration: which backend, how long to wait for it, what to do when it fails.
+//!
+//! [`Config::from_env`] reads the variables the services already use:
+//!
+//! | variable | meaning |
+//! | --- | --- |
+//! | `REDIS_URL` | `redis://[user][:password@]host[:port][/db]`, or `rediss://` for TLS (feature `tls`) |
+//! | `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_USERNAME` | the same, in parts, when `REDIS_URL` is unset |
+//!
+//! With none of them set, the cache runs on the in-memory backend, and says so once in the log.
+//! A password never appears in `Debug`, `Display`, errors or logs: it is held in a type whose
+//! only output is `***`, and URLs are shown with the password masked.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::memory::DEFAULT_MAX_BYTES;
+use crate::ttl::Ttl;
+
+/// Default timeout of one Redis operation.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default timeout of establishing a Redis connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default number of consecutive failures that opens the circuit breaker.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+/// Default time an open breaker waits before it lets one probe through.
+pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
+/// Default largest encoded value the typed cache stores: 1 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Default cap on the TTL of entries written to the memory fallback while Redis is unusable.
+pub const DEFAULT_FALLBACK_MAX_TTL: Ttl = Ttl::seconds(60);
+/// Default size of the pooled transport.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
+
+/// A password. Its `Debug` prints `***`; it has no `Display`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself. Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Splits `scheme://userinfo@rest` into its parts. The userinfo ends at the *last* `@`, so that
+/// a password holding unencoded `/`, `?`, `#` or `@` is still taken for a password.
+fn split_userinfo(url: &str) -> Option<(&str, Option<&str>, &str)> {
+    let scheme_end = url.find("://")? + 3;
+    let (scheme, rest) = url.split_at(scheme_end);
+    match rest.rfind('@') {
+        Some(at) => Some((scheme, Some(&rest[..at]), &rest[at..])),
+        None => Some((scheme, None, rest)),
+    }
+}
+
+/// The password part of a URL's userinfo (`user:password` or a lone `password`).
+fn userinfo_password(userinfo: &str) -> &str {
+    userinfo.split_once(':').map_or(userinfo, |(_, p)| p)
+}
+
+/// Masks the password of a Redis URL (`redis://user:***@host`), and any `pass`/`password` query
+/// parameter.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, userinfo, rest)) = split_userinfo(url) else {
+        // Not a URL we understand: show nothing of it rather than risk a secret.
+        return "<unparseable url>".to_owned();
+    };
+    let userinfo = match userinfo {
+        Some(info) => match info.split_once(':') {
+            Some((user, _))
+                if user
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.%".contains(&b)) =>
+            {
+                format!("{user}:***")
+            }
+            // `redis://secret@host`: some clients read a lone userinfo as the password.
+            _ => "***".to_owned(),
+        },
+        None => String::new(),
+    };
+    let rest = match rest.find('?') {
+        Some(q) => {
+            let (path, query) = rest.split_at(q + 1);
+            let (query, fragment) = match query.find('#') {
+                Some(h) => query.split_at(h),
+                None => (query, ""),
+            };
+            let masked: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.to_ascii_lowercase().contains("pass") => format!("{k}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}{}{fragment}", masked.join("&"))
+        }
+        None => rest.to_owned(),
+    };
+    format!("{scheme}{userinfo}{rest}")
+}
+
+/// How the Redis backend talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transport {
+    /// One multiplexed connection that reconnects by itself (redis-rs `ConnectionManager`).
+    /// The default: on loopback it carried about twice the throughput of a pool of 16.
+    Multiplexed,
+    /// A bb8 pool of `size` connections (feature `bb8`).
+    Pooled {
+        /// Number of connections.
+        size: u32,
+    },
+}
+
+#[derive(Clone)]
+enum Target {
+    Url(Secret),
+    Parts {
+        host: String,
+        port: u16,
+        db: i64,
+        username: Option<String>,
+        password: Option<Secret>,
+    },
+}
+
+/// Where and how to reach Redis.
+///
+/// ```
+/// use speedlayer::config::RedisConfig;
+///
+/// let config = RedisConfig::from_url("redis://:hunter2@127.0.0.1:6379/0")?;
+/// assert!(!format!("{config:?}").contains("hunter2"));
+/// assert_eq!(config.to_string(), "redis://:***@127.0.0.1:6379/0");
+/// # Ok::<(), speedlayer::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisConfig {
+    target: Target,
+    connect_timeout: Duration,
+    transport: Transport,
+}
+
+impl RedisConfig {
+    /// Parses a `redis://` or `rediss://` URL. Fails with [`ErrorKind::Config`] when it does not
+    /// parse, or asks for TLS without the `tls` feature.
+    pub fn from_url(url: &str) -> Result<RedisConfig> {
+        let config = RedisConfig {
+            target: Target::Url(Secret::new(url)),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            transport: Transport::Multiplexed,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Host and port, without password or database.
+    pub fn from_host(host: impl Into<String>, port: u16) -> RedisConfig {
+        RedisConfig {
+            target: Target::Parts {
+                host: host.into(),
+                port,
+                db: 0,
+                username: None,
+                password: None,
+            },
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            transport: Transport::Multiplexed,
+        }
+    }
+
+    /// Sets the password (only for configurations built with [`RedisConfig::from_host`]).
+    #[must_use]
+    pub fn password(mut self, password: Secret) -> RedisConfig {
+        if let Target::Parts { password: p, .. } = &mut self.target {
+            *p = Some(password);
+        }
+        self
+    }
+
+    /// Sets the ACL user name (only for configurations built with [`RedisConfig::from_host`]).
+    #[must_use]
+    pub fn username(mut self, username: impl Into<String>) -> RedisConfig {
+        if let Target::Parts { username: u, .. } = &mut self.target {
+            *u = Some(username.into());
+        }
+        self
+    }
+
+    /// Sets the database number (only for configurations built with [`RedisConfig::from_host`]).
+    #[must_use]
+    pub fn db(mut self, db: i64) -> RedisConfig {
+        if let Target::Parts { db: d, .. } = &mut self.target {
+            *d = db;
+        }
+        self
+    }
+
+    /// How long establishing a connection may take (default 1 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> RedisConfig {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The transport (default [`Transport::Multiplexed`]).
+    #[must_use]
+    pub fn transport(mut self, transport: Transport) -> RedisConfig {
+        self.transport = transport;
+        self
+    }
+
+    /// The configured connect timeout.
+    pub fn get_connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The configured transport.
+    pub fn get_transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The secret of this configuration, if any, so that error texts can be scrubbed of it.
+    pub(crate) fn secret(&self) -> Option<&str> {
+        match &self.target {
+            Target::Url(url) => {
+                let (_, userinfo, _) = split_userinfo(url.expose())?;
+                Some(userinfo_password(userinfo?)).filter(|p| !p.is_empty())
+            }
+            Target::Parts { password, .. } => password.as_ref().map(Secret::expose),
+        }
+    }
+
+    /// Removes the secret from a text (an error message of the driver).
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        match self.secret() {
+            Some(secret) if secret.len() >= 3 => text.replace(secret, "***"),
+            _ => text.to_owned(),
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn connection_info(&self) -> Result<redis::ConnectionInfo> {
+        use redis::IntoConnectionInfo;
+        match &self.target {
+            Target::Url(url) => url.expose().into_connection_info().map_err(|e| {
+                let hint = if url.expose().starts_with("rediss://") && !cfg!(feature = "tls") {
+                    "; rediss:// needs speedlayer's `tls` feature"
+                } else {
+                    ""
+                };
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "REDIS_URL {} is not a valid Redis URL ({}){hint}",
+                        redact_url(url.expose()),
+                        self.scrub(&e.to_string())
+                    ),
+                )
+            }),
+            Target::Parts {
+                host,
+                port,
+                db,
+                username,
+                password,
+            } => {
+                let mut settings = redis::RedisConnectionInfo::default().set_db(*db);
+                if let Some(u) = username {
+                    settings = settings.set_username(u);
+                }
+                if let Some(p) = password {
+                    settings = settings.set_password(p.expose());
+                }
+                Ok(redis::ConnectionAddr::Tcp(host.clone(), *port)
+                    .into_connection_info()
+                    .map_err(|e| Error::new(ErrorKind::Config, e.to_string()))?
+                    .set_redis_settings(settings))
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        #[cfg(feature = "redis")]
+        {
+            self.connection_info().map(|_| ())
+        }
+        #[cfg(not(feature = "redis"))]
+        {
+            Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "Redis is configured ({self}) but speedlayer was built without its `redis` \
+                     feature"
+                ),
+            ))
+        }
+    }
+}
+
+impl fmt::Display for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Target::Url(url) => f.write_str(&redact_url(url.expose())),
+            Target::Parts {
+                host,
+                port,
+                db,
+                username,
+                password,
+            } => {
+                f.write_str("redis://")?;
+                match (username, password) {
+                    (Some(u), Some(_)) => write!(f, "{u}:***@")?,
+                    (Some(u), None) => write!(f, "{u}@")?,
+                    (None, Some(_)) => f.write_str(":***@")?,
+                    (None, None) => {}
+                }
+                write!(f, "{host}:{port}/{db}")
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("target", &format_args!("{self}"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("transport", &self.transport)
+            .finish()
+    }
+}
+
+/// What serves while Redis is unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fallback {
+    /// An in-process memory layer: reads and writes go there until Redis is back. Its entries
+    /// live at most [`Config::fallback_max_ttl`], and it is emptied whenever the breaker opens
+    /// or closes, so it never serves entries from before an outage.
+    Memory,
+    /// Nothing: reads miss (straight to the loader), writes are dropped.
+    None,
+}
+
+/// Everything a [`Cache`](crate::Cache) or [`Store`](crate::store::Store) is built from.
+///
+/// ```
+/// use std::time::Duration;
+/// use speedlayer::config::Config;
+///
+/// let config = Config::memory().op_timeout(Duration::from_millis(50));
+/// assert!(config.redis_config().is_none());
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct Config {
+    redis: Option<RedisConfig>,
+    fallback: Fallback,
+    op_timeout: Duration,
+    failure_threshold: u32,
+    cool_down: Duration,
+    memory_max_bytes: u64,
+    fallback_max_ttl: Ttl,
+    max_value_bytes: usize,
+    log_interval: Duration,
+    clock: Arc<dyn Clock>,
+}
+
+impl Config {
+    fn base(redis: Option<RedisConfig>) -> Config {
+        Config {
+            redis,
+            fallback: Fallback::Memory,
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            cool_down: DEFAULT_COOL_DOWN,
+            memory_max_bytes: DEFAULT_MAX_BYTES,
+            fallback_max_ttl: DEFAULT_FALLBACK_MAX_TTL,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            log_interval: Duration::from_secs(10),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The in-memory backend.
+    pub fn memory() -> Config {
+        Config::base(None)
+    }
+
+    /// The Redis backend, with the memory fallback.
+    pub fn redis(redis: RedisConfig) -> Config {
+        Config::base(Some(redis))
+    }
+
+    /// Reads `REDIS_URL`, or `REDIS_HOST`/`REDIS_PORT`/`REDIS_PASSWORD`/`REDIS_DB`/
+    /// `REDIS_USERNAME`. Neither set (or set to empty strings): the memory backend.
+    pub fn from_env() -> Result<Config> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_env`], reading variables through `lookup` (for tests and for
+    /// configuration systems other than the process environment).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        if let Some(url) = get("REDIS_URL") {
+            return Ok(Config::redis(RedisConfig::from_url(url.trim())?));
+        }
+        let Some(host) = get("REDIS_HOST") else {
+            return Ok(Config::memory());
+        };
+        let port = match get("REDIS_PORT") {
+            Some(p) => p.trim().parse::<u16>().map_err(|_| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("REDIS_PORT must be a port number (1-65535), not {p:?}"),
+                )
+            })?,
+            None => 6379,
+        };
+        let db = match get("REDIS_DB") {
+            Some(d) => d
+                .trim()
+                .parse::<i64>()
+                .ok()
+                .filter(|d| *d >= 0)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("REDIS_DB must be a database number (0, 1, ...), not {d:?}"),
+                    )
+                })?,
+            None => 0,
+        };
+        let mut redis = RedisConfig::from_host(host.trim(), port).db(db);
+        if let Some(user) = get("REDIS_USERNAME") {
+            redis = redis.username(user);
+        }
+        if let Some(password) = lookup("REDIS_PASSWORD").filter(|p| !p.is_empty()) {
+            redis = redis.password(Secret::new(password));
+        }
+        redis.validate()?;
+        Ok(Config::redis(redis))
+    }
+
+    /// The Redis configuration, if this config uses Redis.
+    pub fn redis_config(&self) -> Option<&RedisConfig> {
+        self.redis.as_ref()
+    }
+
+    /// Changes the Redis configuration (transport, connect timeout) in place.
+    pub fn map_redis(mut self, f: impl FnOnce(RedisConfig) -> RedisConfig) -> Config {
+        self.redis = self.redis.map(f);
+        self
+    }
+
+    /// What serves while Redis is unusable (default [`Fallback::Memory`]).
+    pub fn fallback(mut self, fallback: Fallback) -> Config {
+        self.fallback = fallback;
+        self
+    }
+
+    /// Longest wait for one Redis operation (default 100 ms). A zero duration is raised to 1 ms.
+    pub fn op_timeout(mut self, timeout: Duration) -> Config {
+        self.op_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Consecutive failures that open the breaker (default 5, at least 1).
+    pub fn failure_threshold(mut self, failures: u32) -> Config {
+        self.failure_threshold = failures.max(1);
+        self
+    }
+
+    /// How long an open breaker skips Redis before probing it (default 1 s).
+    pub fn cool_down(mut self, cool_down: Duration) -> Config {
+        self.cool_down = cool_down;
+        self
+    }
+
+    /// Byte budget of the memory backend or fallback (default 64 MiB).
+    pub fn memory_max_bytes(mut self, bytes: u64) -> Config {
+        self.memory_max_bytes = bytes;
+        self
+    }
+
+    /// Longest TTL of an entry written to the memory fallback (default 60 s).
+    pub fn fallback_max_ttl(mut self, ttl: Ttl) -> Config {
+        self.fallback_max_ttl = ttl;
+        self
+    }
+
+    /// Largest encoded value the typed cache stores (default 1 MiB). Larger values are refused
+    /// by `set` and returned uncached by `get_or_set`.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Config {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// How often a run of identical failures is logged (default every 10 s, with a count of
+    /// the ones not logged).
+    pub fn log_interval(mut self, interval: Duration) -> Config {
+        self.log_interval = interval;
+        self
+    }
+
+    /// The clock of the breaker and log throttling (default [`SystemClock`]).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Config {
+        self.clock = clock;
+        self
+    }
+
+    pub(crate) fn get_fallback(&self) -> Fallback {
+        self.fallback
+    }
+    pub(crate) fn get_op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+    pub(crate) fn get_failure_threshold(&self) -> u32 {
+        self.failure_threshold
+    }
+    pub(crate) fn get_cool_down(&self) -> Duration {
+        self.cool_down
+    }
+    pub(crate) fn get_memory_max_bytes(&self) -> u64 {
+        self.memory_max_bytes
+    }
+    pub(crate) fn get_fallback_max_ttl(&self) -> Ttl {
+        self.fallback_max_ttl
+    }
+    pub(crate) fn get_max_value_bytes(&self) -> usize {
+        self.max_value_bytes
+    }
+    pub(crate) fn get_log_interval(&self) -> Duration {
+        self.log_interval
+    }
+    pub(crate) fn get_clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("redis", &self.redis)
+            .field("fallback", &self.fallback)
+            .field("op_timeout", &self.op_timeout)
+            .field("failure_threshold", &self.failure_threshold)
+            .field("cool_down", &self.cool_down)
+            .field("memory_max_bytes", &self.memory_max_bytes)
+            .field("fallback_max_ttl", &self.fallback_max_ttl)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        let cases = [
+            ("redis://:pw@h:1/0", "redis://:***@h:1/0"),
+            ("redis://user:pw@h", "redis://user:***@h"),
+            ("rediss://u:p%40ss@h:6380", "rediss://u:***@h:6380"),
+            ("redis://pw@h", "redis://***@h"),
+            (
+                "redis://h:6379/?pass=pw&protocol=resp3",
+                "redis://h:6379/?pass=***&protocol=resp3",
+            ),
+            ("redis://h", "redis://h"),
+            ("no url here pw", "<unparseable url>"),
+            ("redis://:pa/ss?x#y@h:1", "redis://:***@h:1"),
+            ("redis://u:a@b@h", "redis://u:***@h"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
+}

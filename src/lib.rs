@@ -1,0 +1,83 @@
+//! # speedlayer
+//!
+//! The speed layer in front of a service's database: caching (and, as the crate grows, rate
+//! limiting and short-lived coordination state) on Redis, or in process memory when no Redis is
+//! configured, with its policy enforced by types:
+//!
+//! - every key is namespaced `<domain>:<entity>:<id>` and ids are escaped ([`key`]);
+//! - every write has a TTL ([`ttl`]); there is no write API without one;
+//! - Redis being slow or down never breaks a request: every call is bounded by a timeout, a
+//!   circuit breaker skips a sick server, and a fallback serves meanwhile ([`store::Store`]);
+//! - a loader's error is never cached, and a cached value that no longer decodes is a miss.
+//!
+//! The database stores facts; the speed layer stores convenience. Facts are permanent;
+//! convenience expires.
+//!
+//! ```
+//! use serde::{Deserialize, Serialize};
+//! use speedlayer::key::{Ident, Namespace};
+//! use speedlayer::ttl::{Jitter, Ttl, TtlPolicy};
+//! use speedlayer::Cache;
+//!
+//! const DASHBOARD: Ident = Ident::from_static("dashboard");
+//! const STUDENT: Ident = Ident::from_static("student");
+//!
+//! #[derive(Clone, Serialize, Deserialize)]
+//! struct Dashboard { attendance_pct: f32, fees_due_cents: i64 }
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! // Redis when REDIS_URL is set, process memory otherwise.
+//! let cache = Cache::from_env().await?;
+//! let key = Namespace::root().global().key(&DASHBOARD, &STUDENT, "student_456")?;
+//! let policy = TtlPolicy::new(Ttl::seconds(300)).with_jitter(Jitter::fraction(0.1)?);
+//!
+//! let dashboard = cache
+//!     .get_or_set(&key, policy, || async {
+//!         // The database query; its error is returned, never cached.
+//!         Ok::<_, std::io::Error>(Dashboard { attendance_pct: 97.5, fees_due_cents: 0 })
+//!     })
+//!     .await
+//!     .map_err(|e| std::io::Error::other(e.to_string()))?;
+//! assert_eq!(dashboard.fees_due_cents, 0);
+//! println!("{:?}", cache.stats());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! # Feature flags
+//!
+//! - `redis` (default): the Redis backend over one multiplexed, auto-reconnecting connection.
+//! - `bb8`: a pooled transport (bb8) as an alternative to the multiplexed connection.
+//! - `tls`: `rediss://` URLs, with rustls and the webpki root certificates.
+//!
+//! # Layout
+//!
+//! - [`key`]: validated keys, scopes (prefix, tenant) and patterns.
+//! - [`ttl`]: TTLs that cannot be zero or absurd, and jitter.
+//! - [`clock`]: the time source of breakers and throttles, with a fake clock for tests.
+//! - [`config`]: configuration from the environment, secrets kept out of output.
+//! - [`store`]: the [`CacheLayer`](store::CacheLayer) trait, the memory and Redis backends, and
+//!   the resilience wrapper [`Store`](store::Store).
+//! - [`cache`]: the typed [`Cache`] with get-or-set and single-flight loading.
+//! - [`error`]: the crate's [`Error`].
+
+#![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod key;
+pub mod store;
+pub mod ttl;
+
+pub use cache::{Cache, CacheStats};
+pub use config::Config;
+pub use error::{Error, ErrorKind, Result};
+pub use key::{Ident, Key, KeyPattern, KeySpace, Namespace, Scope};
+pub use ttl::{Jitter, Ttl, TtlPolicy};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

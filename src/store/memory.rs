@@ -1,0 +1,289 @@
+//! The in-memory backend: moka's future cache with a per-entry expiry policy and a byte budget.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use moka::Expiry;
+use moka::future::Cache as MokaCache;
+use moka::ops::compute::{CompResult, Op};
+
+use super::{BackendKind, CacheLayer, Entry, Remaining};
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::Key;
+use crate::ttl::Ttl;
+
+/// Default byte budget of a [`MemoryLayer`]: 64 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Bookkeeping bytes counted per entry on top of its key and value, so that a flood of tiny
+/// entries cannot exceed the budget by much.
+const ENTRY_OVERHEAD: u64 = 96;
+
+#[derive(Clone)]
+struct Stored {
+    value: Bytes,
+    expires_at: Instant,
+}
+
+impl Stored {
+    fn live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+}
+
+struct PerEntryTtl;
+
+impl Expiry<String, Stored> for PerEntryTtl {
+    fn expire_after_create(&self, _: &String, value: &Stored, now: Instant) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        value: &Stored,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.expires_at.saturating_duration_since(now))
+    }
+}
+
+/// Process-memory [`CacheLayer`]: bounded in bytes (keys + values + a fixed overhead per entry),
+/// each entry expiring after its own TTL. Clones share the same entries.
+///
+/// ```
+/// use speedlayer::key::{Ident, Namespace};
+/// use speedlayer::store::{CacheLayer, MemoryLayer};
+/// use speedlayer::ttl::Ttl;
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let memory = MemoryLayer::new(8 * 1024 * 1024);
+/// let key = Namespace::root().global().key(
+///     &Ident::from_static("fees"), &Ident::from_static("summary"), 1)?;
+/// memory.set(&key, "{\"due\":0}".into(), Ttl::seconds(60)).await?;
+/// assert_eq!(memory.get(&key).await?.as_deref(), Some(&b"{\"due\":0}"[..]));
+/// # Ok::<(), speedlayer::Error>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct MemoryLayer {
+    cache: MokaCache<String, Stored>,
+    max_bytes: u64,
+}
+
+impl MemoryLayer {
+    /// A memory layer holding at most about `max_bytes` bytes.
+    pub fn new(max_bytes: u64) -> MemoryLayer {
+        let cache = MokaCache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &String, value: &Stored| {
+                let weight = key.len() as u64 + value.value.len() as u64 + ENTRY_OVERHEAD;
+                weight.min(u64::from(u32::MAX)) as u32
+            })
+            .expire_after(PerEntryTtl)
+            .build();
+        MemoryLayer { cache, max_bytes }
+    }
+
+    /// Drops every entry.
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// The byte budget.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Removes every entry whose key `remove` returns true for, and returns how many. Visits
+    /// every entry: meant for maintenance and pattern invalidation, not for request paths.
+    pub async fn remove_where(&self, remove: impl Fn(&str) -> bool) -> u64 {
+        let victims: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(k, _)| remove(k.as_str()))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        let mut removed = 0;
+        for key in victims {
+            if self.cache.remove(&key).await.is_some() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    fn deadline(ttl: Ttl) -> Instant {
+        Instant::now() + ttl.as_duration()
+    }
+}
+
+impl Default for MemoryLayer {
+    fn default() -> Self {
+        MemoryLayer::new(DEFAULT_MAX_BYTES)
+    }
+}
+
+impl fmt::Debug for MemoryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLayer")
+            .field("max_bytes", &self.max_bytes)
+            .field("entries", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+fn parse_counter(bytes: &[u8]) -> Result<i64> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::WrongType,
+                "the value under this key is not an integer",
+            )
+        })
+}
+
+#[async_trait]
+impl CacheLayer for MemoryLayer {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Memory
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+        // moka expires entries on its own; the extra check keeps an entry from being served in
+        // the instant between its deadline and moka's housekeeping.
+        Ok(self
+            .cache
+            .get(key.as_str())
+            .await
+            .filter(|s| s.live(Instant::now()))
+            .map(|s| s.value))
+    }
+
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>> {
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(
+                self.cache
+                    .get(key.as_str())
+                    .await
+                    .filter(|s| s.live(now))
+                    .map(|s| s.value),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn set(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<()> {
+        let stored = Stored {
+            value,
+            expires_at: Self::deadline(ttl),
+        };
+        self.cache.insert(key.as_str().to_owned(), stored).await;
+        Ok(())
+    }
+
+    async fn set_many(&self, entries: &[Entry]) -> Result<()> {
+        for entry in entries {
+            self.set(&entry.key, entry.value.clone(), entry.ttl).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, key: &Key) -> Result<bool> {
+        Ok(self
+            .cache
+            .remove(key.as_str())
+            .await
+            .is_some_and(|s| s.live(Instant::now())))
+    }
+
+    async fn delete_many(&self, keys: &[Key]) -> Result<u64> {
+        let mut removed = 0;
+        for key in keys {
+            if self.delete(key).await? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn remaining_ttl(&self, key: &Key) -> Result<Remaining> {
+        let now = Instant::now();
+        Ok(match self.cache.get(key.as_str()).await {
+            Some(s) if s.live(now) => Remaining::Expires(s.expires_at - now),
+            _ => Remaining::Missing,
+        })
+    }
+
+    async fn set_if_absent(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<bool> {
+        let expires_at = Self::deadline(ttl);
+        let result = self
+            .cache
+            .entry(key.as_str().to_owned())
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if entry.value().live(Instant::now()) => Op::Nop,
+                    _ => Op::Put(Stored { value, expires_at }),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(matches!(
+            result,
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+        ))
+    }
+
+    async fn increment(&self, key: &Key, delta: i64, ttl: Ttl) -> Result<i64> {
+        let result = self
+            .cache
+            .entry(key.as_str().to_owned())
+            .and_try_compute_with(|current| {
+                let now = Instant::now();
+                let next = match current {
+                    Some(entry) if entry.value().live(now) => parse_counter(&entry.value().value)
+                        .and_then(|n| {
+                            n.checked_add(delta).ok_or_else(|| {
+                                Error::new(
+                                    ErrorKind::Overflow,
+                                    "incrementing this counter would overflow an i64",
+                                )
+                            })
+                        }),
+                    _ => Ok(delta),
+                };
+                std::future::ready(next.map(|n| {
+                    Op::Put(Stored {
+                        value: Bytes::from(n.to_string()),
+                        expires_at: now + ttl.as_duration(),
+                    })
+                }))
+            })
+            .await?;
+        match result {
+            CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => {
+                parse_counter(&entry.value().value)
+            }
+            // Op::Put always inserts or replaces.
+            _ => Err(Error::new(
+                ErrorKind::Backend,
+                "the memory counter was not updated",
+            )),
+        }
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn memory_entries(&self) -> u64 {
+        self.cache.entry_count()
+    }
+}

@@ -1,0 +1,369 @@
+//! The Redis backend.
+//!
+//! The default transport is one redis-rs `ConnectionManager`: a multiplexed connection (every
+//! task pipelines its commands onto one socket) that reconnects by itself after the server
+//! drops it. The opt-in `bb8` feature adds a pooled transport. Both connect lazily, so a service
+//! starts even while Redis is down.
+//!
+//! Values are stored as plain Redis strings (`SET key value PX ttl`), readable with
+//! `redis-cli GET`. Multi-key operations are one round trip: `MGET`, a pipeline of `SET`s, one
+//! `UNLINK`. Counters are one Lua script (`INCRBY` + `PEXPIRE`) so that the TTL refresh cannot be
+//! lost between two commands.
+//!
+//! Errors come back as [`Error`]s with the password scrubbed; timeouts are applied by the
+//! [`Store`](super::Store) wrapper, not here.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, RedisError, Script};
+
+use super::{BackendKind, CacheLayer, Entry, Remaining};
+use crate::config::{RedisConfig, Transport};
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::Key;
+use crate::ttl::Ttl;
+
+const INCREMENT_SCRIPT: &str = r"
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return value
+";
+
+enum Conn {
+    Multiplexed(ConnectionManager),
+    #[cfg(feature = "bb8")]
+    Pooled(bb8_redis::bb8::Pool<pool::Manager>),
+}
+
+/// Redis [`CacheLayer`].
+///
+/// ```no_run
+/// use speedlayer::config::RedisConfig;
+/// use speedlayer::store::redis::RedisLayer;
+///
+/// # async fn demo() -> speedlayer::Result<()> {
+/// let redis = RedisLayer::connect(&RedisConfig::from_url("redis://127.0.0.1:6379")?).await?;
+/// # Ok(()) }
+/// ```
+pub struct RedisLayer {
+    conn: Conn,
+    config: RedisConfig,
+    increment: Script,
+}
+
+impl RedisLayer {
+    /// Prepares the connection. It is made lazily: this succeeds while the server is down, and
+    /// the first operations then fail (and reconnect) until it is up. Fails only for invalid
+    /// configuration.
+    pub async fn connect(config: &RedisConfig) -> Result<RedisLayer> {
+        let info = config.connection_info()?;
+        let client = redis::Client::open(info).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "cannot use Redis at {config}: {}",
+                    config.scrub(&e.to_string())
+                ),
+            )
+        })?;
+        let conn = match config.get_transport() {
+            Transport::Multiplexed => {
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(config.get_connect_timeout()))
+                    // The Store bounds every call; a driver-side timeout would only race it.
+                    .set_response_timeout(None)
+                    // Reconnect quickly and give up soon: while a reconnect is pending every
+                    // call waits on it, and the next failing call starts a new one anyway.
+                    .set_min_delay(Duration::from_millis(20))
+                    .set_max_delay(Duration::from_millis(500))
+                    .set_number_of_retries(2);
+                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
+                    .map_err(|e| map_error(config, e))?;
+                Conn::Multiplexed(manager)
+            }
+            #[cfg(feature = "bb8")]
+            Transport::Pooled { size } => Conn::Pooled(pool::build(client, config, size)),
+            #[cfg(not(feature = "bb8"))]
+            Transport::Pooled { .. } => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "the pooled transport needs speedlayer's `bb8` feature",
+                ));
+            }
+        };
+        Ok(RedisLayer {
+            conn,
+            config: config.clone(),
+            increment: Script::new(INCREMENT_SCRIPT),
+        })
+    }
+
+    /// Runs one command.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let result = match &self.conn {
+            Conn::Multiplexed(manager) => cmd.query_async(&mut manager.clone()).await,
+            #[cfg(feature = "bb8")]
+            Conn::Pooled(p) => pool::run(p, async |c| cmd.query_async(c).await).await,
+        };
+        result.map_err(|e| map_error(&self.config, e))
+    }
+
+    /// Runs a pipeline (one round trip).
+    async fn query_pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        let result = match &self.conn {
+            Conn::Multiplexed(manager) => pipe.query_async(&mut manager.clone()).await,
+            #[cfg(feature = "bb8")]
+            Conn::Pooled(p) => pool::run(p, async |c| pipe.query_async(c).await).await,
+        };
+        result.map_err(|e| map_error(&self.config, e))
+    }
+
+    /// Runs a script (`EVALSHA`, loading it once if the server does not know it).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let result = match &self.conn {
+            Conn::Multiplexed(manager) => invocation.invoke_async(&mut manager.clone()).await,
+            #[cfg(feature = "bb8")]
+            Conn::Pooled(p) => pool::run(p, async |c| invocation.invoke_async(c).await).await,
+        };
+        result.map_err(|e| map_error(&self.config, e))
+    }
+}
+
+/// Maps a driver error to a crate error: data errors (wrong type, not an integer) stay the
+/// caller's, everything else is an availability error.
+fn map_error(config: &RedisConfig, e: RedisError) -> Error {
+    let text = config.scrub(&e.to_string());
+    let code = e.code().unwrap_or_default();
+    let lower = text.to_ascii_lowercase();
+    let kind = if code == "WRONGTYPE" || lower.contains("not an integer") {
+        ErrorKind::WrongType
+    } else if lower.contains("overflow") {
+        ErrorKind::Overflow
+    } else if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        ErrorKind::Connection
+    } else {
+        ErrorKind::Backend
+    };
+    let message = match kind {
+        ErrorKind::WrongType => {
+            format!("the Redis value has a type this operation cannot use ({text})")
+        }
+        ErrorKind::Connection => format!("cannot reach Redis at {config} ({text})"),
+        _ => format!("Redis at {config}: {text}"),
+    };
+    Error::new(kind, message)
+}
+
+fn bytes_of(value: Option<Vec<u8>>) -> Option<Bytes> {
+    value.map(Bytes::from)
+}
+
+impl fmt::Debug for RedisLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let transport = match &self.conn {
+            Conn::Multiplexed(_) => "multiplexed",
+            #[cfg(feature = "bb8")]
+            Conn::Pooled(_) => "pooled",
+        };
+        f.debug_struct("RedisLayer")
+            .field("target", &format_args!("{}", self.config))
+            .field("transport", &transport)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CacheLayer for RedisLayer {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Redis
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key.as_str());
+        self.query::<Option<Vec<u8>>>(&cmd).await.map(bytes_of)
+    }
+
+    async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for key in keys {
+            cmd.arg(key.as_str());
+        }
+        let values: Vec<Option<Vec<u8>>> = self.query(&cmd).await?;
+        Ok(values.into_iter().map(bytes_of).collect())
+    }
+
+    async fn set(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key.as_str())
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(ttl.as_millis());
+        self.query::<()>(&cmd).await
+    }
+
+    async fn set_many(&self, entries: &[Entry]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for entry in entries {
+            pipe.cmd("SET")
+                .arg(entry.key.as_str())
+                .arg(entry.value.as_ref())
+                .arg("PX")
+                .arg(entry.ttl.as_millis())
+                .ignore();
+        }
+        self.query_pipeline::<()>(&pipe).await
+    }
+
+    async fn delete(&self, key: &Key) -> Result<bool> {
+        let mut cmd = redis::cmd("UNLINK");
+        cmd.arg(key.as_str());
+        self.query::<u64>(&cmd).await.map(|n| n > 0)
+    }
+
+    async fn delete_many(&self, keys: &[Key]) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("UNLINK");
+        for key in keys {
+            cmd.arg(key.as_str());
+        }
+        self.query(&cmd).await
+    }
+
+    async fn remaining_ttl(&self, key: &Key) -> Result<Remaining> {
+        let mut cmd = redis::cmd("PTTL");
+        cmd.arg(key.as_str());
+        Ok(match self.query::<i64>(&cmd).await? {
+            -2 => Remaining::Missing,
+            -1 => Remaining::NoExpiry,
+            ms => Remaining::Expires(Duration::from_millis(ms.max(0) as u64)),
+        })
+    }
+
+    async fn set_if_absent(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<bool> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key.as_str())
+            .arg(value.as_ref())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis());
+        self.query::<Option<String>>(&cmd)
+            .await
+            .map(|reply| reply.is_some())
+    }
+
+    async fn increment(&self, key: &Key, delta: i64, ttl: Ttl) -> Result<i64> {
+        let mut invocation = self.increment.prepare_invoke();
+        invocation.key(key.as_str()).arg(delta).arg(ttl.as_millis());
+        self.invoke(&invocation).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.query::<()>(&redis::cmd("PING")).await
+    }
+}
+
+#[cfg(feature = "bb8")]
+mod pool {
+    //! The pooled transport.
+    //!
+    //! bb8-redis's own manager never reports a multiplexed connection as broken, so a pool that
+    //! skips the PING on every check-out would keep dead connections after a Redis restart. This
+    //! manager marks a connection broken when a command on it fails at the connection level, and
+    //! bb8 then replaces it; check-outs stay PING-free.
+
+    use bb8_redis::bb8;
+    use redis::aio::MultiplexedConnection;
+    use redis::{AsyncConnectionConfig, RedisError, RedisResult};
+
+    use crate::config::RedisConfig;
+
+    pub(super) struct Manager {
+        client: redis::Client,
+        config: AsyncConnectionConfig,
+    }
+
+    pub(super) struct Pooled {
+        conn: MultiplexedConnection,
+        broken: bool,
+    }
+
+    impl bb8::ManageConnection for Manager {
+        type Connection = Pooled;
+        type Error = RedisError;
+
+        async fn connect(&self) -> Result<Pooled, RedisError> {
+            let conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?;
+            Ok(Pooled {
+                conn,
+                broken: false,
+            })
+        }
+
+        async fn is_valid(&self, conn: &mut Pooled) -> Result<(), RedisError> {
+            redis::cmd("PING").query_async(&mut conn.conn).await
+        }
+
+        fn has_broken(&self, conn: &mut Pooled) -> bool {
+            conn.broken
+        }
+    }
+
+    pub(super) fn build(
+        client: redis::Client,
+        config: &RedisConfig,
+        size: u32,
+    ) -> bb8::Pool<Manager> {
+        let manager = Manager {
+            client,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.get_connect_timeout()))
+                .set_response_timeout(None),
+        };
+        bb8::Pool::builder()
+            .max_size(size.max(1))
+            .test_on_check_out(false)
+            .connection_timeout(config.get_connect_timeout())
+            .build_unchecked(manager)
+    }
+
+    pub(super) async fn run<T>(
+        pool: &bb8::Pool<Manager>,
+        f: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        let mut pooled = pool.get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => e,
+            bb8::RunError::TimedOut => RedisError::from((
+                redis::ErrorKind::Io,
+                "timed out waiting for a pooled connection",
+            )),
+        })?;
+        let result = f(&mut pooled.conn).await;
+        if let Err(e) = &result
+            && (e.is_unrecoverable_error() || e.is_io_error())
+        {
+            pooled.broken = true;
+        }
+        result
+    }
+}
