@@ -27,10 +27,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::key::Key;
 use crate::ttl::Ttl;
 
+// Lua numbers are doubles: returning INCRBY's reply would round counters above 2^53. The new
+// value is read back as the exact decimal string Redis stores.
 const INCREMENT_SCRIPT: &str = r"
-local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return value
+return redis.call('GET', KEYS[1])
 ";
 
 enum Conn {

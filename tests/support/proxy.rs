@@ -1,0 +1,117 @@
+//! A TCP proxy on loopback that can pass, delay, freeze or cut traffic, for slow-network faults
+//! without netem. Runs on the test's tokio runtime and stops when dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward bytes as they come.
+    Pass,
+    /// Hold every chunk this long before forwarding it.
+    Delay(Duration),
+    /// Hold everything until the mode changes.
+    Freeze,
+    /// Close every connection and refuse new ones.
+    Cut,
+}
+
+pub struct Proxy {
+    port: u16,
+    mode: watch::Sender<Mode>,
+    tasks: Arc<std::sync::Mutex<JoinSet<()>>>,
+}
+
+impl Proxy {
+    /// A proxy forwarding to `127.0.0.1:upstream`.
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (mode, rx) = watch::channel(Mode::Pass);
+        let tasks = Arc::new(std::sync::Mutex::new(JoinSet::new()));
+        let conn_tasks = tasks.clone();
+        tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if *rx.borrow() == Mode::Cut {
+                    drop(client);
+                    continue;
+                }
+                let rx = rx.clone();
+                conn_tasks.lock().unwrap().spawn(async move {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    // Either direction ending (or a cut) ends both.
+                    tokio::select! {
+                        _ = pump(cr, sw, rx.clone()) => {}
+                        _ = pump(sr, cw, rx) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, mode, tasks }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn set(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.set(Mode::Cut);
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.abort_all();
+        }
+    }
+}
+
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Mode>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut cut = mode.clone();
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = cut.wait_for(|m| *m == Mode::Cut) => return,
+        };
+        loop {
+            let current = *mode.borrow_and_update();
+            match current {
+                Mode::Pass => break,
+                Mode::Delay(d) => {
+                    tokio::time::sleep(d).await;
+                    break;
+                }
+                Mode::Freeze => {
+                    if mode.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Mode::Cut => return,
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! A real `redis-server` on a free loopback port, in a temporary directory, killed on drop.
+//!
+//! When the test fails (the thread is panicking as the server is dropped), the server's log is
+//! printed to the test's output.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use speedlayer::config::RedisConfig;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct RedisServer {
+    port: u16,
+    password: Option<String>,
+    dir: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+fn binary() -> String {
+    std::env::var("SPEEDLAYER_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl RedisServer {
+    /// Starts a server; panics (never skips) when it cannot.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(None)
+    }
+
+    /// Starts a server that requires `password`.
+    pub fn start_with_password(password: &str) -> RedisServer {
+        RedisServer::start_with(Some(password.to_owned()))
+    }
+
+    fn start_with(password: Option<String>) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!(
+            "speedlayer-redis-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut last_log = String::new();
+        // A port found free can be taken before the server binds it; try a few.
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                password: password.clone(),
+                dir: dir.clone(),
+                child: None,
+                stopped: false,
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(log) => {
+                    last_log = log;
+                    server.child = None;
+                    std::mem::forget(server);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!("redis-server did not start after 5 attempts; last log:\n{last_log}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let log_path = self.dir.join("redis.log");
+        let mut cmd = Command::new(binary());
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = &self.password {
+            cmd.arg("--requirepass").arg(p);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run {:?}: {e}. Install it (apt-get install -y redis-server, as \
+                 scripts/test.sh does) or point SPEEDLAYER_REDIS_SERVER at a redis-server binary",
+                binary()
+            )
+        });
+        self.child = Some(child);
+        self.stopped = false;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!("redis-server exited with {status}\n{}", self.log()));
+            }
+            if self.answers() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Err(format!(
+            "redis-server did not answer within 10 s\n{}",
+            self.log()
+        ))
+    }
+
+    /// True when the server answers a PING (or asks for authentication).
+    fn answers(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        if s.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => buf.starts_with(b"+PONG") || buf.starts_with(b"-NOAUTH"),
+            _ => false,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("server running")
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    pub fn redis_config(&self) -> RedisConfig {
+        RedisConfig::from_url(&self.url()).expect("valid url")
+    }
+
+    /// A plain redis-rs client, for assertions made beside the library.
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("valid url")
+    }
+
+    /// A raw multiplexed connection.
+    pub async fn raw(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("raw connection: {e}\n{}", self.log()))
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill(1) is available");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// SIGSTOP: the server keeps its sockets but answers nothing.
+    pub fn freeze(&mut self) {
+        self.signal("-STOP");
+        self.stopped = true;
+    }
+
+    /// SIGCONT after [`freeze`](Self::freeze).
+    pub fn thaw(&mut self) {
+        self.signal("-CONT");
+        self.stopped = false;
+    }
+
+    /// SIGKILL and wait: connections drop, the port refuses.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.stopped {
+                let _ = Command::new("kill")
+                    .arg("-CONT")
+                    .arg(child.id().to_string())
+                    .status();
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.stopped = false;
+    }
+
+    /// Starts the server again on the same port (empty: nothing is persisted).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                // The port may linger briefly after the kill.
+                Err(log) if Instant::now() < deadline => {
+                    let _ = log;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(log) => panic!("redis-server did not restart on port {}:\n{log}", self.port),
+            }
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- redis-server log (port {}) ----\n{}\n---- end of log ----",
+                self.port,
+                self.log()
+            );
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
