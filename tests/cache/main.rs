@@ -1,0 +1,88 @@
+//! The typed `Cache` behaviour suite, run on the memory backend and on a real Redis.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod behaviour;
+
+macro_rules! cache_suite {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = crate::support::Backend::memory();
+                    crate::behaviour::$test(&backend).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = crate::support::Backend::redis().await;
+                    crate::behaviour::$test(&backend).await;
+                }
+            )*
+        }
+    };
+}
+
+cache_suite!(
+    get_or_set_loads_once_then_hits,
+    concurrent_callers_share_one_loader_call,
+    loader_errors_are_shared_returned_and_never_cached,
+    a_cancelled_loader_is_taken_over_by_a_waiter,
+    none_is_cached_for_the_negative_ttl,
+    values_are_stored_as_plain_json,
+    undecodable_values_are_misses_that_are_deleted_and_counted,
+    a_changed_schema_is_a_miss,
+    ttls_are_jittered_within_the_policy,
+    oversized_values_are_refused_or_left_uncached,
+    get_many_decodes_each_entry,
+    delete_removes,
+    set_and_get_with_hostile_ids,
+    stats_describe_the_backend,
+);
+
+mod redis_only {
+    use redis::AsyncCommands;
+    use serde::{Deserialize, Serialize};
+    use speedlayer::Cache;
+    use speedlayer::ttl::Ttl;
+
+    use crate::support::{Backend, key};
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct Row {
+        id: u32,
+    }
+
+    #[tokio::test]
+    async fn a_wrong_redis_type_is_a_counted_miss_and_is_deleted() {
+        let backend = Backend::redis().await;
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let mut raw = backend.server().unwrap().raw().await;
+        let _: () = raw.hset(key(1).as_str(), "id", "1").await.unwrap();
+        let _: () = raw.lpush(key(2).as_str(), "x").await.unwrap();
+
+        assert_eq!(cache.get::<Row>(&key(1)).await, None);
+        let exists: bool = raw.exists(key(1).as_str()).await.unwrap();
+        assert!(!exists, "the hash must be deleted");
+        let row = cache
+            .get_or_set(&key(2), Ttl::seconds(60), || async {
+                Ok::<_, std::io::Error>(Row { id: 2 })
+            })
+            .await
+            .unwrap();
+        assert_eq!(row, Row { id: 2 });
+        let stored: String = raw.get(key(2).as_str()).await.unwrap();
+        assert_eq!(stored, r#"{"id":2}"#);
+        assert_eq!(cache.stats().decode_failures, 2);
+        assert_eq!(
+            cache.stats().errors,
+            0,
+            "a wrong type is not a backend failure"
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! Fault tests against a real redis-server: frozen (SIGSTOP), killed and restarted, slowed by a
+//! delaying proxy, cut, and down from the start. Every test is bounded in calls and time.
+//!
+//! The timing bounds here are the promises of the resilience wrapper (no call waits longer than
+//! the operation timeout plus the loader; an open breaker adds well under a millisecond), so they
+//! are asserted; each test also prints what it measured.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use speedlayer::config::{Config, Fallback};
+use speedlayer::store::{BreakerState, CacheLayer, Source};
+use speedlayer::ttl::Ttl;
+use speedlayer::{Cache, Key};
+
+use support::{Mode, Proxy, RedisServer, key, redis_config_at};
+
+const OP_TIMEOUT: Duration = Duration::from_millis(100);
+const LOADER_TIME: Duration = Duration::from_millis(20);
+/// Scheduling slack for 200 tasks on a 2-core machine in a debug build.
+const SLACK: Duration = Duration::from_millis(60);
+const MINUTE: Ttl = Ttl::seconds(60);
+
+/// The tests here measure time; running them one at a time keeps one test's 200 tasks from
+/// skewing another's measurements on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn config_at(port: u16) -> Config {
+    Config::redis(redis_config_at(port)).op_timeout(OP_TIMEOUT)
+}
+
+fn value_for(key: &Key) -> String {
+    format!("loaded:{}", key.id())
+}
+
+async fn slow_loader(key: Key) -> Result<String, std::io::Error> {
+    tokio::time::sleep(LOADER_TIME).await;
+    Ok(value_for(&key))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// 200 concurrent cold `get_or_set` calls against an unusable Redis, then 200 calls once the
+/// breaker is open. Asserts and reports the bounds.
+async fn calls_stay_bounded_while_redis_is_unusable(name: &str, cache: &Cache) {
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let cache = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            let k = key(format!("cold-{i}"));
+            let started = Instant::now();
+            let got = cache
+                .get_or_set(&k, MINUTE, || slow_loader(k.clone()))
+                .await;
+            (k, got, started.elapsed())
+        }));
+    }
+    let mut waits = Vec::new();
+    for t in tasks {
+        let (k, got, elapsed) = t.await.unwrap();
+        assert_eq!(got.expect("no call may fail"), value_for(&k));
+        waits.push(elapsed);
+    }
+    waits.sort();
+    let bound = OP_TIMEOUT + LOADER_TIME + SLACK;
+    let max = *waits.last().unwrap();
+    eprintln!(
+        "{name}: 200 concurrent cold calls: p50 {:?}, p99 {:?}, max {max:?} (bound: timeout {OP_TIMEOUT:?} + loader {LOADER_TIME:?} + slack {SLACK:?})",
+        percentile(&waits, 0.5),
+        percentile(&waits, 0.99),
+    );
+    assert!(
+        max <= bound,
+        "{name}: a call waited {max:?}, more than {bound:?}"
+    );
+    assert_eq!(
+        cache.stats().breaker,
+        BreakerState::Open,
+        "{:?}",
+        cache.stats()
+    );
+
+    // Breaker open: a call costs the loader plus fallback bookkeeping, no waiting on Redis.
+    let mut added = Vec::new();
+    for i in 0..200 {
+        let k = key(format!("open-{i}"));
+        let started = Instant::now();
+        let got = cache
+            .get_or_set(&k, MINUTE, || async {
+                Ok::<_, std::io::Error>(value_for(&k))
+            })
+            .await
+            .unwrap();
+        added.push(started.elapsed());
+        assert_eq!(got, value_for(&k));
+    }
+    added.sort();
+    let (p50, p99, max) = (
+        percentile(&added, 0.5),
+        percentile(&added, 0.99),
+        *added.last().unwrap(),
+    );
+    eprintln!("{name}: breaker open, per call: p50 {p50:?}, p99 {p99:?}, max {max:?}");
+    assert!(
+        p99 < Duration::from_millis(1),
+        "{name}: an open breaker must add < 1 ms, p99 {p99:?}"
+    );
+
+    // The fallback serves what was loaded during the outage.
+    let k = key("open-7");
+    let hit = cache
+        .get_or_set(&k, MINUTE, || async {
+            Err::<String, _>(std::io::Error::other("must be a fallback hit"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(hit, value_for(&k));
+    assert!(cache.stats().short_circuited > 0);
+}
+
+/// Polls until a value written now is served by Redis again; returns how long that took.
+async fn time_until_redis_serves(cache: &Cache, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        let k = key(format!("probe-{n}"));
+        cache
+            .get_or_set(&k, MINUTE, || async { Ok::<_, std::io::Error>(n) })
+            .await
+            .unwrap();
+        if let Ok((Some(_), Source::Primary)) = cache.store().get_with_source(&k).await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "Redis not serving again after {limit:?}: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis() {
+    let _serial = SERIAL.lock().await;
+    support::init_tracing();
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port())).await.unwrap();
+    cache.set(&key("warm"), &"ok", MINUTE).await.unwrap();
+    assert_eq!(
+        cache.get::<String>(&key("warm")).await.as_deref(),
+        Some("ok")
+    );
+
+    server.freeze();
+    calls_stay_bounded_while_redis_is_unusable("frozen_redis", &cache).await;
+    server.thaw();
+    let back = time_until_redis_serves(&cache, Duration::from_secs(5)).await;
+    eprintln!("frozen_redis: served by Redis again {back:?} after SIGCONT");
+    assert_eq!(cache.stats().breaker, BreakerState::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis() {
+    let _serial = SERIAL.lock().await;
+    support::init_tracing();
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let cache = Cache::new(config_at(proxy.port())).await.unwrap();
+    cache.set(&key("warm"), &"ok", MINUTE).await.unwrap();
+
+    proxy.set(Mode::Delay(OP_TIMEOUT * 3));
+    calls_stay_bounded_while_redis_is_unusable("slow_redis", &cache).await;
+    proxy.set(Mode::Pass);
+    let back = time_until_redis_serves(&cache, Duration::from_secs(5)).await;
+    eprintln!("slow_redis: served by Redis again {back:?} after the delay was lifted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_redis() {
+    let _serial = SERIAL.lock().await;
+    support::init_tracing();
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port())).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..16u64 {
+        let (cache, stop, calls, failures) =
+            (cache.clone(), stop.clone(), calls.clone(), failures.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = w;
+            // Bounded: at most 20 s of load even if the stop flag were never set.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let k = key(i % 64);
+                let got = cache
+                    .get_or_set(&k, MINUTE, || async {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        Ok::<_, std::io::Error>(value_for(&k))
+                    })
+                    .await;
+                calls.fetch_add(1, Ordering::Relaxed);
+                if got.ok().as_deref() != Some(value_for(&k).as_str()) {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 7;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let during_outage = cache.stats();
+    server.restart();
+    let back = time_until_redis_serves(&cache, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let calls = calls.load(Ordering::Relaxed);
+    let failures = failures.load(Ordering::Relaxed);
+    eprintln!(
+        "killed_redis: {calls} calls, {failures} failed; served by Redis again {back:?} after restart; outage stats {during_outage:?}"
+    );
+    assert_eq!(failures, 0);
+    assert!(calls > 100, "the load ran: {calls} calls");
+    assert!(
+        during_outage.errors > 0,
+        "the outage was seen: {during_outage:?}"
+    );
+    assert!(back < Duration::from_secs(5));
+    let stats = cache.stats();
+    assert!(stats.connected, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connections_fail_over_and_recover() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let cache = Cache::new(config_at(proxy.port())).await.unwrap();
+    cache.set(&key(1), &1, MINUTE).await.unwrap();
+    proxy.set(Mode::Cut);
+    let started = Instant::now();
+    for i in 0..50 {
+        let got = cache
+            .get_or_set(&key(i), MINUTE, || async { Ok::<_, std::io::Error>(i) })
+            .await
+            .unwrap();
+        assert_eq!(got, i);
+    }
+    eprintln!("cut: 50 calls in {:?}", started.elapsed());
+    assert!(cache.stats().errors > 0);
+    proxy.set(Mode::Pass);
+    let back = time_until_redis_serves(&cache, Duration::from_secs(5)).await;
+    eprintln!("cut: served by Redis again {back:?} after the cut was lifted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_serves_from_the_loader_and_connects_later() {
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    server.kill();
+    let cache = Cache::new(config_at(server.port()).cool_down(Duration::from_millis(200)))
+        .await
+        .expect("a Redis that is down is not a configuration error");
+    let got = cache
+        .get_or_set(&key(1), MINUTE, || async { Ok::<_, std::io::Error>(1) })
+        .await
+        .unwrap();
+    assert_eq!(got, 1);
+    assert!(!cache.stats().connected);
+    server.restart();
+    let back = time_until_redis_serves(&cache, Duration::from_secs(5)).await;
+    eprintln!("down at start: served by Redis {back:?} after it came up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_fallback_reads_miss_and_writes_are_dropped() {
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port()).fallback(Fallback::None))
+        .await
+        .unwrap();
+    server.freeze();
+    let mut loads = 0;
+    for _ in 0..10 {
+        let got = cache
+            .get_or_set(&key(1), MINUTE, || async {
+                loads += 1;
+                Ok::<_, std::io::Error>(1)
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, 1);
+    }
+    assert_eq!(loads, 10, "no fallback: every call goes to the loader");
+    cache
+        .set(&key(2), &2, MINUTE)
+        .await
+        .expect("a dropped write is not an error");
+    assert_eq!(cache.get::<i32>(&key(2)).await, None);
+    let err = cache
+        .store()
+        .increment(&key(3), 1, MINUTE)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), speedlayer::ErrorKind::Unavailable, "{err}");
+    assert!(cache.stats().memory_entries == 0);
+    server.thaw();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_is_emptied_when_redis_returns() {
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port()).cool_down(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    server.freeze();
+    // The first failures open the breaker (which empties the fallback once).
+    for i in 100..105 {
+        cache.set(&key(i), &i, MINUTE).await.unwrap();
+    }
+    assert_eq!(cache.stats().breaker, BreakerState::Open);
+    for i in 0..10 {
+        cache.set(&key(i), &i, MINUTE).await.unwrap();
+    }
+    assert_eq!(
+        cache.get::<i32>(&key(3)).await,
+        Some(3),
+        "served by the fallback"
+    );
+    server.thaw();
+    time_until_redis_serves(&cache, Duration::from_secs(5)).await;
+    // What was only written to the fallback is gone with it; Redis never had it.
+    assert_eq!(cache.get::<i32>(&key(3)).await, None);
+}
