@@ -48,7 +48,8 @@
 //!
 //! - `redis` (default): the Redis backend over one multiplexed, auto-reconnecting connection.
 //! - `bb8`: a pooled transport (bb8) as an alternative to the multiplexed connection.
-//! - `tls`: `rediss://` URLs, with rustls and the webpki root certificates.
+//! - `tls`: `rediss://` URLs, with rustls, trusting the system certificate store (and
+//!   `SSL_CERT_FILE` / `SSL_CERT_DIR`).
 //!
 //! # Layout
 //!

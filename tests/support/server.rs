@@ -17,6 +17,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 pub struct RedisServer {
     port: u16,
     password: Option<String>,
+    tls_port: Option<u16>,
     dir: PathBuf,
     child: Option<Child>,
     stopped: bool,
@@ -44,19 +45,33 @@ impl RedisServer {
         RedisServer::start_with(Some(password.to_owned()))
     }
 
+    /// Starts a server that also listens with TLS, on [`tls_port`](Self::tls_port), with a
+    /// certificate for `127.0.0.1` signed by a fresh CA ([`ca_file`](Self::ca_file)).
+    pub fn start_tls() -> RedisServer {
+        RedisServer::start_inner(None, true)
+    }
+
     fn start_with(password: Option<String>) -> RedisServer {
+        RedisServer::start_inner(password, false)
+    }
+
+    fn start_inner(password: Option<String>, tls: bool) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "speedlayer-redis-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
+        if tls {
+            make_certificates(&dir);
+        }
         let mut last_log = String::new();
         // A port found free can be taken before the server binds it; try a few.
         for _ in 0..5 {
             let mut server = RedisServer {
                 port: free_port(),
                 password: password.clone(),
+                tls_port: tls.then(free_port),
                 dir: dir.clone(),
                 child: None,
                 stopped: false,
@@ -89,6 +104,17 @@ impl RedisServer {
             .stderr(Stdio::null());
         if let Some(p) = &self.password {
             cmd.arg("--requirepass").arg(p);
+        }
+        if let Some(tls_port) = self.tls_port {
+            cmd.arg("--tls-port")
+                .arg(tls_port.to_string())
+                .arg("--tls-cert-file")
+                .arg(self.dir.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(self.dir.join("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(self.ca_file())
+                .args(["--tls-auth-clients", "no"]);
         }
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
@@ -141,6 +167,15 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port.expect("started with start_tls")
+    }
+
+    /// The CA that signed the TLS server certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     pub fn pid(&self) -> u32 {
@@ -242,4 +277,73 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command-line tool.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command-line tool is needed for TLS tests");
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=speedlayer test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write extension file");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
 }
