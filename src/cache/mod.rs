@@ -334,6 +334,16 @@ impl Cache {
             .flight
             .cell
             .get_or_init(|| async {
+                // A caller whose read missed just before another flight for this key ended
+                // starts a new flight; reading again first turns such stragglers into hits
+                // instead of second loader calls. It costs one read per flight, not per caller,
+                // and is skipped when the first read found the backend unusable (a request waits
+                // on a sick backend at most once).
+                if source == Source::Primary
+                    && let Read::Hit(v) = self.read_uncounted::<V>(key).await
+                {
+                    return Ok(v);
+                }
                 self.inner
                     .counters
                     .loader_calls
@@ -395,6 +405,19 @@ impl Cache {
             ));
         }
         Ok(Bytes::from(bytes))
+    }
+
+    /// A read that leaves hit and miss counters alone (an undecodable entry is left to the counted read that
+    /// came before).
+    async fn read_uncounted<V: DeserializeOwned>(&self, key: &Key) -> Read<V> {
+        match self.inner.store.get_with_source(key).await {
+            Ok((Some(bytes), _)) => match serde_json::from_slice::<V>(&bytes) {
+                Ok(v) => Read::Hit(v),
+                Err(_) => Read::Miss(Source::Primary),
+            },
+            Ok((None, source)) => Read::Miss(source),
+            Err(_) => Read::Miss(Source::Nothing),
+        }
     }
 
     async fn read<V: DeserializeOwned>(&self, key: &Key) -> Read<V> {

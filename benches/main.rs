@@ -1,0 +1,33 @@
+//! speedlayer's benches, one binary grouping per-area modules (as governor does).
+//!
+//! Every figure is a ratio against the raw thing measured in the same run: raw moka, raw
+//! redis-rs over the same kind of connection. A real `redis-server` is started on a loopback port
+//! for the Redis groups (set `SPEEDLAYER_REDIS_SERVER` to use another binary).
+//!
+//! `cargo bench --bench main` runs everything and ends with a table of ratios; a filter
+//! (`cargo bench --bench main -- hit`) runs one group.
+
+use criterion::Criterion;
+
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+mod common;
+mod hit;
+mod report;
+mod stampede;
+mod throughput;
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3))
+        .configure_from_args();
+    let server = support::RedisServer::start();
+    hit::benches(&mut c, &server);
+    throughput::benches(&mut c, &server);
+    stampede::benches(&mut c, &server);
+    c.final_summary();
+    report::print_ratios();
+}

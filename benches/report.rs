@@ -1,0 +1,147 @@
+//! The ratio table printed after the benches, read from criterion's own estimates.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Keeps a line for the final report.
+pub fn remember(line: String) {
+    NOTES.lock().unwrap().push(line);
+}
+
+fn criterion_dir() -> PathBuf {
+    if let Some(home) = std::env::var_os("CRITERION_HOME") {
+        return PathBuf::from(home);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("criterion")
+}
+
+/// Criterion's `stat` estimate ("mean" or "median") of the time per iteration, in nanoseconds,
+/// of `group/id` in the latest run.
+fn estimate_ns(group: &str, id: &str, stat: &str) -> Option<f64> {
+    let path = criterion_dir()
+        .join(group)
+        .join(id.replace('/', "_"))
+        .join("new")
+        .join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json[stat]["point_estimate"].as_f64()
+}
+
+pub fn print_ratios() {
+    println!("\n== speedlayer bench ratios (this run; criterion's median estimates) ==");
+    let rows = [
+        ("hit", "memory/speedlayer", "memory/raw_moka", "time", 1.5),
+        (
+            "hit",
+            "redis/speedlayer",
+            "redis/raw_redis_json",
+            "time",
+            1.10,
+        ),
+        (
+            "throughput",
+            "redis64/speedlayer",
+            "redis64/raw",
+            "throughput",
+            0.90,
+        ),
+        (
+            "throughput",
+            "redis64/pooled",
+            "redis64/raw",
+            "throughput",
+            0.0,
+        ),
+    ];
+    for (group, ours, raw, kind, target) in rows {
+        let (Some(a), Some(b)) = (
+            estimate_ns(group, ours, "median"),
+            estimate_ns(group, raw, "median"),
+        ) else {
+            continue;
+        };
+        let mean_ratio = match (
+            estimate_ns(group, ours, "mean"),
+            estimate_ns(group, raw, "mean"),
+        ) {
+            (Some(x), Some(y)) if kind == "throughput" => y / x,
+            (Some(x), Some(y)) => x / y,
+            _ => f64::NAN,
+        };
+        let (ratio, goal) = match kind {
+            // Throughput over a fixed amount of work: raw time / our time.
+            "throughput" => (
+                b / a,
+                if target > 0.0 {
+                    format!(">= {target:.2}")
+                } else {
+                    "reported".into()
+                },
+            ),
+            _ => (a / b, format!("<= {target:.2}")),
+        };
+        let met = match kind {
+            "throughput" if target > 0.0 => {
+                if ratio >= target {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            }
+            "throughput" => "",
+            _ => {
+                if ratio <= target {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            }
+        };
+        println!(
+            "{group}/{ours} vs {raw}: {ratio:.3} ({kind} ratio of medians, target {goal}) {met}; \
+             ratio of means {mean_ratio:.3}  [medians {a:.0} ns vs {b:.0} ns per iteration]"
+        );
+    }
+    for line in NOTES.lock().unwrap().iter() {
+        println!("{line}");
+    }
+}
+
+/// Runs `ours` and `raw` alternately for `rounds` rounds (which goes first alternates too) and
+/// returns the median of the per-round time ratios `ours / raw`, with its spread. Pairing each
+/// round cancels the drift of a shared machine that separate criterion runs pick up.
+pub fn paired<O, R>(rounds: usize, mut ours: O, mut raw: R) -> (f64, f64, f64)
+where
+    O: FnMut() -> std::time::Duration,
+    R: FnMut() -> std::time::Duration,
+{
+    let mut ratios = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let (a, b) = if round % 2 == 0 {
+            let a = ours();
+            (a, raw())
+        } else {
+            let b = raw();
+            (ours(), b)
+        };
+        ratios.push(a.as_secs_f64() / b.as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let at = |p: f64| ratios[((rounds - 1) as f64 * p).round() as usize];
+    (at(0.5), at(0.25), at(0.75))
+}
+
+/// Records a paired ratio line for the final report.
+pub fn remember_paired(name: &str, kind: &str, target: &str, (median, q1, q3): (f64, f64, f64)) {
+    let line = format!(
+        "paired {name}: {kind} ratio {median:.3} (interquartile {q1:.3}..{q3:.3}; target {target})"
+    );
+    println!("{line}");
+    remember(line);
+}
