@@ -155,27 +155,14 @@ impl CacheLayer for MemoryLayer {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
-        // moka expires entries on its own; the extra check keeps an entry from being served in
-        // the instant between its deadline and moka's housekeeping.
-        Ok(self
-            .cache
-            .get(key.as_str())
-            .await
-            .filter(|s| s.live(Instant::now()))
-            .map(|s| s.value))
+        // moka checks the entry's expiry (from the Expiry policy) on every read.
+        Ok(self.cache.get(key.as_str()).await.map(|s| s.value))
     }
 
     async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>> {
-        let now = Instant::now();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
-            out.push(
-                self.cache
-                    .get(key.as_str())
-                    .await
-                    .filter(|s| s.live(now))
-                    .map(|s| s.value),
-            );
+            out.push(self.cache.get(key.as_str()).await.map(|s| s.value));
         }
         Ok(out)
     }
