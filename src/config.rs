@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
+use crate::key::Namespace;
 use crate::store::memory::DEFAULT_MAX_BYTES;
 use crate::ttl::Ttl;
 
@@ -32,6 +33,8 @@ pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// Default cap on the TTL of entries written to the memory fallback while Redis is unusable.
 pub const DEFAULT_FALLBACK_MAX_TTL: Ttl = Ttl::seconds(60);
+/// Default lease TTL: the longest a loader may run and still have its value cached.
+pub const DEFAULT_LEASE_TTL: Ttl = Ttl::seconds(10);
 /// Default size of the pooled transport.
 pub const DEFAULT_POOL_SIZE: u32 = 16;
 
@@ -66,6 +69,27 @@ fn split_userinfo(url: &str) -> Option<(&str, Option<&str>, &str)> {
         Some(at) => Some((scheme, Some(&rest[..at]), &rest[at..])),
         None => Some((scheme, None, rest)),
     }
+}
+
+/// Decodes `%XX` escapes; `None` when the result is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h)? * 16 + hex(l)?) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The password part of a URL's userinfo (`user:password` or a lone `password`).
@@ -171,7 +195,9 @@ impl RedisConfig {
         Ok(config)
     }
 
-    /// Host and port, without password or database.
+    /// Host and port, without password or database. The host is checked when the configuration
+    /// is used ([`Config::from_env`] refuses a host holding `@`, `/`, `:` or spaces, which is
+    /// usually a URL or a password put in the wrong variable).
     pub fn from_host(host: impl Into<String>, port: u16) -> RedisConfig {
         RedisConfig {
             target: Target::Parts {
@@ -248,12 +274,20 @@ impl RedisConfig {
         }
     }
 
-    /// Removes the secret from a text (an error message of the driver).
+    /// Removes the secret from a text (an error message of the driver), in the form it has in
+    /// the URL and percent-decoded.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        match self.secret() {
-            Some(secret) if secret.len() >= 3 => text.replace(secret, "***"),
-            _ => text.to_owned(),
+        let Some(secret) = self.secret() else {
+            return text.to_owned();
+        };
+        let mut out = text.replace(secret, "***");
+        if let Some(decoded) = percent_decode(secret)
+            && decoded != secret
+            && !decoded.is_empty()
+        {
+            out = out.replace(&decoded, "***");
         }
+        out
     }
 
     #[cfg(feature = "redis")]
@@ -383,6 +417,8 @@ pub struct Config {
     max_value_bytes: usize,
     log_interval: Duration,
     clock: Arc<dyn Clock>,
+    namespace: Namespace,
+    lease_ttl: Ttl,
 }
 
 impl Config {
@@ -398,6 +434,8 @@ impl Config {
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             log_interval: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
+            namespace: Namespace::root(),
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 
@@ -427,6 +465,15 @@ impl Config {
         let Some(host) = get("REDIS_HOST") else {
             return Ok(Config::memory());
         };
+        let host = host.trim().to_owned();
+        if host.contains(['@', '/', ':', ' ', '\t', '?', '#']) {
+            // Never echo it: a host with `@` often carries a password.
+            return Err(Error::new(
+                ErrorKind::Config,
+                "REDIS_HOST must be a host name or IPv4 address only; put a full URL in REDIS_URL \
+                 and a password in REDIS_PASSWORD",
+            ));
+        }
         let port = match get("REDIS_PORT") {
             Some(p) => p.trim().parse::<u16>().map_err(|_| {
                 Error::new(
@@ -450,7 +497,7 @@ impl Config {
                 })?,
             None => 0,
         };
-        let mut redis = RedisConfig::from_host(host.trim(), port).db(db);
+        let mut redis = RedisConfig::from_host(host, port).db(db);
         if let Some(user) = get("REDIS_USERNAME") {
             redis = redis.username(user);
         }
@@ -522,6 +569,20 @@ impl Config {
         self
     }
 
+    /// The deployment namespace (default [`Namespace::root`], no prefix). Invalidation events
+    /// build their keys from it.
+    pub fn namespace(mut self, namespace: Namespace) -> Config {
+        self.namespace = namespace;
+        self
+    }
+
+    /// How long a load holds its key's lease (default 10 s). A loader that runs longer still
+    /// returns its value, but does not cache it.
+    pub fn lease_ttl(mut self, ttl: Ttl) -> Config {
+        self.lease_ttl = ttl;
+        self
+    }
+
     /// The clock of the breaker and log throttling (default [`SystemClock`]).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Config {
         self.clock = clock;
@@ -555,6 +616,12 @@ impl Config {
     pub(crate) fn get_clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
     }
+    pub(crate) fn get_namespace(&self) -> &Namespace {
+        &self.namespace
+    }
+    pub(crate) fn get_lease_ttl(&self) -> Ttl {
+        self.lease_ttl
+    }
 }
 
 impl fmt::Debug for Config {
@@ -568,6 +635,8 @@ impl fmt::Debug for Config {
             .field("memory_max_bytes", &self.memory_max_bytes)
             .field("fallback_max_ttl", &self.fallback_max_ttl)
             .field("max_value_bytes", &self.max_value_bytes)
+            .field("namespace", &self.namespace)
+            .field("lease_ttl", &self.lease_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -575,6 +644,17 @@ impl fmt::Debug for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrub_removes_the_secret_in_both_spellings() {
+        let config = RedisConfig::from_url("redis://:p%40ss@127.0.0.1:1/0").unwrap();
+        assert_eq!(
+            config.scrub("auth with p@ss failed; url had p%40ss"),
+            "auth with *** failed; url had ***"
+        );
+        let short = RedisConfig::from_host("h", 1).password(Secret::new("x"));
+        assert_eq!(short.scrub("axb"), "a***b");
+    }
 
     #[test]
     fn urls_are_redacted() {
@@ -591,6 +671,7 @@ mod tests {
             ("no url here pw", "<unparseable url>"),
             ("redis://:pa/ss?x#y@h:1", "redis://:***@h:1"),
             ("redis://u:a@b@h", "redis://u:***@h"),
+            ("redis://:p%40ss@h", "redis://:***@h"),
         ];
         for (url, shown) in cases {
             assert_eq!(redact_url(url), shown);

@@ -461,6 +461,27 @@ impl Scope {
         }
     }
 
+    /// A tag of this scope: `name` and a value (escaped like an id). Entries written with a tag
+    /// are removed together when the tag is invalidated.
+    ///
+    /// ```
+    /// use speedlayer::key::{Ident, Namespace};
+    ///
+    /// let tag = Namespace::root().global().tag(&Ident::from_static("student"), 456)?;
+    /// assert_eq!(tag.as_str(), "~tag:student:456");
+    /// # Ok::<(), speedlayer::key::KeyError>(())
+    /// ```
+    pub fn tag(&self, name: &Ident, value: impl fmt::Display) -> Result<Tag, KeyError> {
+        let mut index = String::with_capacity(self.inner.base.len() + 32);
+        index.push_str(&self.inner.base);
+        index.push_str(TAG_MARKER);
+        index.push(':');
+        index.push_str(name.as_str());
+        index.push(':');
+        push_escaped_display(&mut index, &value, "tag value")?;
+        Ok(Tag { index })
+    }
+
     /// True when this scope belongs to a tenant.
     pub fn is_tenant(&self) -> bool {
         self.inner.has_tenant
@@ -676,6 +697,37 @@ impl fmt::Display for Key {
 impl AsRef<str> for Key {
     fn as_ref(&self) -> &str {
         &self.full
+    }
+}
+
+/// The segment that starts a tag's index key. It cannot be a domain (domains start with a
+/// letter), so no key can collide with a tag index.
+const TAG_MARKER: &str = "~tag";
+
+/// A tag: a name for a group of entries that are invalidated together (every dashboard that shows
+/// student 456, say). Built with [`Scope::tag`]; its text is the key of its member index,
+/// `[<prefix>:][@<tenant>:]~tag:<name>:<value>`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag {
+    index: String,
+}
+
+impl Tag {
+    /// The index key, as stored.
+    pub fn as_str(&self) -> &str {
+        &self.index
+    }
+}
+
+impl fmt::Debug for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tag({:?})", self.index)
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.index)
     }
 }
 

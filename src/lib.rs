@@ -59,7 +59,9 @@
 //! - [`config`]: configuration from the environment, secrets kept out of output.
 //! - [`store`]: the [`CacheLayer`](store::CacheLayer) trait, the memory and Redis backends, and
 //!   the resilience wrapper [`Store`](store::Store).
-//! - [`cache`]: the typed [`Cache`] with get-or-set and single-flight loading.
+//! - [`cache`]: the typed [`Cache`] with get-or-set, single-flight loading and leases.
+//! - [`invalidation`]: write events ([`Invalidates`](invalidation::Invalidates)), tags and tag
+//!   rules.
 //! - [`error`]: the crate's [`Error`].
 
 #![warn(missing_docs)]
@@ -69,6 +71,7 @@ pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod invalidation;
 pub mod key;
 pub mod store;
 pub mod ttl;
@@ -76,7 +79,7 @@ pub mod ttl;
 pub use cache::{Cache, CacheStats};
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};
-pub use key::{Ident, Key, KeyPattern, KeySpace, Namespace, Scope};
+pub use key::{Ident, Key, KeyPattern, KeySpace, Namespace, Scope, Tag};
 pub use ttl::{Jitter, Ttl, TtlPolicy};
 
 #[cfg(doctest)]

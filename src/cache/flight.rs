@@ -115,6 +115,45 @@ mod tests {
         assert_eq!(flights.len(), 0);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_takes_over_when_the_loading_task_is_cancelled() {
+        let flights = Arc::new(Flights::default());
+        let leader_started = Arc::new(tokio::sync::Notify::new());
+        let leader = {
+            let (flights, started) = (flights.clone(), leader_started.clone());
+            tokio::spawn(async move {
+                let member = flights.join::<u32, ()>("k");
+                member
+                    .flight
+                    .cell
+                    .get_or_init(|| async {
+                        started.notify_one();
+                        std::future::pending::<()>().await;
+                        Ok(0)
+                    })
+                    .await
+                    .clone()
+            })
+        };
+        leader_started.notified().await;
+        let waiter_member = flights.join::<u32, ()>("k");
+        // The waiter joined the leader's flight (table, leader and waiter hold it).
+        assert_eq!(Arc::strong_count(&waiter_member.flight), 3);
+        let waiter = {
+            let flight = waiter_member.flight.clone();
+            tokio::spawn(async move { flight.cell.get_or_init(|| async { Ok(1) }).await.clone() })
+        };
+        tokio::task::yield_now().await;
+        leader.abort();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter must not hang")
+            .unwrap();
+        assert_eq!(got, Ok(1));
+        drop(waiter_member);
+        assert_eq!(flights.len(), 0);
+    }
+
     #[tokio::test]
     async fn a_finished_flight_is_not_reused() {
         let flights = Flights::default();
@@ -134,6 +173,8 @@ mod tests {
         let flights = Flights::default();
         let a = flights.join::<u32, ()>("k");
         let b = flights.join::<String, ()>("k");
+        // One flight per (key, type): the second join must not replace or reuse the first.
+        assert_eq!(flights.len(), 2);
         assert_eq!(a.flight.cell.get_or_init(|| async { Ok(1) }).await, &Ok(1));
         assert_eq!(
             b.flight

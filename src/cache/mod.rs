@@ -16,8 +16,9 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::Key;
-use crate::store::{BackendKind, BreakerState, CacheLayer, Source, Store};
+use crate::invalidation::{Invalidates, InvalidationRegistry, InvalidationReport, Targets};
+use crate::key::{Key, KeyPattern, Namespace, Tag};
+use crate::store::{BackendKind, BreakerState, CacheLayer, Leased, Source, Store};
 use crate::ttl::{Ttl, TtlPolicy};
 
 mod flight;
@@ -55,8 +56,21 @@ pub struct CacheStats {
     pub fallbacks: u64,
     /// Calls that skipped the backend because the breaker was open.
     pub short_circuited: u64,
-    /// Entries in process memory (the memory backend, or the fallback).
+    /// Entries in process memory (the memory backend, or the fallback); approximate, as moka
+    /// counts lazily.
     pub memory_entries: u64,
+    /// Loaded values not stored because their key (or one of its tags) was invalidated or
+    /// written while the load ran: each one a stale write prevented.
+    pub stale_sets_refused: u64,
+    /// Loads that found another load's lease on their key (in another process), or nowhere to
+    /// take one, and so returned their value without caching it.
+    pub leases_denied: u64,
+    /// Events passed to [`Cache::invalidate`].
+    pub invalidations: u64,
+    /// Keys and tags whose invalidation waits for the backend to come back.
+    pub pending_invalidations: u64,
+    /// Invalidations dropped because the queue for the backend was full.
+    pub lost_invalidations: u64,
 }
 
 impl CacheStats {
@@ -79,6 +93,9 @@ struct Counters {
     loader_errors: AtomicU64,
     decode_failures: AtomicU64,
     uncacheable: AtomicU64,
+    stale_sets_refused: AtomicU64,
+    leases_denied: AtomicU64,
+    invalidations: AtomicU64,
 }
 
 struct Inner {
@@ -86,6 +103,8 @@ struct Inner {
     flights: Flights,
     counters: Counters,
     max_value_bytes: usize,
+    namespace: Namespace,
+    lease_ttl: Ttl,
 }
 
 /// A typed, JSON-encoding cache in front of a loader (usually a database query).
@@ -120,11 +139,14 @@ struct Inner {
 #[derive(Clone)]
 pub struct Cache {
     inner: Arc<Inner>,
+    registry: Option<Arc<InvalidationRegistry>>,
 }
 
 enum Read<V> {
     Hit(V),
-    Miss(Source),
+    /// Nothing usable: where the read was answered, and the bytes that did not decode (if
+    /// any), which a lease may replace.
+    Miss(Source, Option<Bytes>),
 }
 
 impl Cache {
@@ -162,8 +184,24 @@ impl Cache {
                 flights: Flights::default(),
                 counters: Counters::default(),
                 max_value_bytes: config.get_max_value_bytes(),
+                namespace: config.get_namespace().clone(),
+                lease_ttl: config.get_lease_ttl(),
             }),
+            registry: None,
         }
+    }
+
+    /// This cache with the tag rules of `registry`: every entry it writes whose key matches a
+    /// rule carries that rule's tag. Clones made after this call share the registry.
+    pub fn with_registry(mut self, registry: InvalidationRegistry) -> Cache {
+        self.registry = Some(Arc::new(registry));
+        self
+    }
+
+    /// The deployment namespace (from [`Config::namespace`]): build keys from it so that they
+    /// carry the deployment's prefix.
+    pub fn namespace(&self) -> &Namespace {
+        &self.inner.namespace
     }
 
     /// The store underneath, for byte-level operations (`set_if_absent`, `increment`).
@@ -177,7 +215,12 @@ impl Cache {
     pub async fn get<T: DeserializeOwned>(&self, key: &Key) -> Option<T> {
         match self.read(key).await {
             Read::Hit(v) => Some(v),
-            Read::Miss(_) => None,
+            Read::Miss(_, undecodable) => {
+                if undecodable.is_some() {
+                    self.delete_in_background(vec![key.clone()]);
+                }
+                None
+            }
         }
     }
 
@@ -214,7 +257,7 @@ impl Cache {
             }
         }
         if !undecodable.is_empty() {
-            let _ = self.inner.store.delete_many(&undecodable).await;
+            self.delete_in_background(undecodable);
         }
         out
     }
@@ -225,7 +268,32 @@ impl Cache {
     /// the configured maximum ([`ErrorKind::ValueTooLarge`]); while the backend is unusable the
     /// value goes to the fallback (or nowhere) and this returns `Ok`.
     pub async fn set<T: Serialize + ?Sized>(&self, key: &Key, value: &T, ttl: Ttl) -> Result<()> {
+        self.set_tagged(key, value, ttl, &[]).await
+    }
+
+    /// [`set`](Cache::set) with tags (added to those the registry's rules give the key). The
+    /// tags are recorded before the value is written; if they cannot be recorded, nothing is
+    /// written and the call still returns `Ok` (the backend is unusable), so that no entry exists
+    /// that its tags cannot reach.
+    pub async fn set_tagged<T: Serialize + ?Sized>(
+        &self,
+        key: &Key,
+        value: &T,
+        ttl: Ttl,
+        tags: &[Tag],
+    ) -> Result<()> {
         let bytes = self.encode(value)?;
+        let tags = self.tags_of(key, tags);
+        if !tags.is_empty() {
+            match self.inner.store.tag_add(&tags, key, ttl).await {
+                Ok(()) => {}
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(key = %key, error = %e, "tags not recorded; value not written");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.inner.store.set(key, bytes, ttl).await
     }
 
@@ -263,8 +331,28 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.get_or_set_tagged(key, ttl, &[], loader).await
+    }
+
+    /// [`get_or_set`](Cache::get_or_set) with tags: the entry is removed whenever one of `tags`
+    /// (or of the tags the registry's rules give the key) is invalidated.
+    pub async fn get_or_set_tagged<T, E, F, Fut>(
+        &self,
+        key: &Key,
+        ttl: impl Into<TtlPolicy>,
+        tags: &[Tag],
+        loader: F,
+    ) -> Result<T, Arc<E>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let policy = ttl.into();
-        self.load_through(key, loader, move |_| policy.pick()).await
+        let longest = policy.ttl();
+        self.load_through(key, tags, longest, loader, move |_| policy.pick())
+            .await
     }
 
     /// [`get_or_set`](Cache::get_or_set) for lookups that may find nothing: a `None` from the
@@ -284,11 +372,66 @@ impl Cache {
         Fut: Future<Output = Result<Option<T>, E>>,
     {
         let policy = ttl.into();
-        self.load_through(key, loader, move |v: &Option<T>| match v {
+        let longest = policy.ttl().max(negative_ttl);
+        self.load_through(key, &[], longest, loader, move |v: &Option<T>| match v {
             Some(_) => policy.pick(),
             None => negative_ttl,
         })
         .await
+    }
+
+    /// Invalidates what `event` declares (see [`Invalidates`]): call it after the database
+    /// commit. Reports what was removed. While the backend is unusable the fallback is
+    /// invalidated at once and the backend's part is queued ([`InvalidationReport::deferred`]);
+    /// it is applied before the backend serves any read again.
+    ///
+    /// Errors only when the event cannot build its keys ([`ErrorKind::InvalidKey`]) or the
+    /// backend refuses the data ([`ErrorKind::WrongType`] on a tag index another client
+    /// overwrote).
+    pub async fn invalidate<E: Invalidates>(&self, event: &E) -> Result<InvalidationReport> {
+        let mut targets = Targets::new();
+        event.targets(&self.inner.namespace, &mut targets)?;
+        self.inner
+            .counters
+            .invalidations
+            .fetch_add(1, Ordering::Relaxed);
+        let done = self
+            .inner
+            .store
+            .invalidate(targets.keys(), targets.tags())
+            .await?;
+        let report = InvalidationReport {
+            event: std::any::type_name::<E>(),
+            keys: targets.keys().to_vec(),
+            tags: targets.tags().to_vec(),
+            keys_removed: done.keys_removed,
+            tag_entries_removed: done.tag_entries_removed,
+            deferred: done.deferred,
+        };
+        tracing::debug!(
+            event = report.event,
+            removed = report.removed(),
+            deferred = report.deferred,
+            "invalidated"
+        );
+        Ok(report)
+    }
+
+    /// Invalidates a tag directly: every entry carrying it becomes a miss.
+    pub async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
+        let done = self
+            .inner
+            .store
+            .invalidate(&[], std::slice::from_ref(tag))
+            .await?;
+        Ok(done.tag_entries_removed)
+    }
+
+    /// Maintenance only: removes every key matching `pattern` by walking the keyspace (Redis
+    /// `SCAN MATCH` in batches, then `UNLINK`), stopping after `max_removed` removals. Its cost
+    /// grows with the keyspace; use tags or tag rules on request paths.
+    pub async fn sweep(&self, pattern: &KeyPattern, max_removed: u64) -> Result<u64> {
+        self.inner.store.sweep(pattern, 1_000, max_removed).await
     }
 
     /// Counters and state.
@@ -310,12 +453,27 @@ impl Cache {
             fallbacks: s.fallbacks,
             short_circuited: s.short_circuited,
             memory_entries: s.memory_entries,
+            stale_sets_refused: c.stale_sets_refused.load(Ordering::Relaxed),
+            leases_denied: c.leases_denied.load(Ordering::Relaxed),
+            invalidations: c.invalidations.load(Ordering::Relaxed),
+            pending_invalidations: s.pending_invalidations,
+            lost_invalidations: s.lost_invalidations,
         }
+    }
+
+    fn tags_of(&self, key: &Key, explicit: &[Tag]) -> Vec<Tag> {
+        let mut tags = explicit.to_vec();
+        if let Some(registry) = &self.registry {
+            registry.extend_tags(key, &mut tags);
+        }
+        tags
     }
 
     async fn load_through<V, E, F, Fut>(
         &self,
         key: &Key,
+        tags: &[Tag],
+        longest_ttl: Ttl,
         loader: F,
         ttl_for: impl FnOnce(&V) -> Ttl,
     ) -> Result<V, Arc<E>>
@@ -325,47 +483,24 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        let source = match self.read::<V>(key).await {
+        let (source, undecodable) = match self.read::<V>(key).await {
             Read::Hit(v) => return Ok(v),
-            Read::Miss(source) => source,
+            Read::Miss(source, undecodable) => (source, undecodable),
         };
         let member = self.inner.flights.join::<V, E>(key.as_str());
         let result = member
             .flight
             .cell
             .get_or_init(|| async {
-                // A caller whose read missed just before another flight for this key ended
-                // starts a new flight; reading again first turns such stragglers into hits
-                // instead of second loader calls. It costs one read per flight, not per caller,
-                // and is skipped when the first read found the backend unusable (a request waits
-                // on a sick backend at most once).
-                if source == Source::Primary
-                    && let Read::Hit(v) = self.read_uncounted::<V>(key).await
-                {
-                    return Ok(v);
-                }
-                self.inner
-                    .counters
-                    .loader_calls
-                    .fetch_add(1, Ordering::Relaxed);
-                let loaded = loader()
-                    .instrument(tracing::debug_span!("speedlayer.load", key = %key))
-                    .await;
-                match loaded {
-                    Ok(value) => {
-                        let ttl = ttl_for(&value);
-                        self.fill(key, &value, ttl, source != Source::Primary).await;
-                        Ok(value)
-                    }
-                    Err(e) => {
-                        self.inner
-                            .counters
-                            .loader_errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(key = %key, "loader failed; nothing cached");
-                        Err(Arc::new(e))
-                    }
-                }
+                self.lease_and_load(
+                    key,
+                    tags,
+                    longest_ttl,
+                    (source, undecodable.as_deref()),
+                    loader,
+                    ttl_for,
+                )
+                .await
             })
             .await
             .clone();
@@ -373,17 +508,120 @@ impl Cache {
         result
     }
 
-    async fn fill<V: Serialize>(&self, key: &Key, value: &V, ttl: Ttl, skip_primary: bool) {
-        match self.encode(value) {
-            Ok(bytes) => self.inner.store.fill(key, bytes, ttl, skip_primary).await,
+    /// The leader of a flight: takes the key's lease (re-reading the key in the same step),
+    /// records the tags, loads, and stores the value only if the lease survived.
+    async fn lease_and_load<V, E, F, Fut>(
+        &self,
+        key: &Key,
+        tags: &[Tag],
+        longest_ttl: Ttl,
+        (first_read, undecodable): (Source, Option<&[u8]>),
+        loader: F,
+        ttl_for: impl FnOnce(&V) -> Ttl,
+    ) -> Result<V, Arc<E>>
+    where
+        V: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let inner = &*self.inner;
+        let token = rand::random::<u64>() | 1;
+        // When the first read found the backend unusable, only the fallback is asked: a request
+        // waits on a sick backend at most once.
+        let leased = inner
+            .store
+            .get_or_lease_with_source(
+                key,
+                token,
+                inner.lease_ttl,
+                undecodable,
+                first_read != Source::Primary,
+            )
+            .await;
+        let mut lease = match leased {
+            // Another flight stored the value between our read and our lease: a hit after all.
+            Ok((Leased::Value(bytes), _)) => match serde_json::from_slice::<V>(&bytes) {
+                Ok(v) => return Ok(v),
+                Err(_) => {
+                    // Another undecodable value than the one the first read saw.
+                    self.discard(key);
+                    None
+                }
+            },
+            Ok((Leased::Granted, source)) => Some(source),
+            Ok((Leased::Denied, _)) => {
+                inner.counters.leases_denied.fetch_add(1, Ordering::Relaxed);
+                None
+            }
             Err(e) => {
-                self.inner
-                    .counters
-                    .uncacheable
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key = %key, error = %e, "loaded value not cached");
+                tracing::debug!(key = %key, error = %e, "no lease; the value will not be cached");
+                None
+            }
+        };
+        if let Some(source) = lease {
+            let tags = self.tags_of(key, tags);
+            if !tags.is_empty() {
+                // The index must outlive the entry: its longest TTL plus the load.
+                let index_ttl = Ttl::new(longest_ttl.as_duration() + inner.lease_ttl.as_duration())
+                    .unwrap_or(Ttl::MAX);
+                if let Err(e) = inner.store.tag_add_at(&tags, key, index_ttl, source).await {
+                    tracing::debug!(key = %key, error = %e, "tags not recorded; the value will not be cached");
+                    self.release(key);
+                    lease = None;
+                }
             }
         }
+
+        inner.counters.loader_calls.fetch_add(1, Ordering::Relaxed);
+        let loaded = loader()
+            .instrument(tracing::debug_span!("speedlayer.load", key = %key))
+            .await;
+        let value = match loaded {
+            Ok(value) => value,
+            Err(e) => {
+                inner.counters.loader_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(key = %key, "loader failed; nothing cached");
+                if lease.is_some() {
+                    self.release(key);
+                }
+                return Err(Arc::new(e));
+            }
+        };
+        if let Some(source) = lease {
+            let ttl = ttl_for(&value);
+            match self.encode(&value) {
+                Ok(bytes) => match inner
+                    .store
+                    .set_leased_at(key, token, bytes, ttl, source)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        inner
+                            .counters
+                            .stale_sets_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            key = %key,
+                            "the key was invalidated or written during the load; value not cached"
+                        );
+                    }
+                    Err(e) => tracing::debug!(key = %key, error = %e, "cache fill failed"),
+                },
+                Err(e) => {
+                    inner.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %key, error = %e, "loaded value not cached");
+                    self.release(key);
+                }
+            }
+        }
+        Ok(value)
+    }
+
+    /// Gives up a lease whose load will store nothing, so that other readers do not wait out
+    /// the lease TTL. Deleting is safe whatever the key holds by now: at worst a miss.
+    fn release(&self, key: &Key) {
+        self.delete_in_background(vec![key.clone()]);
     }
 
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes> {
@@ -407,58 +645,62 @@ impl Cache {
         Ok(Bytes::from(bytes))
     }
 
-    /// A read that leaves hit and miss counters alone (an undecodable entry is left to the counted read that
-    /// came before).
-    async fn read_uncounted<V: DeserializeOwned>(&self, key: &Key) -> Read<V> {
-        match self.inner.store.get_with_source(key).await {
-            Ok((Some(bytes), _)) => match serde_json::from_slice::<V>(&bytes) {
-                Ok(v) => Read::Hit(v),
-                Err(_) => Read::Miss(Source::Primary),
-            },
-            Ok((None, source)) => Read::Miss(source),
-            Err(_) => Read::Miss(Source::Nothing),
-        }
-    }
-
     async fn read<V: DeserializeOwned>(&self, key: &Key) -> Read<V> {
         let c = &self.inner.counters;
         let (bytes, source) = match self.inner.store.get_with_source(key).await {
             Ok(found) => found,
             Err(e) if e.kind() == ErrorKind::WrongType => {
-                tracing::warn!(key = %key, error = %e, "cached entry has the wrong type; deleting it");
-                self.discard(key).await;
-                return Read::Miss(Source::Primary);
+                tracing::warn!(key = %key, error = %e, "cached entry has the wrong type; replacing it");
+                c.decode_failures.fetch_add(1, Ordering::Relaxed);
+                c.misses.fetch_add(1, Ordering::Relaxed);
+                return Read::Miss(Source::Primary, Some(Bytes::new()));
             }
             Err(e) => {
                 tracing::debug!(key = %key, error = %e, "read failed; treating as a miss");
                 c.misses.fetch_add(1, Ordering::Relaxed);
-                return Read::Miss(Source::Nothing);
+                return Read::Miss(Source::Nothing, None);
             }
         };
-        match bytes.map(|b| serde_json::from_slice::<V>(&b)) {
-            Some(Ok(v)) => {
-                c.hits.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!(key = %key, "hit");
-                Read::Hit(v)
-            }
-            Some(Err(e)) => {
-                tracing::warn!(key = %key, error = %e, "cached value does not decode; deleting it");
-                self.discard(key).await;
-                Read::Miss(source)
-            }
+        match bytes {
+            Some(bytes) => match serde_json::from_slice::<V>(&bytes) {
+                Ok(v) => {
+                    c.hits.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(key = %key, "hit");
+                    Read::Hit(v)
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "cached value does not decode; replacing it");
+                    c.decode_failures.fetch_add(1, Ordering::Relaxed);
+                    c.misses.fetch_add(1, Ordering::Relaxed);
+                    Read::Miss(source, Some(bytes))
+                }
+            },
             None => {
                 c.misses.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(key = %key, "miss");
-                Read::Miss(source)
+                Read::Miss(source, None)
             }
         }
     }
 
-    async fn discard(&self, key: &Key) {
-        let c = &self.inner.counters;
-        c.decode_failures.fetch_add(1, Ordering::Relaxed);
-        c.misses.fetch_add(1, Ordering::Relaxed);
-        let _ = self.inner.store.delete(key).await;
+    /// Counts an undecodable value and deletes it beside the request.
+    fn discard(&self, key: &Key) {
+        self.inner
+            .counters
+            .decode_failures
+            .fetch_add(1, Ordering::Relaxed);
+        self.delete_in_background(vec![key.clone()]);
+    }
+
+    /// Deletes that only tidy up (an undecodable entry, an abandoned lease) run beside the
+    /// request, so that it never waits on them.
+    fn delete_in_background(&self, keys: Vec<Key>) {
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.delete_many(&keys).await {
+                tracing::debug!(error = %e, "background delete failed");
+            }
+        });
     }
 }
 
@@ -467,6 +709,8 @@ impl std::fmt::Debug for Cache {
         f.debug_struct("Cache")
             .field("store", &self.inner.store)
             .field("max_value_bytes", &self.inner.max_value_bytes)
+            .field("namespace", &self.inner.namespace)
+            .field("registry", &self.registry)
             .finish()
     }
 }

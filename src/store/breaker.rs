@@ -3,11 +3,12 @@
 //! Closed: calls go to the backend; consecutive failures are counted. After `threshold` of them
 //! the breaker opens: calls skip the backend without waiting. After `cool_down` one call (the
 //! probe) is let through; its success closes the breaker, its failure opens it for another
-//! cool-down. The state is a few atomics so that the closed path costs one load.
+//! cool-down. The state is one atomic word, so that the closed path costs one load and every
+//! transition is a single compare-and-swap.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::clock::Clock;
@@ -33,17 +34,20 @@ impl fmt::Display for BreakerState {
     }
 }
 
-const CLOSED: u8 = 0;
-const OPEN: u8 = 1;
-const HALF_OPEN: u8 = 2;
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
+const HALF_OPEN: u64 = 2;
+const STATE_BITS: u64 = 2;
+const STATE_MASK: u64 = 0b11;
 
 /// What the breaker allows for one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Admit {
     /// Closed: call the backend.
     Call,
-    /// The one probe of a half-open breaker.
-    Probe,
+    /// The one probe of a half-open breaker; carries the breaker word it installed, so that only
+    /// this probe's outcome can move the breaker on.
+    Probe(u64),
     /// Open: do not call the backend.
     Skip,
 }
@@ -56,36 +60,54 @@ pub(crate) enum Transition {
     Closed,
 }
 
+/// The whole state is one atomic word, changed only by compare-and-swap, so that no two
+/// transitions can interleave: `payload << 2 | state`, where the payload of an open breaker is
+/// the clock time (ms) after which a probe may go, and that of a half-open one is a probe
+/// number.
 pub(crate) struct Breaker {
     threshold: u32,
-    cool_down: Duration,
+    cool_down_ms: u64,
     clock: Arc<dyn Clock>,
     failures: AtomicU32,
-    state: AtomicU8,
-    /// Clock time (ns) after which an open breaker lets a probe through.
-    probe_after: AtomicU64,
-    probing: AtomicBool,
+    word: AtomicU64,
+    probes: AtomicU64,
+}
+
+fn state_of(word: u64) -> u64 {
+    word & STATE_MASK
+}
+
+fn open_until(ms: u64) -> u64 {
+    (ms.min(u64::MAX >> STATE_BITS) << STATE_BITS) | OPEN
 }
 
 impl Breaker {
     pub(crate) fn new(threshold: u32, cool_down: Duration, clock: Arc<dyn Clock>) -> Breaker {
         Breaker {
             threshold: threshold.max(1),
-            cool_down,
+            cool_down_ms: cool_down
+                .as_millis()
+                .min(u128::from(u64::MAX >> STATE_BITS)) as u64,
             clock,
             failures: AtomicU32::new(0),
-            state: AtomicU8::new(CLOSED),
-            probe_after: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
+            word: AtomicU64::new(CLOSED),
+            probes: AtomicU64::new(0),
         }
     }
 
-    fn now_nanos(&self) -> u64 {
-        self.clock.now().as_nanos().min(u128::from(u64::MAX)) as u64
+    fn now_ms(&self) -> u64 {
+        self.clock
+            .now()
+            .as_millis()
+            .min(u128::from(u64::MAX >> STATE_BITS)) as u64
+    }
+
+    fn reopen_word(&self) -> u64 {
+        open_until(self.now_ms().saturating_add(self.cool_down_ms))
     }
 
     pub(crate) fn state(&self) -> BreakerState {
-        match self.state.load(Ordering::Acquire) {
+        match state_of(self.word.load(Ordering::Acquire)) {
             CLOSED => BreakerState::Closed,
             OPEN => BreakerState::Open,
             _ => BreakerState::HalfOpen,
@@ -97,28 +119,36 @@ impl Breaker {
     }
 
     pub(crate) fn admit(&self) -> Admit {
-        if self.state.load(Ordering::Acquire) == CLOSED {
-            return Admit::Call;
+        let word = self.word.load(Ordering::Acquire);
+        match state_of(word) {
+            CLOSED => Admit::Call,
+            OPEN if self.now_ms() >= word >> STATE_BITS => {
+                let probe = self.probes.fetch_add(1, Ordering::Relaxed) & (u64::MAX >> STATE_BITS);
+                let half_open = (probe << STATE_BITS) | HALF_OPEN;
+                match self.word.compare_exchange(
+                    word,
+                    half_open,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => Admit::Probe(half_open),
+                    Err(_) => Admit::Skip,
+                }
+            }
+            _ => Admit::Skip,
         }
-        if self.now_nanos() >= self.probe_after.load(Ordering::Acquire)
-            && self
-                .probing
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            self.state.store(HALF_OPEN, Ordering::Release);
-            return Admit::Probe;
-        }
-        Admit::Skip
     }
 
     pub(crate) fn on_success(&self, admit: Admit) -> Transition {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        if admit == Admit::Probe {
-            self.state.store(CLOSED, Ordering::Release);
-            self.probing.store(false, Ordering::Release);
+        if let Admit::Probe(word) = admit
+            && self
+                .word
+                .compare_exchange(word, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             return Transition::Closed;
         }
         Transition::None
@@ -129,44 +159,65 @@ impl Breaker {
             .failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        if admit == Admit::Probe {
-            self.reopen();
-            self.probing.store(false, Ordering::Release);
-            return Transition::None;
+        match admit {
+            Admit::Probe(word) => {
+                let _ = self.word.compare_exchange(
+                    word,
+                    self.reopen_word(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                Transition::None
+            }
+            // Only the call that moves a closed breaker to open sets the cool-down: late
+            // failures of calls admitted earlier do not push the probe back.
+            _ if failures >= self.threshold => match self.word.compare_exchange(
+                CLOSED,
+                self.reopen_word(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => Transition::Opened,
+                Err(_) => Transition::None,
+            },
+            _ => Transition::None,
         }
-        if failures >= self.threshold {
-            self.probe_after.store(
-                self.now_nanos()
-                    .saturating_add(self.cool_down.as_nanos() as u64),
-                Ordering::Release,
+    }
+
+    /// A probe that neither succeeded nor failed (its caller was cancelled, or it made progress
+    /// on work that must finish before the breaker closes): the next call probes at once.
+    pub(crate) fn on_abandoned(&self, admit: Admit) {
+        if let Admit::Probe(word) = admit {
+            let _ = self.word.compare_exchange(
+                word,
+                open_until(self.now_ms()),
+                Ordering::AcqRel,
+                Ordering::Acquire,
             );
+        }
+    }
+
+    /// Opens the breaker now, whatever its state (work the backend must see first is waiting);
+    /// an open breaker keeps its cool-down. True when this call opened it.
+    pub(crate) fn trip(&self) -> bool {
+        loop {
+            let word = self.word.load(Ordering::Acquire);
+            if state_of(word) == OPEN {
+                return false;
+            }
             if self
-                .state
-                .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
+                .word
+                .compare_exchange(
+                    word,
+                    self.reopen_word(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
                 .is_ok()
             {
-                return Transition::Opened;
+                return true;
             }
         }
-        Transition::None
-    }
-
-    /// A probe that neither succeeded nor failed (its caller was cancelled): let the next call
-    /// probe instead.
-    pub(crate) fn on_abandoned(&self, admit: Admit) {
-        if admit == Admit::Probe {
-            self.state.store(OPEN, Ordering::Release);
-            self.probing.store(false, Ordering::Release);
-        }
-    }
-
-    fn reopen(&self) {
-        self.probe_after.store(
-            self.now_nanos()
-                .saturating_add(self.cool_down.as_nanos() as u64),
-            Ordering::Release,
-        );
-        self.state.store(OPEN, Ordering::Release);
     }
 }
 
@@ -176,7 +227,7 @@ impl fmt::Debug for Breaker {
             .field("state", &self.state())
             .field("failures", &self.consecutive_failures())
             .field("threshold", &self.threshold)
-            .field("cool_down", &self.cool_down)
+            .field("cool_down_ms", &self.cool_down_ms)
             .finish()
     }
 }
@@ -202,11 +253,14 @@ mod tests {
         clock.advance(Duration::from_millis(999));
         assert_eq!(b.admit(), Admit::Skip);
         clock.advance(Duration::from_millis(1));
-        assert_eq!(b.admit(), Admit::Probe);
+        let probe = b.admit();
+        assert!(matches!(probe, Admit::Probe(_)));
         // Only one probe at a time.
         assert_eq!(b.admit(), Admit::Skip);
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        assert_eq!(b.on_success(Admit::Probe), Transition::Closed);
+        assert_eq!(b.on_success(probe), Transition::Closed);
+        // A stale probe outcome changes nothing.
+        assert_eq!(b.on_success(probe), Transition::None);
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.admit(), Admit::Call);
     }
@@ -231,13 +285,14 @@ mod tests {
             b.on_failure(Admit::Call);
         }
         clock.advance(Duration::from_secs(1));
-        assert_eq!(b.admit(), Admit::Probe);
-        b.on_failure(Admit::Probe);
+        let probe = b.admit();
+        assert!(matches!(probe, Admit::Probe(_)));
+        b.on_failure(probe);
         assert_eq!(b.state(), BreakerState::Open);
         clock.advance(Duration::from_millis(500));
         assert_eq!(b.admit(), Admit::Skip);
         clock.advance(Duration::from_millis(500));
-        assert_eq!(b.admit(), Admit::Probe);
+        assert!(matches!(b.admit(), Admit::Probe(_)));
     }
 
     #[test]
@@ -248,8 +303,101 @@ mod tests {
             b.on_failure(Admit::Call);
         }
         clock.advance(Duration::from_secs(1));
-        assert_eq!(b.admit(), Admit::Probe);
-        b.on_abandoned(Admit::Probe);
-        assert_eq!(b.admit(), Admit::Probe);
+        let probe = b.admit();
+        b.on_abandoned(probe);
+        assert!(matches!(b.admit(), Admit::Probe(_)));
+    }
+
+    #[test]
+    fn late_failures_do_not_push_the_probe_back() {
+        let clock = FakeClock::new();
+        let b = breaker(&clock);
+        for _ in 0..3 {
+            b.on_failure(Admit::Call);
+        }
+        clock.advance(Duration::from_millis(900));
+        // Calls admitted before the breaker opened fail late.
+        b.on_failure(Admit::Call);
+        b.on_failure(Admit::Call);
+        clock.advance(Duration::from_millis(100));
+        assert!(matches!(b.admit(), Admit::Probe(_)));
+    }
+
+    #[test]
+    fn trip_opens_and_a_running_probe_cannot_close_it() {
+        let clock = FakeClock::new();
+        let b = breaker(&clock);
+        for _ in 0..3 {
+            b.on_failure(Admit::Call);
+        }
+        clock.advance(Duration::from_secs(1));
+        let probe = b.admit();
+        assert!(b.trip());
+        assert_eq!(b.on_success(probe), Transition::None);
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.trip());
+    }
+
+    #[test]
+    fn concurrent_callers_never_see_two_probes_or_a_lost_close() {
+        // Many threads hammer one breaker through open, probe and close cycles; at any moment at
+        // most one probe may be out, and every cycle must end closed or open, never stuck
+        // half-open.
+        use std::sync::atomic::AtomicUsize;
+        let clock = FakeClock::new();
+        let b = Arc::new(Breaker::new(
+            3,
+            Duration::from_millis(1),
+            Arc::new(clock.clone()),
+        ));
+        let probes_out = Arc::new(AtomicUsize::new(0));
+        let max_out = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let (b, clock, probes_out, max_out) = (
+                    b.clone(),
+                    clock.clone(),
+                    probes_out.clone(),
+                    max_out.clone(),
+                );
+                std::thread::spawn(move || {
+                    for i in 0..20_000u32 {
+                        let admit = b.admit();
+                        let probing = matches!(admit, Admit::Probe(_));
+                        if probing {
+                            let now = probes_out.fetch_add(1, Ordering::SeqCst) + 1;
+                            max_out.fetch_max(now, Ordering::SeqCst);
+                            std::thread::yield_now();
+                            // Leaves before its outcome is applied: after that a new probe
+                            // may legitimately start.
+                            probes_out.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        if admit != Admit::Skip {
+                            if (i + t) % 3 != 0 {
+                                b.on_failure(admit);
+                            } else {
+                                b.on_success(admit);
+                            }
+                        }
+                        if i % 64 == 0 {
+                            clock.advance(Duration::from_millis(1));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(max_out.load(Ordering::SeqCst), 1);
+        // Settle: with time moving and successes, the breaker must be able to close.
+        for _ in 0..10 {
+            clock.advance(Duration::from_millis(5));
+            let admit = b.admit();
+            if admit != Admit::Skip {
+                b.on_success(admit);
+            }
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 }

@@ -1,6 +1,9 @@
 //! The in-memory backend: moka's future cache with a per-entry expiry policy and a byte budget.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -9,9 +12,9 @@ use moka::Expiry;
 use moka::future::Cache as MokaCache;
 use moka::ops::compute::{CompResult, Op};
 
-use super::{BackendKind, CacheLayer, Entry, Remaining};
+use super::{BackendKind, CacheLayer, Entry, Leased, Remaining, is_lease, lease_marker};
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::Key;
+use crate::key::{Key, KeyPattern, Tag};
 use crate::ttl::Ttl;
 
 /// Default byte budget of a [`MemoryLayer`]: 64 MiB.
@@ -72,6 +75,26 @@ impl Expiry<String, Stored> for PerEntryTtl {
 pub struct MemoryLayer {
     cache: MokaCache<String, Stored>,
     max_bytes: u64,
+    tags: Arc<TagIndex>,
+}
+
+/// Tag → member → until when the member can live. A std mutex: it is never held across an await.
+#[derive(Default)]
+struct TagIndex {
+    members: Mutex<HashMap<String, HashMap<String, Instant>>>,
+    adds: AtomicU64,
+}
+
+/// Every this many tag additions, tags whose members have all expired are dropped, so that tags
+/// never touched again do not accumulate.
+const TAG_SWEEP_EVERY: u64 = 1024;
+
+impl TagIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Instant>>> {
+        // A panic while holding the lock cannot leave the map half-updated in a way that matters:
+        // every operation is a single insert or remove.
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl MemoryLayer {
@@ -85,7 +108,11 @@ impl MemoryLayer {
             })
             .expire_after(PerEntryTtl)
             .build();
-        MemoryLayer { cache, max_bytes }
+        MemoryLayer {
+            cache,
+            max_bytes,
+            tags: Arc::new(TagIndex::default()),
+        }
     }
 
     /// Drops every entry.
@@ -96,24 +123,6 @@ impl MemoryLayer {
     /// The byte budget.
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
-    }
-
-    /// Removes every entry whose key `remove` returns true for, and returns how many. Visits
-    /// every entry: meant for maintenance and pattern invalidation, not for request paths.
-    pub async fn remove_where(&self, remove: impl Fn(&str) -> bool) -> u64 {
-        let victims: Vec<String> = self
-            .cache
-            .iter()
-            .filter(|(k, _)| remove(k.as_str()))
-            .map(|(k, _)| (*k).clone())
-            .collect();
-        let mut removed = 0;
-        for key in victims {
-            if self.cache.remove(&key).await.is_some() {
-                removed += 1;
-            }
-        }
-        removed
     }
 
     fn deadline(ttl: Ttl) -> Instant {
@@ -264,6 +273,122 @@ impl CacheLayer for MemoryLayer {
                 "the memory counter was not updated",
             )),
         }
+    }
+
+    async fn get_or_lease(
+        &self,
+        key: &Key,
+        token: u64,
+        lease_ttl: Ttl,
+        replace: Option<&[u8]>,
+    ) -> Result<Leased> {
+        let marker = lease_marker(token);
+        let result = self
+            .cache
+            .entry(key.as_str().to_owned())
+            .and_compute_with(|current| {
+                let now = Instant::now();
+                let op = match current {
+                    Some(entry)
+                        if entry.value().live(now)
+                            && replace != Some(entry.value().value.as_ref()) =>
+                    {
+                        Op::Nop
+                    }
+                    _ => Op::Put(Stored {
+                        value: marker,
+                        expires_at: now + lease_ttl.as_duration(),
+                    }),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(match result {
+            CompResult::Unchanged(entry) => {
+                let value = entry.into_value().value;
+                if is_lease(&value) {
+                    Leased::Denied
+                } else {
+                    Leased::Value(value)
+                }
+            }
+            CompResult::Inserted(_) | CompResult::ReplacedWith(_) => Leased::Granted,
+            _ => Leased::Denied,
+        })
+    }
+
+    async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
+        let marker = lease_marker(token);
+        let result = self
+            .cache
+            .entry(key.as_str().to_owned())
+            .and_compute_with(|current| {
+                let now = Instant::now();
+                let op = match current {
+                    Some(entry) if entry.value().live(now) && entry.value().value == marker => {
+                        Op::Put(Stored {
+                            value,
+                            expires_at: now + ttl.as_duration(),
+                        })
+                    }
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(matches!(result, CompResult::ReplacedWith(_)))
+    }
+
+    async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
+        let now = Instant::now();
+        let until = now + ttl.as_duration();
+        let mut index = self.tags.lock();
+        for tag in tags {
+            let members = index.entry(tag.as_str().to_owned()).or_default();
+            members.retain(|_, live_until| *live_until > now);
+            let slot = members.entry(member.as_str().to_owned()).or_insert(until);
+            if *slot < until {
+                *slot = until;
+            }
+        }
+        if self.tags.adds.fetch_add(1, Ordering::Relaxed) % TAG_SWEEP_EVERY == TAG_SWEEP_EVERY - 1 {
+            index.retain(|_, members| {
+                members.retain(|_, live_until| *live_until > now);
+                !members.is_empty()
+            });
+        }
+        Ok(())
+    }
+
+    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
+        let members = self.tags.lock().remove(tag.as_str()).unwrap_or_default();
+        let now = Instant::now();
+        let mut removed = 0;
+        for (member, _) in members {
+            if let Some(stored) = self.cache.remove(&member).await
+                && stored.live(now)
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn sweep(&self, pattern: &KeyPattern, _batch: usize, max_removed: u64) -> Result<u64> {
+        let victims: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(k, _)| pattern.matches_str(k))
+            .take(max_removed.min(usize::MAX as u64) as usize)
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        let mut removed = 0;
+        for key in victims {
+            if self.cache.remove(&key).await.is_some() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     async fn ping(&self) -> Result<()> {

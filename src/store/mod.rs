@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::Result;
-use crate::key::Key;
+use crate::key::{Key, KeyPattern, Tag};
 use crate::ttl::Ttl;
 
 mod breaker;
@@ -28,7 +28,7 @@ mod resilient;
 
 pub use breaker::BreakerState;
 pub use memory::MemoryLayer;
-pub use resilient::{Source, Store, StoreStats};
+pub use resilient::{Invalidated, Source, Store, StoreStats};
 
 /// Which backend a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,6 +72,38 @@ pub enum Remaining {
     Expires(Duration),
 }
 
+/// The bytes a key holds while a load for it is in flight: a lease marker, `\0speedlayer:lease:`
+/// followed by the lease token in decimal. It starts with a NUL byte, so it is never valid JSON
+/// (or UTF-8 text a client would show as a value); readers treat it as a miss. It lives at most
+/// the lease TTL.
+pub const LEASE_PREFIX: &[u8] = b"\0speedlayer:lease:";
+
+/// The marker of lease `token`.
+pub fn lease_marker(token: u64) -> Bytes {
+    let mut marker = Vec::with_capacity(LEASE_PREFIX.len() + 20);
+    marker.extend_from_slice(LEASE_PREFIX);
+    marker.extend_from_slice(token.to_string().as_bytes());
+    Bytes::from(marker)
+}
+
+/// True when `value` is a lease marker, not a value.
+pub fn is_lease(value: &[u8]) -> bool {
+    value.starts_with(LEASE_PREFIX)
+}
+
+/// What [`CacheLayer::get_or_lease`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leased {
+    /// A value: no load needed.
+    Value(Bytes),
+    /// The key was empty; it now holds this caller's lease marker. A later
+    /// [`set_leased`](CacheLayer::set_leased) with the same token stores the loaded value unless
+    /// the key was invalidated (or written) in between.
+    Granted,
+    /// Another load holds the key's lease (or no lease can be taken): load, but do not cache.
+    Denied,
+}
+
 /// A byte store with mandatory TTLs.
 ///
 /// Object-safe: `Arc<dyn CacheLayer>` works. Every write takes a [`Ttl`]; there is no other way to
@@ -113,6 +145,38 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// Adds `delta` to the integer under `key` (absent counts as 0) and sets its TTL to `ttl`;
     /// returns the new value. The value is stored as decimal text, readable by any client.
     async fn increment(&self, key: &Key, delta: i64, ttl: Ttl) -> Result<i64>;
+
+    /// Reads `key`; when it is absent, stores the lease marker of `token` for `lease_ttl` in the
+    /// same atomic step. One round trip on Redis.
+    ///
+    /// `replace` names a value the caller found unusable (it did not decode): if the key still
+    /// holds exactly that value, or holds something other than a string on Redis, it counts as
+    /// absent and is replaced by the lease.
+    async fn get_or_lease(
+        &self,
+        key: &Key,
+        token: u64,
+        lease_ttl: Ttl,
+        replace: Option<&[u8]>,
+    ) -> Result<Leased>;
+
+    /// Stores `value` for `ttl` only if `key` still holds the lease marker of `token`: any
+    /// delete, invalidation or write since the lease was granted makes this a refusal (`false`).
+    async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool>;
+
+    /// Records `member` in the index of each tag, for at least `ttl` (the member's lifetime).
+    /// Members whose lifetime has passed are pruned from an index as it is written, so an index
+    /// holds live members only.
+    async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()>;
+
+    /// Removes the tag's index and every entry it lists; returns how many entries were removed.
+    /// Costs the size of the tag, not of the keyspace.
+    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64>;
+
+    /// Maintenance: walks the keyspace for keys matching `pattern` (Redis `SCAN MATCH`, in
+    /// batches of `batch`) and removes them (`UNLINK`), stopping after `max_removed` removals.
+    /// Costs the size of the keyspace: never call it on a request path.
+    async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64>;
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;

@@ -21,10 +21,10 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, RedisError, Script};
 
-use super::{BackendKind, CacheLayer, Entry, Remaining};
+use super::{BackendKind, CacheLayer, Entry, Leased, Remaining, is_lease, lease_marker};
 use crate::config::{RedisConfig, Transport};
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::Key;
+use crate::key::{Key, KeyPattern, Tag};
 use crate::ttl::Ttl;
 
 // Lua numbers are doubles: returning INCRBY's reply would round counters above 2^53. The new
@@ -34,6 +34,59 @@ redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('GET', KEYS[1])
 ";
+
+// Reads the key; when it is absent, puts the caller's lease marker in it (one atomic step). A
+// value equal to ARGV[3] (one the caller could not decode), or a key of another type than
+// string, counts as absent and is replaced.
+const GET_OR_LEASE_SCRIPT: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then
+  local value = redis.call('GET', KEYS[1])
+  if ARGV[3] == nil or value ~= ARGV[3] then return value end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+// Stores the loaded value only if the key still holds this caller's lease marker.
+const SET_LEASED_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+// Adds a member to a tag index (a sorted set scored by the time, in Redis server milliseconds,
+// until which the member can live), prunes members past that time, and keeps the index alive at
+// least as long as its longest-lived member. Touches only the index key.
+const TAG_ADD_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local life = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], 'GT', now + life, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < life then
+  redis.call('PEXPIRE', KEYS[1], life)
+end
+return 1
+";
+
+// After a tag's members were removed, drops them from the index, but only those whose score
+// is still the one that was read: a member registered again meanwhile (a new load) stays.
+// ARGV holds member, score pairs. Touches only the index key.
+const TAG_FORGET_SCRIPT: &str = r"
+local forgotten = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    forgotten = forgotten + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return forgotten
+";
+
+/// Members removed per `UNLINK` when a tag is invalidated.
+const UNLINK_BATCH: usize = 512;
 
 enum Conn {
     Multiplexed(ConnectionManager),
@@ -55,6 +108,9 @@ pub struct RedisLayer {
     conn: Conn,
     config: RedisConfig,
     increment: Script,
+    get_or_lease: Script,
+    set_leased: Script,
+    tag_forget: Script,
 }
 
 impl RedisLayer {
@@ -101,6 +157,9 @@ impl RedisLayer {
             conn,
             config: config.clone(),
             increment: Script::new(INCREMENT_SCRIPT),
+            get_or_lease: Script::new(GET_OR_LEASE_SCRIPT),
+            set_leased: Script::new(SET_LEASED_SCRIPT),
+            tag_forget: Script::new(TAG_FORGET_SCRIPT),
         })
     }
 
@@ -275,6 +334,115 @@ impl CacheLayer for RedisLayer {
         let mut invocation = self.increment.prepare_invoke();
         invocation.key(key.as_str()).arg(delta).arg(ttl.as_millis());
         self.invoke(&invocation).await
+    }
+
+    async fn get_or_lease(
+        &self,
+        key: &Key,
+        token: u64,
+        lease_ttl: Ttl,
+        replace: Option<&[u8]>,
+    ) -> Result<Leased> {
+        let mut invocation = self.get_or_lease.prepare_invoke();
+        invocation
+            .key(key.as_str())
+            .arg(lease_marker(token).as_ref())
+            .arg(lease_ttl.as_millis());
+        if let Some(replace) = replace {
+            invocation.arg(replace);
+        }
+        Ok(match self.invoke::<redis::Value>(&invocation).await? {
+            redis::Value::BulkString(bytes) if is_lease(&bytes) => Leased::Denied,
+            redis::Value::BulkString(bytes) => Leased::Value(Bytes::from(bytes)),
+            redis::Value::Int(1) => Leased::Granted,
+            _ => Leased::Denied,
+        })
+    }
+
+    async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
+        let mut invocation = self.set_leased.prepare_invoke();
+        invocation
+            .key(key.as_str())
+            .arg(lease_marker(token).as_ref())
+            .arg(value.as_ref())
+            .arg(ttl.as_millis());
+        self.invoke::<i64>(&invocation)
+            .await
+            .map(|stored| stored == 1)
+    }
+
+    async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        // One round trip for all tags. Each script touches one index key; EVAL (not EVALSHA)
+        // so that a pipeline needs no NOSCRIPT handling.
+        let mut pipe = redis::pipe();
+        for tag in tags {
+            pipe.cmd("EVAL")
+                .arg(TAG_ADD_SCRIPT)
+                .arg(1)
+                .arg(tag.as_str())
+                .arg(member.as_str())
+                .arg(ttl.as_millis())
+                .ignore();
+        }
+        self.query_pipeline::<()>(&pipe).await
+    }
+
+    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
+        // Read the members, remove them, then drop them from the index. The index goes last, so
+        // that an invalidation cut short (timeout, restart) leaves the rest findable and can be
+        // run again; a load that registers after the read began after the database write, so it
+        // reads fresh data and may be cached.
+        let mut range = redis::cmd("ZRANGE");
+        range.arg(tag.as_str()).arg(0).arg(-1).arg("WITHSCORES");
+        let members: Vec<(Vec<u8>, String)> = self.query(&range).await?;
+        let mut removed = 0;
+        for batch in members.chunks(UNLINK_BATCH) {
+            let mut unlink = redis::cmd("UNLINK");
+            for (member, _) in batch {
+                unlink.arg(member.as_slice());
+            }
+            removed += self.query::<u64>(&unlink).await?;
+            let mut forget = self.tag_forget.prepare_invoke();
+            forget.key(tag.as_str());
+            for (member, score) in batch {
+                forget.arg(member.as_slice()).arg(score.as_str());
+            }
+            self.invoke::<i64>(&forget).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64> {
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern.glob())
+                .arg("COUNT")
+                .arg(batch.max(1));
+            let (next, keys): (u64, Vec<String>) = self.query(&scan).await?;
+            let victims: Vec<&String> = keys
+                .iter()
+                .filter(|k| pattern.matches_str(k))
+                .take((max_removed - removed).min(usize::MAX as u64) as usize)
+                .collect();
+            if !victims.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                for key in &victims {
+                    unlink.arg(key.as_str());
+                }
+                removed += self.query::<u64>(&unlink).await?;
+            }
+            cursor = next;
+            if cursor == 0 || removed >= max_removed {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn ping(&self) -> Result<()> {

@@ -14,23 +14,66 @@
 //! Deletes go to the fallback too, always, so that it never keeps an entry the caller removed.
 //! The fallback is emptied when the breaker opens and when it closes: it only ever serves
 //! entries written during the current outage.
+//!
+//! A delete or tag invalidation that cannot reach the backend is not lost: it is queued (up to
+//! 100,000 keys and tags; beyond that, counted as lost and logged) and replayed before the next
+//! call that reaches the backend is let through, so that an entry invalidated during an outage is
+//! never served after it.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::breaker::{Admit, Breaker, BreakerState, Transition};
-use super::{BackendKind, CacheLayer, Entry, MemoryLayer, Remaining};
+use super::{BackendKind, CacheLayer, Entry, Leased, MemoryLayer, Remaining, is_lease};
 use crate::clock::Clock;
 use crate::config::{Config, Fallback};
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::Key;
+use crate::key::{Key, KeyPattern, Tag};
 use crate::ttl::Ttl;
+
+/// Longest a maintenance sweep may run.
+const SWEEP_BUDGET: Duration = Duration::from_secs(60);
+
+/// Most keys plus tags kept for replay after an outage.
+const MAX_PENDING: usize = 100_000;
+
+/// Keys removed per call when queued invalidations are applied.
+const REPLAY_CHUNK: usize = 1_000;
+
+/// Deletes and tag invalidations that could not reach the backend, waiting for it. Each entry
+/// carries the generation it was queued at, so that a replay only clears what it applied: an
+/// entry queued again meanwhile stays.
+#[derive(Default)]
+struct Pending {
+    keys: HashMap<Key, u64>,
+    tags: HashMap<Tag, u64>,
+    generation: u64,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.keys.len() + self.tags.len()
+    }
+}
+
+/// What [`Store::invalidate`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Invalidated {
+    /// Entries removed by key.
+    pub keys_removed: u64,
+    /// Entries removed through tags.
+    pub tag_entries_removed: u64,
+    /// The backend was unusable: the invalidation is queued and will be applied before the
+    /// backend serves again. (The fallback was invalidated at once.)
+    pub deferred: bool,
+}
 
 /// Where a read was answered from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +104,13 @@ pub struct StoreStats {
     pub fallbacks: u64,
     /// Calls that skipped the primary because the breaker was open.
     pub short_circuited: u64,
-    /// Entries in process memory (the memory backend, or the fallback).
+    /// Entries in process memory (the memory backend, or the fallback). moka updates its count
+    /// lazily, so this is approximate.
     pub memory_entries: u64,
+    /// Keys and tags whose invalidation waits for the backend to come back.
+    pub pending_invalidations: u64,
+    /// Invalidations dropped because the queue was full (those entries expire by their TTL).
+    pub lost_invalidations: u64,
 }
 
 #[derive(Default)]
@@ -71,6 +119,7 @@ struct Counters {
     timeouts: AtomicU64,
     fallbacks: AtomicU64,
     short_circuited: AtomicU64,
+    lost_invalidations: AtomicU64,
 }
 
 /// Lets one log line through per interval and counts the rest.
@@ -111,6 +160,15 @@ impl LogThrottle {
     }
 }
 
+enum Replay {
+    /// Nothing is left.
+    Done,
+    /// The backend answered, but work is left (the time ran out, or more was queued).
+    Unfinished,
+    /// The backend failed.
+    Failed,
+}
+
 enum Outcome<T> {
     /// The primary answered.
     Done(T),
@@ -145,6 +203,8 @@ struct Inner {
     counters: Counters,
     throttle: LogThrottle,
     clock: Arc<dyn Clock>,
+    pending: Mutex<Pending>,
+    has_pending: AtomicBool,
 }
 
 /// A [`CacheLayer`] with the resilience rules applied; what policy modules talk to.
@@ -237,6 +297,8 @@ impl Store {
                 counters: Counters::default(),
                 throttle: LogThrottle::new(config.get_log_interval()),
                 clock,
+                pending: Mutex::new(Pending::default()),
+                has_pending: AtomicBool::new(false),
             }),
         }
     }
@@ -264,6 +326,235 @@ impl Store {
                 Some(f) => f.memory_entries(),
                 None => inner.primary.memory_entries(),
             },
+            pending_invalidations: self.lock_pending().len() as u64,
+            lost_invalidations: c.lost_invalidations.load(Ordering::Relaxed),
+        }
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // Every update of the queue is a single insert or remove: a panic cannot leave it
+        // half-written.
+        self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues invalidations the backend did not get, and opens the breaker: no read may reach
+    /// the backend before they are applied, and only the probe applies them.
+    fn defer(&self, keys: &[Key], tags: &[Tag]) {
+        if !self.inner.remote || (keys.is_empty() && tags.is_empty()) {
+            return;
+        }
+        let mut lost = 0u64;
+        {
+            let mut p = self.lock_pending();
+            p.generation += 1;
+            let generation = p.generation;
+            for key in keys {
+                if p.len() < MAX_PENDING || p.keys.contains_key(key) {
+                    p.keys.insert(key.clone(), generation);
+                } else {
+                    lost += 1;
+                }
+            }
+            for tag in tags {
+                if p.len() < MAX_PENDING || p.tags.contains_key(tag) {
+                    p.tags.insert(tag.clone(), generation);
+                } else {
+                    lost += 1;
+                }
+            }
+            self.inner.has_pending.store(true, Ordering::Release);
+        }
+        if self.inner.breaker.trip() {
+            if let Some(f) = &self.inner.fallback {
+                f.clear();
+            }
+            tracing::warn!(
+                backend = %self.inner.primary.kind(),
+                "an invalidation could not reach the backend: circuit opened until it is applied"
+            );
+        }
+        if lost > 0 {
+            self.inner
+                .counters
+                .lost_invalidations
+                .fetch_add(lost, Ordering::Relaxed);
+            tracing::error!(
+                lost,
+                "the queue of invalidations waiting for the backend is full; these entries can \
+                 be served stale until their TTL ends"
+            );
+        }
+    }
+
+    /// Applies queued invalidations within one operation timeout, in chunks; each chunk leaves
+    /// the queue as soon as the backend has applied it.
+    async fn replay(&self) -> Replay {
+        let inner = &*self.inner;
+        let deadline = tokio::time::Instant::now() + inner.op_timeout;
+        let (keys, tags) = {
+            let p = self.lock_pending();
+            let keys: Vec<(Key, u64)> = p.keys.iter().map(|(k, g)| (k.clone(), *g)).collect();
+            let tags: Vec<(Tag, u64)> = p.tags.iter().map(|(t, g)| (t.clone(), *g)).collect();
+            (keys, tags)
+        };
+        let total = keys.len() + tags.len();
+        for chunk in keys.chunks(REPLAY_CHUNK) {
+            let batch: Vec<Key> = chunk.iter().map(|(k, _)| k.clone()).collect();
+            match tokio::time::timeout_at(deadline, inner.primary.delete_many(&batch)).await {
+                Ok(Ok(_)) => {
+                    let mut p = self.lock_pending();
+                    for (key, generation) in chunk {
+                        if p.keys.get(key) == Some(generation) {
+                            p.keys.remove(key);
+                        }
+                    }
+                }
+                Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
+                Ok(Err(_)) => {}
+                Err(_) => return Replay::Unfinished,
+            }
+        }
+        for (tag, generation) in &tags {
+            match tokio::time::timeout_at(deadline, inner.primary.invalidate_tag(tag)).await {
+                Ok(Ok(_)) => {
+                    let mut p = self.lock_pending();
+                    if p.tags.get(tag) == Some(generation) {
+                        p.tags.remove(tag);
+                    }
+                }
+                Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
+                // A tag index another client overwrote cannot be applied; do not retry forever.
+                Ok(Err(_)) => {
+                    self.lock_pending().tags.remove(tag);
+                }
+                Err(_) => return Replay::Unfinished,
+            }
+        }
+        let p = self.lock_pending();
+        if p.len() == 0 {
+            inner.has_pending.store(false, Ordering::Release);
+            drop(p);
+            tracing::info!(
+                applied = total,
+                "invalidations queued while the backend was unusable were applied"
+            );
+            Replay::Done
+        } else {
+            Replay::Unfinished
+        }
+    }
+
+    /// Deletes `keys` and invalidates `tags`, in the backend and the fallback. When the backend
+    /// is unusable the work is queued for it ([`Invalidated::deferred`]), never dropped.
+    pub async fn invalidate(&self, keys: &[Key], tags: &[Tag]) -> Result<Invalidated> {
+        let mut done = Invalidated::default();
+        if !keys.is_empty() {
+            let from_fallback = match &self.inner.fallback {
+                Some(f) => f.delete_many(keys).await?,
+                None => 0,
+            };
+            match self
+                .attempt("UNLINK", self.inner.primary.delete_many(keys))
+                .await
+            {
+                Outcome::Done(n) => done.keys_removed = n.max(from_fallback),
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => {
+                    self.defer(keys, &[]);
+                    done.deferred = true;
+                    done.keys_removed = from_fallback;
+                }
+            }
+        }
+        for tag in tags {
+            let from_fallback = match &self.inner.fallback {
+                Some(f) => f.invalidate_tag(tag).await?,
+                None => 0,
+            };
+            match self
+                .attempt("invalidate tag", self.inner.primary.invalidate_tag(tag))
+                .await
+            {
+                Outcome::Done(n) => done.tag_entries_removed += n.max(from_fallback),
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => {
+                    self.defer(&[], std::slice::from_ref(tag));
+                    done.deferred = true;
+                    done.tag_entries_removed += from_fallback;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// [`CacheLayer::get_or_lease`], saying who answered. With `skip_primary` only the fallback
+    /// is asked.
+    pub async fn get_or_lease_with_source(
+        &self,
+        key: &Key,
+        token: u64,
+        lease_ttl: Ttl,
+        replace: Option<&[u8]>,
+        skip_primary: bool,
+    ) -> Result<(Leased, Source)> {
+        if !(skip_primary && self.inner.remote) {
+            match self
+                .attempt(
+                    "GET (lease)",
+                    self.inner
+                        .primary
+                        .get_or_lease(key, token, lease_ttl, replace),
+                )
+                .await
+            {
+                Outcome::Done(leased) => return Ok((leased, Source::Primary)),
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => {}
+            }
+        } else {
+            self.inner
+                .counters
+                .fallbacks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        match &self.inner.fallback {
+            Some(f) => Ok((
+                f.get_or_lease(
+                    key,
+                    token,
+                    lease_ttl.min(self.inner.fallback_max_ttl),
+                    replace,
+                )
+                .await?,
+                Source::Fallback,
+            )),
+            None => Ok((Leased::Denied, Source::Nothing)),
+        }
+    }
+
+    /// Records `member` in `tags` where its lease was granted (`source`). An error means the
+    /// entry must not be cached: it could not be indexed.
+    pub async fn tag_add_at(
+        &self,
+        tags: &[Tag],
+        member: &Key,
+        ttl: Ttl,
+        source: Source,
+    ) -> Result<()> {
+        match source {
+            Source::Primary => match self
+                .attempt("tag add", self.inner.primary.tag_add(tags, member, ttl))
+                .await
+            {
+                Outcome::Done(()) => Ok(()),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Unusable => Err(self.unavailable("tag_add")),
+            },
+            Source::Fallback => match &self.inner.fallback {
+                Some(f) => f.tag_add(tags, member, ttl).await,
+                None => Err(self.unavailable("tag_add")),
+            },
+            Source::Nothing => Err(self.unavailable("tag_add")),
         }
     }
 
@@ -273,32 +564,50 @@ impl Store {
     }
 
     /// Reads `key` and says who answered.
+    ///
+    /// A lease marker (a load in flight) reads as `None`.
     pub async fn get_with_source(&self, key: &Key) -> Result<(Option<Bytes>, Source)> {
-        match self.attempt("GET", self.inner.primary.get(key)).await {
-            Outcome::Done(v) => Ok((v, Source::Primary)),
-            Outcome::Refused(e) => Err(e),
+        let (value, source) = match self.attempt("GET", self.inner.primary.get(key)).await {
+            Outcome::Done(v) => (v, Source::Primary),
+            Outcome::Refused(e) => return Err(e),
             Outcome::Unusable => match &self.inner.fallback {
-                Some(f) => Ok((f.get(key).await?, Source::Fallback)),
-                None => Ok((None, Source::Nothing)),
+                Some(f) => (f.get(key).await?, Source::Fallback),
+                None => (None, Source::Nothing),
             },
-        }
+        };
+        Ok((value.filter(|v| !is_lease(v)), source))
     }
 
-    /// Writes a freshly loaded value. With `skip_primary` (the read before the load already found
-    /// the primary unusable) only the fallback is written, so that one request never waits on a
-    /// sick backend twice.
-    pub(crate) async fn fill(&self, key: &Key, value: Bytes, ttl: Ttl, skip_primary: bool) {
-        let result = if skip_primary && self.inner.remote {
-            self.inner
-                .counters
-                .fallbacks
-                .fetch_add(1, Ordering::Relaxed);
-            self.write_fallback(key, value, ttl).await
-        } else {
-            self.set(key, value, ttl).await
-        };
-        if let Err(e) = result {
-            tracing::debug!(key = %key, error = %e, "cache fill failed");
+    /// [`CacheLayer::set_leased`] where the lease was granted (`source`): only that store is
+    /// written.
+    pub async fn set_leased_at(
+        &self,
+        key: &Key,
+        token: u64,
+        value: Bytes,
+        ttl: Ttl,
+        source: Source,
+    ) -> Result<bool> {
+        match source {
+            Source::Primary => match self
+                .attempt(
+                    "SET (leased)",
+                    self.inner.primary.set_leased(key, token, value, ttl),
+                )
+                .await
+            {
+                Outcome::Done(stored) => Ok(stored),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Unusable => Ok(false),
+            },
+            Source::Fallback => match &self.inner.fallback {
+                Some(f) => {
+                    f.set_leased(key, token, value, ttl.min(self.inner.fallback_max_ttl))
+                        .await
+                }
+                None => Ok(false),
+            },
+            Source::Nothing => Ok(false),
         }
     }
 
@@ -339,6 +648,29 @@ impl Store {
             admit,
             finished: false,
         };
+        // Invalidations queued while the backend was unusable go first, applied by the probe
+        // (queuing opened the breaker): nothing is read from the backend before they are.
+        if matches!(admit, Admit::Probe(_)) && inner.has_pending.load(Ordering::Acquire) {
+            match self.replay().await {
+                Replay::Done => {}
+                Replay::Unfinished => {
+                    // The backend works; the next call goes on with the queue at once.
+                    guard.finished = true;
+                    inner.breaker.on_abandoned(admit);
+                    inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    return Outcome::Unusable;
+                }
+                Replay::Failed => {
+                    guard.finished = true;
+                    let e = Error::new(
+                        ErrorKind::Unavailable,
+                        "invalidations queued while the backend was unusable could not be applied",
+                    );
+                    self.failed(op, admit, e);
+                    return Outcome::Unusable;
+                }
+            }
+        }
         let result = tokio::time::timeout(inner.op_timeout, call).await;
         guard.finished = true;
         match result {
@@ -487,7 +819,10 @@ impl CacheLayer for Store {
         match self.attempt("UNLINK", self.inner.primary.delete(key)).await {
             Outcome::Done(removed) => Ok(removed || from_fallback),
             Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => Ok(from_fallback),
+            Outcome::Unusable => {
+                self.defer(std::slice::from_ref(key), &[]);
+                Ok(from_fallback)
+            }
         }
     }
 
@@ -502,7 +837,10 @@ impl CacheLayer for Store {
         {
             Outcome::Done(removed) => Ok(removed.max(from_fallback)),
             Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => Ok(from_fallback),
+            Outcome::Unusable => {
+                self.defer(keys, &[]);
+                Ok(from_fallback)
+            }
         }
     }
 
@@ -554,6 +892,90 @@ impl CacheLayer for Store {
                 }
                 None => Err(self.unavailable("increment")),
             },
+        }
+    }
+
+    async fn get_or_lease(
+        &self,
+        key: &Key,
+        token: u64,
+        lease_ttl: Ttl,
+        replace: Option<&[u8]>,
+    ) -> Result<Leased> {
+        self.get_or_lease_with_source(key, token, lease_ttl, replace, false)
+            .await
+            .map(|(leased, _)| leased)
+    }
+
+    async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
+        // The lease is in the backend or in the fallback; each only accepts its own marker.
+        let stored = match self
+            .attempt(
+                "SET (leased)",
+                self.inner
+                    .primary
+                    .set_leased(key, token, value.clone(), ttl),
+            )
+            .await
+        {
+            Outcome::Done(stored) => stored,
+            Outcome::Refused(e) => return Err(e),
+            Outcome::Unusable => false,
+        };
+        if stored || !self.inner.remote {
+            return Ok(stored);
+        }
+        match &self.inner.fallback {
+            Some(f) => {
+                f.set_leased(key, token, value, ttl.min(self.inner.fallback_max_ttl))
+                    .await
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
+        match self.tag_add_at(tags, member, ttl, Source::Primary).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_unavailable() => {
+                // Index in the fallback for entries it holds, and still report the failure: a
+                // lease granted by the backend must not be used for an unindexed entry.
+                if let Some(f) = &self.inner.fallback {
+                    f.tag_add(tags, member, ttl).await?;
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
+        let done = self.invalidate(&[], std::slice::from_ref(tag)).await?;
+        Ok(done.tag_entries_removed)
+    }
+
+    async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64> {
+        let from_fallback = match &self.inner.fallback {
+            Some(f) => f.sweep(pattern, batch, max_removed).await?,
+            None => 0,
+        };
+        // A sweep walks the whole keyspace, so it gets a budget of its own rather than one
+        // operation timeout, and is not started against a backend known to be unusable.
+        if self.inner.remote && self.inner.breaker.state() != BreakerState::Closed {
+            return Err(self.unavailable("sweep"));
+        }
+        match tokio::time::timeout(
+            SWEEP_BUDGET,
+            self.inner.primary.sweep(pattern, batch, max_removed),
+        )
+        .await
+        {
+            Ok(Ok(n)) => Ok(n.max(from_fallback)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("the sweep did not finish within {SWEEP_BUDGET:?}; run it again to go on"),
+            )),
         }
     }
 

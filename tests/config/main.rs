@@ -85,6 +85,11 @@ fn bad_values_say_what_to_fix() {
             vec![("REDIS_URL", "redis://:topsecret1@h:notaport")],
             "REDIS_URL",
         ),
+        (
+            vec![("REDIS_HOST", "default:topsecret1@redis.internal")],
+            "REDIS_HOST",
+        ),
+        (vec![("REDIS_HOST", "redis://h")], "REDIS_HOST"),
     ] {
         let err = Config::from_lookup(env(&vars)).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Config);

@@ -21,8 +21,10 @@ use support::{Mode, Proxy, RedisServer, key, redis_config_at};
 
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
 const LOADER_TIME: Duration = Duration::from_millis(20);
-/// Scheduling slack for 200 tasks on a 2-core machine in a debug build.
-const SLACK: Duration = Duration::from_millis(60);
+/// Scheduling slack for 200 tasks on a 2-core (virtual) machine in a debug build. Measured
+/// waits are printed; typical runs stay within 35 ms of the bound, but a noisy neighbour can add
+/// tens of milliseconds to a whole run.
+const SLACK: Duration = Duration::from_millis(100);
 const MINUTE: Ttl = Ttl::seconds(60);
 
 /// The tests here measure time; running them one at a time keeps one test's 200 tasks from
@@ -325,9 +327,9 @@ async fn without_a_fallback_reads_miss_and_writes_are_dropped() {
 async fn the_fallback_is_emptied_when_redis_returns() {
     let _serial = SERIAL.lock().await;
     let mut server = RedisServer::start();
-    let cache = Cache::new(config_at(server.port()).cool_down(Duration::from_millis(100)))
-        .await
-        .unwrap();
+    // The default cool-down (1 s) is far longer than the writes below, so no probe reaches the
+    // frozen server during them (a probe's SET would run once it is thawed).
+    let cache = Cache::new(config_at(server.port())).await.unwrap();
     server.freeze();
     // The first failures open the breaker (which empties the fallback once).
     for i in 100..105 {
