@@ -2,22 +2,46 @@
 //!
 //! moka's `try_get_with` coalesces the same way, but it leaves the loaded value in its cache,
 //! where a call arriving after an invalidation would still be handed the old value. Here a
-//! flight exists only while its load runs: the entry leaves the table as soon as its result is
-//! known (or its last waiter is gone), and the result lives only in the waiters' hands.
-//! `tokio::sync::OnceCell` does the waiting: if the task running the loader is cancelled, the
-//! next waiter runs its own loader.
+//! flight exists only while its load runs: the leader takes it out of the table before it
+//! publishes its result, so a caller can only join a load that was running when it arrived, and
+//! the result lives only in the members' hands. `tokio::sync::OnceCell` does the waiting: if the
+//! task running the loader is cancelled, the next waiter runs its own loader.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OnceCell;
 
 type FlightKey = (String, TypeId);
 
-/// One load in progress: its result, once known, for every waiter.
-pub(crate) struct Flight<V, E> {
-    pub(crate) cell: OnceCell<Result<V, Arc<E>>>,
+/// One load in progress: its result, once known, for every member.
+pub(crate) struct Flight<T> {
+    pub(crate) cell: OnceCell<T>,
+    /// Set by the leader just before it reads the store: a value read then is current for the
+    /// members that had joined, not necessarily for those that join afterwards.
+    observing: AtomicBool,
+}
+
+impl<T> Flight<T> {
+    /// A flight of its own, outside the table (nobody else can join it).
+    pub(crate) fn private() -> Arc<Flight<T>> {
+        Arc::new(Flight {
+            cell: OnceCell::new(),
+            observing: AtomicBool::new(false),
+        })
+    }
+
+    /// The leader is about to read the store.
+    pub(crate) fn observe(&self) {
+        self.observing.store(true, Ordering::SeqCst);
+    }
+
+    /// True when the leader had not started reading the store yet.
+    pub(crate) fn before_observation(&self) -> bool {
+        !self.observing.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Default)]
@@ -28,29 +52,28 @@ pub(crate) struct Flights {
 
 /// A caller's membership in a flight; leaving (by finishing or being dropped) removes the flight
 /// from the table once it has a result or no other member.
-pub(crate) struct Member<'a, V: Send + Sync + 'static, E: Send + Sync + 'static> {
+pub(crate) struct Member<'a, T: Send + Sync + 'static> {
     flights: &'a Flights,
     key: FlightKey,
-    pub(crate) flight: Arc<Flight<V, E>>,
+    pub(crate) flight: Arc<Flight<T>>,
 }
 
 impl Flights {
-    pub(crate) fn join<V, E>(&self, key: &str) -> Member<'_, V, E>
-    where
-        V: Send + Sync + 'static,
-        E: Send + Sync + 'static,
-    {
-        let flight_key = (key.to_owned(), TypeId::of::<(V, E)>());
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlightKey, Arc<dyn Any + Send + Sync>>> {
+        // Every change is one insert or remove: a panic elsewhere cannot leave it half-done.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn join<T: Send + Sync + 'static>(&self, key: &str) -> Member<'_, T> {
+        let flight_key = (key.to_owned(), TypeId::of::<T>());
+        let mut table = self.lock();
         let existing = table
             .get(&flight_key)
-            .and_then(|f| f.clone().downcast::<Flight<V, E>>().ok());
+            .and_then(|f| f.clone().downcast::<Flight<T>>().ok());
         let flight = match existing {
             Some(flight) => flight,
             None => {
-                let flight = Arc::new(Flight {
-                    cell: OnceCell::new(),
-                });
+                let flight = Flight::private();
                 table.insert(flight_key.clone(), flight.clone());
                 flight
             }
@@ -62,15 +85,28 @@ impl Flights {
         }
     }
 
+    /// Takes `flight` out of the table (if it is still the one there): later callers start a
+    /// new flight instead of joining this one.
+    pub(crate) fn retire<T: Send + Sync + 'static>(&self, key: &str, flight: &Arc<Flight<T>>) {
+        let flight_key = (key.to_owned(), TypeId::of::<T>());
+        let mut table = self.lock();
+        if table
+            .get(&flight_key)
+            .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(flight)))
+        {
+            table.remove(&flight_key);
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.lock().len()
     }
 }
 
-impl<V: Send + Sync + 'static, E: Send + Sync + 'static> Drop for Member<'_, V, E> {
+impl<T: Send + Sync + 'static> Drop for Member<'_, T> {
     fn drop(&mut self) {
-        let mut table = self.flights.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = self.flights.lock();
         let ours = table
             .get(&self.key)
             .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(&self.flight)));
@@ -86,6 +122,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    type R = Result<u32, ()>;
+
     #[tokio::test]
     async fn concurrent_members_share_one_load_and_leave_nothing_behind() {
         let flights = Arc::new(Flights::default());
@@ -95,8 +133,8 @@ mod tests {
             let flights = flights.clone();
             let calls = calls.clone();
             tasks.push(tokio::spawn(async move {
-                let member = flights.join::<u32, ()>("k");
-                member
+                let member = flights.join::<R>("k");
+                *member
                     .flight
                     .cell
                     .get_or_init(|| async {
@@ -105,7 +143,6 @@ mod tests {
                         Ok(7)
                     })
                     .await
-                    .clone()
             }));
         }
         for t in tasks {
@@ -122,8 +159,8 @@ mod tests {
         let leader = {
             let (flights, started) = (flights.clone(), leader_started.clone());
             tokio::spawn(async move {
-                let member = flights.join::<u32, ()>("k");
-                member
+                let member = flights.join::<R>("k");
+                *member
                     .flight
                     .cell
                     .get_or_init(|| async {
@@ -132,16 +169,15 @@ mod tests {
                         Ok(0)
                     })
                     .await
-                    .clone()
             })
         };
         leader_started.notified().await;
-        let waiter_member = flights.join::<u32, ()>("k");
+        let waiter_member = flights.join::<R>("k");
         // The waiter joined the leader's flight (table, leader and waiter hold it).
         assert_eq!(Arc::strong_count(&waiter_member.flight), 3);
         let waiter = {
             let flight = waiter_member.flight.clone();
-            tokio::spawn(async move { flight.cell.get_or_init(|| async { Ok(1) }).await.clone() })
+            tokio::spawn(async move { *flight.cell.get_or_init(|| async { Ok(1) }).await })
         };
         tokio::task::yield_now().await;
         leader.abort();
@@ -155,15 +191,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retired_flight_cannot_be_joined() {
+        let flights = Flights::default();
+        let first = flights.join::<R>("k");
+        flights.retire("k", &first.flight);
+        let second = flights.join::<R>("k");
+        assert!(!Arc::ptr_eq(&first.flight, &second.flight));
+        // Retiring an old flight leaves the new one in place.
+        flights.retire("k", &first.flight);
+        assert_eq!(flights.len(), 1);
+    }
+
+    #[tokio::test]
     async fn a_finished_flight_is_not_reused() {
         let flights = Flights::default();
         let first = {
-            let m = flights.join::<u32, ()>("k");
-            m.flight.cell.get_or_init(|| async { Ok(1) }).await.clone()
+            let m = flights.join::<R>("k");
+            *m.flight.cell.get_or_init(|| async { Ok(1) }).await
         };
         let second = {
-            let m = flights.join::<u32, ()>("k");
-            m.flight.cell.get_or_init(|| async { Ok(2) }).await.clone()
+            let m = flights.join::<R>("k");
+            *m.flight.cell.get_or_init(|| async { Ok(2) }).await
         };
         assert_eq!((first, second), (Ok(1), Ok(2)));
     }
@@ -171,8 +219,8 @@ mod tests {
     #[tokio::test]
     async fn types_do_not_mix() {
         let flights = Flights::default();
-        let a = flights.join::<u32, ()>("k");
-        let b = flights.join::<String, ()>("k");
+        let a = flights.join::<R>("k");
+        let b = flights.join::<Result<String, ()>>("k");
         // One flight per (key, type): the second join must not replace or reuse the first.
         assert_eq!(flights.len(), 2);
         assert_eq!(a.flight.cell.get_or_init(|| async { Ok(1) }).await, &Ok(1));

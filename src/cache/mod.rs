@@ -23,7 +23,38 @@ use crate::ttl::{Ttl, TtlPolicy};
 
 mod flight;
 
-use flight::Flights;
+use flight::{Flight, Flights};
+
+/// What a flight publishes: the value and what is known of its freshness, or the loader's
+/// error. `None` only if a caller's loader was already spent.
+type Flown<V, E> = Option<Result<(V, Fresh), Arc<E>>>;
+
+/// Whether a flight's value may be handed to members that did not run its load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fresh {
+    /// Stored under a lease no invalidation broke: no invalidation came between the load and
+    /// the end of the flight, so it is current for every member.
+    Stored,
+    /// Found in the store by the leader: current for members that joined before it looked.
+    Found,
+    /// Not stored (no lease, or the lease was broken): only the leader may use it.
+    Unknown,
+}
+
+/// What a load is for.
+struct LoadRequest<'a> {
+    key: &'a Key,
+    tags: &'a [Tag],
+    /// The longest TTL the value can get (the tag index must outlive it).
+    longest_ttl: Ttl,
+    /// Who answered the read that missed.
+    first_read: Source,
+    /// What that read found and could not decode, if anything.
+    undecodable: Option<&'a [u8]>,
+}
+
+/// Flights a caller may wait on before it loads by itself.
+const WAITER_ROUNDS: usize = 2;
 
 /// Counters and state of a [`Cache`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -487,45 +518,93 @@ impl Cache {
             Read::Hit(v) => return Ok(v),
             Read::Miss(source, undecodable) => (source, undecodable),
         };
-        let member = self.inner.flights.join::<V, E>(key.as_str());
-        let result = member
-            .flight
-            .cell
-            .get_or_init(|| async {
-                self.lease_and_load(
-                    key,
-                    tags,
-                    longest_ttl,
-                    (source, undecodable.as_deref()),
-                    loader,
-                    ttl_for,
-                )
+        // Kept outside the flight's closure: a caller that only waited still holds its loader
+        // and can load itself if the shared result turns out not to be usable for it.
+        let mut loader = Some(loader);
+        let mut ttl_for = Some(ttl_for);
+        for round in 0..=WAITER_ROUNDS {
+            // The last round is a flight of its own, so this caller surely runs its loader.
+            let member = (round < WAITER_ROUNDS)
+                .then(|| self.inner.flights.join::<Flown<V, E>>(key.as_str()));
+            let flight = match &member {
+                Some(m) => m.flight.clone(),
+                None => Flight::private(),
+            };
+            let joined_before_observation = flight.before_observation();
+            let mut led = false;
+            let outcome = flight
+                .cell
+                .get_or_init(|| async {
+                    led = true;
+                    let result = match (loader.take(), ttl_for.take()) {
+                        (Some(load), Some(ttl)) => {
+                            let request = LoadRequest {
+                                key,
+                                tags,
+                                longest_ttl,
+                                first_read: source,
+                                undecodable: undecodable.as_deref(),
+                            };
+                            Some(self.lease_and_load(request, &flight, load, ttl).await)
+                        }
+                        // A caller runs at most one load and then returns; never reached.
+                        _ => None,
+                    };
+                    // Out of the table before the result is published: nobody can join a load
+                    // that has already read the database.
+                    self.inner.flights.retire(key.as_str(), &flight);
+                    result
+                })
                 .await
-            })
-            .await
-            .clone();
-        drop(member);
-        result
+                .clone();
+            drop(member);
+            match outcome {
+                Some(Ok((value, fresh))) => {
+                    let usable = led
+                        || match fresh {
+                            Fresh::Stored => true,
+                            Fresh::Found => joined_before_observation,
+                            Fresh::Unknown => false,
+                        };
+                    if usable {
+                        return Ok(value);
+                    }
+                    // An invalidation may have come between what the leader saw and this
+                    // caller's arrival: go again, with this caller's own loader.
+                }
+                Some(Err(e)) => return Err(e),
+                None => {}
+            }
+        }
+        unreachable!("the last round is a private flight whose loader this caller runs")
     }
 
     /// The leader of a flight: takes the key's lease (re-reading the key in the same step),
-    /// records the tags, loads, and stores the value only if the lease survived.
+    /// records the tags, loads, and stores the value only if the lease survived. Returns the
+    /// value and what is known of its freshness for callers that joined the flight.
     async fn lease_and_load<V, E, F, Fut>(
         &self,
-        key: &Key,
-        tags: &[Tag],
-        longest_ttl: Ttl,
-        (first_read, undecodable): (Source, Option<&[u8]>),
+        request: LoadRequest<'_>,
+        flight: &Arc<Flight<Flown<V, E>>>,
         loader: F,
         ttl_for: impl FnOnce(&V) -> Ttl,
-    ) -> Result<V, Arc<E>>
+    ) -> Result<(V, Fresh), Arc<E>>
     where
-        V: Serialize + DeserializeOwned,
+        V: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
         let inner = &*self.inner;
+        let LoadRequest {
+            key,
+            tags,
+            longest_ttl,
+            first_read,
+            undecodable,
+        } = request;
         let token = rand::random::<u64>() | 1;
+        flight.observe();
         // When the first read found the backend unusable, only the fallback is asked: a request
         // waits on a sick backend at most once.
         let leased = inner
@@ -541,7 +620,7 @@ impl Cache {
         let mut lease = match leased {
             // Another flight stored the value between our read and our lease: a hit after all.
             Ok((Leased::Value(bytes), _)) => match serde_json::from_slice::<V>(&bytes) {
-                Ok(v) => return Ok(v),
+                Ok(v) => return Ok((v, Fresh::Found)),
                 Err(_) => {
                     // Another undecodable value than the one the first read saw.
                     self.discard(key);
@@ -587,7 +666,11 @@ impl Cache {
                 return Err(Arc::new(e));
             }
         };
+        let mut fresh = Fresh::Unknown;
         if let Some(source) = lease {
+            // Nobody may join once the value is about to be stored: a caller arriving after the
+            // store could have seen an invalidation that came after it.
+            self.inner.flights.retire(key.as_str(), flight);
             let ttl = ttl_for(&value);
             match self.encode(&value) {
                 Ok(bytes) => match inner
@@ -595,7 +678,7 @@ impl Cache {
                     .set_leased_at(key, token, bytes, ttl, source)
                     .await
                 {
-                    Ok(true) => {}
+                    Ok(true) => fresh = Fresh::Stored,
                     Ok(false) => {
                         inner
                             .counters
@@ -615,7 +698,7 @@ impl Cache {
                 }
             }
         }
-        Ok(value)
+        Ok((value, fresh))
     }
 
     /// Gives up a lease whose load will store nothing, so that other readers do not wait out

@@ -128,6 +128,30 @@ impl MemoryLayer {
     fn deadline(ttl: Ttl) -> Instant {
         Instant::now() + ttl.as_duration()
     }
+
+    // Every write goes through moka's compute, which serializes operations on one key. A plain
+    // `insert` or `remove` does not take that lock, so a lease's compare-and-set could otherwise
+    // store a loaded value right after a concurrent delete removed its lease: a stale set.
+
+    async fn put(&self, key: &str, stored: Stored) {
+        self.cache
+            .entry(key.to_owned())
+            .and_compute_with(|_| std::future::ready(Op::Put(stored)))
+            .await;
+    }
+
+    /// Removes `key`; true when it held a live entry.
+    async fn remove_key(&self, key: &str) -> bool {
+        let result = self
+            .cache
+            .entry(key.to_owned())
+            .and_compute_with(|_| std::future::ready(Op::Remove))
+            .await;
+        match result {
+            CompResult::Removed(entry) => entry.value().live(Instant::now()),
+            _ => false,
+        }
+    }
 }
 
 impl Default for MemoryLayer {
@@ -181,7 +205,7 @@ impl CacheLayer for MemoryLayer {
             value,
             expires_at: Self::deadline(ttl),
         };
-        self.cache.insert(key.as_str().to_owned(), stored).await;
+        self.put(key.as_str(), stored).await;
         Ok(())
     }
 
@@ -193,11 +217,7 @@ impl CacheLayer for MemoryLayer {
     }
 
     async fn delete(&self, key: &Key) -> Result<bool> {
-        Ok(self
-            .cache
-            .remove(key.as_str())
-            .await
-            .is_some_and(|s| s.live(Instant::now())))
+        Ok(self.remove_key(key.as_str()).await)
     }
 
     async fn delete_many(&self, keys: &[Key]) -> Result<u64> {
@@ -362,12 +382,9 @@ impl CacheLayer for MemoryLayer {
 
     async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
         let members = self.tags.lock().remove(tag.as_str()).unwrap_or_default();
-        let now = Instant::now();
         let mut removed = 0;
         for (member, _) in members {
-            if let Some(stored) = self.cache.remove(&member).await
-                && stored.live(now)
-            {
+            if self.remove_key(&member).await {
                 removed += 1;
             }
         }
@@ -384,7 +401,7 @@ impl CacheLayer for MemoryLayer {
             .collect();
         let mut removed = 0;
         for key in victims {
-            if self.cache.remove(&key).await.is_some() {
+            if self.remove_key(&key).await {
                 removed += 1;
             }
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use speedlayer::ErrorKind;
 use speedlayer::key::{Ident, Namespace};
-use speedlayer::store::{CacheLayer, Entry, Remaining};
+use speedlayer::store::{CacheLayer, Entry, Leased, Remaining, is_lease};
 use speedlayer::ttl::Ttl;
 
 use crate::support::key;
@@ -254,4 +254,218 @@ pub async fn large_values_round_trip(layer: &dyn CacheLayer) {
 
 pub async fn ping_answers(layer: &dyn CacheLayer) {
     layer.ping().await.unwrap();
+}
+
+const LEASE: Ttl = Ttl::seconds(10);
+
+fn tag(name: &str) -> speedlayer::Tag {
+    Namespace::root()
+        .global()
+        .tag(&Ident::from_static("group"), name)
+        .unwrap()
+}
+
+pub async fn a_lease_is_granted_once_and_reads_as_a_marker(layer: &dyn CacheLayer) {
+    assert_eq!(
+        layer.get_or_lease(&key(1), 7, LEASE, None).await.unwrap(),
+        Leased::Granted
+    );
+    assert_eq!(
+        layer.get_or_lease(&key(1), 8, LEASE, None).await.unwrap(),
+        Leased::Denied
+    );
+    // Backends return the marker as it is stored; the resilient Store reads it as absence.
+    match layer.get(&key(1)).await.unwrap() {
+        Some(raw) => assert!(is_lease(&raw)),
+        None => assert_eq!(layer.kind(), speedlayer::store::BackendKind::Redis),
+    }
+    assert!(
+        layer.get_many(&[key(1)]).await.unwrap()[0]
+            .as_ref()
+            .is_none_or(|v| is_lease(v))
+    );
+    match layer.remaining_ttl(&key(1)).await.unwrap() {
+        Remaining::Expires(d) => assert!(d <= Duration::from_secs(10)),
+        other => panic!("{other:?}"),
+    }
+}
+
+pub async fn a_leased_set_stores_only_under_its_own_lease(layer: &dyn CacheLayer) {
+    layer.get_or_lease(&key(1), 7, LEASE, None).await.unwrap();
+    assert!(
+        !layer
+            .set_leased(&key(1), 8, b("other"), MINUTE)
+            .await
+            .unwrap()
+    );
+    assert!(
+        layer
+            .set_leased(&key(1), 7, b("mine"), MINUTE)
+            .await
+            .unwrap()
+    );
+    assert_eq!(layer.get(&key(1)).await.unwrap(), Some(b("mine")));
+    // A lease is good for one store.
+    assert!(
+        !layer
+            .set_leased(&key(1), 7, b("again"), MINUTE)
+            .await
+            .unwrap()
+    );
+    match layer.remaining_ttl(&key(1)).await.unwrap() {
+        Remaining::Expires(d) => assert!(d > Duration::from_secs(50), "{d:?}"),
+        other => panic!("{other:?}"),
+    }
+    // No lease at all: nothing is stored.
+    assert!(!layer.set_leased(&key(2), 7, b("x"), MINUTE).await.unwrap());
+    assert_eq!(layer.get(&key(2)).await.unwrap(), None);
+}
+
+pub async fn a_delete_during_the_lease_refuses_the_set(layer: &dyn CacheLayer) {
+    layer.get_or_lease(&key(1), 7, LEASE, None).await.unwrap();
+    layer.delete(&key(1)).await.unwrap();
+    assert!(
+        !layer
+            .set_leased(&key(1), 7, b("stale"), MINUTE)
+            .await
+            .unwrap()
+    );
+    assert_eq!(layer.get(&key(1)).await.unwrap(), None);
+}
+
+pub async fn a_write_during_the_lease_refuses_the_set(layer: &dyn CacheLayer) {
+    layer.get_or_lease(&key(1), 7, LEASE, None).await.unwrap();
+    layer.set(&key(1), b("written"), MINUTE).await.unwrap();
+    assert!(
+        !layer
+            .set_leased(&key(1), 7, b("loaded"), MINUTE)
+            .await
+            .unwrap()
+    );
+    assert_eq!(layer.get(&key(1)).await.unwrap(), Some(b("written")));
+}
+
+pub async fn an_expired_lease_refuses_the_set(layer: &dyn CacheLayer) {
+    let short = Ttl::from_millis(40).unwrap();
+    layer.get_or_lease(&key(1), 7, short, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !layer
+            .set_leased(&key(1), 7, b("late"), MINUTE)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        layer.get_or_lease(&key(1), 9, LEASE, None).await.unwrap(),
+        Leased::Granted
+    );
+}
+
+pub async fn an_existing_value_is_returned_instead_of_a_lease(layer: &dyn CacheLayer) {
+    layer.set(&key(1), b("cached"), MINUTE).await.unwrap();
+    assert_eq!(
+        layer.get_or_lease(&key(1), 7, LEASE, None).await.unwrap(),
+        Leased::Value(b("cached"))
+    );
+    // Naming another value as undecodable changes nothing.
+    assert_eq!(
+        layer
+            .get_or_lease(&key(1), 7, LEASE, Some(b"something else"))
+            .await
+            .unwrap(),
+        Leased::Value(b("cached"))
+    );
+}
+
+pub async fn an_undecodable_value_named_by_the_caller_is_replaced(layer: &dyn CacheLayer) {
+    layer.set(&key(1), b("{garbage"), MINUTE).await.unwrap();
+    assert_eq!(
+        layer
+            .get_or_lease(&key(1), 7, LEASE, Some(b"{garbage"))
+            .await
+            .unwrap(),
+        Leased::Granted
+    );
+    assert!(layer.set_leased(&key(1), 7, b("{}"), MINUTE).await.unwrap());
+    assert_eq!(layer.get(&key(1)).await.unwrap(), Some(b("{}")));
+}
+
+pub async fn a_tag_removes_its_members_and_nothing_else(layer: &dyn CacheLayer) {
+    for i in 0..10 {
+        layer.set(&key(i), b("v"), MINUTE).await.unwrap();
+    }
+    for i in 0..5 {
+        layer
+            .tag_add(&[tag("a"), tag("b")], &key(i), MINUTE)
+            .await
+            .unwrap();
+    }
+    layer.tag_add(&[tag("b")], &key(9), MINUTE).await.unwrap();
+    assert_eq!(layer.invalidate_tag(&tag("a")).await.unwrap(), 5);
+    for i in 0..5 {
+        assert_eq!(layer.get(&key(i)).await.unwrap(), None);
+    }
+    for i in 5..10 {
+        assert_eq!(layer.get(&key(i)).await.unwrap(), Some(b("v")), "{i}");
+    }
+    // The index is gone with its members.
+    assert_eq!(layer.invalidate_tag(&tag("a")).await.unwrap(), 0);
+    // Tag b still lists 0..5 (already gone) and 9.
+    assert_eq!(layer.invalidate_tag(&tag("b")).await.unwrap(), 1);
+    assert_eq!(layer.get(&key(9)).await.unwrap(), None);
+    assert_eq!(layer.invalidate_tag(&tag("never-used")).await.unwrap(), 0);
+}
+
+pub async fn a_tag_invalidation_during_the_lease_refuses_the_set(layer: &dyn CacheLayer) {
+    layer.get_or_lease(&key(1), 7, LEASE, None).await.unwrap();
+    layer.tag_add(&[tag("a")], &key(1), MINUTE).await.unwrap();
+    layer.invalidate_tag(&tag("a")).await.unwrap();
+    assert!(
+        !layer
+            .set_leased(&key(1), 7, b("stale"), MINUTE)
+            .await
+            .unwrap()
+    );
+    assert_eq!(layer.get(&key(1)).await.unwrap(), None);
+}
+
+pub async fn a_tag_index_forgets_expired_members(layer: &dyn CacheLayer) {
+    let short = Ttl::from_millis(50).unwrap();
+    layer.set(&key(1), b("short"), short).await.unwrap();
+    layer.tag_add(&[tag("a")], &key(1), short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    // key 1 expired and was written again without the tag; writing the index prunes it.
+    layer.set(&key(1), b("untagged"), MINUTE).await.unwrap();
+    layer.set(&key(2), b("tagged"), MINUTE).await.unwrap();
+    layer.tag_add(&[tag("a")], &key(2), MINUTE).await.unwrap();
+    assert_eq!(layer.invalidate_tag(&tag("a")).await.unwrap(), 1);
+    assert_eq!(layer.get(&key(1)).await.unwrap(), Some(b("untagged")));
+    assert_eq!(layer.get(&key(2)).await.unwrap(), None);
+}
+
+pub async fn a_sweep_removes_matching_keys_within_its_bound(layer: &dyn CacheLayer) {
+    let scope = Namespace::root().global();
+    let domain = Ident::from_static("test");
+    let items = scope.keyspace(&domain, &Ident::from_static("item"));
+    let others = scope.keyspace(&domain, &Ident::from_static("items"));
+    for i in 0..30 {
+        layer
+            .set(&items.key(i).unwrap(), b("v"), MINUTE)
+            .await
+            .unwrap();
+        layer
+            .set(&others.key(i).unwrap(), b("v"), MINUTE)
+            .await
+            .unwrap();
+    }
+    let pattern = items.pattern_all();
+    assert_eq!(layer.sweep(&pattern, 7, 10).await.unwrap(), 10);
+    assert_eq!(layer.sweep(&pattern, 7, 1_000).await.unwrap(), 20);
+    for i in 0..30 {
+        assert_eq!(layer.get(&items.key(i).unwrap()).await.unwrap(), None);
+        assert_eq!(
+            layer.get(&others.key(i).unwrap()).await.unwrap(),
+            Some(b("v"))
+        );
+    }
 }

@@ -69,6 +69,17 @@ behaviour_suite!(
     hostile_ids_never_collide,
     large_values_round_trip,
     ping_answers,
+    a_lease_is_granted_once_and_reads_as_a_marker,
+    a_leased_set_stores_only_under_its_own_lease,
+    a_delete_during_the_lease_refuses_the_set,
+    a_write_during_the_lease_refuses_the_set,
+    an_expired_lease_refuses_the_set,
+    an_existing_value_is_returned_instead_of_a_lease,
+    an_undecodable_value_named_by_the_caller_is_replaced,
+    a_tag_removes_its_members_and_nothing_else,
+    a_tag_invalidation_during_the_lease_refuses_the_set,
+    a_tag_index_forgets_expired_members,
+    a_sweep_removes_matching_keys_within_its_bound,
 );
 
 mod redis_specific {

@@ -83,11 +83,16 @@ impl Backend {
         }
     }
 
-    /// A cache config for this backend (memory, or Redis at this backend's server).
+    /// A cache config for this backend (memory, or Redis at this backend's server). Behaviour
+    /// tests get a 2 s operation timeout: on a busy shared machine a loopback call can take more
+    /// than the 100 ms default, and these tests are about behaviour, not about outages (the
+    /// fault tests set their own timeouts).
     pub fn config(&self) -> Config {
         match self {
             Backend::Memory(_) => Config::memory(),
-            Backend::Redis { server, .. } => Config::redis(server.redis_config()),
+            Backend::Redis { server, .. } => {
+                Config::redis(server.redis_config()).op_timeout(std::time::Duration::from_secs(2))
+            }
         }
     }
 }
