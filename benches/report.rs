@@ -33,7 +33,7 @@ fn estimate_ns(group: &str, id: &str, stat: &str) -> Option<f64> {
     json[stat]["point_estimate"].as_f64()
 }
 
-pub fn print_ratios() {
+pub fn print_ratios(selected: fn(&str) -> bool) {
     println!("\n== speedlayer bench ratios (this run; criterion's median estimates) ==");
     let rows = [
         ("hit", "memory/speedlayer", "memory/raw_moka", "time", 1.5),
@@ -60,6 +60,9 @@ pub fn print_ratios() {
         ),
     ];
     for (group, ours, raw, kind, target) in rows {
+        if !selected(group) {
+            continue;
+        }
         let (Some(a), Some(b)) = (
             estimate_ns(group, ours, "median"),
             estimate_ns(group, raw, "median"),

@@ -26,6 +26,16 @@
 //! }
 //! ```
 //!
+//! An event without a declaration is a compile error, not a silent no-op:
+//!
+//! ```compile_fail,E0277
+//! # async fn demo(cache: speedlayer::Cache) {
+//! struct ReportCardPublished { class_id: u64 }
+//! // error[E0277]: `ReportCardPublished` does not declare what it invalidates
+//! cache.invalidate(&ReportCardPublished { class_id: 7 }).await;
+//! # }
+//! ```
+//!
 //! # Tags and declared patterns
 //!
 //! A [`Tag`] groups entries invalidated together ("every dashboard that shows student 456").
