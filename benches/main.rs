@@ -4,8 +4,8 @@
 //! redis-rs over the same kind of connection. A real `redis-server` is started on a loopback port
 //! for the Redis groups (set `SPEEDLAYER_REDIS_SERVER` to use another binary).
 //!
-//! `cargo bench --bench main` runs everything and ends with a table of ratios; a filter
-//! (`cargo bench --bench main -- hit`) runs one group.
+//! `cargo bench --features bb8 --bench main` runs everything and ends with a table of ratios; a filter
+//! (`cargo bench --features bb8 --bench main -- hit`) runs one group.
 
 use criterion::Criterion;
 
@@ -28,6 +28,14 @@ pub fn group_selected(group: &str) -> bool {
 }
 
 fn main() {
+    // Failures the cache absorbs (timeouts, reconnects) are logged, not hidden.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "speedlayer=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let mut c = Criterion::default()
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3))

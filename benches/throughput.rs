@@ -50,7 +50,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
                                 for i in 0..GETS_PER_TASK {
                                     let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
                                     let v: Option<Dashboard> = cache.get(k).await;
-                                    assert!(v.is_some(), "miss: {:?}", cache.stats());
+                                    std::hint::black_box(v);
                                 }
                             }
                         })
@@ -94,7 +94,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
                 for i in 0..GETS_PER_TASK {
                     let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
                     let v: Option<Dashboard> = cache.get(k).await;
-                    assert!(v.is_some());
+                    std::hint::black_box(v);
                 }
             }
         }));
@@ -115,6 +115,16 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         started.elapsed()
     };
     let (median, q1, q3) = crate::report::paired(21, || round_cache(&multiplexed), round_raw);
+    // Every GET is of a present key: a miss means the call failed over (timed out or failed).
+    for (name, cache) in [("speedlayer", &multiplexed), ("pooled", &pooled)] {
+        let stats = cache.stats();
+        let line = format!(
+            "throughput/redis64/{name}: {} hits, {} misses, {} errors, {} timeouts over the whole group",
+            stats.hits, stats.misses, stats.errors, stats.timeouts
+        );
+        println!("{line}");
+        crate::report::remember(line);
+    }
     // Throughput ratio = raw time / our time.
     crate::report::remember_paired(
         "throughput/redis64 speedlayer vs raw",

@@ -731,6 +731,13 @@ impl fmt::Display for Tag {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Position {
+    Entity,
+    Id,
+    Context,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum PatSeg {
     Exact(String),
@@ -764,12 +771,35 @@ pub struct PatternBuilder {
 }
 
 impl PatternBuilder {
-    fn push_exact_ident(mut self, ident: &Ident) -> Self {
+    /// Segments are given in key order: the entity right after the domain, the id after the
+    /// entity, contexts after the id. A call out of order makes `build` fail.
+    fn at(mut self, position: Position) -> Self {
+        let ok = match position {
+            Position::Entity => self.segments.len() == 1,
+            Position::Id => self.segments.len() == 2,
+            Position::Context => self.segments.len() >= 3,
+        };
+        if !ok {
+            self.error.get_or_insert(KeyError::Malformed {
+                reason: "pattern segments must be given in order: entity, id, then contexts",
+            });
+        }
+        self
+    }
+
+    fn push_exact_ident(mut self, position: Position, ident: &Ident) -> Self {
+        self = self.at(position);
         self.segments.push(PatSeg::Exact(ident.as_str().to_owned()));
         self
     }
 
-    fn push_exact_display(mut self, value: &dyn fmt::Display, part: &'static str) -> Self {
+    fn push_exact_display(
+        mut self,
+        position: Position,
+        value: &dyn fmt::Display,
+        part: &'static str,
+    ) -> Self {
+        self = self.at(position);
         let mut seg = String::new();
         match push_escaped_display(&mut seg, value, part) {
             Ok(()) => self.segments.push(PatSeg::Exact(seg)),
@@ -780,37 +810,40 @@ impl PatternBuilder {
         self
     }
 
+    fn push_any(mut self, position: Position) -> Self {
+        self = self.at(position);
+        self.segments.push(PatSeg::Any);
+        self
+    }
+
     /// The entity segment is `entity`.
     pub fn entity(self, entity: &Ident) -> Self {
-        self.push_exact_ident(entity)
+        self.push_exact_ident(Position::Entity, entity)
     }
 
     /// The entity segment is left open.
-    pub fn any_entity(mut self) -> Self {
-        self.segments.push(PatSeg::Any);
-        self
+    pub fn any_entity(self) -> Self {
+        self.push_any(Position::Entity)
     }
 
     /// The id segment is `id` (escaped).
     pub fn id(self, id: impl fmt::Display) -> Self {
-        self.push_exact_display(&id, "id")
+        self.push_exact_display(Position::Id, &id, "id")
     }
 
     /// The id segment is left open.
-    pub fn any_id(mut self) -> Self {
-        self.segments.push(PatSeg::Any);
-        self
+    pub fn any_id(self) -> Self {
+        self.push_any(Position::Id)
     }
 
     /// A context segment equal to `context` (escaped).
     pub fn context(self, context: impl fmt::Display) -> Self {
-        self.push_exact_display(&context, "context")
+        self.push_exact_display(Position::Context, &context, "context")
     }
 
     /// A context segment left open.
-    pub fn any_context(mut self) -> Self {
-        self.segments.push(PatSeg::Any);
-        self
+    pub fn any_context(self) -> Self {
+        self.push_any(Position::Context)
     }
 
     /// Builds a pattern that matches keys with exactly the segments given.
@@ -1064,6 +1097,9 @@ mod tests {
         assert!(all.matches_str("dashboard:student:1:x"));
         assert!(!all.matches_str("dashboard:studentx:1"));
         assert!(scope.pattern(&DASH).any_entity().build().is_err());
+        // Out of order: an id where the entity goes.
+        assert!(scope.pattern(&DASH).id(1).any_entity().build().is_err());
+        assert!(scope.pattern(&DASH).context(1).build().is_err());
     }
 
     #[test]

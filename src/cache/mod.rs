@@ -350,6 +350,10 @@ impl Cache {
     ///   works.
     /// - If the backend is unusable, the loader still runs and its value is returned (and kept
     ///   in the fallback, if any); the call waits on the backend at most once.
+    /// - The value is stored under a lease: if the key is deleted, written or one of its tags
+    ///   invalidated while the loader runs, the value is returned but not stored (see
+    ///   [`invalidation`](crate::invalidation)). Callers that waited on such a load run their own
+    ///   loader rather than receive a value an invalidation may have overtaken.
     pub async fn get_or_set<T, E, F, Fut>(
         &self,
         key: &Key,

@@ -465,6 +465,9 @@ mod pool {
 
     use crate::config::RedisConfig;
 
+    /// bb8's limit on waiting for a connection; the Store's timeout is what callers feel.
+    const POOL_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
     pub(super) struct Manager {
         client: redis::Client,
         config: AsyncConnectionConfig,
@@ -513,7 +516,10 @@ mod pool {
         bb8::Pool::builder()
             .max_size(size.max(1))
             .test_on_check_out(false)
-            .connection_timeout(config.get_connect_timeout())
+            // Waiting for a check-out is bounded by the Store's operation timeout, which wraps
+            // the whole call; bb8's own limit (which also covers the wait) must not cut it
+            // shorter. Connecting is bounded by the client's connection timeout.
+            .connection_timeout(POOL_WAIT_LIMIT)
             .build_unchecked(manager)
     }
 

@@ -32,27 +32,6 @@ async fn cached(cache: &Cache, key: &speedlayer::Key) -> bool {
     cache.get::<View>(key).await.is_some()
 }
 
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::memory()).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::redis().await).await;
-                }
-            )*
-        }
-    };
-}
-
 both_backends!(
     student_profile_updated_removes_the_dashboard_and_the_role,
     fee_payment_removes_the_summary_and_every_dashboard_showing_it,

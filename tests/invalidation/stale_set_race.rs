@@ -23,27 +23,6 @@ use crate::support::Backend;
 
 const MINUTE: Ttl = Ttl::seconds(60);
 
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::memory()).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::redis().await).await;
-                }
-            )*
-        }
-    };
-}
-
 both_backends!(
     a_key_invalidated_during_the_load_is_not_stored,
     a_tag_invalidated_during_the_load_is_not_stored,
@@ -344,4 +323,58 @@ async fn randomized_plain_cache_aside_is_caught_serving_stale_data(backend: Back
         stale > 0,
         "the run must detect the race in plain cache-aside"
     );
+}
+
+mod redis_only {
+    use super::*;
+
+    /// Two app servers (two caches on one Redis): while one loads a key, the other does not
+    /// wait for it and does not store over it; it loads and returns its own value.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_process_loading_the_key_is_not_overwritten() {
+        let backend = Backend::redis().await;
+        let a = cache_with_registry(backend.config()).await;
+        let b = cache_with_registry(backend.config()).await;
+        let key = fees(a.namespace(), 8);
+        let (loading, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let reader = slow_reader(&a, key.clone(), vec![], loading.clone(), release.clone());
+        loading.wait().await;
+        let from_b = b
+            .get_or_set(&key, MINUTE, || async {
+                Ok::<_, std::io::Error>(View { version: 1 })
+            })
+            .await
+            .unwrap();
+        assert_eq!(from_b, View { version: 1 });
+        assert_eq!(b.stats().leases_denied, 1);
+        assert_eq!(
+            b.get::<View>(&key).await,
+            None,
+            "b stored nothing over a's lease"
+        );
+        release.wait().await;
+        assert_eq!(reader.await.unwrap(), View { version: 1 });
+        assert_eq!(
+            b.get::<View>(&key).await,
+            Some(View { version: 1 }),
+            "a stored it"
+        );
+    }
+
+    /// An invalidation made by one app server stops a load running in another.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_invalidation_from_another_process_stops_the_stale_set() {
+        let backend = Backend::redis().await;
+        let a = cache_with_registry(backend.config()).await;
+        let b = cache_with_registry(backend.config()).await;
+        let key = role(a.namespace(), 9);
+        let (loading, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let reader = slow_reader(&a, key.clone(), vec![], loading.clone(), release.clone());
+        loading.wait().await;
+        b.invalidate(&RoleChanged { user_id: 9 }).await.unwrap();
+        release.wait().await;
+        assert_eq!(reader.await.unwrap(), View { version: 1 });
+        assert_eq!(a.get::<View>(&key).await, None);
+        assert_eq!(a.stats().stale_sets_refused, 1);
+    }
 }
