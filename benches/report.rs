@@ -58,6 +58,13 @@ pub fn print_ratios(selected: fn(&str) -> bool) {
             "throughput",
             0.0,
         ),
+        (
+            "invalidate",
+            "tag100/keyspace_1m",
+            "tag100/keyspace_10k",
+            "time",
+            1.2,
+        ),
     ];
     for (group, ours, raw, kind, target) in rows {
         if !selected(group) {

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -53,6 +54,9 @@ struct LoadRequest<'a> {
     undecodable: Option<&'a [u8]>,
 }
 
+/// How long a load that finds another load's lease waits for that load's value.
+const LEASE_WAIT: Duration = Duration::from_millis(50);
+
 /// Flights a caller may wait on before it loads by itself.
 const WAITER_ROUNDS: usize = 2;
 
@@ -93,8 +97,9 @@ pub struct CacheStats {
     /// Loaded values not stored because their key (or one of its tags) was invalidated or
     /// written while the load ran: each one a stale write prevented.
     pub stale_sets_refused: u64,
-    /// Loads that found another load's lease on their key (in another process), or nowhere to
-    /// take one, and so returned their value without caching it.
+    /// Loads that found another load's lease on their key (in another process) and no value
+    /// after waiting up to 50 ms for it, or nowhere to take a lease, and so returned their value
+    /// without caching it.
     pub leases_denied: u64,
     /// Events passed to [`Cache::invalidate`].
     pub invalidations: u64,
@@ -611,34 +616,43 @@ impl Cache {
         flight.observe();
         // When the first read found the backend unusable, only the fallback is asked: a request
         // waits on a sick backend at most once.
-        let leased = inner
-            .store
-            .get_or_lease_with_source(
-                key,
-                token,
-                inner.lease_ttl,
-                undecodable,
-                first_read != Source::Primary,
-            )
-            .await;
-        let mut lease = match leased {
-            // Another flight stored the value between our read and our lease: a hit after all.
-            Ok((Leased::Value(bytes), _)) => match serde_json::from_slice::<V>(&bytes) {
-                Ok(v) => return Ok((v, Fresh::Found)),
-                Err(_) => {
-                    // Another undecodable value than the one the first read saw.
-                    self.discard(key);
-                    None
+        // Another load holding the key's lease (another process, or this one's previous flight
+        // storing its value) usually stores within milliseconds: wait a little for its value
+        // rather than query the database again, then load without caching.
+        let skip_primary = first_read != Source::Primary;
+        let waited_since = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(2);
+        let mut lease = loop {
+            let leased = inner
+                .store
+                .get_or_lease_with_source(key, token, inner.lease_ttl, undecodable, skip_primary)
+                .await;
+            match leased {
+                // Another flight stored the value between our read and our lease: a hit after all.
+                Ok((Leased::Value(bytes), _)) => match serde_json::from_slice::<V>(&bytes) {
+                    Ok(v) => return Ok((v, Fresh::Found)),
+                    Err(_) => {
+                        // Another undecodable value than the one the first read saw.
+                        self.discard(key);
+                        break None;
+                    }
+                },
+                Ok((Leased::Granted, source)) => break Some(source),
+                Ok((Leased::Denied, source))
+                    if source != Source::Nothing
+                        && waited_since.elapsed() + backoff <= LEASE_WAIT =>
+                {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(16));
                 }
-            },
-            Ok((Leased::Granted, source)) => Some(source),
-            Ok((Leased::Denied, _)) => {
-                inner.counters.leases_denied.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            Err(e) => {
-                tracing::debug!(key = %key, error = %e, "no lease; the value will not be cached");
-                None
+                Ok((Leased::Denied, _)) => {
+                    inner.counters.leases_denied.fetch_add(1, Ordering::Relaxed);
+                    break None;
+                }
+                Err(e) => {
+                    tracing::debug!(key = %key, error = %e, "no lease; the value will not be cached");
+                    break None;
+                }
             }
         };
         if let Some(source) = lease {
