@@ -18,7 +18,15 @@ const MEMBERS: u64 = 100;
 
 /// Fills the server with `count` unrelated keys, 10,000 per pipeline.
 async fn populate(server: &RedisServer, count: u64) {
-    let mut conn = server.raw().await;
+    // No response timeout: a 10,000-command pipeline can take longer than the client's default
+    // on a busy machine.
+    let mut conn = server
+        .client()
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await
+        .expect("raw connection");
     let mut done = 0;
     while done < count {
         let mut pipe = redis::pipe();
