@@ -645,6 +645,40 @@ impl Key {
         Ok(self)
     }
 
+    /// Appends a Redis Cluster hash tag segment, `{tag}`: keys with the same tag live in the
+    /// same slot, so one script can touch them all. Ids are escaped and never hold `{` or `}`,
+    /// so this is the only way a key gets a hash tag. Counts as a context segment.
+    ///
+    /// ```
+    /// use speedlayer::key::{Ident, Namespace};
+    ///
+    /// let key = Namespace::root()
+    ///     .global()
+    ///     .key(&Ident::from_static("rate"), &Ident::from_static("ip"), "10.0.0.1")?
+    ///     .with_hash_tag(&Ident::from_static("auth-login"))?;
+    /// assert_eq!(key.as_str(), "rate:ip:10.0.0.1:{auth-login}");
+    /// # Ok::<(), speedlayer::key::KeyError>(())
+    /// ```
+    pub fn with_hash_tag(mut self, tag: &Ident) -> Result<Key, KeyError> {
+        if usize::from(self.contexts) >= MAX_CONTEXTS {
+            return Err(KeyError::TooManyContexts {
+                count: usize::from(self.contexts) + 1,
+                max: MAX_CONTEXTS,
+            });
+        }
+        self.full.push_str(":{");
+        self.full.push_str(tag.as_str());
+        self.full.push('}');
+        if self.full.len() > MAX_KEY_LEN {
+            return Err(KeyError::KeyTooLong {
+                len: self.full.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        self.contexts += 1;
+        Ok(self)
+    }
+
     fn segments(&self) -> std::str::Split<'_, char> {
         self.full.split(':')
     }

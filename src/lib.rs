@@ -62,6 +62,8 @@
 //! - [`cache`]: the typed [`Cache`] with get-or-set, single-flight loading and leases.
 //! - [`invalidation`]: write events ([`Invalidates`](invalidation::Invalidates)), tags and tag
 //!   rules.
+//! - [`ratelimit`]: fixed window, sliding log, sliding window and GCRA limits per route and
+//!   layer, with outage rules and response headers.
 //! - [`error`]: the crate's [`Error`].
 
 #![warn(missing_docs)]
@@ -73,6 +75,7 @@ pub mod config;
 pub mod error;
 pub mod invalidation;
 pub mod key;
+pub mod ratelimit;
 pub mod store;
 pub mod ttl;
 

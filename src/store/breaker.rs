@@ -106,6 +106,10 @@ impl Breaker {
         open_until(self.now_ms().saturating_add(self.cool_down_ms))
     }
 
+    pub(crate) fn cool_down(&self) -> Duration {
+        Duration::from_millis(self.cool_down_ms)
+    }
+
     pub(crate) fn state(&self) -> BreakerState {
         match state_of(self.word.load(Ordering::Acquire)) {
             CLOSED => BreakerState::Closed,

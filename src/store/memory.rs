@@ -12,9 +12,11 @@ use moka::Expiry;
 use moka::future::Cache as MokaCache;
 use moka::ops::compute::{CompResult, Op};
 
-use super::{BackendKind, CacheLayer, Entry, Leased, Remaining, is_lease, lease_marker};
+use super::{BackendKind, CacheLayer, Entry, Leased, RateCheck, Remaining, is_lease, lease_marker};
+use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
+use crate::ratelimit::{Decision, Layer, MemoryLimiter};
 use crate::ttl::Ttl;
 
 /// Default byte budget of a [`MemoryLayer`]: 64 MiB.
@@ -76,6 +78,7 @@ pub struct MemoryLayer {
     cache: MokaCache<String, Stored>,
     max_bytes: u64,
     tags: Arc<TagIndex>,
+    limiter: MemoryLimiter,
 }
 
 /// Tag → member → until when the member can live. A std mutex: it is never held across an await.
@@ -100,6 +103,12 @@ impl TagIndex {
 impl MemoryLayer {
     /// A memory layer holding at most about `max_bytes` bytes.
     pub fn new(max_bytes: u64) -> MemoryLayer {
+        MemoryLayer::with_clock(max_bytes, Arc::new(crate::clock::SystemClock))
+    }
+
+    /// A memory layer whose rate limiting reads time from `clock` (entry expiry always follows
+    /// `std::time::Instant`, as moka does).
+    pub fn with_clock(max_bytes: u64, clock: Arc<dyn Clock>) -> MemoryLayer {
         let cache = MokaCache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &String, value: &Stored| {
@@ -112,6 +121,7 @@ impl MemoryLayer {
             cache,
             max_bytes,
             tags: Arc::new(TagIndex::default()),
+            limiter: MemoryLimiter::with_clock(crate::ratelimit::DEFAULT_MAX_KEYS, clock),
         }
     }
 
@@ -406,6 +416,17 @@ impl CacheLayer for MemoryLayer {
             }
         }
         Ok(removed)
+    }
+
+    async fn rate_limit(&self, checks: &[RateCheck<'_>]) -> Result<Vec<Decision>> {
+        let layers: Vec<Layer<'_>> = checks
+            .iter()
+            .map(|c| Layer {
+                key: c.key.as_str(),
+                limit: c.limit,
+            })
+            .collect();
+        Ok(self.limiter.check(&layers))
     }
 
     async fn ping(&self) -> Result<()> {

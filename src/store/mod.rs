@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::key::{Key, KeyPattern, Tag};
+use crate::ratelimit::{Decision, Limit};
 use crate::ttl::Ttl;
 
 mod breaker;
@@ -89,6 +90,15 @@ pub fn lease_marker(token: u64) -> Bytes {
 /// True when `value` is a lease marker, not a value.
 pub fn is_lease(value: &[u8]) -> bool {
     value.starts_with(LEASE_PREFIX)
+}
+
+/// One layer of a rate-limit check: the counter's key and its quota.
+#[derive(Debug, Clone, Copy)]
+pub struct RateCheck<'a> {
+    /// The counter.
+    pub key: &'a Key,
+    /// The quota.
+    pub limit: &'a Limit,
 }
 
 /// What [`CacheLayer::get_or_lease`] found.
@@ -177,6 +187,11 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// batches of `batch`) and removes them (`UNLINK`), stopping after `max_removed` removals.
     /// Costs the size of the keyspace: never call it on a request path.
     async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64>;
+
+    /// Checks a request against every layer at once (one round trip on Redis, one script, on
+    /// server time): admitted only if every layer admits, and then counted in each; a denied
+    /// request is counted nowhere. Returns each layer's decision, in order.
+    async fn rate_limit(&self, checks: &[RateCheck<'_>]) -> Result<Vec<Decision>>;
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;

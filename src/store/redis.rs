@@ -21,10 +21,11 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, RedisError, Script};
 
-use super::{BackendKind, CacheLayer, Entry, Leased, Remaining, is_lease, lease_marker};
+use super::{BackendKind, CacheLayer, Entry, Leased, RateCheck, Remaining, is_lease, lease_marker};
 use crate::config::{RedisConfig, Transport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
+use crate::ratelimit::{Algorithm, Decision};
 use crate::ttl::Ttl;
 
 // Lua numbers are doubles: returning INCRBY's reply would round counters above 2^53. The new
@@ -85,6 +86,114 @@ end
 return forgotten
 ";
 
+// Rate limiting: every layer of one check in one script, on Redis server time (microseconds).
+// ARGV holds five values per layer: algorithm (1 fixed window, 2 sliding log, 3 sliding window,
+// 4 GCRA), limit, window (us), burst, and a unique member for the log. Every layer is evaluated
+// first; only if all admit are their states written, so a denied request counts nowhere.
+// Returns four integers per layer: admitted (0/1), remaining, reset (us), retry (us, -1 if none).
+// Integers are written with %d: Lua's tostring would round microsecond timestamps.
+const RATE_LIMIT_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function int(x) return string.format('%d', x) end
+local function ms(us) return int(math.ceil(us / 1000) + 1) end
+local function sliding_retry(prev, cur, limit, w, elapsed)
+  if cur < limit and prev > 0 then
+    local room = limit * w - (cur + 1) * w
+    local e_min = w - math.min(math.floor(room / prev), w)
+    if e_min < w then return math.max(e_min, elapsed + 1) - elapsed end
+  end
+  local to_next = w - elapsed
+  if cur == 0 then return to_next end
+  local e_min = w - math.min(math.floor((limit - 1) * w / cur), w)
+  return to_next + e_min
+end
+local out, writes, all = {}, {}, true
+for i = 1, #KEYS do
+  local b = (i - 1) * 5
+  local algo, limit, w = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local burst, member, key = tonumber(ARGV[b + 4]), ARGV[b + 5], KEYS[i]
+  local ok, remaining, reset, retry = 0, 0, 0, -1
+  if algo == 1 then
+    local idx, count = math.floor(now / w), 0
+    local v = redis.call('GET', key)
+    if v then
+      local si, sc = string.match(v, '^(%d+):(%d+)$')
+      if tonumber(si) == idx then count = tonumber(sc) end
+    end
+    reset = (idx + 1) * w - now
+    if count < limit then
+      ok, remaining = 1, limit - count - 1
+      writes[i] = {'SET', key, int(idx) .. ':' .. int(count + 1), 'PX', ms(reset)}
+    else
+      retry = reset
+    end
+  elseif algo == 2 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - w))
+    local count = redis.call('ZCARD', key)
+    if count < limit then
+      ok, remaining, reset = 1, limit - count - 1, w
+      writes[i] = {'LOG', key, int(now), member, ms(w)}
+    else
+      local oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+      local newest = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
+      retry, reset = math.max(oldest + w - now, 1), math.max(newest + w - now, 1)
+    end
+  elseif algo == 3 then
+    local idx, prev, cur = math.floor(now / w), 0, 0
+    local v = redis.call('GET', key)
+    if v then
+      local si, sp, sc = string.match(v, '^(%d+):(%d+):(%d+)$')
+      si = tonumber(si)
+      if si == idx then prev, cur = tonumber(sp), tonumber(sc)
+      elseif si == idx - 1 then prev = tonumber(sc) end
+    end
+    local elapsed = now - idx * w
+    local weighted = prev * (w - elapsed) + (cur + 1) * w
+    if weighted <= limit * w then
+      ok, remaining, reset = 1, math.floor((limit * w - weighted) / w), (idx + 2) * w - now
+      writes[i] = {'SET', key, int(idx) .. ':' .. int(prev) .. ':' .. int(cur + 1), 'PX', ms(2 * w)}
+    else
+      retry = sliding_retry(prev, cur, limit, w, elapsed)
+      if cur > 0 then reset = (idx + 2) * w - now else reset = (idx + 1) * w - now end
+      reset = math.max(reset, retry)
+    end
+  else
+    local tick = w / limit
+    local tau = tick * (burst - 1)
+    local tat = now
+    local v = redis.call('GET', key)
+    if v then tat = math.max(tonumber(v), now) end
+    if tat - now > tau then
+      retry, reset = math.max(tat - tau - now, 1), tat - now
+    else
+      local nxt = tat + tick
+      ok, reset = 1, nxt - now
+      if now + tau >= nxt then remaining = math.floor((now + tau - nxt) / tick) + 1 end
+      writes[i] = {'SET', key, string.format('%.3f', nxt), 'PX', ms(nxt - now)}
+    end
+  end
+  if ok == 0 then all = false end
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = ok, remaining, math.ceil(reset), retry
+end
+if all then
+  for i = 1, #KEYS do
+    local wr = writes[i]
+    if wr then
+      if wr[1] == 'LOG' then
+        redis.call('ZADD', wr[2], wr[3], wr[4])
+        redis.call('PEXPIRE', wr[2], wr[5])
+      else
+        redis.call('SET', wr[2], wr[3], 'PX', wr[5])
+      end
+    end
+  end
+end
+for i = 1, #out do out[i] = math.ceil(out[i]) end
+return out
+";
+
 /// Members removed per `UNLINK` when a tag is invalidated.
 const UNLINK_BATCH: usize = 512;
 
@@ -111,6 +220,7 @@ pub struct RedisLayer {
     get_or_lease: Script,
     set_leased: Script,
     tag_forget: Script,
+    rate_limit: Script,
 }
 
 impl RedisLayer {
@@ -160,6 +270,7 @@ impl RedisLayer {
             get_or_lease: Script::new(GET_OR_LEASE_SCRIPT),
             set_leased: Script::new(SET_LEASED_SCRIPT),
             tag_forget: Script::new(TAG_FORGET_SCRIPT),
+            rate_limit: Script::new(RATE_LIMIT_SCRIPT),
         })
     }
 
@@ -443,6 +554,48 @@ impl CacheLayer for RedisLayer {
                 return Ok(removed);
             }
         }
+    }
+
+    async fn rate_limit(&self, checks: &[RateCheck<'_>]) -> Result<Vec<Decision>> {
+        if checks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.rate_limit.prepare_invoke();
+        for check in checks {
+            let (code, burst) = match check.limit.algorithm() {
+                Algorithm::FixedWindow => (1, 1),
+                Algorithm::SlidingLog => (2, 1),
+                Algorithm::SlidingWindow => (3, 1),
+                Algorithm::Gcra { burst } => (4, burst.get()),
+                // Algorithm is non-exhaustive for callers, not for this crate.
+            };
+            invocation
+                .key(check.key.as_str())
+                .arg(code)
+                .arg(check.limit.limit())
+                .arg(check.limit.window().as_micros() as u64)
+                .arg(burst)
+                .arg(rand::random::<u64>());
+        }
+        let flat: Vec<i64> = self.invoke(&invocation).await?;
+        if flat.len() != checks.len() * 4 {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                "the rate-limit script returned an unexpected reply",
+            ));
+        }
+        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+        Ok(flat
+            .chunks(4)
+            .zip(checks)
+            .map(|(r, check)| Decision {
+                allowed: r[0] == 1,
+                limit: check.limit.quota(),
+                remaining: r[1].clamp(0, i64::from(u32::MAX)) as u32,
+                reset_after: us(r[2]),
+                retry_after: (r[3] >= 0).then(|| us(r[3].max(1))),
+            })
+            .collect())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -31,11 +31,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::breaker::{Admit, Breaker, BreakerState, Transition};
-use super::{BackendKind, CacheLayer, Entry, Leased, MemoryLayer, Remaining, is_lease};
+use super::{BackendKind, CacheLayer, Entry, Leased, MemoryLayer, RateCheck, Remaining, is_lease};
 use crate::clock::Clock;
 use crate::config::{Config, Fallback};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
+use crate::ratelimit::Decision;
 use crate::ttl::Ttl;
 
 /// Longest a maintenance sweep may run.
@@ -234,7 +235,10 @@ impl Store {
                     );
                 }
                 Ok(Store::from_layer(
-                    Arc::new(MemoryLayer::new(config.get_memory_max_bytes())),
+                    Arc::new(MemoryLayer::with_clock(
+                        config.get_memory_max_bytes(),
+                        config.get_clock(),
+                    )),
                     config,
                 ))
             }
@@ -561,6 +565,32 @@ impl Store {
     /// The configured per-operation timeout.
     pub fn op_timeout(&self) -> Duration {
         self.inner.op_timeout
+    }
+
+    /// How long an open breaker waits before it probes the backend.
+    pub fn cool_down(&self) -> Duration {
+        self.inner.breaker.cool_down()
+    }
+
+    /// A rate-limit check on the primary under the resilience rules; `None` when the primary is
+    /// unusable (the caller decides what answers then).
+    pub async fn rate_limit_primary(&self, checks: &[RateCheck<'_>]) -> Option<Vec<Decision>> {
+        if checks.is_empty() {
+            return Some(Vec::new());
+        }
+        match self
+            .attempt("rate limit", self.inner.primary.rate_limit(checks))
+            .await
+        {
+            Outcome::Done(decisions) => Some(decisions),
+            Outcome::Refused(e) => {
+                // A counter key holding another type: treat as unusable rather than as "deny
+                // everything" or "allow everything"; the route's outage rule answers.
+                tracing::warn!(error = %e, "rate-limit check refused by the backend");
+                None
+            }
+            Outcome::Unusable => None,
+        }
     }
 
     /// Reads `key` and says who answered.
@@ -977,6 +1007,12 @@ impl CacheLayer for Store {
                 format!("the sweep did not finish within {SWEEP_BUDGET:?}; run it again to go on"),
             )),
         }
+    }
+
+    async fn rate_limit(&self, checks: &[RateCheck<'_>]) -> Result<Vec<Decision>> {
+        self.rate_limit_primary(checks)
+            .await
+            .ok_or_else(|| self.unavailable("rate_limit"))
     }
 
     async fn ping(&self) -> Result<()> {

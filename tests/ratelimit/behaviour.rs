@@ -1,0 +1,238 @@
+//! What a check promises on every backend: multi-layer atomicity, decisions, keys, headers.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use speedlayer::Cache;
+use speedlayer::key::Ident;
+use speedlayer::ratelimit::{Identity, LayerKind, Limit, RateLimiter, Route, ServedBy};
+
+use crate::support::Backend;
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap()
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::memory()).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::redis().await).await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    each_algorithm_admits_its_limit_then_denies,
+    a_denied_request_consumes_no_layer,
+    layers_without_an_identity_are_skipped,
+    keys_follow_the_key_format,
+    hostile_identities_are_limited_not_errors,
+    fifty_tasks_never_exceed_a_sliding_log_limit,
+    headers_describe_the_binding_layer,
+);
+
+async fn limiter(backend: &Backend) -> (Cache, RateLimiter) {
+    let cache = Cache::new(backend.config()).await.unwrap();
+    let limiter = RateLimiter::new(&cache);
+    (cache, limiter)
+}
+
+async fn each_algorithm_admits_its_limit_then_denies(backend: Backend) {
+    let (_cache, limiter) = limiter(&backend).await;
+    let limits = [
+        Limit::fixed_window(nz(3), MINUTE).unwrap(),
+        Limit::sliding_log(nz(3), MINUTE).unwrap(),
+        Limit::sliding_window(nz(3), MINUTE).unwrap(),
+        Limit::gcra(nz(3), MINUTE, nz(3)).unwrap(),
+    ];
+    for (i, limit) in limits.iter().enumerate() {
+        let route = Route::new(Ident::new(&format!("route-{i}")).unwrap()).per_ip(*limit);
+        let who = Identity::ip("198.51.100.7");
+        let mut remaining = Vec::new();
+        for _ in 0..3 {
+            let v = limiter.check(&route, &who).await;
+            assert!(v.allowed, "{limit:?}");
+            assert_eq!(v.served_by, ServedBy::Backend);
+            remaining.push(v.decision().remaining);
+        }
+        assert_eq!(remaining, vec![2, 1, 0], "{limit:?}");
+        let denied = limiter.check(&route, &who).await;
+        assert!(!denied.allowed, "{limit:?}");
+        let d = denied.decision();
+        let retry = d.retry_after.expect("retry_after on a denial");
+        // A sliding window may ask for up to two windows (the previous window's weight).
+        assert!(
+            retry > Duration::ZERO && retry <= 2 * MINUTE,
+            "{limit:?}: {retry:?}"
+        );
+        assert_eq!(d.limit, 3);
+        // Another client is not affected.
+        assert!(
+            limiter
+                .check(&route, &Identity::ip("198.51.100.8"))
+                .await
+                .allowed
+        );
+    }
+}
+
+async fn a_denied_request_consumes_no_layer(backend: Backend) {
+    let (_cache, limiter) = limiter(&backend).await;
+    let route = Route::new(Ident::from_static("search"))
+        .per_ip(Limit::sliding_log(nz(2), MINUTE).unwrap())
+        .global(Limit::sliding_log(nz(3), MINUTE).unwrap());
+    let a = Identity::ip("203.0.113.1");
+    let b = Identity::ip("203.0.113.2");
+    assert!(limiter.check(&route, &a).await.allowed);
+    assert!(limiter.check(&route, &a).await.allowed);
+    // a's third request is denied by its IP layer: the global layer must not count it.
+    for _ in 0..5 {
+        let v = limiter.check(&route, &a).await;
+        assert!(!v.allowed);
+        assert!(!v.layers[0].2.allowed && v.layers[1].2.allowed);
+    }
+    let v = limiter.check(&route, &b).await;
+    assert!(v.allowed, "the global layer has one left: {v:?}");
+    assert_eq!(v.layers[1].2.remaining, 0);
+    let v = limiter.check(&route, &b).await;
+    assert!(!v.allowed);
+    assert!(
+        v.layers[0].2.allowed && !v.layers[1].2.allowed,
+        "denied by the global layer"
+    );
+}
+
+async fn layers_without_an_identity_are_skipped(backend: Backend) {
+    let (_cache, limiter) = limiter(&backend).await;
+    let route = Route::new(Ident::from_static("profile"))
+        .per_user(Limit::fixed_window(nz(1), MINUTE).unwrap())
+        .per_ip(Limit::fixed_window(nz(5), MINUTE).unwrap());
+    let anonymous = Identity::ip("192.0.2.1");
+    let v = limiter.check(&route, &anonymous).await;
+    assert_eq!(v.layers.len(), 1);
+    assert_eq!(v.layers[0].0, LayerKind::Ip);
+    let user = Identity::ip("192.0.2.1").with_user("student_456");
+    assert!(limiter.check(&route, &user).await.allowed);
+    let v = limiter.check(&route, &user).await;
+    assert!(!v.allowed);
+    assert_eq!(v.layers[0].0, LayerKind::User);
+    assert!(limiter.check(&route, &Identity::default()).await.allowed);
+}
+
+async fn keys_follow_the_key_format(backend: Backend) {
+    let (_cache, limiter) = limiter(&backend).await;
+    let route = Route::new(Ident::from_static("auth-login"));
+    let who = Identity::ip("2001:db8::1").with_user("ana@school.org");
+    let key = |kind| limiter.key(&route, kind, &who).unwrap().unwrap();
+    assert_eq!(
+        key(LayerKind::Ip).as_str(),
+        "rate:ip:2001%3Adb8%3A%3A1:{auth-login}"
+    );
+    assert_eq!(
+        key(LayerKind::User).as_str(),
+        "rate:user:ana@school.org:{auth-login}"
+    );
+    assert_eq!(
+        key(LayerKind::Global).as_str(),
+        "rate:global:all:{auth-login}"
+    );
+}
+
+async fn hostile_identities_are_limited_not_errors(backend: Backend) {
+    let (_cache, limiter) = limiter(&backend).await;
+    let route = Route::new(Ident::from_static("signup"))
+        .per_ip(Limit::fixed_window(nz(2), MINUTE).unwrap());
+    // Too long to be a key: all such requests share one counter.
+    let huge = "x".repeat(10_000);
+    let other_huge = "y".repeat(10_000);
+    assert!(limiter.check(&route, &Identity::ip(&huge)).await.allowed);
+    assert!(
+        limiter
+            .check(&route, &Identity::ip(&other_huge))
+            .await
+            .allowed
+    );
+    assert!(!limiter.check(&route, &Identity::ip(&huge)).await.allowed);
+    for hostile in ["a:b", "*", "x\ny", "{slot}"] {
+        assert!(limiter.check(&route, &Identity::ip(hostile)).await.allowed);
+    }
+}
+
+async fn fifty_tasks_never_exceed_a_sliding_log_limit(backend: Backend) {
+    let (_cache, limiter) = limiter(&backend).await;
+    let limiter = Arc::new(limiter);
+    let route = Arc::new(
+        Route::new(Ident::from_static("report"))
+            .global(Limit::sliding_log(nz(100), MINUTE).unwrap()),
+    );
+    let mut tasks = Vec::new();
+    for t in 0..50 {
+        let (limiter, route) = (limiter.clone(), route.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0;
+            for _ in 0..10 {
+                if limiter
+                    .check(&route, &Identity::ip(format!("10.0.0.{t}")))
+                    .await
+                    .allowed
+                {
+                    admitted += 1;
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    assert_eq!(admitted, 100, "500 requests, a limit of 100 per minute");
+}
+
+async fn headers_describe_the_binding_layer(backend: Backend) {
+    let (_cache, limiter) = limiter(&backend).await;
+    let route = Route::new(Ident::from_static("auth-login"))
+        .per_ip(Limit::fixed_window(nz(1), MINUTE).unwrap())
+        .global(Limit::fixed_window(nz(100), MINUTE).unwrap());
+    let who = Identity::ip("203.0.113.50");
+    let ok = limiter.check(&route, &who).await;
+    let fields = ok.headers("auth-login");
+    let get = |fields: &[(&str, String)], name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get(&fields, "X-RateLimit-Limit").as_deref(), Some("1"));
+    assert_eq!(get(&fields, "X-RateLimit-Remaining").as_deref(), Some("0"));
+    assert_eq!(get(&fields, "Retry-After"), None);
+    let denied = limiter.check(&route, &who).await;
+    let fields = denied.headers("auth-login");
+    assert_eq!(
+        get(&fields, "RateLimit-Policy").as_deref(),
+        Some("\"auth-login\";q=1;w=60")
+    );
+    let retry: u64 = get(&fields, "Retry-After").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert!(
+        get(&fields, "RateLimit")
+            .unwrap()
+            .starts_with("\"auth-login\";r=0;t=")
+    );
+}

@@ -1,0 +1,9 @@
+//! Rate limiting: each algorithm against a reference model (memory, fake clock), the same
+//! behaviour on memory and Redis, exactness under concurrency on a real Redis, and outages.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod behaviour;
+mod outage;
+mod proptests;
