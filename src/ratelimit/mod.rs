@@ -53,6 +53,9 @@ use crate::key::{Ident, Key, KeyError, Namespace};
 use crate::store::Store;
 
 pub mod headers;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod layer;
 mod limit;
 mod memory;
 pub(crate) mod state;

@@ -4,6 +4,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[cfg(feature = "axum")]
+mod axum_layer;
 mod behaviour;
 mod outage;
 mod proptests;
