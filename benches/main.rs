@@ -16,6 +16,7 @@ mod support;
 mod common;
 mod hit;
 mod invalidate;
+mod ratelimit;
 mod report;
 mod stampede;
 mod throughput;
@@ -52,6 +53,9 @@ fn main() {
     }
     if group_selected("invalidate") {
         invalidate::benches(&mut c, &server);
+    }
+    if group_selected("ratelimit") {
+        ratelimit::benches(&mut c, &server);
     }
     c.final_summary();
     report::print_ratios(group_selected);

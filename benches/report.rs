@@ -65,6 +65,27 @@ pub fn print_ratios(selected: fn(&str) -> bool) {
             "time",
             1.2,
         ),
+        (
+            "ratelimit",
+            "redis/gcra",
+            "redis/raw_evalsha_noop",
+            "time",
+            1.2,
+        ),
+        (
+            "ratelimit",
+            "redis/sliding_log",
+            "redis/raw_evalsha_noop",
+            "time",
+            0.0,
+        ),
+        (
+            "ratelimit",
+            "memory/gcra",
+            "memory/governor_keyed",
+            "time",
+            3.0,
+        ),
     ];
     for (group, ours, raw, kind, target) in rows {
         if !selected(group) {
@@ -84,34 +105,19 @@ pub fn print_ratios(selected: fn(&str) -> bool) {
             (Some(x), Some(y)) => x / y,
             _ => f64::NAN,
         };
-        let (ratio, goal) = match kind {
-            // Throughput over a fixed amount of work: raw time / our time.
-            "throughput" => (
-                b / a,
-                if target > 0.0 {
-                    format!(">= {target:.2}")
-                } else {
-                    "reported".into()
-                },
-            ),
-            _ => (a / b, format!("<= {target:.2}")),
-        };
-        let met = match kind {
-            "throughput" if target > 0.0 => {
-                if ratio >= target {
-                    "met"
-                } else {
-                    "NOT met"
-                }
-            }
-            "throughput" => "",
-            _ => {
-                if ratio <= target {
-                    "met"
-                } else {
-                    "NOT met"
-                }
-            }
+        let ratio = if kind == "throughput" { b / a } else { a / b };
+        let (goal, met) = if target == 0.0 {
+            ("reported".to_owned(), "")
+        } else if kind == "throughput" {
+            (
+                format!(">= {target:.2}"),
+                if ratio >= target { "met" } else { "NOT met" },
+            )
+        } else {
+            (
+                format!("<= {target:.2}"),
+                if ratio <= target { "met" } else { "NOT met" },
+            )
         };
         println!(
             "{group}/{ours} vs {raw}: {ratio:.3} ({kind} ratio of medians, target {goal}) {met}; \

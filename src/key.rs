@@ -220,7 +220,10 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Appends the escaped form of `raw` to `out`.
 fn escape_into(raw: &str, out: &mut String) {
-    for &b in raw.as_bytes() {
+    // Most ids need no escaping: copy the plain run at once.
+    let plain = raw.bytes().take_while(|b| is_plain(*b)).count();
+    out.push_str(&raw[..plain]);
+    for &b in &raw.as_bytes()[plain..] {
         if is_plain(b) {
             out.push(b as char);
         } else {
@@ -573,6 +576,71 @@ impl KeySpace {
         let mut full = String::with_capacity(base.len() + 24);
         full.push_str(base);
         push_escaped_display(&mut full, &id, "id")?;
+        if full.len() > MAX_KEY_LEN {
+            return Err(KeyError::KeyTooLong {
+                len: full.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        Ok(Key {
+            full,
+            leading: self.inner.scope.leading() as u8,
+            contexts: 0,
+        })
+    }
+
+    /// Writes the text of `id`'s key with a hash tag into `out` (cleared first), with the checks
+    /// of [`KeySpace::key_str`] and [`Key::with_hash_tag`]; for lookups that need the text only.
+    pub(crate) fn write_tagged(
+        &self,
+        id: &str,
+        tag: &Ident,
+        out: &mut String,
+    ) -> Result<(), KeyError> {
+        let base = &self.inner.base;
+        out.clear();
+        out.push_str(base);
+        escape_into(id, out);
+        let len = out.len() - base.len();
+        if len == 0 {
+            return Err(KeyError::EmptySegment { part: "id" });
+        }
+        if len > MAX_SEGMENT_LEN {
+            return Err(KeyError::SegmentTooLong {
+                part: "id",
+                len,
+                max: MAX_SEGMENT_LEN,
+            });
+        }
+        out.push_str(":{");
+        out.push_str(tag.as_str());
+        out.push('}');
+        if out.len() > MAX_KEY_LEN {
+            return Err(KeyError::KeyTooLong {
+                len: out.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        Ok(())
+    }
+
+    /// The key of a text id: [`KeySpace::key`] without going through `Display`.
+    pub fn key_str(&self, id: &str) -> Result<Key, KeyError> {
+        let base = &self.inner.base;
+        let mut full = String::with_capacity(base.len() + id.len() + 24);
+        full.push_str(base);
+        escape_into(id, &mut full);
+        let len = full.len() - base.len();
+        if len == 0 {
+            return Err(KeyError::EmptySegment { part: "id" });
+        }
+        if len > MAX_SEGMENT_LEN {
+            return Err(KeyError::SegmentTooLong {
+                part: "id",
+                len,
+                max: MAX_SEGMENT_LEN,
+            });
+        }
         if full.len() > MAX_KEY_LEN {
             return Err(KeyError::KeyTooLong {
                 len: full.len(),

@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Cache;
-use crate::key::{Ident, Key, KeyError, Namespace};
+use crate::key::{Ident, Key, KeyError, KeySpace};
 use crate::store::Store;
 
 pub mod headers;
@@ -61,7 +61,7 @@ mod memory;
 pub(crate) mod state;
 
 pub use limit::{Algorithm, Decision, Limit, LimitError, MAX_LOG_LIMIT, MAX_WINDOW};
-pub use memory::{DEFAULT_MAX_KEYS, Layer, MemoryLimiter};
+pub use memory::{AsLayer, DEFAULT_MAX_KEYS, Layer, MemoryLimiter};
 
 const RATE: Ident = Ident::from_static("rate");
 static USER: Ident = Ident::from_static("user");
@@ -273,8 +273,11 @@ impl Verdict {
 #[derive(Clone)]
 pub struct RateLimiter {
     store: Store,
+    /// The memory backend's limiter, when the cache runs on memory: checked directly.
+    local: Option<MemoryLimiter>,
     insurance: MemoryLimiter,
-    namespace: Namespace,
+    /// `rate:user`, `rate:ip`, `rate:global` in the cache's namespace, built once.
+    keyspaces: Arc<[KeySpace; 3]>,
     cool_down: Duration,
 }
 
@@ -287,10 +290,14 @@ impl RateLimiter {
 
     /// Like [`RateLimiter::new`] with a given insurance limiter (its size, its clock).
     pub fn with_insurance(cache: &Cache, insurance: MemoryLimiter) -> RateLimiter {
+        let scope = cache.namespace().global();
+        let keyspaces = [LayerKind::User, LayerKind::Ip, LayerKind::Global]
+            .map(|kind| scope.keyspace(&RATE, kind.ident()));
         RateLimiter {
             store: cache.store().clone(),
+            local: cache.store().primary_memory_limiter(),
             insurance,
-            namespace: cache.namespace().clone(),
+            keyspaces: Arc::new(keyspaces),
             cool_down: cache.store().cool_down(),
         }
     }
@@ -302,17 +309,20 @@ impl RateLimiter {
         kind: LayerKind,
         who: &Identity,
     ) -> Option<Result<Key, KeyError>> {
-        let id = match kind {
-            LayerKind::User => who.user()?,
-            LayerKind::Ip => who.ip_addr()?,
-            LayerKind::Global => "all",
-        };
+        let id = self.key_id(kind, who)?;
         Some(
-            self.namespace
-                .global()
-                .key(&RATE, kind.ident(), id)
+            self.keyspace(kind)
+                .key_str(id)
                 .and_then(|k| k.with_hash_tag(&route.name)),
         )
+    }
+
+    fn keyspace(&self, kind: LayerKind) -> &KeySpace {
+        match kind {
+            LayerKind::User => &self.keyspaces[0],
+            LayerKind::Ip => &self.keyspaces[1],
+            LayerKind::Global => &self.keyspaces[2],
+        }
     }
 
     /// Checks `who` against every layer of `route` at once.
@@ -321,8 +331,10 @@ impl RateLimiter {
     /// counted under a shared `invalid` id of that layer, so that hostile input is limited
     /// rather than unlimited.
     pub async fn check(&self, route: &Route, who: &Identity) -> Verdict {
-        let mut keys = Vec::with_capacity(route.layers.len());
-        let mut limits = Vec::with_capacity(route.layers.len());
+        if let (Some(local), [(kind, limit)]) = (&self.local, route.layers.as_slice()) {
+            return self.check_one_locally(local, route, *kind, limit, who);
+        }
+        let mut checks = Vec::with_capacity(route.layers.len());
         for (kind, limit) in &route.layers {
             let key = match self.key(route, *kind, who) {
                 None => continue,
@@ -330,9 +342,8 @@ impl RateLimiter {
                 Some(Err(e)) => {
                     tracing::debug!(route = %route.name, error = %e, "identity cannot form a key");
                     match self
-                        .namespace
-                        .global()
-                        .key(&RATE, kind.ident(), "invalid")
+                        .keyspace(*kind)
+                        .key("invalid")
                         .and_then(|k| k.with_hash_tag(&route.name))
                     {
                         Ok(key) => key,
@@ -340,50 +351,109 @@ impl RateLimiter {
                     }
                 }
             };
-            keys.push((*kind, key));
-            limits.push(*limit);
+            checks.push(crate::store::RateCheck { key, limit: *limit });
         }
-        let checks: Vec<crate::store::RateCheck<'_>> = keys
+        // The kinds of the layers checked, in order (layers without an identity were skipped).
+        let kinds = route
+            .layers
             .iter()
-            .zip(&limits)
-            .map(|((_, key), limit)| crate::store::RateCheck { key, limit })
-            .collect();
+            .map(|(kind, _)| *kind)
+            .filter(|kind| self.key_id(*kind, who).is_some());
+        let mut layers = Vec::with_capacity(checks.len());
+        if let Some(local) = &self.local {
+            let mut kinds = kinds;
+            local.check_each(&checks, |i, decision| {
+                if let Some(kind) = kinds.next() {
+                    layers.push((kind, checks[i].limit, decision));
+                }
+            });
+            return Verdict {
+                allowed: layers.iter().all(|(_, _, d)| d.allowed),
+                layers,
+                served_by: ServedBy::Backend,
+            };
+        }
         let (decisions, served_by) = match self.store.rate_limit_primary(&checks).await {
             Some(decisions) => (decisions, ServedBy::Backend),
             None => match route.outage {
-                Outage::Insurance => {
-                    let layers: Vec<Layer<'_>> = checks
-                        .iter()
-                        .map(|c| Layer {
-                            key: c.key.as_str(),
-                            limit: c.limit,
-                        })
-                        .collect();
-                    (self.insurance.check(&layers), ServedBy::Insurance)
-                }
+                Outage::Insurance => (self.insurance.check(&checks), ServedBy::Insurance),
                 Outage::Allow => (
-                    limits.iter().map(Decision::unlimited).collect(),
+                    checks
+                        .iter()
+                        .map(|c| Decision::unlimited(&c.limit))
+                        .collect(),
                     ServedBy::FailOpen,
                 ),
                 Outage::Deny => (
-                    limits
+                    checks
                         .iter()
-                        .map(|l| Decision::refused(l, self.cool_down))
+                        .map(|c| Decision::refused(&c.limit, self.cool_down))
                         .collect(),
                     ServedBy::FailClosed,
                 ),
             },
         };
-        let allowed = decisions.iter().all(|d| d.allowed);
-        Verdict {
-            allowed,
-            layers: keys
-                .into_iter()
-                .zip(limits)
+        layers.extend(
+            kinds
+                .zip(&checks)
                 .zip(decisions)
-                .map(|(((kind, _), limit), decision)| (kind, limit, decision))
-                .collect(),
+                .map(|((kind, check), decision)| (kind, check.limit, decision)),
+        );
+        Verdict {
+            allowed: layers.iter().all(|(_, _, d)| d.allowed),
+            layers,
             served_by,
+        }
+    }
+
+    /// The common case on the memory backend: one layer, checked without building an owned key
+    /// (the key's text goes into a reused buffer).
+    fn check_one_locally(
+        &self,
+        local: &MemoryLimiter,
+        route: &Route,
+        kind: LayerKind,
+        limit: &Limit,
+        who: &Identity,
+    ) -> Verdict {
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let Some(id) = self.key_id(kind, who) else {
+            return Verdict {
+                allowed: true,
+                layers: Vec::new(),
+                served_by: ServedBy::Backend,
+            };
+        };
+        let decision = KEY.with_borrow_mut(|key| {
+            let keyspace = self.keyspace(kind);
+            if let Err(e) = keyspace.write_tagged(id, &route.name, key) {
+                tracing::debug!(route = %route.name, error = %e, "identity cannot form a key");
+                // Counted under the layer's shared `invalid` id, as in the general path.
+                if keyspace.write_tagged("invalid", &route.name, key).is_err() {
+                    return None;
+                }
+            }
+            let mut decision = None;
+            local.check_each(&[Layer { key, limit }], |_, d| decision = Some(d));
+            decision
+        });
+        let layers: Vec<(LayerKind, Limit, Decision)> = decision
+            .map(|d| vec![(kind, *limit, d)])
+            .unwrap_or_default();
+        Verdict {
+            allowed: layers.iter().all(|(_, _, d)| d.allowed),
+            layers,
+            served_by: ServedBy::Backend,
+        }
+    }
+
+    fn key_id<'a>(&self, kind: LayerKind, who: &'a Identity) -> Option<&'a str> {
+        match kind {
+            LayerKind::User => who.user(),
+            LayerKind::Ip => who.ip_addr(),
+            LayerKind::Global => Some("all"),
         }
     }
 

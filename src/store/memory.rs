@@ -16,7 +16,7 @@ use super::{BackendKind, CacheLayer, Entry, Leased, RateCheck, Remaining, is_lea
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
-use crate::ratelimit::{Decision, Layer, MemoryLimiter};
+use crate::ratelimit::{Decision, MemoryLimiter};
 use crate::ttl::Ttl;
 
 /// Default byte budget of a [`MemoryLayer`]: 64 MiB.
@@ -418,15 +418,8 @@ impl CacheLayer for MemoryLayer {
         Ok(removed)
     }
 
-    async fn rate_limit(&self, checks: &[RateCheck<'_>]) -> Result<Vec<Decision>> {
-        let layers: Vec<Layer<'_>> = checks
-            .iter()
-            .map(|c| Layer {
-                key: c.key.as_str(),
-                limit: c.limit,
-            })
-            .collect();
-        Ok(self.limiter.check(&layers))
+    async fn rate_limit(&self, checks: &[RateCheck]) -> Result<Vec<Decision>> {
+        Ok(self.limiter.check(checks))
     }
 
     async fn ping(&self) -> Result<()> {
@@ -435,5 +428,9 @@ impl CacheLayer for MemoryLayer {
 
     fn memory_entries(&self) -> u64 {
         self.cache.entry_count()
+    }
+
+    fn memory_limiter(&self) -> Option<&MemoryLimiter> {
+        Some(&self.limiter)
     }
 }

@@ -93,12 +93,12 @@ pub fn is_lease(value: &[u8]) -> bool {
 }
 
 /// One layer of a rate-limit check: the counter's key and its quota.
-#[derive(Debug, Clone, Copy)]
-pub struct RateCheck<'a> {
+#[derive(Debug, Clone)]
+pub struct RateCheck {
     /// The counter.
-    pub key: &'a Key,
+    pub key: Key,
     /// The quota.
-    pub limit: &'a Limit,
+    pub limit: Limit,
 }
 
 /// What [`CacheLayer::get_or_lease`] found.
@@ -191,7 +191,7 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// Checks a request against every layer at once (one round trip on Redis, one script, on
     /// server time): admitted only if every layer admits, and then counted in each; a denied
     /// request is counted nowhere. Returns each layer's decision, in order.
-    async fn rate_limit(&self, checks: &[RateCheck<'_>]) -> Result<Vec<Decision>>;
+    async fn rate_limit(&self, checks: &[RateCheck]) -> Result<Vec<Decision>>;
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;
@@ -199,5 +199,11 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// Entries held in process memory (0 for remote backends).
     fn memory_entries(&self) -> u64 {
         0
+    }
+
+    /// The in-process rate limiter, for a backend that is one (the memory backend): checks can
+    /// then skip the asynchronous call.
+    fn memory_limiter(&self) -> Option<&crate::ratelimit::MemoryLimiter> {
+        None
     }
 }

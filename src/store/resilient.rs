@@ -567,6 +567,11 @@ impl Store {
         self.inner.op_timeout
     }
 
+    /// The primary's in-process rate limiter, when the primary is the memory backend.
+    pub(crate) fn primary_memory_limiter(&self) -> Option<crate::ratelimit::MemoryLimiter> {
+        self.inner.primary.memory_limiter().cloned()
+    }
+
     /// How long an open breaker waits before it probes the backend.
     pub fn cool_down(&self) -> Duration {
         self.inner.breaker.cool_down()
@@ -574,7 +579,7 @@ impl Store {
 
     /// A rate-limit check on the primary under the resilience rules; `None` when the primary is
     /// unusable (the caller decides what answers then).
-    pub async fn rate_limit_primary(&self, checks: &[RateCheck<'_>]) -> Option<Vec<Decision>> {
+    pub async fn rate_limit_primary(&self, checks: &[RateCheck]) -> Option<Vec<Decision>> {
         if checks.is_empty() {
             return Some(Vec::new());
         }
@@ -1009,7 +1014,7 @@ impl CacheLayer for Store {
         }
     }
 
-    async fn rate_limit(&self, checks: &[RateCheck<'_>]) -> Result<Vec<Decision>> {
+    async fn rate_limit(&self, checks: &[RateCheck]) -> Result<Vec<Decision>> {
         self.rate_limit_primary(checks)
             .await
             .ok_or_else(|| self.unavailable("rate_limit"))
