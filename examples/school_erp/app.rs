@@ -1,0 +1,632 @@
+//! The service: axum routes over the database, with speedlayer in front of every read that can
+//! be cached, invalidation after every write, and a rate-limited login.
+//!
+//! Authentication is the demo's: a request names its user in `X-User-Id` (what a real service
+//! takes from a verified session or token). Authorization runs on the user's role, read through
+//! the cache (`auth:role:{userId}`).
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+use speedlayer::Cache;
+use speedlayer::invalidation::{Invalidates, InvalidationRegistry, Targets};
+use speedlayer::key::{Ident, Key, KeyError, Namespace, Tag};
+use speedlayer::ratelimit::{Identity, Limit, Outage, RateLimiter, Route};
+use speedlayer::ttl::{Jitter, Ttl, TtlPolicy};
+
+use crate::db::{
+    Attendance, ClassOverview, Db, DbResult, FeeSummary, ProfileUpdate, RoleRecord, SchoolTotals,
+    StudentProfile,
+};
+
+pub const DASHBOARD: Ident = Ident::from_static("dashboard");
+pub const FEES: Ident = Ident::from_static("fees");
+pub const SUMMARY: Ident = Ident::from_static("summary");
+pub const AUTH: Ident = Ident::from_static("auth");
+pub const ROLE: Ident = Ident::from_static("role");
+/// Tag of every entry that shows a student's data (their dashboard, their parent's).
+pub const SHOWS_STUDENT: Ident = Ident::from_static("shows-student");
+/// Tag of every entry that lists a class (its teacher's dashboard).
+pub const SHOWS_CLASS: Ident = Ident::from_static("shows-class");
+/// Tag the registry gives every dashboard of a user, whatever the role.
+pub const USER: Ident = Ident::from_static("user");
+pub const AUTH_LOGIN: Ident = Ident::from_static("auth-login");
+
+/// Login attempts allowed per client address per minute.
+pub const LOGIN_LIMIT: u32 = 10;
+
+/// Counters the report and `/metrics` show.
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    /// Reads that could be answered from the cache (role checks, dashboards, fee summaries).
+    pub cacheable_reads: AtomicU64,
+    /// Those of them that went to the database.
+    pub cache_loads: AtomicU64,
+    pub writes: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub server_errors: AtomicU64,
+}
+
+/// Shared state of the handlers.
+pub struct AppState {
+    pub db: Db,
+    pub cache: Cache,
+    limiter: RateLimiter,
+    login: Route,
+    pub metrics: Metrics,
+    dashboard_ttl: TtlPolicy,
+    fees_ttl: TtlPolicy,
+    role_ttl: TtlPolicy,
+}
+
+impl AppState {
+    /// The state over `db` and `cache` (whose registry is replaced with the school's).
+    pub fn new(db: Db, cache: Cache) -> AppState {
+        let registry = registry(cache.namespace());
+        let cache = cache.with_registry(registry);
+        let login = Route::new(AUTH_LOGIN)
+            .per_ip(
+                Limit::sliding_log(NonZeroU32::new(LOGIN_LIMIT).unwrap(), Duration::from_secs(60))
+                    .expect("a valid limit"),
+            )
+            // With Redis unusable, the in-memory insurance limiter applies the same quota.
+            .on_outage(Outage::Insurance);
+        AppState {
+            db,
+            limiter: RateLimiter::new(&cache),
+            cache,
+            login,
+            metrics: Metrics::default(),
+            dashboard_ttl: TtlPolicy::new(Ttl::seconds(300))
+                .with_jitter(Jitter::fraction(0.1).expect("valid jitter")),
+            fees_ttl: TtlPolicy::new(Ttl::seconds(300))
+                .with_jitter(Jitter::fraction(0.1).expect("valid jitter")),
+            // 1 h, spread up to 6 h so that roles do not all expire together.
+            role_ttl: TtlPolicy::new(Ttl::hours(1))
+                .with_jitter(Jitter::up_to(Duration::from_secs(5 * 3600))),
+        }
+    }
+}
+
+/// The routes. Serve with `into_make_service_with_connect_info::<SocketAddr>()`: the login limit
+/// is keyed by the peer address.
+pub fn router(state: Arc<AppState>) -> Router {
+    let authenticated = Router::new()
+        .route("/api/dashboard/{role}/{user_id}", get(dashboard))
+        .route("/api/fees/summary/{student_id}", get(fee_summary))
+        .route("/api/payments", post(record_payment))
+        .route("/api/students/{id}", put(update_student))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(authenticated)
+        .route("/api/auth/login", post(login))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+// ---- keys, tags, events ------------------------------------------------------------------
+
+fn role_key(ns: &Namespace, user_id: &str) -> Result<Key, KeyError> {
+    ns.global().key(&AUTH, &ROLE, user_id)
+}
+
+fn fees_key(ns: &Namespace, student_id: i64) -> Result<Key, KeyError> {
+    ns.global().key(&FEES, &SUMMARY, student_id)
+}
+
+fn shows_student(ns: &Namespace, student_id: i64) -> Result<Tag, KeyError> {
+    ns.global().tag(&SHOWS_STUDENT, student_id)
+}
+
+/// The registry: every `dashboard:<role>:<userId>` carries the tag `user:<userId>`, so that
+/// whatever changes a user's access drops all of their dashboards without listing roles.
+pub fn registry(ns: &Namespace) -> InvalidationRegistry {
+    let rule_ns = ns.clone();
+    InvalidationRegistry::builder()
+        .tag_rule(
+            ns.global()
+                .pattern(&DASHBOARD)
+                .any_entity()
+                .any_id()
+                .build()
+                .expect("a valid pattern"),
+            move |key| rule_ns.global().tag(&USER, key.id()),
+        )
+        .build()
+}
+
+/// `POST /api/payments`: the fee summary, and the dashboards that show the student's fees.
+pub struct PaymentRecorded {
+    pub student_id: i64,
+}
+
+impl Invalidates for PaymentRecorded {
+    fn targets(&self, ns: &Namespace, t: &mut Targets) -> Result<(), KeyError> {
+        t.key(fees_key(ns, self.student_id)?)
+            .key(ns.global().key(&DASHBOARD, &Ident::from_static("admin"), "a1")?)
+            .tag(shows_student(ns, self.student_id)?);
+        Ok(())
+    }
+}
+
+/// `PUT /api/students/{id}`: the student's role (an inactive student loses access), every
+/// dashboard of the student (the registry's user tag), the parent's dashboard, the teacher's
+/// class roster, and the fee summary (it shows the name).
+pub struct StudentProfileUpdated {
+    pub student_id: i64,
+    pub class_id: i64,
+}
+
+impl Invalidates for StudentProfileUpdated {
+    fn targets(&self, ns: &Namespace, t: &mut Targets) -> Result<(), KeyError> {
+        let user = format!("s{}", self.student_id);
+        t.key(role_key(ns, &user)?)
+            .key(fees_key(ns, self.student_id)?)
+            .tag(ns.global().tag(&USER, &user)?)
+            .tag(shows_student(ns, self.student_id)?)
+            .tag(ns.global().tag(&SHOWS_CLASS, self.class_id)?);
+        Ok(())
+    }
+}
+
+// ---- errors ------------------------------------------------------------------------------
+
+/// A handler's failure, as a status and a short message (never a database error's text).
+pub struct ApiError(StatusCode, &'static str);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(_: KeyError) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, "invalid id")
+    }
+}
+
+fn db_error(e: &sqlx::Error) -> ApiError {
+    tracing::error!(error = %e, "database error");
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "database error")
+}
+
+// ---- middleware --------------------------------------------------------------------------
+
+async fn count_requests(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let response = next.run(request).await;
+    match response.status() {
+        StatusCode::TOO_MANY_REQUESTS => {
+            state.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        s if s.is_server_error() => {
+            state.metrics.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+    response
+}
+
+/// The caller, once authenticated.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user_id: String,
+    pub role: RoleRecord,
+}
+
+impl AppState {
+    /// A user's role, cache-first (`auth:role:{userId}`, 1-6 h; an unknown user for 60 s).
+    async fn role_of(&self, user_id: &str) -> Result<Option<RoleRecord>, ApiError> {
+        let key = role_key(self.cache.namespace(), user_id)?;
+        self.metrics.cacheable_reads.fetch_add(1, Ordering::Relaxed);
+        self.cache
+            .get_or_set_optional(&key, self.role_ttl.clone(), Ttl::seconds(60), || async {
+                self.metrics.cache_loads.fetch_add(1, Ordering::Relaxed);
+                self.db.role(user_id).await
+            })
+            .await
+            .map_err(|e| db_error(&e))
+    }
+}
+
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let user_id = headers
+        .get("x-user-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .ok_or(ApiError(StatusCode::UNAUTHORIZED, "missing X-User-Id"))?
+        .to_owned();
+    let role = state
+        .role_of(&user_id)
+        .await?
+        .filter(|r| r.role != "suspended")
+        .ok_or(ApiError(StatusCode::UNAUTHORIZED, "unknown or suspended user"))?;
+    request.extensions_mut().insert(Caller { user_id, role });
+    Ok(next.run(request).await)
+}
+
+// ---- reads -------------------------------------------------------------------------------
+
+/// The dashboard of each role.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum Dashboard {
+    Student {
+        profile: StudentProfile,
+        attendance: Attendance,
+        fees: FeeSummary,
+    },
+    Parent {
+        child: StudentProfile,
+        attendance: Attendance,
+        fees: FeeSummary,
+    },
+    Teacher {
+        class: ClassOverview,
+    },
+    Admin {
+        totals: SchoolTotals,
+    },
+}
+
+impl AppState {
+    async fn student_view(&self, student_id: i64) -> DbResult<Option<(StudentProfile, Attendance, FeeSummary)>> {
+        let Some(profile) = self.db.student(student_id).await? else {
+            return Ok(None);
+        };
+        let attendance = self.db.attendance(student_id).await?;
+        let Some(fees) = self.db.fee_summary(student_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some((profile, attendance, fees)))
+    }
+
+    async fn load_dashboard(&self, role: &RoleRecord) -> DbResult<Option<Dashboard>> {
+        Ok(match role.role.as_str() {
+            "student" => self
+                .student_view(role.ref_id)
+                .await?
+                .map(|(profile, attendance, fees)| Dashboard::Student {
+                    profile,
+                    attendance,
+                    fees,
+                }),
+            "parent" => self
+                .student_view(role.ref_id)
+                .await?
+                .map(|(child, attendance, fees)| Dashboard::Parent {
+                    child,
+                    attendance,
+                    fees,
+                }),
+            "teacher" => self
+                .db
+                .class_of_teacher(role.ref_id)
+                .await?
+                .map(|class| Dashboard::Teacher { class }),
+            "admin" => Some(Dashboard::Admin {
+                totals: self.db.totals().await?,
+            }),
+            _ => None,
+        })
+    }
+}
+
+/// `GET /api/dashboard/{role}/{userId}`: cache-first, `dashboard:{role}:{userId}`, 300 s.
+async fn dashboard(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path((role, user_id)): Path<(String, String)>,
+) -> Result<Json<Dashboard>, ApiError> {
+    // Users see their own dashboard; the admin sees anyone's.
+    let target = if caller.user_id == user_id {
+        caller.role.clone()
+    } else if caller.role.role == "admin" {
+        state
+            .role_of(&user_id)
+            .await?
+            .ok_or(ApiError(StatusCode::NOT_FOUND, "no such user"))?
+    } else {
+        return Err(ApiError(StatusCode::FORBIDDEN, "not your dashboard"));
+    };
+    if target.role != role {
+        return Err(ApiError(StatusCode::NOT_FOUND, "no such dashboard"));
+    }
+    let ns = state.cache.namespace();
+    let role_ident = Ident::new(&role)?;
+    let key = ns.global().key(&DASHBOARD, &role_ident, &user_id)?;
+    let tags = match role.as_str() {
+        "student" | "parent" => vec![shows_student(ns, target.ref_id)?],
+        // Teacher t<n> teaches class <n>.
+        "teacher" => vec![ns.global().tag(&SHOWS_CLASS, target.ref_id)?],
+        _ => Vec::new(),
+    };
+    state.metrics.cacheable_reads.fetch_add(1, Ordering::Relaxed);
+    let dashboard = state
+        .cache
+        .get_or_set_tagged(&key, state.dashboard_ttl.clone(), &tags, || async {
+            state.metrics.cache_loads.fetch_add(1, Ordering::Relaxed);
+            state.load_dashboard(&target).await
+        })
+        .await
+        .map_err(|e| db_error(&e))?;
+    dashboard
+        .map(Json)
+        .ok_or(ApiError(StatusCode::NOT_FOUND, "no such dashboard"))
+}
+
+/// `GET /api/fees/summary/{studentId}`: cache-first, `fees:summary:{studentId}`, 300 s. The
+/// student, their parent and the admin may read it.
+async fn fee_summary(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(student_id): Path<i64>,
+) -> Result<Json<FeeSummary>, ApiError> {
+    let allowed = match caller.role.role.as_str() {
+        "admin" => true,
+        "student" | "parent" => caller.role.ref_id == student_id,
+        _ => false,
+    };
+    if !allowed {
+        return Err(ApiError(StatusCode::FORBIDDEN, "not your student"));
+    }
+    let key = fees_key(state.cache.namespace(), student_id)?;
+    state.metrics.cacheable_reads.fetch_add(1, Ordering::Relaxed);
+    let summary = state
+        .cache
+        .get_or_set_optional(&key, state.fees_ttl.clone(), Ttl::seconds(30), || async {
+            state.metrics.cache_loads.fetch_add(1, Ordering::Relaxed);
+            state.db.fee_summary(student_id).await
+        })
+        .await
+        .map_err(|e| db_error(&e))?;
+    summary
+        .map(Json)
+        .ok_or(ApiError(StatusCode::NOT_FOUND, "no such student"))
+}
+
+// ---- writes ------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct NewPayment {
+    pub student_id: i64,
+    pub amount_cents: i64,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct PaymentReceipt {
+    pub student_id: i64,
+    pub paid_cents: i64,
+}
+
+/// `POST /api/payments` (admin): the database first, then the invalidation.
+async fn record_payment(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Json(payment): Json<NewPayment>,
+) -> Result<Json<PaymentReceipt>, ApiError> {
+    if caller.role.role != "admin" {
+        return Err(ApiError(StatusCode::FORBIDDEN, "only the bursar records payments"));
+    }
+    if !(1..=100_000_000).contains(&payment.amount_cents) {
+        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, "amount out of range"));
+    }
+    state.metrics.writes.fetch_add(1, Ordering::Relaxed);
+    let paid = state
+        .db
+        .record_payment(payment.student_id, payment.amount_cents)
+        .await
+        .map_err(|e| db_error(&e))?
+        .ok_or(ApiError(StatusCode::NOT_FOUND, "no such student"))?;
+    invalidate(&state, &PaymentRecorded { student_id: payment.student_id }).await?;
+    Ok(Json(PaymentReceipt {
+        student_id: payment.student_id,
+        paid_cents: paid,
+    }))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct ProfileReceipt {
+    pub student_id: i64,
+    pub version: i64,
+}
+
+/// `PUT /api/students/{id}` (the student or the admin): the database first, then the
+/// invalidation.
+async fn update_student(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(student_id): Path<i64>,
+    Json(update): Json<ProfileUpdate>,
+) -> Result<Json<ProfileReceipt>, ApiError> {
+    let allowed = caller.role.role == "admin"
+        || (caller.role.role == "student" && caller.role.ref_id == student_id);
+    if !allowed {
+        return Err(ApiError(StatusCode::FORBIDDEN, "not your profile"));
+    }
+    if update.name.trim().is_empty() || update.name.len() > 200 || update.phone.len() > 40 {
+        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, "invalid name or phone"));
+    }
+    state.metrics.writes.fetch_add(1, Ordering::Relaxed);
+    let updated = state
+        .db
+        .update_student(student_id, &update)
+        .await
+        .map_err(|e| db_error(&e))?
+        .ok_or(ApiError(StatusCode::NOT_FOUND, "no such student"))?;
+    invalidate(
+        &state,
+        &StudentProfileUpdated {
+            student_id,
+            class_id: updated.class_id,
+        },
+    )
+    .await?;
+    Ok(Json(ProfileReceipt {
+        student_id,
+        version: updated.version,
+    }))
+}
+
+/// Runs an invalidation after a committed write. The write stands either way; an invalidation
+/// the backend cannot take now is queued by speedlayer and applied before it serves reads again,
+/// so only a malformed event is an error here.
+async fn invalidate<E: Invalidates>(state: &AppState, event: &E) -> Result<(), ApiError> {
+    match state.cache.invalidate(event).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, "invalidation failed");
+            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "invalidation failed"))
+        }
+    }
+}
+
+// ---- login -------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Login {
+    pub user_id: String,
+    pub password: String,
+}
+
+/// `POST /api/auth/login`: limited per client address (`rate:ip:<address>:{auth-login}`,
+/// 10 per minute, sliding log), checked against the database, never cached.
+async fn login(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(login): Json<Login>,
+) -> Response {
+    let verdict = state
+        .limiter
+        .check(&state.login, &Identity::ip(peer.ip().to_string()))
+        .await;
+    let mut headers = HeaderMap::new();
+    for (name, value) in verdict.headers("login") {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            headers.insert(name, value);
+        }
+    }
+    if !verdict.allowed {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            headers,
+            Json(serde_json::json!({ "error": "too many login attempts" })),
+        )
+            .into_response();
+    }
+    match state.db.check_password(&login.user_id, &login.password).await {
+        Ok(true) => (
+            headers,
+            Json(serde_json::json!({ "token": login.user_id })),
+        )
+            .into_response(),
+        Ok(false) => (
+            StatusCode::UNAUTHORIZED,
+            headers,
+            Json(serde_json::json!({ "error": "wrong user or password" })),
+        )
+            .into_response(),
+        Err(e) => db_error(&e).into_response(),
+    }
+}
+
+// ---- metrics -----------------------------------------------------------------------------
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let s = state.cache.stats();
+    let m = &state.metrics;
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let rows: [(&str, &str, &str, u64); 14] = [
+        ("speedlayer_cache_hits_total", "counter", "Reads answered from the cache.", s.hits),
+        ("speedlayer_cache_misses_total", "counter", "Reads that found nothing usable.", s.misses),
+        ("speedlayer_cache_loader_calls_total", "counter", "Loads from the database made through the cache.", s.loader_calls),
+        ("speedlayer_cache_errors_total", "counter", "Failed cache backend calls.", s.errors),
+        ("speedlayer_cache_fallbacks_total", "counter", "Operations answered without the cache backend.", s.fallbacks),
+        ("speedlayer_cache_stale_sets_refused_total", "counter", "Loaded values not stored because an invalidation overtook them.", s.stale_sets_refused),
+        ("speedlayer_cache_invalidations_total", "counter", "Write events invalidated.", s.invalidations),
+        ("speedlayer_cache_connected", "gauge", "1 when the cache backend is usable.", u64::from(s.connected)),
+        ("school_erp_db_queries_total", "counter", "Queries run on the database.", state.db.queries()),
+        ("school_erp_http_requests_total", "counter", "HTTP requests served.", load(&m.requests)),
+        ("school_erp_cacheable_reads_total", "counter", "Reads that could be answered from the cache.", load(&m.cacheable_reads)),
+        ("school_erp_cache_loads_total", "counter", "Cacheable reads that went to the database.", load(&m.cache_loads)),
+        ("school_erp_writes_total", "counter", "Database writes.", load(&m.writes)),
+        ("school_erp_rate_limited_total", "counter", "Requests answered 429.", load(&m.rate_limited)),
+    ];
+    let mut text = String::new();
+    for (name, kind, help, value) in rows {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+// ---- running it --------------------------------------------------------------------------
+
+/// A running service.
+pub struct Service {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Serves the routes over `state` on `addr` (port 0 picks a free port).
+pub async fn start(state: Arc<AppState>, addr: SocketAddr) -> std::io::Result<Service> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop.await;
+            })
+            .await
+    });
+    Ok(Service {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
+}
+
+impl Service {
+    /// Stops accepting, lets requests in flight finish, and closes the database.
+    pub async fn stop(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(());
+        let served = self
+            .task
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        self.state.db.close().await;
+        served
+    }
+}

@@ -1,0 +1,563 @@
+//! The built-in workload: virtual users with sessions over HTTP, and the report.
+//!
+//! Each virtual user repeatedly picks a family (a student and their parent) by a Zipf law (a few
+//! families are very active, most rarely), then plays a session of that family's student, parent,
+//! the class teacher, or the bursar: mostly reads, a share of writes. Every write's result is
+//! recorded, and every later read is checked against it: a read issued after a write returned
+//! that still shows pre-write data is a stale read. A burst of login attempts from one address
+//! runs alongside and is rate limited.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use rand_distr::{Distribution, Geometric, Zipf};
+use serde::Serialize;
+
+use crate::app::{Dashboard, LOGIN_LIMIT, Login, NewPayment, PaymentReceipt, ProfileReceipt};
+use crate::db::{FeeSummary, ProfileUpdate};
+
+/// How much load, and its shape.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// Requests to send (the login burst included).
+    pub requests: u64,
+    /// Stop earlier when this much time has passed.
+    pub duration: Duration,
+    /// Virtual users sending at once.
+    pub concurrency: usize,
+    /// Students (and families) in the database.
+    pub students: i64,
+    /// Teachers (one class each).
+    pub teachers: i64,
+    /// Zipf exponent of family activity.
+    pub zipf_exponent: f64,
+    /// Mean requests per session.
+    pub session_length: f64,
+    /// Login attempts from one address.
+    pub login_burst: u32,
+    pub seed: u64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            requests: 100_000,
+            duration: Duration::from_secs(120),
+            concurrency: 32,
+            students: 10_000,
+            teachers: 400,
+            zipf_exponent: 1.1,
+            session_length: 25.0,
+            login_burst: 3 * LOGIN_LIMIT,
+            seed: 7,
+        }
+    }
+}
+
+/// What the workload saw, and what the service's `/metrics` counted meanwhile.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub requests: u64,
+    pub failed_requests: u64,
+    pub db_queries: u64,
+    pub db_hits_saved_pct: f64,
+    pub stale_reads: u64,
+    pub rate_limited: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    #[serde(skip)]
+    pub detail: Detail,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Detail {
+    pub elapsed: Duration,
+    pub reads: u64,
+    pub writes: u64,
+    pub logins_admitted: u64,
+    pub cacheable_reads: u64,
+    pub cache_loads: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub stale_sets_refused: u64,
+    pub max_ms: f64,
+    pub first_failures: Vec<String>,
+}
+
+impl Report {
+    /// The report's last line: one JSON object.
+    pub fn json_line(&self) -> String {
+        serde_json::to_string(self).expect("a report serializes")
+    }
+
+    /// The readable report.
+    pub fn print(&self, backend: &str, database: &str) {
+        let d = &self.detail;
+        let rps = self.requests as f64 / d.elapsed.as_secs_f64().max(1e-9);
+        println!("== school ERP workload: {database} + {backend} ==");
+        println!(
+            "requests        {:>8} in {:.1} s ({rps:.0}/s): {} reads, {} writes, {} logins",
+            self.requests,
+            d.elapsed.as_secs_f64(),
+            d.reads,
+            d.writes,
+            d.logins_admitted + self.rate_limited
+        );
+        println!(
+            "latency         p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            self.p50_ms, self.p99_ms, d.max_ms
+        );
+        println!(
+            "cacheable reads {:>8} (role checks, dashboards, fee summaries); {} went to the database",
+            d.cacheable_reads, d.cache_loads
+        );
+        println!(
+            "db hits saved   {:>7.1} %   (target >= 95; the seeds ask for >= 60)",
+            self.db_hits_saved_pct
+        );
+        println!("db queries      {:>8} in all (reads, writes and logins)", self.db_queries);
+        println!(
+            "cache           {} hits, {} misses; {} loads refused a stale store after a write",
+            d.cache_hits, d.cache_misses, d.stale_sets_refused
+        );
+        println!(
+            "stale reads     {:>8}   (reads issued after a write returned that showed older data)",
+            self.stale_reads
+        );
+        println!(
+            "logins          {} admitted, {} answered 429 (limit {LOGIN_LIMIT} per minute per address)",
+            d.logins_admitted, self.rate_limited
+        );
+        println!("failed requests {:>8}", self.failed_requests);
+        for failure in &d.first_failures {
+            println!("  {failure}");
+        }
+    }
+}
+
+/// The latest write results the workload has seen returned, per student.
+struct Confirmed {
+    paid: Vec<AtomicI64>,
+    version: Vec<AtomicI64>,
+}
+
+impl Confirmed {
+    fn new(students: i64) -> Confirmed {
+        let n = students as usize + 1;
+        Confirmed {
+            paid: (0..n).map(|_| AtomicI64::new(0)).collect(),
+            version: (0..n).map(|_| AtomicI64::new(1)).collect(),
+        }
+    }
+
+    fn snapshot(&self, student: i64) -> (i64, i64) {
+        (
+            self.paid[student as usize].load(Ordering::SeqCst),
+            self.version[student as usize].load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    failed: u64,
+    stale: u64,
+    reads: u64,
+    writes: u64,
+    logins_admitted: u64,
+    rate_limited: u64,
+    latencies_us: Vec<u32>,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.requests += other.requests;
+        self.failed += other.failed;
+        self.stale += other.stale;
+        self.reads += other.reads;
+        self.writes += other.writes;
+        self.logins_admitted += other.logins_admitted;
+        self.rate_limited += other.rate_limited;
+        self.latencies_us.extend(other.latencies_us);
+        for f in other.failures {
+            if self.failures.len() < 5 {
+                self.failures.push(f);
+            }
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        self.failed += 1;
+        if self.failures.len() < 5 {
+            self.failures.push(what);
+        }
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct Shared {
+    client: HttpClient,
+    base: String,
+    budget: AtomicU64,
+    deadline: Instant,
+    confirmed: Confirmed,
+    workload: Workload,
+}
+
+impl Shared {
+    /// Takes one request from the budget; false when the run is over.
+    fn take(&self) -> bool {
+        Instant::now() < self.deadline
+            && self
+                .budget
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+    }
+
+    async fn send(
+        &self,
+        tally: &mut Tally,
+        method: Method,
+        path: &str,
+        user: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Option<(StatusCode, Bytes)> {
+        let mut request = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
+        if let Some(user) = user {
+            request = request.header("x-user-id", user);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("a valid request");
+        let started = Instant::now();
+        tally.requests += 1;
+        let result = async {
+            let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        }
+        .await;
+        let micros = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+        tally.latencies_us.push(micros);
+        match result {
+            Ok(answer) => Some(answer),
+            Err(e) => {
+                tally.fail(format!("{method} {path}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Sends and expects 200 with a JSON body of type `T`.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        tally: &mut Tally,
+        method: Method,
+        path: &str,
+        user: &str,
+        body: Option<Vec<u8>>,
+    ) -> Option<T> {
+        let (status, bytes) = self
+            .send(tally, method.clone(), path, Some(user), body)
+            .await?;
+        if status != StatusCode::OK {
+            tally.fail(format!(
+                "{method} {path} as {user}: {status} {}",
+                String::from_utf8_lossy(&bytes)
+            ));
+            return None;
+        }
+        match serde_json::from_slice(&bytes) {
+            Ok(value) => Some(value),
+            Err(e) => {
+                tally.fail(format!("{method} {path}: undecodable body: {e}"));
+                None
+            }
+        }
+    }
+
+    async fn fees(&self, tally: &mut Tally, user: &str, student: i64) {
+        tally.reads += 1;
+        let (paid, _) = self.confirmed.snapshot(student);
+        let path = format!("/api/fees/summary/{student}");
+        if let Some(summary) = self
+            .call::<FeeSummary>(tally, Method::GET, &path, user, None)
+            .await
+            && summary.paid_cents < paid
+        {
+            tally.stale += 1;
+        }
+    }
+
+    async fn dashboard(&self, tally: &mut Tally, role: &str, user: &str, family: i64) {
+        tally.reads += 1;
+        let (paid, version) = self.confirmed.snapshot(family);
+        let class = (family - 1) % self.workload.teachers + 1;
+        let roster_versions: Vec<(i64, i64)> = if role == "teacher" {
+            (0..)
+                .map(|i| class + i * self.workload.teachers)
+                .take_while(|s| *s <= self.workload.students)
+                .map(|s| (s, self.confirmed.snapshot(s).1))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let path = format!("/api/dashboard/{role}/{user}");
+        let Some(dashboard) = self
+            .call::<Dashboard>(tally, Method::GET, &path, user, None)
+            .await
+        else {
+            return;
+        };
+        let stale = match &dashboard {
+            Dashboard::Student { profile, fees, .. } | Dashboard::Parent { child: profile, fees, .. } => {
+                fees.paid_cents < paid || profile.version < version
+            }
+            Dashboard::Teacher { class } => roster_versions.iter().any(|(s, v)| {
+                class
+                    .roster
+                    .iter()
+                    .find(|e| e.student_id == *s)
+                    .is_none_or(|e| e.version < *v)
+            }),
+            Dashboard::Admin { .. } => false,
+        };
+        if stale {
+            tally.stale += 1;
+        }
+    }
+
+    async fn pay(&self, tally: &mut Tally, student: i64, amount: i64) {
+        tally.writes += 1;
+        let body = serde_json::to_vec(&NewPayment {
+            student_id: student,
+            amount_cents: amount,
+        })
+        .expect("serializes");
+        if let Some(receipt) = self
+            .call::<PaymentReceipt>(tally, Method::POST, "/api/payments", "a1", Some(body))
+            .await
+        {
+            self.confirmed.paid[student as usize].fetch_max(receipt.paid_cents, Ordering::SeqCst);
+        }
+    }
+
+    async fn edit_profile(&self, tally: &mut Tally, student: i64, edit: u64) {
+        tally.writes += 1;
+        let body = serde_json::to_vec(&ProfileUpdate {
+            name: format!("Student {student} (edit {edit})"),
+            phone: format!("+1-555-{:07}", (student * 31 + edit as i64) % 10_000_000),
+            active: true,
+        })
+        .expect("serializes");
+        let path = format!("/api/students/{student}");
+        let user = format!("s{student}");
+        if let Some(receipt) = self
+            .call::<ProfileReceipt>(tally, Method::PUT, &path, &user, Some(body))
+            .await
+        {
+            self.confirmed.version[student as usize].fetch_max(receipt.version, Ordering::SeqCst);
+        }
+    }
+
+    async fn login_burst(&self, tally: &mut Tally) {
+        for _ in 0..self.workload.login_burst {
+            if !self.take() {
+                return;
+            }
+            let body = serde_json::to_vec(&Login {
+                user_id: "s1".into(),
+                password: "demo-s1".into(),
+            })
+            .expect("serializes");
+            match self
+                .send(tally, Method::POST, "/api/auth/login", None, Some(body))
+                .await
+            {
+                Some((StatusCode::OK, _)) => tally.logins_admitted += 1,
+                Some((StatusCode::TOO_MANY_REQUESTS, _)) => tally.rate_limited += 1,
+                Some((status, body)) => tally.fail(format!(
+                    "POST /api/auth/login: {status} {}",
+                    String::from_utf8_lossy(&body)
+                )),
+                None => {}
+            }
+        }
+    }
+
+    async fn virtual_user(self: Arc<Self>, index: usize) -> Tally {
+        let w = &self.workload;
+        let mut tally = Tally::default();
+        if index == 0 {
+            self.login_burst(&mut tally).await;
+        }
+        let mut rng = StdRng::seed_from_u64(w.seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
+        let zipf = Zipf::new(w.students as f64, w.zipf_exponent).expect("valid Zipf law");
+        let length = Geometric::new(1.0 / w.session_length.max(1.0)).expect("valid session length");
+        let mut edits = 0u64;
+        loop {
+            // Rank r of the Zipf law is family ((r * 7919) mod N) + 1: the busy families are
+            // spread over all classes.
+            let rank = zipf.sample(&mut rng) as i64 - 1;
+            let family = (rank * 7_919) % w.students + 1;
+            let class = (family - 1) % w.teachers + 1;
+            let kind: f64 = rng.random();
+            let session = 1 + length.sample(&mut rng);
+            for _ in 0..session {
+                if !self.take() {
+                    return tally;
+                }
+                let x: f64 = rng.random();
+                if kind < 0.55 {
+                    let user = format!("s{family}");
+                    if x < 0.50 {
+                        self.dashboard(&mut tally, "student", &user, family).await;
+                    } else if x < 0.99 {
+                        self.fees(&mut tally, &user, family).await;
+                    } else {
+                        edits += 1;
+                        self.edit_profile(&mut tally, family, edits).await;
+                    }
+                } else if kind < 0.80 {
+                    let user = format!("p{family}");
+                    if x < 0.5 {
+                        self.dashboard(&mut tally, "parent", &user, family).await;
+                    } else {
+                        self.fees(&mut tally, &user, family).await;
+                    }
+                } else if kind < 0.92 {
+                    self.dashboard(&mut tally, "teacher", &format!("t{class}"), family)
+                        .await;
+                } else {
+                    // The bursar works through the families that come in.
+                    if x < 0.90 {
+                        self.fees(&mut tally, "a1", family).await;
+                    } else {
+                        let amount = rng.random_range(5..50) * 100;
+                        self.pay(&mut tally, family, amount).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the service's counters from `/metrics`.
+async fn scrape(client: &HttpClient, base: &str) -> Result<Vec<(String, f64)>, String> {
+    let request = Request::get(format!("{base}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request");
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+fn metric(metrics: &[(String, f64)], name: &str) -> u64 {
+    metrics
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v as u64)
+        .unwrap_or(0)
+}
+
+fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len());
+    f64::from(sorted_us[rank - 1]) / 1_000.0
+}
+
+/// Runs `workload` against the service at `addr` and reports.
+pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String> {
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(workload.concurrency.max(1))
+        .build_http();
+    let base = format!("http://{addr}");
+    let before = scrape(&client, &base).await?;
+    let started = Instant::now();
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        base: base.clone(),
+        budget: AtomicU64::new(workload.requests),
+        deadline: started + workload.duration,
+        confirmed: Confirmed::new(workload.students),
+        workload: workload.clone(),
+    });
+    let tasks: Vec<_> = (0..workload.concurrency.max(1))
+        .map(|i| tokio::spawn(shared.clone().virtual_user(i)))
+        .collect();
+    let mut tally = Tally::default();
+    for task in tasks {
+        tally.merge(task.await.map_err(|e| format!("a virtual user panicked: {e}"))?);
+    }
+    let elapsed = started.elapsed();
+    let after = scrape(&client, &base).await?;
+    let delta = |name: &str| metric(&after, name).saturating_sub(metric(&before, name));
+
+    tally.latencies_us.sort_unstable();
+    let cacheable_reads = delta("school_erp_cacheable_reads_total");
+    let cache_loads = delta("school_erp_cache_loads_total");
+    let saved = if cacheable_reads == 0 {
+        0.0
+    } else {
+        100.0 * (1.0 - cache_loads as f64 / cacheable_reads as f64)
+    };
+    Ok(Report {
+        requests: tally.requests,
+        failed_requests: tally.failed,
+        db_queries: delta("school_erp_db_queries_total"),
+        db_hits_saved_pct: (saved * 10.0).round() / 10.0,
+        stale_reads: tally.stale,
+        rate_limited: tally.rate_limited,
+        p50_ms: percentile_ms(&tally.latencies_us, 0.50),
+        p99_ms: percentile_ms(&tally.latencies_us, 0.99),
+        detail: Detail {
+            elapsed,
+            reads: tally.reads,
+            writes: tally.writes,
+            logins_admitted: tally.logins_admitted,
+            cacheable_reads,
+            cache_loads,
+            cache_hits: delta("speedlayer_cache_hits_total"),
+            cache_misses: delta("speedlayer_cache_misses_total"),
+            stale_sets_refused: delta("speedlayer_cache_stale_sets_refused_total"),
+            max_ms: tally.latencies_us.last().map_or(0.0, |m| f64::from(*m) / 1_000.0),
+            first_failures: tally.failures,
+        },
+    })
+}
