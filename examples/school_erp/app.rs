@@ -77,8 +77,11 @@ impl AppState {
         let cache = cache.with_registry(registry);
         let login = Route::new(AUTH_LOGIN)
             .per_ip(
-                Limit::sliding_log(NonZeroU32::new(LOGIN_LIMIT).unwrap(), Duration::from_secs(60))
-                    .expect("a valid limit"),
+                Limit::sliding_log(
+                    NonZeroU32::new(LOGIN_LIMIT).unwrap(),
+                    Duration::from_secs(60),
+                )
+                .expect("a valid limit"),
             )
             // With Redis unusable, the in-memory insurance limiter applies the same quota.
             .on_outage(Outage::Insurance);
@@ -112,8 +115,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(authenticated)
         .route("/api/auth/login", post(login))
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .with_state(state)
+}
+
+impl AppState {
+    /// Drops every cached copy of school data (dashboards, fee summaries, roles): the database
+    /// was just created and seeded, so anything a shared Redis still holds from an earlier run
+    /// is not a copy of it. Maintenance, run once at start; returns the entries removed.
+    pub async fn forget_cached_copies(&self) -> speedlayer::Result<u64> {
+        let scope = self.cache.namespace().global();
+        let mut removed = 0;
+        for domain in [&DASHBOARD, &FEES, &AUTH] {
+            let pattern = scope.pattern(domain).any_entity().any_id().build()?;
+            removed += self.cache.sweep(&pattern, u64::MAX).await?;
+        }
+        Ok(removed)
+    }
 }
 
 // ---- keys, tags, events ------------------------------------------------------------------
@@ -155,7 +176,10 @@ pub struct PaymentRecorded {
 impl Invalidates for PaymentRecorded {
     fn targets(&self, ns: &Namespace, t: &mut Targets) -> Result<(), KeyError> {
         t.key(fees_key(ns, self.student_id)?)
-            .key(ns.global().key(&DASHBOARD, &Ident::from_static("admin"), "a1")?)
+            .key(
+                ns.global()
+                    .key(&DASHBOARD, &Ident::from_static("admin"), "a1")?,
+            )
             .tag(shows_student(ns, self.student_id)?);
         Ok(())
     }
@@ -205,7 +229,11 @@ fn db_error(e: &sqlx::Error) -> ApiError {
 
 // ---- middleware --------------------------------------------------------------------------
 
-async fn count_requests(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let response = next.run(request).await;
     match response.status() {
@@ -258,7 +286,10 @@ async fn authenticate(
         .role_of(&user_id)
         .await?
         .filter(|r| r.role != "suspended")
-        .ok_or(ApiError(StatusCode::UNAUTHORIZED, "unknown or suspended user"))?;
+        .ok_or(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "unknown or suspended user",
+        ))?;
     request.extensions_mut().insert(Caller { user_id, role });
     Ok(next.run(request).await)
 }
@@ -288,7 +319,10 @@ pub enum Dashboard {
 }
 
 impl AppState {
-    async fn student_view(&self, student_id: i64) -> DbResult<Option<(StudentProfile, Attendance, FeeSummary)>> {
+    async fn student_view(
+        &self,
+        student_id: i64,
+    ) -> DbResult<Option<(StudentProfile, Attendance, FeeSummary)>> {
         let Some(profile) = self.db.student(student_id).await? else {
             return Ok(None);
         };
@@ -301,14 +335,15 @@ impl AppState {
 
     async fn load_dashboard(&self, role: &RoleRecord) -> DbResult<Option<Dashboard>> {
         Ok(match role.role.as_str() {
-            "student" => self
-                .student_view(role.ref_id)
-                .await?
-                .map(|(profile, attendance, fees)| Dashboard::Student {
-                    profile,
-                    attendance,
-                    fees,
-                }),
+            "student" => {
+                self.student_view(role.ref_id)
+                    .await?
+                    .map(|(profile, attendance, fees)| Dashboard::Student {
+                        profile,
+                        attendance,
+                        fees,
+                    })
+            }
             "parent" => self
                 .student_view(role.ref_id)
                 .await?
@@ -359,7 +394,10 @@ async fn dashboard(
         "teacher" => vec![ns.global().tag(&SHOWS_CLASS, target.ref_id)?],
         _ => Vec::new(),
     };
-    state.metrics.cacheable_reads.fetch_add(1, Ordering::Relaxed);
+    state
+        .metrics
+        .cacheable_reads
+        .fetch_add(1, Ordering::Relaxed);
     let dashboard = state
         .cache
         .get_or_set_tagged(&key, state.dashboard_ttl.clone(), &tags, || async {
@@ -389,7 +427,10 @@ async fn fee_summary(
         return Err(ApiError(StatusCode::FORBIDDEN, "not your student"));
     }
     let key = fees_key(state.cache.namespace(), student_id)?;
-    state.metrics.cacheable_reads.fetch_add(1, Ordering::Relaxed);
+    state
+        .metrics
+        .cacheable_reads
+        .fetch_add(1, Ordering::Relaxed);
     let summary = state
         .cache
         .get_or_set_optional(&key, state.fees_ttl.clone(), Ttl::seconds(30), || async {
@@ -424,10 +465,16 @@ async fn record_payment(
     Json(payment): Json<NewPayment>,
 ) -> Result<Json<PaymentReceipt>, ApiError> {
     if caller.role.role != "admin" {
-        return Err(ApiError(StatusCode::FORBIDDEN, "only the bursar records payments"));
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "only the bursar records payments",
+        ));
     }
     if !(1..=100_000_000).contains(&payment.amount_cents) {
-        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, "amount out of range"));
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "amount out of range",
+        ));
     }
     state.metrics.writes.fetch_add(1, Ordering::Relaxed);
     let paid = state
@@ -436,7 +483,13 @@ async fn record_payment(
         .await
         .map_err(|e| db_error(&e))?
         .ok_or(ApiError(StatusCode::NOT_FOUND, "no such student"))?;
-    invalidate(&state, &PaymentRecorded { student_id: payment.student_id }).await?;
+    invalidate(
+        &state,
+        &PaymentRecorded {
+            student_id: payment.student_id,
+        },
+    )
+    .await?;
     Ok(Json(PaymentReceipt {
         student_id: payment.student_id,
         paid_cents: paid,
@@ -463,7 +516,10 @@ async fn update_student(
         return Err(ApiError(StatusCode::FORBIDDEN, "not your profile"));
     }
     if update.name.trim().is_empty() || update.name.len() > 200 || update.phone.len() > 40 {
-        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, "invalid name or phone"));
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid name or phone",
+        ));
     }
     state.metrics.writes.fetch_add(1, Ordering::Relaxed);
     let updated = state
@@ -494,7 +550,10 @@ async fn invalidate<E: Invalidates>(state: &AppState, event: &E) -> Result<(), A
         Ok(_) => Ok(()),
         Err(e) => {
             tracing::error!(error = %e, "invalidation failed");
-            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "invalidation failed"))
+            Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "invalidation failed",
+            ))
         }
     }
 }
@@ -535,12 +594,12 @@ async fn login(
         )
             .into_response();
     }
-    match state.db.check_password(&login.user_id, &login.password).await {
-        Ok(true) => (
-            headers,
-            Json(serde_json::json!({ "token": login.user_id })),
-        )
-            .into_response(),
+    match state
+        .db
+        .check_password(&login.user_id, &login.password)
+        .await
+    {
+        Ok(true) => (headers, Json(serde_json::json!({ "token": login.user_id }))).into_response(),
         Ok(false) => (
             StatusCode::UNAUTHORIZED,
             headers,
@@ -558,25 +617,109 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let s = state.cache.stats();
     let m = &state.metrics;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 14] = [
-        ("speedlayer_cache_hits_total", "counter", "Reads answered from the cache.", s.hits),
-        ("speedlayer_cache_misses_total", "counter", "Reads that found nothing usable.", s.misses),
-        ("speedlayer_cache_loader_calls_total", "counter", "Loads from the database made through the cache.", s.loader_calls),
-        ("speedlayer_cache_errors_total", "counter", "Failed cache backend calls.", s.errors),
-        ("speedlayer_cache_fallbacks_total", "counter", "Operations answered without the cache backend.", s.fallbacks),
-        ("speedlayer_cache_stale_sets_refused_total", "counter", "Loaded values not stored because an invalidation overtook them.", s.stale_sets_refused),
-        ("speedlayer_cache_invalidations_total", "counter", "Write events invalidated.", s.invalidations),
-        ("speedlayer_cache_connected", "gauge", "1 when the cache backend is usable.", u64::from(s.connected)),
-        ("school_erp_db_queries_total", "counter", "Queries run on the database.", state.db.queries()),
-        ("school_erp_http_requests_total", "counter", "HTTP requests served.", load(&m.requests)),
-        ("school_erp_cacheable_reads_total", "counter", "Reads that could be answered from the cache.", load(&m.cacheable_reads)),
-        ("school_erp_cache_loads_total", "counter", "Cacheable reads that went to the database.", load(&m.cache_loads)),
-        ("school_erp_writes_total", "counter", "Database writes.", load(&m.writes)),
-        ("school_erp_rate_limited_total", "counter", "Requests answered 429.", load(&m.rate_limited)),
+    let rows: [(&str, &str, &str, u64); 16] = [
+        (
+            "speedlayer_cache_hits_total",
+            "counter",
+            "Reads answered from the cache.",
+            s.hits,
+        ),
+        (
+            "speedlayer_cache_misses_total",
+            "counter",
+            "Reads that found nothing usable.",
+            s.misses,
+        ),
+        (
+            "speedlayer_cache_loader_calls_total",
+            "counter",
+            "Loads from the database made through the cache.",
+            s.loader_calls,
+        ),
+        (
+            "speedlayer_cache_errors_total",
+            "counter",
+            "Failed cache backend calls.",
+            s.errors,
+        ),
+        (
+            "speedlayer_cache_fallbacks_total",
+            "counter",
+            "Operations answered without the cache backend.",
+            s.fallbacks,
+        ),
+        (
+            "speedlayer_cache_stale_sets_refused_total",
+            "counter",
+            "Loaded values not stored because an invalidation overtook them.",
+            s.stale_sets_refused,
+        ),
+        (
+            "speedlayer_cache_timeouts_total",
+            "counter",
+            "Cache backend calls that timed out.",
+            s.timeouts,
+        ),
+        (
+            "speedlayer_cache_leases_denied_total",
+            "counter",
+            "Loads not cached because another load held the key's lease.",
+            s.leases_denied,
+        ),
+        (
+            "speedlayer_cache_invalidations_total",
+            "counter",
+            "Write events invalidated.",
+            s.invalidations,
+        ),
+        (
+            "speedlayer_cache_connected",
+            "gauge",
+            "1 when the cache backend is usable.",
+            u64::from(s.connected),
+        ),
+        (
+            "school_erp_db_queries_total",
+            "counter",
+            "Queries run on the database.",
+            state.db.queries(),
+        ),
+        (
+            "school_erp_http_requests_total",
+            "counter",
+            "HTTP requests served.",
+            load(&m.requests),
+        ),
+        (
+            "school_erp_cacheable_reads_total",
+            "counter",
+            "Reads that could be answered from the cache.",
+            load(&m.cacheable_reads),
+        ),
+        (
+            "school_erp_cache_loads_total",
+            "counter",
+            "Cacheable reads that went to the database.",
+            load(&m.cache_loads),
+        ),
+        (
+            "school_erp_writes_total",
+            "counter",
+            "Database writes.",
+            load(&m.writes),
+        ),
+        (
+            "school_erp_rate_limited_total",
+            "counter",
+            "Requests answered 429.",
+            load(&m.rate_limited),
+        ),
     ];
     let mut text = String::new();
     for (name, kind, help, value) in rows {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
     }
     (
         [(

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, QueryBuilder, Row};
+use sqlx::{AnyPool, Row};
 
 /// Size of the seeded school.
 #[derive(Clone, Copy, Debug)]
@@ -256,23 +256,26 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         let students = size.students.max(1);
         let teachers = size.teachers.clamp(1, students);
-        insert_rows(&mut tx, "erp_fee_plans (id, name, amount_cents)", &FEE_PLANS, |b, p| {
-            b.push_bind(p.0).push_bind(p.1).push_bind(p.2);
-        })
+        insert_rows(
+            &mut tx,
+            "erp_fee_plans (id, name, amount_cents)",
+            &FEE_PLANS,
+            |q, p| q.bind(p.0).bind(p.1).bind(p.2),
+        )
         .await?;
         let teacher_ids: Vec<i64> = (1..=teachers).collect();
-        insert_rows(&mut tx, "erp_teachers (id, name)", &teacher_ids, |b, t| {
-            b.push_bind(*t).push_bind(format!("Teacher {t}"));
+        insert_rows(&mut tx, "erp_teachers (id, name)", &teacher_ids, |q, t| {
+            q.bind(*t).bind(format!("Teacher {t}"))
         })
         .await?;
         insert_rows(
             &mut tx,
             "erp_classes (id, name, teacher_id)",
             &teacher_ids,
-            |b, t| {
-                b.push_bind(*t)
-                    .push_bind(format!("Grade {}-{}", (t - 1) % 12 + 1, (t - 1) / 12 + 1))
-                    .push_bind(*t);
+            |q, t| {
+                q.bind(*t)
+                    .bind(format!("Grade {}-{}", (t - 1) % 12 + 1, (t - 1) / 12 + 1))
+                    .bind(*t)
             },
         )
         .await?;
@@ -281,14 +284,14 @@ impl Db {
             &mut tx,
             "erp_students (id, name, phone, class_id, fee_plan_id, active, version)",
             &student_ids,
-            |b, s| {
-                b.push_bind(*s)
-                    .push_bind(format!("Student {s}"))
-                    .push_bind(format!("+1-555-{:07}", s))
-                    .push_bind((s - 1) % teachers + 1)
-                    .push_bind((s - 1) % 4 + 1)
-                    .push_bind(1_i64)
-                    .push_bind(1_i64);
+            |q, s| {
+                q.bind(*s)
+                    .bind(format!("Student {s}"))
+                    .bind(format!("+1-555-{:07}", s))
+                    .bind((s - 1) % teachers + 1)
+                    .bind((s - 1) % 4 + 1)
+                    .bind(1_i64)
+                    .bind(1_i64)
             },
         )
         .await?;
@@ -297,11 +300,7 @@ impl Db {
             &mut tx,
             "erp_parents (id, name, student_id)",
             &student_ids,
-            |b, s| {
-                b.push_bind(*s)
-                    .push_bind(format!("Parent of Student {s}"))
-                    .push_bind(*s);
-            },
+            |q, s| q.bind(*s).bind(format!("Parent of Student {s}")).bind(*s),
         )
         .await?;
         let mut users: Vec<(String, &str, i64)> = vec![("a1".to_owned(), "admin", 1)];
@@ -312,11 +311,11 @@ impl Db {
             &mut tx,
             "erp_users (id, role, ref_id, demo_password)",
             &users,
-            |b, u| {
-                b.push_bind(u.0.clone())
-                    .push_bind(u.1)
-                    .push_bind(u.2)
-                    .push_bind(format!("demo-{}", u.0));
+            |q, u| {
+                q.bind(u.0.clone())
+                    .bind(u.1)
+                    .bind(u.2)
+                    .bind(format!("demo-{}", u.0))
             },
         )
         .await?;
@@ -329,9 +328,7 @@ impl Db {
             &mut tx,
             "erp_payments (student_id, amount_cents, day)",
             &payments,
-            |b, p| {
-                b.push_bind(p.0).push_bind(10_000 + (p.0 % 7) * 500).push_bind(p.1);
-            },
+            |q, p| q.bind(p.0).bind(10_000 + (p.0 % 7) * 500).bind(p.1),
         )
         .await?;
         let attendance: Vec<(i64, i64)> = student_ids
@@ -342,11 +339,7 @@ impl Db {
             &mut tx,
             "erp_attendance (student_id, day, present)",
             &attendance,
-            |b, a| {
-                b.push_bind(a.0)
-                    .push_bind(a.1)
-                    .push_bind(i64::from((a.0 + a.1) % 11 != 0));
-            },
+            |q, a| q.bind(a.0).bind(a.1).bind(i64::from((a.0 + a.1) % 11 != 0)),
         )
         .await?;
         tx.commit().await?;
@@ -368,7 +361,11 @@ impl Db {
             let role: String = r.get(0);
             let active: i64 = r.get(2);
             RoleRecord {
-                role: if active == 1 { role } else { "suspended".into() },
+                role: if active == 1 {
+                    role
+                } else {
+                    "suspended".into()
+                },
                 ref_id: r.get(1),
             }
         }))
@@ -570,18 +567,34 @@ impl Db {
     }
 }
 
-/// Inserts `rows` in batches of multi-row `INSERT`s with bound values.
+/// A query with its bound values so far.
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Inserts `rows` in batches of multi-row `INSERT`s with bound values (numbered placeholders,
+/// which both SQLite and PostgreSQL read).
 async fn insert_rows<T>(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     table_and_columns: &str,
     rows: &[T],
-    bind: impl Fn(&mut sqlx::query_builder::Separated<'_, '_, sqlx::Any, &'static str>, &T),
+    bind: impl for<'q> Fn(AnyQuery<'q>, &T) -> AnyQuery<'q>,
 ) -> DbResult<()> {
+    let columns = table_and_columns.matches(',').count() + 1;
     for chunk in rows.chunks(500) {
-        let mut builder: QueryBuilder<sqlx::Any> =
-            QueryBuilder::new(format!("INSERT INTO {table_and_columns} "));
-        builder.push_values(chunk, |mut b, row| bind(&mut b, row));
-        builder.build().execute(&mut **tx).await?;
+        let mut sql = format!("INSERT INTO {table_and_columns} VALUES ");
+        let mut n = 0;
+        for r in 0..chunk.len() {
+            sql.push_str(if r == 0 { "(" } else { ", (" });
+            for c in 0..columns {
+                n += 1;
+                sql.push_str(&format!("{}${n}", if c == 0 { "" } else { ", " }));
+            }
+            sql.push(')');
+        }
+        let mut query = sqlx::query(&sql);
+        for row in chunk {
+            query = bind(query, row);
+        }
+        query.execute(&mut **tx).await?;
     }
     Ok(())
 }

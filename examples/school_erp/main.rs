@@ -26,7 +26,8 @@ use crate::app::AppState;
 use crate::db::{Db, SchoolSize};
 use crate::workload::Workload;
 
-const USAGE: &str = "usage: school_erp [--serve] [--port N] [--requests N] [--duration SECONDS] [--concurrency N]
+const USAGE: &str =
+    "usage: school_erp [--serve] [--port N] [--requests N] [--duration SECONDS] [--concurrency N]
 
   (default)        start the service on a free loopback port, run the workload, print the report
   --serve          keep serving on 127.0.0.1:PORT (default 3000) instead of running the workload
@@ -51,10 +52,7 @@ fn parse_args() -> Result<Args, String> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--serve" => args.serve = true,
             "--port" => args.port = parse(&value("--port")?, "--port")?,
@@ -99,8 +97,7 @@ async fn main() {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     match run(args).await {
@@ -130,6 +127,13 @@ async fn run(args: Args) -> Result<i32, String> {
         started.elapsed().as_secs_f64()
     );
     let state = Arc::new(AppState::new(db, cache));
+    let forgotten = state
+        .forget_cached_copies()
+        .await
+        .map_err(|e| format!("cannot clear cached copies of an earlier run: {e}"))?;
+    if forgotten > 0 {
+        println!("removed {forgotten} cached entries left by an earlier run");
+    }
 
     if args.serve {
         let addr = SocketAddr::from(([127, 0, 0, 1], args.port));

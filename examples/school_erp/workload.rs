@@ -90,6 +90,9 @@ pub struct Detail {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub stale_sets_refused: u64,
+    pub cache_errors: u64,
+    pub cache_timeouts: u64,
+    pub leases_denied: u64,
     pub max_ms: f64,
     pub first_failures: Vec<String>,
 }
@@ -125,10 +128,17 @@ impl Report {
             "db hits saved   {:>7.1} %   (target >= 95; the seeds ask for >= 60)",
             self.db_hits_saved_pct
         );
-        println!("db queries      {:>8} in all (reads, writes and logins)", self.db_queries);
+        println!(
+            "db queries      {:>8} in all (reads, writes and logins)",
+            self.db_queries
+        );
         println!(
             "cache           {} hits, {} misses; {} loads refused a stale store after a write",
             d.cache_hits, d.cache_misses, d.stale_sets_refused
+        );
+        println!(
+            "cache backend   {} errors ({} timeouts); {} loads not cached behind another's lease",
+            d.cache_errors, d.cache_timeouts, d.leases_denied
         );
         println!(
             "stale reads     {:>8}   (reads issued after a write returned that showed older data)",
@@ -248,7 +258,11 @@ impl Shared {
         let started = Instant::now();
         tally.requests += 1;
         let result = async {
-            let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
             let status = response.status();
             let body = response
                 .into_body()
@@ -332,9 +346,12 @@ impl Shared {
             return;
         };
         let stale = match &dashboard {
-            Dashboard::Student { profile, fees, .. } | Dashboard::Parent { child: profile, fees, .. } => {
-                fees.paid_cents < paid || profile.version < version
-            }
+            Dashboard::Student { profile, fees, .. }
+            | Dashboard::Parent {
+                child: profile,
+                fees,
+                ..
+            } => fees.paid_cents < paid || profile.version < version,
             Dashboard::Teacher { class } => roster_versions.iter().any(|(s, v)| {
                 class
                     .roster
@@ -413,7 +430,8 @@ impl Shared {
         if index == 0 {
             self.login_burst(&mut tally).await;
         }
-        let mut rng = StdRng::seed_from_u64(w.seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
+        let mut rng =
+            StdRng::seed_from_u64(w.seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
         let zipf = Zipf::new(w.students as f64, w.zipf_exponent).expect("valid Zipf law");
         let length = Geometric::new(1.0 / w.session_length.max(1.0)).expect("valid session length");
         let mut edits = 0u64;
@@ -523,7 +541,10 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         .collect();
     let mut tally = Tally::default();
     for task in tasks {
-        tally.merge(task.await.map_err(|e| format!("a virtual user panicked: {e}"))?);
+        tally.merge(
+            task.await
+                .map_err(|e| format!("a virtual user panicked: {e}"))?,
+        );
     }
     let elapsed = started.elapsed();
     let after = scrape(&client, &base).await?;
@@ -556,7 +577,13 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             cache_hits: delta("speedlayer_cache_hits_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),
             stale_sets_refused: delta("speedlayer_cache_stale_sets_refused_total"),
-            max_ms: tally.latencies_us.last().map_or(0.0, |m| f64::from(*m) / 1_000.0),
+            cache_errors: delta("speedlayer_cache_errors_total"),
+            cache_timeouts: delta("speedlayer_cache_timeouts_total"),
+            leases_denied: delta("speedlayer_cache_leases_denied_total"),
+            max_ms: tally
+                .latencies_us
+                .last()
+                .map_or(0.0, |m| f64::from(*m) / 1_000.0),
             first_failures: tally.failures,
         },
     })
