@@ -58,7 +58,8 @@ impl DbKind {
 pub struct RoleRecord {
     /// `student`, `parent`, `teacher`, `admin`, or `suspended` (an inactive student).
     pub role: String,
-    /// The student, parent, teacher or admin row the user is.
+    /// What the user's data is about: a student's own id, a parent's child's student id, a
+    /// teacher's class id (the admin's own id).
     pub ref_id: i64,
 }
 
@@ -71,6 +72,8 @@ pub struct FeeSummary {
     pub paid_cents: i64,
     pub balance_cents: i64,
     pub payments: i64,
+    /// The student's profile version (the summary shows the name).
+    pub profile_version: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,7 +142,7 @@ pub struct Db {
     pool: AnyPool,
     kind: DbKind,
     queries: AtomicU64,
-    /// The SQLite file, removed when the database is dropped.
+    /// The SQLite file, removed when the database is closed or dropped.
     file: Option<PathBuf>,
 }
 
@@ -350,8 +353,11 @@ impl Db {
     pub async fn role(&self, user_id: &str) -> DbResult<Option<RoleRecord>> {
         self.count();
         let row = sqlx::query(
-            "SELECT u.role, u.ref_id, COALESCE(s.active, 1) \
-             FROM erp_users u LEFT JOIN erp_students s ON u.role = 'student' AND s.id = u.ref_id \
+            "SELECT u.role, COALESCE(p.student_id, c.id, u.ref_id), COALESCE(s.active, 1) \
+             FROM erp_users u \
+             LEFT JOIN erp_students s ON u.role = 'student' AND s.id = u.ref_id \
+             LEFT JOIN erp_parents p ON u.role = 'parent' AND p.id = u.ref_id \
+             LEFT JOIN erp_classes c ON u.role = 'teacher' AND c.teacher_id = u.ref_id \
              WHERE u.id = $1",
         )
         .bind(user_id)
@@ -387,7 +393,8 @@ impl Db {
         let row = sqlx::query(
             "SELECT s.name, f.name, f.amount_cents, \
                CAST(COALESCE((SELECT SUM(p.amount_cents) FROM erp_payments p WHERE p.student_id = s.id), 0) AS BIGINT), \
-               CAST((SELECT COUNT(*) FROM erp_payments p WHERE p.student_id = s.id) AS BIGINT) \
+               CAST((SELECT COUNT(*) FROM erp_payments p WHERE p.student_id = s.id) AS BIGINT), \
+               s.version \
              FROM erp_students s JOIN erp_fee_plans f ON f.id = s.fee_plan_id WHERE s.id = $1",
         )
         .bind(student_id)
@@ -404,6 +411,7 @@ impl Db {
                 paid_cents: paid,
                 balance_cents: due - paid,
                 payments: r.get(4),
+                profile_version: r.get(5),
             }
         }))
     }
@@ -557,6 +565,10 @@ impl Db {
     /// Closes the pool (and removes the SQLite file).
     pub async fn close(&self) {
         self.pool.close().await;
+        self.remove_file();
+    }
+
+    fn remove_file(&self) {
         if let Some(file) = &self.file {
             for suffix in ["", "-wal", "-shm"] {
                 let mut path = file.clone().into_os_string();
@@ -564,6 +576,13 @@ impl Db {
                 let _ = std::fs::remove_file(path);
             }
         }
+    }
+}
+
+impl Drop for Db {
+    /// Removes the SQLite file on every path out, errors and panics included.
+    fn drop(&mut self) {
+        self.remove_file();
     }
 }
 

@@ -87,6 +87,8 @@ pub struct Detail {
     pub logins_admitted: u64,
     pub cacheable_reads: u64,
     pub cache_loads: u64,
+    pub role_checks: u64,
+    pub role_loads: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub stale_sets_refused: u64,
@@ -128,6 +130,15 @@ impl Report {
             "db hits saved   {:>7.1} %   (target >= 95; the seeds ask for >= 60)",
             self.db_hits_saved_pct
         );
+        let data_reads = d.cacheable_reads.saturating_sub(d.role_checks);
+        let data_loads = d.cache_loads.saturating_sub(d.role_loads);
+        if data_reads > 0 && d.role_checks > 0 {
+            println!(
+                "                dashboards and fee summaries alone {:.1} %, role checks alone {:.1} %",
+                100.0 * (1.0 - data_loads as f64 / data_reads as f64),
+                100.0 * (1.0 - d.role_loads as f64 / d.role_checks as f64)
+            );
+        }
         println!(
             "db queries      {:>8} in all (reads, writes and logins)",
             self.db_queries
@@ -218,6 +229,9 @@ impl Tally {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A request not answered within this counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct Shared {
     client: HttpClient,
     base: String,
@@ -257,7 +271,7 @@ impl Shared {
             .expect("a valid request");
         let started = Instant::now();
         tally.requests += 1;
-        let result = async {
+        let exchange = async {
             let response = self
                 .client
                 .request(request)
@@ -271,8 +285,10 @@ impl Shared {
                 .map_err(|e| e.to_string())?
                 .to_bytes();
             Ok::<_, String>((status, body))
-        }
-        .await;
+        };
+        let result = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
         let micros = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         tally.latencies_us.push(micros);
         match result {
@@ -314,12 +330,12 @@ impl Shared {
 
     async fn fees(&self, tally: &mut Tally, user: &str, student: i64) {
         tally.reads += 1;
-        let (paid, _) = self.confirmed.snapshot(student);
+        let (paid, version) = self.confirmed.snapshot(student);
         let path = format!("/api/fees/summary/{student}");
         if let Some(summary) = self
             .call::<FeeSummary>(tally, Method::GET, &path, user, None)
             .await
-            && summary.paid_cents < paid
+            && (summary.paid_cents < paid || summary.profile_version < version)
         {
             tally.stale += 1;
         }
@@ -574,6 +590,8 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             logins_admitted: tally.logins_admitted,
             cacheable_reads,
             cache_loads,
+            role_checks: delta("school_erp_role_checks_total"),
+            role_loads: delta("school_erp_role_loads_total"),
             cache_hits: delta("speedlayer_cache_hits_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),
             stale_sets_refused: delta("speedlayer_cache_stale_sets_refused_total"),

@@ -103,16 +103,23 @@ impl PostgresServer {
         let init = command(&bin.join("initdb"), as_postgres)
             .args(["-D"])
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
             .expect("initdb runs");
-        assert!(
-            init.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        if !init.status.success() {
+            let _ = std::fs::remove_dir_all(&dir);
+            panic!("initdb failed: {}", String::from_utf8_lossy(&init.stderr));
+        }
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = super::server::free_port();
@@ -132,6 +139,7 @@ impl PostgresServer {
                 .arg(format!("unix_socket_directories={}", dir.display()))
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off", "-c", "max_connections=50"])
+                .args(["-c", "lc_messages=C"])
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -147,6 +155,7 @@ impl PostgresServer {
             last_error = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
             server.stop_process();
         }
+        let _ = std::fs::remove_dir_all(&dir);
         panic!("PostgreSQL did not start: {last_error}");
     }
 
