@@ -522,7 +522,19 @@ async fn update_student(
     if !allowed {
         return Err(ApiError(StatusCode::FORBIDDEN, "not your profile"));
     }
-    if update.name.trim().is_empty() || update.name.len() > 200 || update.phone.len() > 40 {
+    if !update.active && caller.role.role != "admin" {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "only the admin suspends a student",
+        ));
+    }
+    let printable = |text: &str| !text.chars().any(char::is_control);
+    if update.name.trim().is_empty()
+        || update.name.len() > 200
+        || update.phone.len() > 40
+        || !printable(&update.name)
+        || !printable(&update.phone)
+    {
         return Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid name or phone",
@@ -597,6 +609,14 @@ async fn login(
             StatusCode::TOO_MANY_REQUESTS,
             headers,
             Json(serde_json::json!({ "error": "too many login attempts" })),
+        )
+            .into_response();
+    }
+    if login.user_id.len() > 64 || login.user_id.chars().any(char::is_control) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            headers,
+            Json(serde_json::json!({ "error": "wrong user or password" })),
         )
             .into_response();
     }

@@ -156,3 +156,225 @@ async fn postgres_with_redis() {
     })
     .await;
 }
+
+/// One request to the router, as from `127.0.0.1`; the status and the body.
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    user: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use tower::ServiceExt;
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(user) = user {
+        request = request.header("x-user-id", user);
+    }
+    let mut request = request
+        .body(axum::body::Body::from(body.to_owned()))
+        .expect("request");
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(SocketAddr::from((
+            [127, 0, 0, 1],
+            40_000,
+        ))));
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The API refuses what it must, with the right status and no 500s: callers without a user,
+/// other families' data, self-suspension, control characters, bad amounts, malformed ids. An
+/// admin's suspension takes effect at once (the cached role is invalidated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refuses_what_it_must() {
+    let size = SchoolSize {
+        students: 50,
+        teachers: 5,
+        days: 2,
+    };
+    let db = Db::open(None, size).await.expect("database");
+    let state = Arc::new(AppState::new(db, Cache::memory()));
+    let app = app::router(state.clone());
+    let fees = "/api/fees/summary/7";
+
+    assert_eq!(call(&app, "GET", fees, None, "").await.0, 401);
+    assert_eq!(call(&app, "GET", fees, Some("nobody"), "").await.0, 401);
+    assert_eq!(call(&app, "GET", fees, Some("s\t7"), "").await.0, 401);
+    assert_eq!(call(&app, "GET", fees, Some("s7"), "").await.0, 200);
+    assert_eq!(call(&app, "GET", fees, Some("p7"), "").await.0, 200);
+    assert_eq!(call(&app, "GET", fees, Some("a1"), "").await.0, 200);
+    assert_eq!(call(&app, "GET", fees, Some("p8"), "").await.0, 403);
+    assert_eq!(call(&app, "GET", fees, Some("t2"), "").await.0, 403);
+    assert_eq!(
+        call(&app, "GET", "/api/fees/summary/x%2A", Some("a1"), "")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/fees/summary/99999", Some("a1"), "")
+            .await
+            .0,
+        404
+    );
+
+    // Dashboards: one's own, the admin's view of anyone's, never another user's.
+    assert_eq!(
+        call(&app, "GET", "/api/dashboard/student/s7", Some("s7"), "")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/dashboard/student/s8", Some("s7"), "")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/dashboard/teacher/s7", Some("s7"), "")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/dashboard/parent/p7", Some("a1"), "")
+            .await
+            .0,
+        200
+    );
+    let (status, body) = call(&app, "GET", "/api/dashboard/teacher/t2", Some("t2"), "").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"class_id\":2"), "{body}");
+
+    // Payments: the admin only, amounts in range, known students.
+    let pay =
+        |student: i64, cents: i64| format!("{{\"student_id\":{student},\"amount_cents\":{cents}}}");
+    assert_eq!(
+        call(&app, "POST", "/api/payments", Some("s7"), &pay(7, 500))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(&app, "POST", "/api/payments", Some("a1"), &pay(7, -5))
+            .await
+            .0,
+        422
+    );
+    assert_eq!(
+        call(&app, "POST", "/api/payments", Some("a1"), &pay(9999, 500))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        call(&app, "POST", "/api/payments", Some("a1"), "{not json")
+            .await
+            .0,
+        400
+    );
+    let (status, body) = call(&app, "POST", "/api/payments", Some("a1"), &pay(7, 500)).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Profiles: one's own, printable, and no self-suspension.
+    let profile = |name: &str, active: bool| {
+        serde_json::json!({ "name": name, "phone": "1", "active": active }).to_string()
+    };
+    let me = "/api/students/7";
+    assert_eq!(
+        call(&app, "PUT", me, Some("s8"), &profile("X", true))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(&app, "PUT", me, Some("s7"), &profile("A\u{0}B", true))
+            .await
+            .0,
+        422
+    );
+    assert_eq!(
+        call(&app, "PUT", me, Some("s7"), &profile("", true))
+            .await
+            .0,
+        422
+    );
+    assert_eq!(
+        call(&app, "PUT", me, Some("s7"), &profile("X", false))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(&app, "PUT", me, Some("s7"), &profile("Asha", true))
+            .await
+            .0,
+        200
+    );
+    // The admin suspends student 7: the cached role is dropped, access ends at once.
+    assert_eq!(
+        call(&app, "PUT", me, Some("a1"), &profile("Asha", false))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(call(&app, "GET", fees, Some("s7"), "").await.0, 401);
+
+    // Login: wrong password, hostile ids, then the limit.
+    let login = |user: &str, password: &str| {
+        serde_json::json!({ "user_id": user, "password": password }).to_string()
+    };
+    let path = "/api/auth/login";
+    assert_eq!(
+        call(&app, "POST", path, None, &login("s1", "nope")).await.0,
+        401
+    );
+    assert_eq!(
+        call(&app, "POST", path, None, &login("s1\r\n", "x"))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        call(&app, "POST", path, None, &login(&"s".repeat(10_000), "x"))
+            .await
+            .0,
+        401
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..LOGIN_LIMIT {
+        statuses.push(
+            call(&app, "POST", path, None, &login("s1", "demo-s1"))
+                .await
+                .0,
+        );
+    }
+    // Three attempts above already counted: 7 more admitted, then 429s.
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u32;
+    assert_eq!(admitted, LOGIN_LIMIT - 3, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+
+    let (status, metrics) = call(&app, "GET", "/metrics", None, "").await;
+    assert_eq!(status, 200);
+    for name in [
+        "speedlayer_cache_hits_total",
+        "school_erp_db_queries_total",
+        "school_erp_rate_limited_total 3",
+        "school_erp_server_errors_total 0",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from {metrics}");
+    }
+    state.db.close().await;
+}
