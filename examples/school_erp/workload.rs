@@ -170,14 +170,20 @@ impl Report {
 struct Confirmed {
     paid: Vec<AtomicI64>,
     version: Vec<AtomicI64>,
+    /// Payments whose receipt has been returned.
+    payments: AtomicI64,
+    /// Payments the admin dashboard showed before the run.
+    baseline_payments: i64,
 }
 
 impl Confirmed {
-    fn new(students: i64) -> Confirmed {
+    fn new(students: i64, baseline_payments: i64) -> Confirmed {
         let n = students as usize + 1;
         Confirmed {
             paid: (0..n).map(|_| AtomicI64::new(0)).collect(),
             version: (0..n).map(|_| AtomicI64::new(1)).collect(),
+            payments: AtomicI64::new(0),
+            baseline_payments,
         }
     }
 
@@ -344,6 +350,7 @@ impl Shared {
     async fn dashboard(&self, tally: &mut Tally, role: &str, user: &str, family: i64) {
         tally.reads += 1;
         let (paid, version) = self.confirmed.snapshot(family);
+        let payments = self.confirmed.payments.load(Ordering::SeqCst);
         let class = (family - 1) % self.workload.teachers + 1;
         let roster_versions: Vec<(i64, i64)> = if role == "teacher" {
             (0..)
@@ -375,7 +382,9 @@ impl Shared {
                     .find(|e| e.student_id == *s)
                     .is_none_or(|e| e.version < *v)
             }),
-            Dashboard::Admin { .. } => false,
+            Dashboard::Admin { totals } => {
+                totals.payments < self.confirmed.baseline_payments + payments
+            }
         };
         if stale {
             tally.stale += 1;
@@ -394,6 +403,7 @@ impl Shared {
             .await
         {
             self.confirmed.paid[student as usize].fetch_max(receipt.paid_cents, Ordering::SeqCst);
+            self.confirmed.payments.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -485,8 +495,11 @@ impl Shared {
                     self.dashboard(&mut tally, "teacher", &format!("t{class}"), family)
                         .await;
                 } else {
-                    // The bursar works through the families that come in.
-                    if x < 0.90 {
+                    // The bursar works through the families that come in, glancing at the
+                    // school's totals now and then.
+                    if x < 0.05 {
+                        self.dashboard(&mut tally, "admin", "a1", family).await;
+                    } else if x < 0.90 {
                         self.fees(&mut tally, "a1", family).await;
                     } else {
                         let amount = rng.random_range(5..50) * 100;
@@ -495,6 +508,29 @@ impl Shared {
                 }
             }
         }
+    }
+}
+
+/// The payments the admin dashboard shows now.
+async fn admin_payments(client: &HttpClient, base: &str) -> Result<i64, String> {
+    let request = Request::get(format!("{base}/api/dashboard/admin/a1"))
+        .header("x-user-id", "a1")
+        .body(Full::new(Bytes::new()))
+        .expect("a valid request");
+    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    match serde_json::from_slice::<Dashboard>(&body) {
+        Ok(Dashboard::Admin { totals }) if status == StatusCode::OK => Ok(totals.payments),
+        _ => Err(format!(
+            "the admin dashboard answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )),
     }
 }
 
@@ -542,6 +578,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         .pool_max_idle_per_host(workload.concurrency.max(1))
         .build_http();
     let base = format!("http://{addr}");
+    let baseline_payments = admin_payments(&client, &base).await?;
     let before = scrape(&client, &base).await?;
     let started = Instant::now();
     let shared = Arc::new(Shared {
@@ -549,7 +586,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         base: base.clone(),
         budget: AtomicU64::new(workload.requests),
         deadline: started + workload.duration,
-        confirmed: Confirmed::new(workload.students),
+        confirmed: Confirmed::new(workload.students, baseline_payments),
         workload: workload.clone(),
     });
     let tasks: Vec<_> = (0..workload.concurrency.max(1))
