@@ -123,6 +123,25 @@ async fn main() {
     }
 }
 
+/// Ctrl-C, or SIGTERM (what a container runtime or systemd sends).
+async fn shutdown_signal() -> Result<(), String> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("cannot wait for SIGTERM: {e}"))?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.map_err(|e| format!("cannot wait for Ctrl-C: {e}")),
+            _ = term.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c()
+            .await
+            .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))
+    }
+}
+
 async fn run(args: Args) -> Result<i32, String> {
     let size = SchoolSize::default();
     let started = Instant::now();
@@ -155,12 +174,11 @@ async fn run(args: Args) -> Result<i32, String> {
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         println!(
-            "serving on http://{} (try: curl -H 'x-user-id: s42' http://{}/api/dashboard/student/s42); Ctrl-C stops",
+            "serving on http://{} (try: curl -H 'x-user-id: s42' http://{}/api/dashboard/student/s42); Ctrl-C or SIGTERM stops",
             service.addr, service.addr
         );
-        tokio::signal::ctrl_c()
-            .await
-            .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))?;
+        shutdown_signal().await?;
+        println!("stopping: finishing requests in flight");
         service.stop().await.map_err(|e| e.to_string())?;
         return Ok(0);
     }
