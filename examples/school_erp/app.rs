@@ -253,6 +253,11 @@ async fn count_requests(
     response
 }
 
+/// A user id worth looking up: 1 to 64 bytes, no control characters.
+fn plausible_user_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && !id.chars().any(char::is_control)
+}
+
 /// The caller, once authenticated.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -286,7 +291,7 @@ async fn authenticate(
     let user_id = headers
         .get("x-user-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && !v.chars().any(char::is_control))
+        .filter(|v| plausible_user_id(v))
         .ok_or(ApiError(StatusCode::UNAUTHORIZED, "missing X-User-Id"))?
         .to_owned();
     let role = state
@@ -612,13 +617,16 @@ async fn login(
         )
             .into_response();
     }
-    if login.user_id.len() > 64 || login.user_id.chars().any(char::is_control) {
-        return (
+    let refused = |headers| {
+        (
             StatusCode::UNAUTHORIZED,
             headers,
             Json(serde_json::json!({ "error": "wrong user or password" })),
         )
-            .into_response();
+            .into_response()
+    };
+    if !plausible_user_id(&login.user_id) {
+        return refused(headers);
     }
     match state
         .db
@@ -626,12 +634,7 @@ async fn login(
         .await
     {
         Ok(true) => (headers, Json(serde_json::json!({ "token": login.user_id }))).into_response(),
-        Ok(false) => (
-            StatusCode::UNAUTHORIZED,
-            headers,
-            Json(serde_json::json!({ "error": "wrong user or password" })),
-        )
-            .into_response(),
+        Ok(false) => refused(headers),
         Err(e) => db_error(&e).into_response(),
     }
 }
@@ -643,134 +646,132 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let s = state.cache.stats();
     let m = &state.metrics;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 20] = [
-        (
-            "school_erp_role_checks_total",
-            "counter",
-            "Cacheable reads that were role checks.",
-            load(&m.role_checks),
-        ),
-        (
-            "school_erp_role_loads_total",
-            "counter",
-            "Role checks that went to the database.",
-            load(&m.role_loads),
-        ),
-        (
-            "school_erp_server_errors_total",
-            "counter",
-            "Requests answered with a 5xx status.",
-            load(&m.server_errors),
-        ),
-        (
-            "school_erp_invalidation_failures_total",
-            "counter",
-            "Invalidations after a committed write that failed (logged).",
-            load(&m.invalidation_failures),
-        ),
-        (
-            "speedlayer_cache_hits_total",
-            "counter",
-            "Reads answered from the cache.",
-            s.hits,
-        ),
-        (
-            "speedlayer_cache_misses_total",
-            "counter",
-            "Reads that found nothing usable.",
-            s.misses,
-        ),
-        (
-            "speedlayer_cache_loader_calls_total",
-            "counter",
-            "Loads from the database made through the cache.",
-            s.loader_calls,
-        ),
-        (
-            "speedlayer_cache_errors_total",
-            "counter",
-            "Failed cache backend calls.",
-            s.errors,
-        ),
-        (
-            "speedlayer_cache_fallbacks_total",
-            "counter",
-            "Operations answered without the cache backend.",
-            s.fallbacks,
-        ),
-        (
-            "speedlayer_cache_stale_sets_refused_total",
-            "counter",
-            "Loaded values not stored because an invalidation overtook them.",
-            s.stale_sets_refused,
-        ),
-        (
-            "speedlayer_cache_timeouts_total",
-            "counter",
-            "Cache backend calls that timed out.",
-            s.timeouts,
-        ),
-        (
-            "speedlayer_cache_leases_denied_total",
-            "counter",
-            "Loads not cached because another load held the key's lease.",
-            s.leases_denied,
-        ),
-        (
-            "speedlayer_cache_invalidations_total",
-            "counter",
-            "Write events invalidated.",
-            s.invalidations,
-        ),
-        (
-            "speedlayer_cache_connected",
-            "gauge",
-            "1 when the cache backend is usable.",
-            u64::from(s.connected),
-        ),
-        (
-            "school_erp_db_queries_total",
-            "counter",
-            "Queries run on the database.",
-            state.db.queries(),
-        ),
-        (
-            "school_erp_http_requests_total",
-            "counter",
-            "HTTP requests served.",
-            load(&m.requests),
-        ),
-        (
-            "school_erp_cacheable_reads_total",
-            "counter",
-            "Reads that could be answered from the cache.",
-            load(&m.cacheable_reads),
-        ),
-        (
-            "school_erp_cache_loads_total",
-            "counter",
-            "Cacheable reads that went to the database.",
-            load(&m.cache_loads),
-        ),
-        (
-            "school_erp_writes_total",
-            "counter",
-            "Database writes.",
-            load(&m.writes),
-        ),
-        (
-            "school_erp_rate_limited_total",
-            "counter",
-            "Requests answered 429.",
-            load(&m.rate_limited),
-        ),
-    ];
     let mut text = String::new();
-    for (name, kind, help, value) in rows {
+    let mut put = |kind: &str, name: &str, help: &str, value: u64| {
         text.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));
-    }
+    };
+    put(
+        "counter",
+        "speedlayer_cache_hits_total",
+        "Reads answered from the cache.",
+        s.hits,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_misses_total",
+        "Reads that found nothing usable.",
+        s.misses,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_loader_calls_total",
+        "Loads from the database made through the cache.",
+        s.loader_calls,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_errors_total",
+        "Failed cache backend calls.",
+        s.errors,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_timeouts_total",
+        "Cache backend calls that timed out.",
+        s.timeouts,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_fallbacks_total",
+        "Operations answered without the cache backend.",
+        s.fallbacks,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_stale_sets_refused_total",
+        "Loaded values not stored because an invalidation overtook them.",
+        s.stale_sets_refused,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_leases_denied_total",
+        "Loads not cached because another load held the key's lease.",
+        s.leases_denied,
+    );
+    put(
+        "counter",
+        "speedlayer_cache_invalidations_total",
+        "Write events invalidated.",
+        s.invalidations,
+    );
+    put(
+        "gauge",
+        "speedlayer_cache_connected",
+        "1 when the cache backend is usable.",
+        u64::from(s.connected),
+    );
+    put(
+        "counter",
+        "school_erp_db_queries_total",
+        "Queries run on the database.",
+        state.db.queries(),
+    );
+    put(
+        "counter",
+        "school_erp_http_requests_total",
+        "HTTP requests served.",
+        load(&m.requests),
+    );
+    put(
+        "counter",
+        "school_erp_cacheable_reads_total",
+        "Reads that could be answered from the cache.",
+        load(&m.cacheable_reads),
+    );
+    put(
+        "counter",
+        "school_erp_cache_loads_total",
+        "Cacheable reads that went to the database.",
+        load(&m.cache_loads),
+    );
+    put(
+        "counter",
+        "school_erp_role_checks_total",
+        "Cacheable reads that were role checks.",
+        load(&m.role_checks),
+    );
+    put(
+        "counter",
+        "school_erp_role_loads_total",
+        "Role checks that went to the database.",
+        load(&m.role_loads),
+    );
+    put(
+        "counter",
+        "school_erp_writes_total",
+        "Database writes.",
+        load(&m.writes),
+    );
+    put(
+        "counter",
+        "school_erp_rate_limited_total",
+        "Requests answered 429.",
+        load(&m.rate_limited),
+    );
+    put(
+        "counter",
+        "school_erp_server_errors_total",
+        "Requests answered with a 5xx status.",
+        load(&m.server_errors),
+    );
+    put(
+        "counter",
+        "school_erp_invalidation_failures_total",
+        "Invalidations after a committed write that failed (logged).",
+        load(&m.invalidation_failures),
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,

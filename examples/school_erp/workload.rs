@@ -265,36 +265,9 @@ impl Shared {
         user: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Option<(StatusCode, Bytes)> {
-        let mut request = Request::builder()
-            .method(method.clone())
-            .uri(format!("{}{path}", self.base))
-            .header("content-type", "application/json");
-        if let Some(user) = user {
-            request = request.header("x-user-id", user);
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .expect("a valid request");
         let started = Instant::now();
         tally.requests += 1;
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, body))
-        };
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")));
+        let result = exchange(&self.client, &self.base, method.clone(), path, user, body).await;
         let micros = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         tally.latencies_us.push(micros);
         match result {
@@ -511,20 +484,45 @@ impl Shared {
     }
 }
 
+/// One request and its whole answer, within [`REQUEST_TIMEOUT`].
+async fn exchange(
+    client: &HttpClient,
+    base: &str,
+    method: Method,
+    path: &str,
+    user: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Bytes), String> {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("{base}{path}"))
+        .header("content-type", "application/json");
+    if let Some(user) = user {
+        request = request.header("x-user-id", user);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .expect("a valid request");
+    let answer = async {
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, answer)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")))
+}
+
 /// The payments the admin dashboard shows now.
 async fn admin_payments(client: &HttpClient, base: &str) -> Result<i64, String> {
-    let request = Request::get(format!("{base}/api/dashboard/admin/a1"))
-        .header("x-user-id", "a1")
-        .body(Full::new(Bytes::new()))
-        .expect("a valid request");
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let path = "/api/dashboard/admin/a1";
+    let (status, body) = exchange(client, base, Method::GET, path, Some("a1"), None).await?;
     match serde_json::from_slice::<Dashboard>(&body) {
         Ok(Dashboard::Admin { totals }) if status == StatusCode::OK => Ok(totals.payments),
         _ => Err(format!(
@@ -536,16 +534,7 @@ async fn admin_payments(client: &HttpClient, base: &str) -> Result<i64, String> 
 
 /// Reads the service's counters from `/metrics`.
 async fn scrape(client: &HttpClient, base: &str) -> Result<Vec<(String, f64)>, String> {
-    let request = Request::get(format!("{base}/metrics"))
-        .body(Full::new(Bytes::new()))
-        .expect("a valid request");
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let (_, body) = exchange(client, base, Method::GET, "/metrics", None, None).await?;
     Ok(String::from_utf8_lossy(&body)
         .lines()
         .filter(|l| !l.starts_with('#'))

@@ -372,19 +372,19 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = self.shared.clone();
         Box::pin(async move {
-            let Some(route) = shared.route_for(&req).cloned() else {
+            let Some(route) = shared.route_for(&req) else {
                 return inner.call(req).await;
             };
             let who = shared.identity(&req);
-            let verdict = shared.limiter.check(&route, &who).await;
+            let verdict = shared.limiter.check(route, &who).await;
             if !verdict.allowed {
                 let mut response = Response::new(ResBody::default());
                 *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-                apply_headers(response.headers_mut(), &verdict, &route);
+                apply_headers(response.headers_mut(), &verdict, route);
                 return Ok(response);
             }
             let mut response = inner.call(req).await?;
-            apply_headers(response.headers_mut(), &verdict, &route);
+            apply_headers(response.headers_mut(), &verdict, route);
             Ok(response)
         })
     }

@@ -189,6 +189,7 @@ impl MemoryLimiter {
             shard_ids.iter().map(|&i| (i, self.lock(i))).collect();
         let mut decisions = Vec::with_capacity(layers.len());
         let mut next_states = Vec::with_capacity(layers.len());
+        let empty = State::default();
         for layer in layers {
             let shard_id = Self::shard_of(layer.layer_key());
             let shard = guards
@@ -197,9 +198,8 @@ impl MemoryLimiter {
                 .map(|(_, g)| &**g);
             let state = shard
                 .and_then(|s| s.get(layer.layer_key()))
-                .map(|slot| slot.state.clone())
-                .unwrap_or_default();
-            let (decision, next) = evaluate(layer.layer_limit(), &state, now);
+                .map_or(&empty, |slot| &slot.state);
+            let (decision, next) = evaluate(layer.layer_limit(), state, now);
             decisions.push(decision);
             next_states.push(next);
         }

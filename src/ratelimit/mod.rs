@@ -103,7 +103,7 @@ pub enum Outage {
 }
 
 /// A route's quotas: the layers checked together, and its outage behaviour.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Route {
     name: Ident,
     layers: Vec<(LayerKind, Limit)>,
@@ -161,16 +161,6 @@ impl Route {
     /// The outage behaviour.
     pub fn outage(&self) -> Outage {
         self.outage
-    }
-}
-
-impl fmt::Debug for Route {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Route")
-            .field("name", &self.name)
-            .field("layers", &self.layers)
-            .field("outage", &self.outage)
-            .finish()
     }
 }
 

@@ -49,13 +49,7 @@ pub(crate) fn evaluate(limit: &Limit, state: &State, now: u64) -> (Decision, Opt
             };
             let reset = (index + 1) * w - now;
             if count < l {
-                let decision = Decision {
-                    allowed: true,
-                    limit: limit.quota(),
-                    remaining: (l - count - 1) as u32,
-                    reset_after: ns(reset),
-                    retry_after: None,
-                };
+                let decision = admitted(limit, (l - count - 1) as u32, reset);
                 let next = State::Fixed {
                     window: index,
                     count: (count + 1) as u32,
@@ -66,27 +60,21 @@ pub(crate) fn evaluate(limit: &Limit, state: &State, now: u64) -> (Decision, Opt
             }
         }
         Algorithm::SlidingLog => {
-            let mut log = match state {
-                State::Log(log) => log.clone(),
-                _ => VecDeque::new(),
+            let empty = VecDeque::new();
+            let log = match state {
+                State::Log(log) => log,
+                _ => &empty,
             };
-            // An admission at t stays counted while now < t + w.
-            while log.front().is_some_and(|t| t + w <= now) {
-                log.pop_front();
-            }
-            let n = log.len() as u64;
+            // An admission at t stays counted while now < t + w. The log is copied only when
+            // the request is admitted (a denial, the common case under attack, changes nothing).
+            let expired = log.iter().take_while(|t| *t + w <= now).count();
+            let n = (log.len() - expired) as u64;
             if n < l {
-                log.push_back(now);
-                let decision = Decision {
-                    allowed: true,
-                    limit: limit.quota(),
-                    remaining: (l - n - 1) as u32,
-                    reset_after: ns(w),
-                    retry_after: None,
-                };
-                (decision, Some(State::Log(log)))
+                let next: VecDeque<u64> = log.range(expired..).copied().chain([now]).collect();
+                let decision = admitted(limit, (l - n - 1) as u32, w);
+                (decision, Some(State::Log(next)))
             } else {
-                let oldest = log.front().copied().unwrap_or(now);
+                let oldest = log.get(expired).copied().unwrap_or(now);
                 let newest = log.back().copied().unwrap_or(now);
                 (denied(limit, oldest + w - now, newest + w - now), None)
             }
@@ -111,13 +99,11 @@ pub(crate) fn evaluate(limit: &Limit, state: &State, now: u64) -> (Decision, Opt
                 + u128::from(current + 1) * u128::from(w);
             let capacity = u128::from(l) * u128::from(w);
             if weighted <= capacity {
-                let decision = Decision {
-                    allowed: true,
-                    limit: limit.quota(),
-                    remaining: ((capacity - weighted) / u128::from(w)) as u32,
-                    reset_after: ns((index + 2) * w - now),
-                    retry_after: None,
-                };
+                let decision = admitted(
+                    limit,
+                    ((capacity - weighted) / u128::from(w)) as u32,
+                    (index + 2) * w - now,
+                );
                 let next = State::Sliding {
                     window: index,
                     previous: previous as u32,
@@ -150,16 +136,21 @@ pub(crate) fn evaluate(limit: &Limit, state: &State, now: u64) -> (Decision, Opt
                 } else {
                     0
                 };
-                let decision = Decision {
-                    allowed: true,
-                    limit: limit.quota(),
-                    remaining: remaining.min(u64::from(u32::MAX)) as u32,
-                    reset_after: ns(next - now),
-                    retry_after: None,
-                };
+                let decision =
+                    admitted(limit, remaining.min(u64::from(u32::MAX)) as u32, next - now);
                 (decision, Some(State::Gcra { tat: next }))
             }
         }
+    }
+}
+
+fn admitted(limit: &Limit, remaining: u32, reset_ns: u64) -> Decision {
+    Decision {
+        allowed: true,
+        limit: limit.quota(),
+        remaining,
+        reset_after: ns(reset_ns),
+        retry_after: None,
     }
 }
 

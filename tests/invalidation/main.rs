@@ -3,29 +3,8 @@
 //! backend and a real Redis.
 
 #[path = "../support/mod.rs"]
+#[macro_use]
 mod support;
-
-/// Runs each named `async fn(Backend)` of the invoking module on memory and on a real Redis.
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::memory()).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::redis().await).await;
-                }
-            )*
-        }
-    };
-}
 
 mod registry;
 mod school;

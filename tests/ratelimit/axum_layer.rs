@@ -2,7 +2,6 @@
 //! forwarded addresses (never the spoofable first entry), or from the authenticated user.
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::Router;
@@ -16,14 +15,16 @@ use speedlayer::ratelimit::layer::{AuthenticatedUser, RateLimitLayer};
 use speedlayer::ratelimit::{Limit, RateLimiter, Route};
 use tower::ServiceExt;
 
+use crate::support::nz;
+
 fn app() -> Router {
     let cache = Cache::memory();
     let minute = Duration::from_secs(60);
-    let two = NonZeroU32::new(2).unwrap();
+    let two = nz(2);
     let login = Route::new(Ident::from_static("auth-login"))
         .per_ip(Limit::sliding_log(two, minute).unwrap());
     let profile = Route::new(Ident::from_static("profile"))
-        .per_user(Limit::fixed_window(NonZeroU32::new(1).unwrap(), minute).unwrap());
+        .per_user(Limit::fixed_window(nz(1), minute).unwrap());
     let layer = RateLimitLayer::new(RateLimiter::new(&cache))
         .route("POST", "/api/auth/login", login)
         .route("GET", "/api/profile*", profile)

@@ -1,6 +1,5 @@
 //! What a check promises on every backend: multi-layer atomicity, decisions, keys, headers.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,34 +7,9 @@ use speedlayer::Cache;
 use speedlayer::key::Ident;
 use speedlayer::ratelimit::{Identity, LayerKind, Limit, RateLimiter, Route, ServedBy};
 
-use crate::support::Backend;
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
+use crate::support::{Backend, nz};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::memory()).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::redis().await).await;
-                }
-            )*
-        }
-    };
-}
 
 both_backends!(
     each_algorithm_admits_its_limit_then_denies,

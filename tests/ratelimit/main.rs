@@ -2,6 +2,7 @@
 //! behaviour on memory and Redis, exactness under concurrency on a real Redis, and outages.
 
 #[path = "../support/mod.rs"]
+#[macro_use]
 mod support;
 
 #[cfg(feature = "axum")]

@@ -1,7 +1,6 @@
 //! Outages: a frozen and a killed Redis. No check waits longer than the operation timeout;
 //! once the breaker is open, checks cost memory-limiter time; each route's outage rule holds.
 
-use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use speedlayer::Cache;
@@ -9,17 +8,13 @@ use speedlayer::config::Config;
 use speedlayer::key::Ident;
 use speedlayer::ratelimit::{Identity, Limit, Outage, RateLimiter, Route, ServedBy};
 
-use crate::support::{RedisServer, redis_config_at};
+use crate::support::{RedisServer, nz, redis_config_at};
 
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
 /// Scheduling slack on a shared 2-core machine (see tests/faults for the reasoning).
 const SLACK: Duration = Duration::from_millis(100);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
 
 fn routes() -> (Route, Route, Route) {
     let limit = Limit::sliding_log(nz(5), Duration::from_secs(60)).unwrap();

@@ -2,7 +2,6 @@
 //! limiter with a fake clock. The references keep the full history of admissions and decide
 //! from it directly; the limiter keeps only its compact state.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +10,8 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::FileFailurePersistence;
 use speedlayer::clock::FakeClock;
 use speedlayer::ratelimit::{Layer, Limit, MemoryLimiter};
+
+use crate::support::nz;
 
 fn config() -> ProptestConfig {
     ProptestConfig {
@@ -53,10 +54,6 @@ fn run(limit: Limit, gaps: &[u64]) -> (Vec<u64>, Vec<bool>, Vec<u32>) {
         remaining.push(d.remaining);
     }
     (times, allowed, remaining)
-}
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
 }
 
 proptest! {

@@ -42,7 +42,7 @@ macro_rules! behaviour_suite {
                     let backend = crate::support::Backend::redis().await;
                     let store = speedlayer::store::Store::from_layer(
                         backend.layer(),
-                        &backend.config().op_timeout(std::time::Duration::from_secs(2)),
+                        &backend.config(),
                     );
                     crate::behaviour::$test(&store).await;
                 }

@@ -20,6 +20,34 @@ use speedlayer::key::{Ident, Key, Namespace};
 use speedlayer::store::CacheLayer;
 use speedlayer::store::MemoryLayer;
 
+/// A `NonZeroU32` from a literal the test knows is not zero.
+pub fn nz(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).expect("non-zero")
+}
+
+/// Runs each named `async fn(Backend)` of the invoking module on memory and on a real Redis.
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::memory()).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::redis().await).await;
+                }
+            )*
+        }
+    };
+}
+
 pub const TEST: Ident = Ident::from_static("test");
 pub const ITEM: Ident = Ident::from_static("item");
 
