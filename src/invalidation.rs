@@ -118,6 +118,11 @@ impl Targets {
     pub fn tags(&self) -> &[Tag] {
         &self.tags
     }
+
+    /// The keys and tags, moved out.
+    pub(crate) fn into_parts(self) -> (Vec<Key>, Vec<Tag>) {
+        (self.keys, self.tags)
+    }
 }
 
 type Derive = Box<dyn Fn(&Key) -> Result<Tag, KeyError> + Send + Sync>;

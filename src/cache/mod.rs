@@ -440,10 +440,11 @@ impl Cache {
             .store
             .invalidate(targets.keys(), targets.tags())
             .await?;
+        let (keys, tags) = targets.into_parts();
         let report = InvalidationReport {
             event: std::any::type_name::<E>(),
-            keys: targets.keys().to_vec(),
-            tags: targets.tags().to_vec(),
+            keys,
+            tags,
             keys_removed: done.keys_removed,
             tag_entries_removed: done.tag_entries_removed,
             deferred: done.deferred,
@@ -459,12 +460,7 @@ impl Cache {
 
     /// Invalidates a tag directly: every entry carrying it becomes a miss.
     pub async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        let done = self
-            .inner
-            .store
-            .invalidate(&[], std::slice::from_ref(tag))
-            .await?;
-        Ok(done.tag_entries_removed)
+        self.inner.store.invalidate_tag(tag).await
     }
 
     /// Maintenance only: removes every key matching `pattern` by walking the keyspace (Redis

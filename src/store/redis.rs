@@ -614,7 +614,9 @@ impl CacheLayer for RedisLayer {
                         .arg(check.limit.limit())
                         .arg(check.limit.window().as_micros() as u64)
                         .arg(burst)
-                        .arg(rand::random::<u64>());
+                        // A sliding log's member suffix, so equal timestamps stay distinct;
+                        // unused by the other algorithms.
+                        .arg(if code == 2 { rand::random::<u64>() } else { 0 });
                 }
                 invocation
             }

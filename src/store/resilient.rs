@@ -453,42 +453,55 @@ impl Store {
     pub async fn invalidate(&self, keys: &[Key], tags: &[Tag]) -> Result<Invalidated> {
         let mut done = Invalidated::default();
         if !keys.is_empty() {
-            let from_fallback = match &self.inner.fallback {
-                Some(f) => f.delete_many(keys).await?,
-                None => 0,
-            };
-            match self
-                .attempt("UNLINK", self.inner.primary.delete_many(keys))
-                .await
-            {
-                Outcome::Done(n) => done.keys_removed = n.max(from_fallback),
-                Outcome::Refused(e) => return Err(e),
-                Outcome::Unusable => {
-                    self.defer(keys, &[]);
-                    done.deferred = true;
-                    done.keys_removed = from_fallback;
-                }
-            }
+            let (removed, deferred) = self.delete_keys(keys).await?;
+            done.keys_removed = removed;
+            done.deferred |= deferred;
         }
         for tag in tags {
-            let from_fallback = match &self.inner.fallback {
-                Some(f) => f.invalidate_tag(tag).await?,
-                None => 0,
-            };
-            match self
-                .attempt("invalidate tag", self.inner.primary.invalidate_tag(tag))
-                .await
-            {
-                Outcome::Done(n) => done.tag_entries_removed += n.max(from_fallback),
-                Outcome::Refused(e) => return Err(e),
-                Outcome::Unusable => {
-                    self.defer(&[], std::slice::from_ref(tag));
-                    done.deferred = true;
-                    done.tag_entries_removed += from_fallback;
-                }
-            }
+            let (removed, deferred) = self.invalidate_one_tag(tag).await?;
+            done.tag_entries_removed += removed;
+            done.deferred |= deferred;
         }
         Ok(done)
+    }
+
+    /// Deletes `keys` in the fallback and the backend; when the backend is unusable its part is
+    /// queued. Returns the keys removed and whether the backend's part was deferred.
+    async fn delete_keys(&self, keys: &[Key]) -> Result<(u64, bool)> {
+        let from_fallback = match &self.inner.fallback {
+            Some(f) => f.delete_many(keys).await?,
+            None => 0,
+        };
+        match self
+            .attempt("UNLINK", self.inner.primary.delete_many(keys))
+            .await
+        {
+            Outcome::Done(n) => Ok((n.max(from_fallback), false)),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => {
+                self.defer(keys, &[]);
+                Ok((from_fallback, true))
+            }
+        }
+    }
+
+    /// [`Store::delete_keys`] for the entries of one tag.
+    async fn invalidate_one_tag(&self, tag: &Tag) -> Result<(u64, bool)> {
+        let from_fallback = match &self.inner.fallback {
+            Some(f) => f.invalidate_tag(tag).await?,
+            None => 0,
+        };
+        match self
+            .attempt("invalidate tag", self.inner.primary.invalidate_tag(tag))
+            .await
+        {
+            Outcome::Done(n) => Ok((n.max(from_fallback), false)),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => {
+                self.defer(&[], std::slice::from_ref(tag));
+                Ok((from_fallback, true))
+            }
+        }
     }
 
     /// [`CacheLayer::get_or_lease`], saying who answered. With `skip_primary` only the fallback
@@ -523,13 +536,8 @@ impl Store {
         }
         match &self.inner.fallback {
             Some(f) => Ok((
-                f.get_or_lease(
-                    key,
-                    token,
-                    lease_ttl.min(self.inner.fallback_max_ttl),
-                    replace,
-                )
-                .await?,
+                f.get_or_lease(key, token, self.fallback_ttl(lease_ttl), replace)
+                    .await?,
                 Source::Fallback,
             )),
             None => Ok((Leased::Denied, Source::Nothing)),
@@ -637,7 +645,7 @@ impl Store {
             },
             Source::Fallback => match &self.inner.fallback {
                 Some(f) => {
-                    f.set_leased(key, token, value, ttl.min(self.inner.fallback_max_ttl))
+                    f.set_leased(key, token, value, self.fallback_ttl(ttl))
                         .await
                 }
                 None => Ok(false),
@@ -646,12 +654,14 @@ impl Store {
         }
     }
 
+    /// A TTL as the fallback keeps it: at most `fallback_max_ttl`.
+    fn fallback_ttl(&self, ttl: Ttl) -> Ttl {
+        ttl.min(self.inner.fallback_max_ttl)
+    }
+
     async fn write_fallback(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<()> {
         match &self.inner.fallback {
-            Some(f) => {
-                f.set(key, value, ttl.min(self.inner.fallback_max_ttl))
-                    .await
-            }
+            Some(f) => f.set(key, value, self.fallback_ttl(ttl)).await,
             None => Ok(()),
         }
     }
@@ -862,21 +872,7 @@ impl CacheLayer for Store {
     }
 
     async fn delete_many(&self, keys: &[Key]) -> Result<u64> {
-        let from_fallback = match &self.inner.fallback {
-            Some(f) => f.delete_many(keys).await?,
-            None => 0,
-        };
-        match self
-            .attempt("UNLINK", self.inner.primary.delete_many(keys))
-            .await
-        {
-            Outcome::Done(removed) => Ok(removed.max(from_fallback)),
-            Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => {
-                self.defer(keys, &[]);
-                Ok(from_fallback)
-            }
-        }
+        self.delete_keys(keys).await.map(|(removed, _)| removed)
     }
 
     async fn remaining_ttl(&self, key: &Key) -> Result<Remaining> {
@@ -904,10 +900,7 @@ impl CacheLayer for Store {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
             Outcome::Unusable => match &self.inner.fallback {
-                Some(f) => {
-                    f.set_if_absent(key, value, ttl.min(self.inner.fallback_max_ttl))
-                        .await
-                }
+                Some(f) => f.set_if_absent(key, value, self.fallback_ttl(ttl)).await,
                 None => Err(self.unavailable("set_if_absent")),
             },
         }
@@ -921,10 +914,7 @@ impl CacheLayer for Store {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
             Outcome::Unusable => match &self.inner.fallback {
-                Some(f) => {
-                    f.increment(key, delta, ttl.min(self.inner.fallback_max_ttl))
-                        .await
-                }
+                Some(f) => f.increment(key, delta, self.fallback_ttl(ttl)).await,
                 None => Err(self.unavailable("increment")),
             },
         }
@@ -944,29 +934,14 @@ impl CacheLayer for Store {
 
     async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
         // The lease is in the backend or in the fallback; each only accepts its own marker.
-        let stored = match self
-            .attempt(
-                "SET (leased)",
-                self.inner
-                    .primary
-                    .set_leased(key, token, value.clone(), ttl),
-            )
-            .await
-        {
-            Outcome::Done(stored) => stored,
-            Outcome::Refused(e) => return Err(e),
-            Outcome::Unusable => false,
-        };
+        let stored = self
+            .set_leased_at(key, token, value.clone(), ttl, Source::Primary)
+            .await?;
         if stored || !self.inner.remote {
             return Ok(stored);
         }
-        match &self.inner.fallback {
-            Some(f) => {
-                f.set_leased(key, token, value, ttl.min(self.inner.fallback_max_ttl))
-                    .await
-            }
-            None => Ok(false),
-        }
+        self.set_leased_at(key, token, value, ttl, Source::Fallback)
+            .await
     }
 
     async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
@@ -985,8 +960,9 @@ impl CacheLayer for Store {
     }
 
     async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        let done = self.invalidate(&[], std::slice::from_ref(tag)).await?;
-        Ok(done.tag_entries_removed)
+        self.invalidate_one_tag(tag)
+            .await
+            .map(|(removed, _)| removed)
     }
 
     async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64> {
