@@ -816,17 +816,22 @@ impl CacheLayer for Store {
     }
 
     async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>> {
-        match self
+        let values = match self
             .attempt("MGET", self.inner.primary.get_many(keys))
             .await
         {
-            Outcome::Done(v) => Ok(v),
-            Outcome::Refused(e) => Err(e),
+            Outcome::Done(v) => v,
+            Outcome::Refused(e) => return Err(e),
             Outcome::Unusable => match &self.inner.fallback {
-                Some(f) => f.get_many(keys).await,
-                None => Ok(vec![None; keys.len()]),
+                Some(f) => f.get_many(keys).await?,
+                None => vec![None; keys.len()],
             },
-        }
+        };
+        // A key whose load is running holds its lease marker: a miss, as for `get`.
+        Ok(values
+            .into_iter()
+            .map(|v| v.filter(|v| !is_lease(v)))
+            .collect())
     }
 
     async fn set(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<()> {

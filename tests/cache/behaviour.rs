@@ -350,6 +350,33 @@ pub async fn get_many_decodes_each_entry(backend: &Backend) {
     assert_eq!((stats.hits, stats.misses, stats.decode_failures), (2, 2, 1));
 }
 
+/// A key whose load is running holds a lease marker: `get_many` sees a miss, not a value that
+/// does not decode, and neither deletes the marker nor stops the load from storing its value.
+pub async fn get_many_passes_over_a_load_in_progress(backend: &Backend) {
+    let cache = cache_for(backend).await;
+    let (loading, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+    let load = {
+        let (cache, loading, release) = (cache.clone(), loading.clone(), release.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_set(&key(1), MINUTE, || async move {
+                    loading.wait().await;
+                    release.wait().await;
+                    Ok::<_, DbDown>(student(1))
+                })
+                .await
+        })
+    };
+    loading.wait().await;
+    let got: Vec<Option<Student>> = cache.get_many(&[key(1)]).await;
+    assert_eq!(got, vec![None]);
+    release.wait().await;
+    assert_eq!(load.await.unwrap().unwrap(), student(1));
+    assert_eq!(cache.stats().decode_failures, 0);
+    assert_eq!(cache.stats().stale_sets_refused, 0);
+    assert_eq!(cache.get::<Student>(&key(1)).await, Some(student(1)));
+}
+
 pub async fn delete_removes(backend: &Backend) {
     let cache = cache_for(backend).await;
     cache.set(&key(1), &student(1), MINUTE).await.unwrap();

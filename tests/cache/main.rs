@@ -40,6 +40,7 @@ cache_suite!(
     ttls_are_jittered_within_the_policy,
     oversized_values_are_refused_or_left_uncached,
     get_many_decodes_each_entry,
+    get_many_passes_over_a_load_in_progress,
     delete_removes,
     set_and_get_with_hostile_ids,
     stats_describe_the_backend,
