@@ -285,6 +285,42 @@ fn hex_value(b: u8) -> Option<u8> {
 
 /// Formats `value` and appends its escaped form to `out`, without an intermediate `String` for
 /// plain ids.
+/// Appends `id` escaped, as an id segment: not empty, at most [`MAX_SEGMENT_LEN`] escaped.
+fn push_escaped_id(out: &mut String, id: &str) -> Result<(), KeyError> {
+    let start = out.len();
+    escape_into(id, out);
+    let len = out.len() - start;
+    if len == 0 {
+        return Err(KeyError::EmptySegment { part: "id" });
+    }
+    if len > MAX_SEGMENT_LEN {
+        return Err(KeyError::SegmentTooLong {
+            part: "id",
+            len,
+            max: MAX_SEGMENT_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// Appends a hash tag segment, `:{tag}`.
+fn push_hash_tag(out: &mut String, tag: &Ident) {
+    out.push_str(":{");
+    out.push_str(tag.as_str());
+    out.push('}');
+}
+
+/// Fails when a key's text is longer than [`MAX_KEY_LEN`].
+fn check_key_len(key: &str) -> Result<(), KeyError> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::KeyTooLong {
+            len: key.len(),
+            max: MAX_KEY_LEN,
+        });
+    }
+    Ok(())
+}
+
 fn push_escaped_display(
     out: &mut String,
     value: &dyn fmt::Display,
@@ -576,12 +612,7 @@ impl KeySpace {
         let mut full = String::with_capacity(base.len() + 24);
         full.push_str(base);
         push_escaped_display(&mut full, &id, "id")?;
-        if full.len() > MAX_KEY_LEN {
-            return Err(KeyError::KeyTooLong {
-                len: full.len(),
-                max: MAX_KEY_LEN,
-            });
-        }
+        check_key_len(&full)?;
         Ok(Key {
             full,
             leading: self.inner.scope.leading() as u8,
@@ -597,31 +628,11 @@ impl KeySpace {
         tag: &Ident,
         out: &mut String,
     ) -> Result<(), KeyError> {
-        let base = &self.inner.base;
         out.clear();
-        out.push_str(base);
-        escape_into(id, out);
-        let len = out.len() - base.len();
-        if len == 0 {
-            return Err(KeyError::EmptySegment { part: "id" });
-        }
-        if len > MAX_SEGMENT_LEN {
-            return Err(KeyError::SegmentTooLong {
-                part: "id",
-                len,
-                max: MAX_SEGMENT_LEN,
-            });
-        }
-        out.push_str(":{");
-        out.push_str(tag.as_str());
-        out.push('}');
-        if out.len() > MAX_KEY_LEN {
-            return Err(KeyError::KeyTooLong {
-                len: out.len(),
-                max: MAX_KEY_LEN,
-            });
-        }
-        Ok(())
+        out.push_str(&self.inner.base);
+        push_escaped_id(out, id)?;
+        push_hash_tag(out, tag);
+        check_key_len(out)
     }
 
     /// The key of a text id: [`KeySpace::key`] without going through `Display`.
@@ -629,24 +640,8 @@ impl KeySpace {
         let base = &self.inner.base;
         let mut full = String::with_capacity(base.len() + id.len() + 24);
         full.push_str(base);
-        escape_into(id, &mut full);
-        let len = full.len() - base.len();
-        if len == 0 {
-            return Err(KeyError::EmptySegment { part: "id" });
-        }
-        if len > MAX_SEGMENT_LEN {
-            return Err(KeyError::SegmentTooLong {
-                part: "id",
-                len,
-                max: MAX_SEGMENT_LEN,
-            });
-        }
-        if full.len() > MAX_KEY_LEN {
-            return Err(KeyError::KeyTooLong {
-                len: full.len(),
-                max: MAX_KEY_LEN,
-            });
-        }
+        push_escaped_id(&mut full, id)?;
+        check_key_len(&full)?;
         Ok(Key {
             full,
             leading: self.inner.scope.leading() as u8,
@@ -695,20 +690,10 @@ impl Key {
 
     /// Appends a context segment (`<domain>:<entity>:<id>:<context>`), escaped like an id.
     pub fn with_context(mut self, context: impl fmt::Display) -> Result<Key, KeyError> {
-        if usize::from(self.contexts) >= MAX_CONTEXTS {
-            return Err(KeyError::TooManyContexts {
-                count: usize::from(self.contexts) + 1,
-                max: MAX_CONTEXTS,
-            });
-        }
+        self.check_context_room()?;
         self.full.push(':');
         push_escaped_display(&mut self.full, &context, "context")?;
-        if self.full.len() > MAX_KEY_LEN {
-            return Err(KeyError::KeyTooLong {
-                len: self.full.len(),
-                max: MAX_KEY_LEN,
-            });
-        }
+        check_key_len(&self.full)?;
         self.contexts += 1;
         Ok(self)
     }
@@ -728,23 +713,22 @@ impl Key {
     /// # Ok::<(), speedlayer::key::KeyError>(())
     /// ```
     pub fn with_hash_tag(mut self, tag: &Ident) -> Result<Key, KeyError> {
+        self.check_context_room()?;
+        push_hash_tag(&mut self.full, tag);
+        check_key_len(&self.full)?;
+        self.contexts += 1;
+        Ok(self)
+    }
+
+    /// Fails when the key already has its maximum of context segments.
+    fn check_context_room(&self) -> Result<(), KeyError> {
         if usize::from(self.contexts) >= MAX_CONTEXTS {
             return Err(KeyError::TooManyContexts {
                 count: usize::from(self.contexts) + 1,
                 max: MAX_CONTEXTS,
             });
         }
-        self.full.push_str(":{");
-        self.full.push_str(tag.as_str());
-        self.full.push('}');
-        if self.full.len() > MAX_KEY_LEN {
-            return Err(KeyError::KeyTooLong {
-                len: self.full.len(),
-                max: MAX_KEY_LEN,
-            });
-        }
-        self.contexts += 1;
-        Ok(self)
+        Ok(())
     }
 
     fn segments(&self) -> std::str::Split<'_, char> {
