@@ -127,9 +127,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
 }
 
 fn criterion_filter_allows(id: &str) -> bool {
-    // The first free argument after the bench binary's flags is criterion's filter.
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    filter.is_none_or(|f| id.contains(&f))
+    crate::criterion_filter().is_none_or(|f| id.contains(&f))
 }
 
 /// p50/p99 of a Redis hit through speedlayer, measured one call at a time.

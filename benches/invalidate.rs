@@ -59,11 +59,11 @@ async fn tag_members(cache: &Cache, round: u64) {
             ttl: Ttl::seconds(600),
         })
         .collect();
-    let keys: Vec<_> = entries.iter().map(|e| e.key.clone()).collect();
-    for k in &keys {
+    let tags = [tag()];
+    for entry in &entries {
         cache
             .store()
-            .tag_add(&[tag()], k, Ttl::seconds(600))
+            .tag_add(&tags, &entry.key, Ttl::seconds(600))
             .await
             .expect("tag");
     }

@@ -24,8 +24,12 @@ mod throughput;
 /// True unless a criterion filter is given that cannot match `group`: the groups' paired rounds
 /// and set-up (a million keys for `invalidate`) run only when the group does.
 pub fn group_selected(group: &str) -> bool {
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    filter.is_none_or(|f| group.contains(&f) || f.contains(group))
+    criterion_filter().is_none_or(|f| group.contains(&f) || f.contains(group))
+}
+
+/// Criterion's filter: the first free argument after the bench binary's flags.
+pub fn criterion_filter() -> Option<String> {
+    std::env::args().skip(1).find(|a| !a.starts_with('-'))
 }
 
 fn main() {

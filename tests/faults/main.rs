@@ -17,6 +17,7 @@ use speedlayer::store::{BreakerState, CacheLayer, Source};
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, Key};
 
+use support::timing::{percentile, within_attempts};
 use support::{Mode, Proxy, RedisServer, key, redis_config_at};
 
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
@@ -42,35 +43,6 @@ fn value_for(key: &Key) -> String {
 async fn slow_loader(key: Key) -> Result<String, std::io::Error> {
     tokio::time::sleep(LOADER_TIME).await;
     Ok(value_for(&key))
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
-/// How many times a timing bound is tried before the test fails. The development and CI
-/// machines are shared virtual machines whose CPU is sometimes taken away for a while (steal
-/// time was seen above 15 %); a run disturbed that way is repeated, from a fresh server and
-/// cache. What the code does (values, counts, states) is asserted on every attempt.
-const ATTEMPTS: usize = 3;
-
-/// Runs `scenario` until its timing bounds hold, at most [`ATTEMPTS`] times.
-async fn within_attempts<F, Fut>(name: &str, mut scenario: F)
-where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let mut misses = Vec::new();
-    for attempt in 1..=ATTEMPTS {
-        match scenario(attempt).await {
-            Ok(()) => return,
-            Err(why) => {
-                eprintln!("{name}: attempt {attempt} missed a timing bound: {why}");
-                misses.push(why);
-            }
-        }
-    }
-    panic!("{name}: timing bounds missed in all {ATTEMPTS} attempts: {misses:#?}");
 }
 
 /// 200 concurrent cold `get_or_set` calls against an unusable Redis, then 200 calls once the
@@ -195,7 +167,7 @@ async fn time_until_redis_serves(cache: &Cache, limit: Duration) -> Duration {
 async fn frozen_redis() {
     let _serial = SERIAL.lock().await;
     support::init_tracing();
-    within_attempts("frozen_redis", |_| async {
+    within_attempts("frozen_redis", || async {
         let mut server = RedisServer::start();
         let cache = Cache::new(config_at(server.port())).await.unwrap();
         cache.set(&key("warm"), &"ok", MINUTE).await.unwrap();
@@ -219,7 +191,7 @@ async fn frozen_redis() {
 async fn slow_redis() {
     let _serial = SERIAL.lock().await;
     support::init_tracing();
-    within_attempts("slow_redis", |_| async {
+    within_attempts("slow_redis", || async {
         let server = RedisServer::start();
         let proxy = Proxy::start(server.port()).await;
         let cache = Cache::new(config_at(proxy.port())).await.unwrap();
@@ -239,7 +211,7 @@ async fn slow_redis() {
 async fn killed_redis() {
     let _serial = SERIAL.lock().await;
     support::init_tracing();
-    within_attempts("killed_redis", |_| killed_redis_once()).await;
+    within_attempts("killed_redis", killed_redis_once).await;
 }
 
 async fn killed_redis_once() -> Result<(), String> {

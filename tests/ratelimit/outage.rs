@@ -8,6 +8,7 @@ use speedlayer::config::Config;
 use speedlayer::key::Ident;
 use speedlayer::ratelimit::{Identity, Limit, Outage, RateLimiter, Route, ServedBy};
 
+use crate::support::timing::within_attempts;
 use crate::support::{RedisServer, nz, redis_config_at};
 
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
@@ -85,8 +86,7 @@ async fn checks_during_the_outage(limiter: &RateLimiter) -> (Duration, Duration)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_redis_checks_stay_bounded() {
     let _serial = SERIAL.lock().await;
-    let mut last = String::new();
-    for attempt in 1..=3 {
+    within_attempts("frozen redis", || async {
         let mut server = RedisServer::start();
         let limiter = limiter_at(server.port()).await;
         let (insured, _, _) = routes();
@@ -101,15 +101,16 @@ async fn frozen_redis_checks_stay_bounded() {
         let (slowest, open_p99) = checks_during_the_outage(&limiter).await;
         server.thaw();
         eprintln!(
-            "frozen redis, attempt {attempt}: slowest check {slowest:?} (bound {:?}), p99 with the breaker open {open_p99:?}",
+            "frozen redis: slowest check {slowest:?} (bound {:?}), p99 with the breaker open {open_p99:?}",
             OP_TIMEOUT + SLACK
         );
         if slowest <= OP_TIMEOUT + SLACK && open_p99 < Duration::from_millis(1) {
-            return;
+            Ok(())
+        } else {
+            Err(format!("slowest {slowest:?}, open p99 {open_p99:?}"))
         }
-        last = format!("slowest {slowest:?}, open p99 {open_p99:?}");
-    }
-    panic!("timing bounds missed in 3 attempts: {last}");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

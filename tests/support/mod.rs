@@ -8,6 +8,7 @@
 pub mod postgres;
 pub mod proxy;
 pub mod server;
+pub mod timing;
 
 #[allow(unused_imports)]
 pub use proxy::{Mode, Proxy};
