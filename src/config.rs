@@ -18,9 +18,10 @@ use std::time::Duration;
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::Namespace;
-use crate::store::memory::DEFAULT_MAX_BYTES;
 use crate::ttl::Ttl;
 
+/// Default byte budget of process memory (the memory backend, or the fallback): 64 MiB.
+pub const DEFAULT_MEMORY_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Default timeout of one Redis operation.
 pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
 /// Default timeout of establishing a Redis connection.
@@ -429,7 +430,7 @@ impl Config {
             op_timeout: DEFAULT_OP_TIMEOUT,
             failure_threshold: DEFAULT_FAILURE_THRESHOLD,
             cool_down: DEFAULT_COOL_DOWN,
-            memory_max_bytes: DEFAULT_MAX_BYTES,
+            memory_max_bytes: DEFAULT_MEMORY_MAX_BYTES,
             fallback_max_ttl: DEFAULT_FALLBACK_MAX_TTL,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             log_interval: Duration::from_secs(10),

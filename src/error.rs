@@ -34,6 +34,10 @@ pub enum ErrorKind {
     WrongType,
     /// A counter would overflow `i64`.
     Overflow,
+    /// A server-side script failed on the data it found (another client wrote a value of its own
+    /// shape under one of speedlayer's keys). The server itself is healthy: this never counts
+    /// against it.
+    Script,
     /// A backend call did not answer within its timeout.
     Timeout,
     /// The connection to the backend failed or dropped.
@@ -54,6 +58,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::ValueTooLarge => "value too large",
             ErrorKind::WrongType => "wrong type",
             ErrorKind::Overflow => "overflow",
+            ErrorKind::Script => "script refused the data",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Connection => "connection failed",
             ErrorKind::Backend => "backend error",

@@ -620,17 +620,33 @@ impl KeySpace {
         })
     }
 
-    /// Writes the text of `id`'s key with a hash tag into `out` (cleared first), with the checks
-    /// of [`KeySpace::key_str`] and [`Key::with_hash_tag`]; for lookups that need the text only.
+    /// Writes the text of `id`'s key, with one context segment and a hash tag, into `out`
+    /// (cleared first), with the checks of [`KeySpace::key_str`], [`Key::with_context`] and
+    /// [`Key::with_hash_tag`]; for lookups that need the text only.
     pub(crate) fn write_tagged(
         &self,
         id: &str,
+        context: &str,
         tag: &Ident,
         out: &mut String,
     ) -> Result<(), KeyError> {
         out.clear();
         out.push_str(&self.inner.base);
         push_escaped_id(out, id)?;
+        out.push(':');
+        let start = out.len();
+        escape_into(context, out);
+        let len = out.len() - start;
+        if len == 0 {
+            return Err(KeyError::EmptySegment { part: "context" });
+        }
+        if len > MAX_SEGMENT_LEN {
+            return Err(KeyError::SegmentTooLong {
+                part: "context",
+                len,
+                max: MAX_SEGMENT_LEN,
+            });
+        }
         push_hash_tag(out, tag);
         check_key_len(out)
     }
@@ -802,6 +818,46 @@ impl Tag {
     /// The index key, as stored.
     pub fn as_str(&self) -> &str {
         &self.index
+    }
+
+    /// Reads a member of this tag's index back as a [`Key`]: `None` unless `text` is a key this
+    /// tag's scope (prefix and tenant) can have built. Another client can write anything into an
+    /// index; only keys of the tag's own scope are ever removed through it.
+    pub(crate) fn member_key(&self, text: &str) -> Option<Key> {
+        let base_len = self.index.find(TAG_MARKER)?;
+        let base = &self.index[..base_len];
+        let rest = text.strip_prefix(base)?;
+        if text.len() > MAX_KEY_LEN {
+            return None;
+        }
+        let parts: Vec<&str> = rest.split(':').collect();
+        if parts.len() < 3 || parts.len() > 3 + MAX_CONTEXTS {
+            return None;
+        }
+        if ident_problem(parts[0].as_bytes()).is_some()
+            || ident_problem(parts[1].as_bytes()).is_some()
+        {
+            return None;
+        }
+        let last = parts.len() - 1;
+        for (i, part) in parts.iter().enumerate().skip(2) {
+            let hash_tag = i == last
+                && i > 2
+                && part
+                    .strip_prefix('{')
+                    .and_then(|p| p.strip_suffix('}'))
+                    .is_some_and(|inner| ident_problem(inner.as_bytes()).is_none());
+            if !hash_tag
+                && (part.is_empty() || part.len() > MAX_SEGMENT_LEN || unescape(part).is_none())
+            {
+                return None;
+            }
+        }
+        Some(Key {
+            full: text.to_owned(),
+            leading: base.matches(':').count() as u8,
+            contexts: (parts.len() - 3) as u8,
+        })
     }
 }
 
@@ -1201,5 +1257,39 @@ mod tests {
         assert_eq!(scope.parse(key.as_str()).unwrap(), key);
         assert!(scope.parse("prod:@other:dashboard:student:1").is_err());
         assert!(scope.parse("prod:@a%20b:dashboard:student:a%3ab").is_err());
+    }
+
+    #[test]
+    fn tag_members_are_read_back_only_within_the_tag_scope() {
+        let scope = Namespace::with_prefix(Ident::from_static("prod"))
+            .tenant("acme")
+            .unwrap();
+        let tag = scope.tag(&Ident::from_static("student"), 7).unwrap();
+        let key = scope
+            .key(&DASH, &STUDENT, "x:y")
+            .unwrap()
+            .with_context("c")
+            .unwrap();
+        let back = tag.member_key(key.as_str()).unwrap();
+        assert_eq!(back, key);
+        assert_eq!(back.id(), "x:y");
+        let tagged = scope
+            .key(&DASH, &STUDENT, 1)
+            .unwrap()
+            .with_hash_tag(&Ident::from_static("r"))
+            .unwrap();
+        assert_eq!(tag.member_key(tagged.as_str()).unwrap(), tagged);
+        for foreign in [
+            "prod:@other:dashboard:student:1",
+            "dashboard:student:1",
+            "prod:@acme:dashboard:student",
+            "prod:@acme:Dash:student:1",
+            "prod:@acme:dashboard:student:a b",
+            "prod:@acme:dashboard:student:",
+            "prod:@acme:~tag:student:7",
+            "prod:@acme:dashboard:student:{r}",
+        ] {
+            assert_eq!(tag.member_key(foreign), None, "{foreign}");
+        }
     }
 }

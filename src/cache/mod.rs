@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::invalidation::{Invalidates, InvalidationRegistry, InvalidationReport, Targets};
 use crate::key::{Key, KeyPattern, Namespace, Tag};
-use crate::store::{BackendKind, BreakerState, CacheLayer, Leased, Source, Store};
+use crate::store::{BackendKind, BreakerState, CacheLayer, Leased, Source, Store, is_lease};
 use crate::ttl::{Ttl, TtlPolicy};
 
 mod flight;
@@ -54,6 +54,55 @@ struct LoadRequest<'a> {
     undecodable: Option<&'a [u8]>,
 }
 
+/// A lease this load holds. Dropped while still held (the load failed, its value cannot be
+/// cached, or the caller's future was dropped mid-load), it gives the lease up in the background,
+/// only if the key still holds this load's token.
+struct LeaseHold<'a> {
+    store: &'a Store,
+    key: &'a Key,
+    token: u64,
+    source: Source,
+    held: bool,
+}
+
+impl LeaseHold<'_> {
+    /// Gives the lease up now (a load that will store nothing), so that the next reader loads
+    /// at once.
+    async fn release(mut self) {
+        self.held = false;
+        if let Err(e) = self
+            .store
+            .release_lease_at(self.key, self.token, self.source)
+            .await
+        {
+            tracing::debug!(key = %self.key, error = %e, "lease not released; it expires by its TTL");
+        }
+    }
+}
+
+impl Drop for LeaseHold<'_> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime left (the process is shutting down): the lease expires by its TTL.
+            return;
+        };
+        let (store, key, token, source) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.token,
+            self.source,
+        );
+        runtime.spawn(async move {
+            if let Err(e) = store.release_lease_at(&key, token, source).await {
+                tracing::debug!(key = %key, error = %e, "lease not released; it expires by its TTL");
+            }
+        });
+    }
+}
+
 /// How long a load that finds another load's lease waits for that load's value.
 const LEASE_WAIT: Duration = Duration::from_millis(50);
 
@@ -70,9 +119,15 @@ pub struct CacheStats {
     pub connected: bool,
     /// The breaker's state.
     pub breaker: BreakerState,
-    /// Reads that found a value (in the backend or, during an outage, the fallback).
+    /// Reads answered by a value found in the store (the backend or, during an outage, the
+    /// fallback), without a loader call of their own.
     pub hits: u64,
-    /// Reads that found nothing usable.
+    /// `get_or_set` callers that found nothing and received the value of a load another caller
+    /// in this process ran for them (a stampede shared by single-flight): served without a
+    /// database query of their own, but not by the store.
+    pub coalesced: u64,
+    /// Reads that found nothing usable: a `get` that missed, or a `get_or_set` caller that ran
+    /// its own loader.
     pub misses: u64,
     /// Loader calls made by `get_or_set` (one per key per flight, not one per caller).
     pub loader_calls: u64,
@@ -110,13 +165,22 @@ pub struct CacheStats {
 }
 
 impl CacheStats {
-    /// `hits / (hits + misses)`, or 0 before any read.
+    /// Reads counted: every `get` and `get_or_set` call is exactly one of a hit, a coalesced
+    /// call or a miss (and `get_many` counts each key).
+    pub fn reads(&self) -> u64 {
+        self.hits + self.coalesced + self.misses
+    }
+
+    /// The share of reads served without a loader call of their own:
+    /// `(hits + coalesced) / (hits + coalesced + misses)`, or 0 before any read. This is the
+    /// share of reads the database did not see; `hits / reads()` is the share the store
+    /// answered.
     pub fn hit_rate(&self) -> f64 {
-        let reads = self.hits + self.misses;
+        let reads = self.reads();
         if reads == 0 {
             0.0
         } else {
-            self.hits as f64 / reads as f64
+            (self.hits + self.coalesced) as f64 / reads as f64
         }
     }
 }
@@ -124,6 +188,7 @@ impl CacheStats {
 #[derive(Default)]
 struct Counters {
     hits: AtomicU64,
+    coalesced: AtomicU64,
     misses: AtomicU64,
     loader_calls: AtomicU64,
     loader_errors: AtomicU64,
@@ -252,6 +317,7 @@ impl Cache {
         match self.read(key).await {
             Read::Hit(v) => Some(v),
             Read::Miss(_, undecodable) => {
+                self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
                 if undecodable.is_some() {
                     self.delete_in_background(vec![key.clone()]);
                 }
@@ -274,6 +340,9 @@ impl Cache {
         let mut out = Vec::with_capacity(keys.len());
         let mut undecodable = Vec::new();
         for (key, bytes) in keys.iter().zip(raw) {
+            // A key whose load is running holds a lease: a miss, not a value that does not
+            // decode.
+            let bytes = bytes.filter(|b| !is_lease(b));
             match bytes.map(|b| serde_json::from_slice::<T>(&b)) {
                 Some(Ok(v)) => {
                     c.hits.fetch_add(1, Ordering::Relaxed);
@@ -308,9 +377,10 @@ impl Cache {
     }
 
     /// [`set`](Cache::set) with tags (added to those the registry's rules give the key). The
-    /// tags are recorded before the value is written; if they cannot be recorded, nothing is
-    /// written and the call still returns `Ok` (the backend is unusable), so that no entry exists
-    /// that its tags cannot reach.
+    /// tags are recorded before the value is written, so that no entry exists that its tags
+    /// cannot reach. While the backend is unusable during an outage, both go to the fallback;
+    /// after a single failure with the breaker still closed, nothing is written (the call still
+    /// returns `Ok`: a cache write is never the request's problem).
     pub async fn set_tagged<T: Serialize + ?Sized>(
         &self,
         key: &Key,
@@ -320,17 +390,7 @@ impl Cache {
     ) -> Result<()> {
         let bytes = self.encode(value)?;
         let tags = self.tags_of(key, tags);
-        if !tags.is_empty() {
-            match self.inner.store.tag_add(&tags, key, ttl).await {
-                Ok(()) => {}
-                Err(e) if e.is_unavailable() => {
-                    tracing::debug!(key = %key, error = %e, "tags not recorded; value not written");
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        self.inner.store.set(key, bytes, ttl).await
+        self.inner.store.set_tagged(key, bytes, ttl, &tags).await
     }
 
     /// Removes `key`. True when an entry was removed; false when there was none, or when the
@@ -479,6 +539,7 @@ impl Cache {
             connected: s.connected,
             breaker: s.breaker,
             hits: c.hits.load(Ordering::Relaxed),
+            coalesced: c.coalesced.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             loader_calls: c.loader_calls.load(Ordering::Relaxed),
             loader_errors: c.loader_errors.load(Ordering::Relaxed),
@@ -523,6 +584,7 @@ impl Cache {
             Read::Hit(v) => return Ok(v),
             Read::Miss(source, undecodable) => (source, undecodable),
         };
+        let c = &self.inner.counters;
         // Kept outside the flight's closure: a caller that only waited still holds its loader
         // and can load itself if the shared result turns out not to be usable for it.
         let mut loader = Some(loader);
@@ -572,12 +634,23 @@ impl Cache {
                             Fresh::Unknown => false,
                         };
                     if usable {
+                        let counter = match (led, fresh) {
+                            // The leader found the value another load had just stored.
+                            (true, Fresh::Found) => &c.hits,
+                            (true, _) => &c.misses,
+                            (false, _) => &c.coalesced,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
                         return Ok(value);
                     }
                     // An invalidation may have come between what the leader saw and this
                     // caller's arrival: go again, with this caller's own loader.
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => {
+                    let counter = if led { &c.misses } else { &c.coalesced };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
                 None => {}
             }
         }
@@ -587,6 +660,12 @@ impl Cache {
     /// The leader of a flight: takes the key's lease (re-reading the key in the same step),
     /// records the tags, loads, and stores the value only if the lease survived. Returns the
     /// value and what is known of its freshness for callers that joined the flight.
+    ///
+    /// The lease is released (compare-and-delete: only if it is still this load's) whenever
+    /// the load ends without storing: a loader error, a value that cannot be cached, tags that
+    /// could not be recorded, and the caller's future being dropped mid-load (a client gone, a
+    /// request timeout). Other callers, in this process or another, then load at once instead
+    /// of waiting out the lease TTL without stampede protection.
     async fn lease_and_load<V, E, F, Fut>(
         &self,
         request: LoadRequest<'_>,
@@ -633,7 +712,15 @@ impl Cache {
                         break None;
                     }
                 },
-                Ok((Leased::Granted, source)) => break Some(source),
+                Ok((Leased::Granted, source)) => {
+                    break Some(LeaseHold {
+                        store: &inner.store,
+                        key,
+                        token,
+                        source,
+                        held: true,
+                    });
+                }
                 Ok((Leased::Denied, source))
                     if source != Source::Nothing
                         && waited_since.elapsed() + backoff <= LEASE_WAIT =>
@@ -651,7 +738,7 @@ impl Cache {
                 }
             }
         };
-        if let Some(source) = lease {
+        if let Some(source) = lease.as_ref().map(|hold| hold.source) {
             let tags = self.tags_of(key, tags);
             if !tags.is_empty() {
                 // The index must outlive the entry: its longest TTL plus the load.
@@ -659,8 +746,9 @@ impl Cache {
                     .unwrap_or(Ttl::MAX);
                 if let Err(e) = inner.store.tag_add_at(&tags, key, index_ttl, source).await {
                     tracing::debug!(key = %key, error = %e, "tags not recorded; the value will not be cached");
-                    self.release(key);
-                    lease = None;
+                    if let Some(hold) = lease.take() {
+                        hold.release().await;
+                    }
                 }
             }
         }
@@ -674,51 +762,49 @@ impl Cache {
             Err(e) => {
                 inner.counters.loader_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(key = %key, "loader failed; nothing cached");
-                if lease.is_some() {
-                    self.release(key);
+                if let Some(hold) = lease {
+                    hold.release().await;
                 }
                 return Err(Arc::new(e));
             }
         };
         let mut fresh = Fresh::Unknown;
-        if let Some(source) = lease {
+        if let Some(mut hold) = lease {
             // Nobody may join once the value is about to be stored: a caller arriving after the
             // store could have seen an invalidation that came after it.
             self.inner.flights.retire(key.as_str(), flight);
             let ttl = ttl_for(&value);
             match self.encode(&value) {
-                Ok(bytes) => match inner
-                    .store
-                    .set_leased_at(key, token, bytes, ttl, source)
-                    .await
-                {
-                    Ok(true) => fresh = Fresh::Stored,
-                    Ok(false) => {
-                        inner
-                            .counters
-                            .stale_sets_refused
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(
-                            key = %key,
-                            "the key was invalidated or written during the load; value not cached"
-                        );
+                Ok(bytes) => {
+                    // Stored or refused, the lease is spent either way.
+                    hold.held = false;
+                    match inner
+                        .store
+                        .set_leased_at(key, token, bytes, ttl, hold.source)
+                        .await
+                    {
+                        Ok(true) => fresh = Fresh::Stored,
+                        Ok(false) => {
+                            inner
+                                .counters
+                                .stale_sets_refused
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(
+                                key = %key,
+                                "the key was invalidated or written during the load; value not cached"
+                            );
+                        }
+                        Err(e) => tracing::debug!(key = %key, error = %e, "cache fill failed"),
                     }
-                    Err(e) => tracing::debug!(key = %key, error = %e, "cache fill failed"),
-                },
+                }
                 Err(e) => {
                     inner.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(key = %key, error = %e, "loaded value not cached");
-                    self.release(key);
+                    hold.release().await;
                 }
             }
         }
         Ok((value, fresh))
-    }
-
-    /// Gives up a lease whose load will store nothing, so that other readers do not wait out
-    /// the lease TTL. Deleting is safe whatever the key holds by now: at worst a miss.
-    fn release(&self, key: &Key) {
-        self.delete_in_background(vec![key.clone()]);
     }
 
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes> {
@@ -742,6 +828,8 @@ impl Cache {
         Ok(Bytes::from(bytes))
     }
 
+    /// Reads `key`; counts hits and decode failures (a miss is counted by the caller, which
+    /// knows whether it then loaded or was served by another caller's load).
     async fn read<V: DeserializeOwned>(&self, key: &Key) -> Read<V> {
         let c = &self.inner.counters;
         let (bytes, source) = match self.inner.store.get_with_source(key).await {
@@ -749,12 +837,10 @@ impl Cache {
             Err(e) if e.kind() == ErrorKind::WrongType => {
                 tracing::warn!(key = %key, error = %e, "cached entry has the wrong type; replacing it");
                 c.decode_failures.fetch_add(1, Ordering::Relaxed);
-                c.misses.fetch_add(1, Ordering::Relaxed);
                 return Read::Miss(Source::Primary, Some(Bytes::new()));
             }
             Err(e) => {
                 tracing::debug!(key = %key, error = %e, "read failed; treating as a miss");
-                c.misses.fetch_add(1, Ordering::Relaxed);
                 return Read::Miss(Source::Nothing, None);
             }
         };
@@ -768,12 +854,10 @@ impl Cache {
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "cached value does not decode; replacing it");
                     c.decode_failures.fetch_add(1, Ordering::Relaxed);
-                    c.misses.fetch_add(1, Ordering::Relaxed);
                     Read::Miss(source, Some(bytes))
                 }
             },
             None => {
-                c.misses.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(key = %key, "miss");
                 Read::Miss(source, None)
             }

@@ -140,6 +140,27 @@ impl Limit {
         }
     }
 
+    /// The quota as a key segment: algorithm, limit, window, and a GCRA's burst
+    /// (`log-5-60s`, `fixed-100-1500ms`, `gcra-10-1s-b3`). Each layer's counter key carries it,
+    /// so layers with different quotas never share a counter, and a changed quota starts a
+    /// fresh one.
+    pub fn slug(&self) -> String {
+        let w = self.window_us;
+        let window = if w.is_multiple_of(1_000_000) {
+            format!("{}s", w / 1_000_000)
+        } else if w.is_multiple_of(1_000) {
+            format!("{}ms", w / 1_000)
+        } else {
+            format!("{w}us")
+        };
+        match self.algorithm {
+            Algorithm::Gcra { burst } => {
+                format!("{}-{}-{window}-b{burst}", self.name(), self.limit)
+            }
+            _ => format!("{}-{}-{window}", self.name(), self.limit),
+        }
+    }
+
     /// Short name used in keys, headers and logs.
     pub fn name(&self) -> &'static str {
         match self.algorithm {

@@ -10,6 +10,10 @@ use super::limit::{Decision, Limit};
 use super::state::{State, evaluate, idle_ttl};
 use crate::clock::{Clock, SystemClock};
 
+fn nanos(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
 /// Default bound on the number of keys an in-memory limiter tracks.
 pub const DEFAULT_MAX_KEYS: u64 = 100_000;
 
@@ -35,7 +39,7 @@ pub struct Layer<'a> {
 }
 
 /// Anything that names a counter and its limit: a [`Layer`], or a store's
-/// [`RateCheck`](crate::store::RateCheck).
+/// [`RateCheck`](super::RateCheck).
 pub trait AsLayer {
     /// The counter's key.
     fn layer_key(&self) -> &str;
@@ -52,7 +56,7 @@ impl AsLayer for Layer<'_> {
     }
 }
 
-impl AsLayer for crate::store::RateCheck {
+impl AsLayer for super::RateCheck {
     fn layer_key(&self) -> &str {
         self.key.as_str()
     }
@@ -209,8 +213,7 @@ impl MemoryLimiter {
                 let key = layer.layer_key();
                 let shard_id = Self::shard_of(key);
                 if let Some((_, guard)) = guards.iter_mut().find(|(i, _)| *i == shard_id) {
-                    let idle_until =
-                        now.saturating_add(idle_ttl(layer.layer_limit()).as_nanos() as u64);
+                    let idle_until = now.saturating_add(nanos(idle_ttl(layer.layer_limit())));
                     if let Some(slot) = guard.get_mut(key) {
                         slot.state = next;
                         slot.idle_until = idle_until;
@@ -236,7 +239,7 @@ impl MemoryLimiter {
         let (decision, next) = evaluate(limit, &slot.state, now);
         if let Some(next) = next {
             slot.state = next;
-            slot.idle_until = now.saturating_add(idle_ttl(limit).as_nanos() as u64);
+            slot.idle_until = now.saturating_add(nanos(idle_ttl(limit)));
         }
         decision
     }

@@ -12,9 +12,18 @@
 //!   no check waits on a sick Redis longer than one operation timeout, and none once the breaker
 //!   is open.
 //!
-//! Keys are built with the key builder: `rate:<layer>:<id>:{<route>}` (`rate:ip:10.0.0.1:
-//! {auth-login}`, `rate:user:42:{auth-login}`, `rate:global:all:{auth-login}`). The route is a
-//! Redis Cluster hash tag, so all the layers of a check live in one slot.
+//! Keys are built with the key builder: `rate:<layer>:<id>:<quota>:{<route>}`
+//! (`rate:ip:10.0.0.1:log-5-60s:{auth-login}`, `rate:user:42:gcra-100-60s-b10:{auth-login}`,
+//! `rate:global:all:fixed-1000-1s:{auth-login}`). The quota segment gives every layer its own
+//! counter, so two layers of one kind (`per_ip(5/min).per_ip(100/day)`, the usual login set-up)
+//! count separately. The route is a Redis Cluster hash tag, so all the layers of a check live in
+//! one slot. A limiter built for a tenant [`Scope`] ([`RateLimiter::in_scope`]) counts per
+//! tenant (`@<tenant>:rate:...`).
+//!
+//! IPv4 clients are counted by address; IPv6 clients by their /64 network (configurable with
+//! [`RateLimiter::ipv6_prefix`]): a single IPv6 client controls a whole /64 and rotates
+//! addresses inside it, so counting per address would never limit it (and would flood the
+//! insurance limiter with one entry per address). IPv4-mapped IPv6 addresses count as IPv4.
 //!
 //! ```
 //! use std::num::NonZeroU32;
@@ -44,13 +53,15 @@
 //! # }).unwrap();
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Cache;
-use crate::key::{Ident, Key, KeyError, KeySpace};
-use crate::store::Store;
+use crate::key::{Ident, Key, KeyError, KeySpace, Scope};
+use crate::store::{Answered, OutageRule, Store};
 
 pub mod headers;
 #[cfg(feature = "axum")]
@@ -58,6 +69,7 @@ pub mod headers;
 pub mod layer;
 mod limit;
 mod memory;
+mod script;
 pub(crate) mod state;
 
 pub use limit::{Algorithm, Decision, Limit, LimitError, MAX_LOG_LIMIT, MAX_WINDOW};
@@ -102,11 +114,26 @@ pub enum Outage {
     Deny,
 }
 
+/// One layer of a rate-limit check: the counter's key and its quota.
+#[derive(Debug, Clone)]
+pub struct RateCheck {
+    /// The counter.
+    pub key: Key,
+    /// The quota.
+    pub limit: Limit,
+}
+
 /// A route's quotas: the layers checked together, and its outage behaviour.
+///
+/// Each layer counts on its own, also two layers of the same kind with different quotas (5 per
+/// minute and 100 per day per IP). Adding a layer identical to one the route already has (same
+/// kind and quota) changes nothing.
 #[derive(Clone, Debug)]
 pub struct Route {
     name: Ident,
     layers: Vec<(LayerKind, Limit)>,
+    /// Each layer's quota segment in its key (see [`Limit::slug`]), built once.
+    slugs: Vec<String>,
     outage: Outage,
 }
 
@@ -116,29 +143,35 @@ impl Route {
         Route {
             name,
             layers: Vec::new(),
+            slugs: Vec::new(),
             outage: Outage::default(),
         }
     }
 
-    /// Adds a per-user layer.
-    #[must_use]
-    pub fn per_user(mut self, limit: Limit) -> Route {
-        self.layers.push((LayerKind::User, limit));
+    fn with_layer(mut self, kind: LayerKind, limit: Limit) -> Route {
+        if !self.layers.contains(&(kind, limit)) {
+            self.layers.push((kind, limit));
+            self.slugs.push(limit.slug());
+        }
         self
     }
 
-    /// Adds a per-IP layer.
+    /// Adds a per-user layer.
     #[must_use]
-    pub fn per_ip(mut self, limit: Limit) -> Route {
-        self.layers.push((LayerKind::Ip, limit));
-        self
+    pub fn per_user(self, limit: Limit) -> Route {
+        self.with_layer(LayerKind::User, limit)
+    }
+
+    /// Adds a per-IP layer (per /64 for IPv6 clients, see [`RateLimiter::ipv6_prefix`]).
+    #[must_use]
+    pub fn per_ip(self, limit: Limit) -> Route {
+        self.with_layer(LayerKind::Ip, limit)
     }
 
     /// Adds a global layer.
     #[must_use]
-    pub fn global(mut self, limit: Limit) -> Route {
-        self.layers.push((LayerKind::Global, limit));
-        self
+    pub fn global(self, limit: Limit) -> Route {
+        self.with_layer(LayerKind::Global, limit)
     }
 
     /// Sets the outage behaviour (default [`Outage::Insurance`]).
@@ -264,47 +297,84 @@ impl Verdict {
 pub struct RateLimiter {
     store: Store,
     /// The memory backend's limiter, when the cache runs on memory: checked directly.
-    local: Option<MemoryLimiter>,
+    local: Option<Arc<MemoryLimiter>>,
     insurance: MemoryLimiter,
-    /// `rate:user`, `rate:ip`, `rate:global` in the cache's namespace, built once.
+    /// `rate:user`, `rate:ip`, `rate:global` in the limiter's scope, built once.
     keyspaces: Arc<[KeySpace; 3]>,
     cool_down: Duration,
+    ipv6_prefix: u8,
 }
 
+/// The default network an IPv6 client is counted by: its /64.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 impl RateLimiter {
-    /// A limiter on the cache's store (Redis, or memory) and namespace, with an insurance
-    /// limiter of [`DEFAULT_MAX_KEYS`] keys.
+    /// A limiter on the cache's store (Redis, or memory) and namespace (no tenant), with an
+    /// insurance limiter of [`DEFAULT_MAX_KEYS`] keys.
     pub fn new(cache: &Cache) -> RateLimiter {
         RateLimiter::with_insurance(cache, MemoryLimiter::new(DEFAULT_MAX_KEYS))
     }
 
     /// Like [`RateLimiter::new`] with a given insurance limiter (its size, its clock).
     pub fn with_insurance(cache: &Cache, insurance: MemoryLimiter) -> RateLimiter {
-        let scope = cache.namespace().global();
-        let keyspaces = [LayerKind::User, LayerKind::Ip, LayerKind::Global]
-            .map(|kind| scope.keyspace(&RATE, kind.ident()));
+        RateLimiter::from_store(cache.store(), &cache.namespace().global(), insurance)
+    }
+
+    /// A limiter on `store` whose keys are built in `scope` (a tenant's scope counts per
+    /// tenant).
+    pub fn from_store(store: &Store, scope: &Scope, insurance: MemoryLimiter) -> RateLimiter {
         RateLimiter {
-            store: cache.store().clone(),
-            local: cache.store().primary_memory_limiter(),
+            store: store.clone(),
+            local: store.primary_memory().map(script::twin),
             insurance,
-            keyspaces: Arc::new(keyspaces),
-            cool_down: cache.store().cool_down(),
+            keyspaces: Arc::new(RateLimiter::keyspaces(scope)),
+            cool_down: store.cool_down(),
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
         }
     }
 
-    /// The key of one layer of `route` for `who`; `None` when `who` lacks that identity.
+    fn keyspaces(scope: &Scope) -> [KeySpace; 3] {
+        [LayerKind::User, LayerKind::Ip, LayerKind::Global]
+            .map(|kind| scope.keyspace(&RATE, kind.ident()))
+    }
+
+    /// This limiter with its keys built in `scope`: a tenant's scope
+    /// (`Namespace::tenant(org_id)`) gives every tenant its own counters, so one organization's
+    /// traffic never uses up another's quota.
+    #[must_use]
+    pub fn in_scope(mut self, scope: &Scope) -> RateLimiter {
+        self.keyspaces = Arc::new(RateLimiter::keyspaces(scope));
+        self
+    }
+
+    /// Counts IPv6 clients by their network of `prefix` bits (default 64, clamped to 128):
+    /// every address of that network shares one counter. IPv4 clients are always counted by
+    /// address.
+    #[must_use]
+    pub fn ipv6_prefix(mut self, prefix: u8) -> RateLimiter {
+        self.ipv6_prefix = prefix.min(128);
+        self
+    }
+
+    /// The key of one layer of `route` for `who`; `None` when `who` lacks that identity or
+    /// `route` has no such layer.
     pub fn key(
         &self,
         route: &Route,
         kind: LayerKind,
         who: &Identity,
     ) -> Option<Result<Key, KeyError>> {
+        let index = route.layers.iter().position(|(k, _)| *k == kind)?;
         let id = self.key_id(kind, who)?;
-        Some(
-            self.keyspace(kind)
-                .key_str(id)
-                .and_then(|k| k.with_hash_tag(&route.name)),
-        )
+        Some(self.layer_key(route, index, &id))
+    }
+
+    fn layer_key(&self, route: &Route, index: usize, id: &str) -> Result<Key, KeyError> {
+        let (kind, _) = route.layers[index];
+        self.keyspace(kind)
+            .key_str(id)
+            .and_then(|k| k.with_context(&route.slugs[index]))
+            .and_then(|k| k.with_hash_tag(&route.name))
     }
 
     fn keyspace(&self, kind: LayerKind) -> &KeySpace {
@@ -325,37 +395,28 @@ impl RateLimiter {
             return self.check_one_locally(local, route, *kind, limit, who);
         }
         let mut checks = Vec::with_capacity(route.layers.len());
-        for (kind, limit) in &route.layers {
-            let key = match self.key(route, *kind, who) {
-                None => continue,
-                Some(Ok(key)) => key,
-                Some(Err(e)) => {
+        let mut kinds = Vec::with_capacity(route.layers.len());
+        for (index, (kind, limit)) in route.layers.iter().enumerate() {
+            let Some(id) = self.key_id(*kind, who) else {
+                continue;
+            };
+            let key = match self.layer_key(route, index, &id) {
+                Ok(key) => key,
+                Err(e) => {
                     tracing::debug!(route = %route.name, error = %e, "identity cannot form a key");
-                    match self
-                        .keyspace(*kind)
-                        .key("invalid")
-                        .and_then(|k| k.with_hash_tag(&route.name))
-                    {
+                    match self.layer_key(route, index, "invalid") {
                         Ok(key) => key,
                         Err(_) => continue,
                     }
                 }
             };
-            checks.push(crate::store::RateCheck { key, limit: *limit });
+            checks.push(RateCheck { key, limit: *limit });
+            kinds.push(*kind);
         }
-        // The kinds of the layers checked, in order (layers without an identity were skipped).
-        let kinds = route
-            .layers
-            .iter()
-            .map(|(kind, _)| *kind)
-            .filter(|kind| self.key_id(*kind, who).is_some());
         let mut layers = Vec::with_capacity(checks.len());
         if let Some(local) = &self.local {
-            let mut kinds = kinds;
             local.check_each(&checks, |i, decision| {
-                if let Some(kind) = kinds.next() {
-                    layers.push((kind, checks[i].limit, decision));
-                }
+                layers.push((kinds[i], checks[i].limit, decision));
             });
             return Verdict {
                 allowed: layers.iter().all(|(_, _, d)| d.allowed),
@@ -363,28 +424,53 @@ impl RateLimiter {
                 served_by: ServedBy::Backend,
             };
         }
-        let (decisions, served_by) = match self.store.rate_limit_primary(&checks).await {
-            Some(decisions) => (decisions, ServedBy::Backend),
-            None => match route.outage {
-                Outage::Insurance => (self.insurance.check(&checks), ServedBy::Insurance),
-                Outage::Allow => (
-                    checks
-                        .iter()
-                        .map(|c| Decision::unlimited(&c.limit))
-                        .collect(),
-                    ServedBy::FailOpen,
-                ),
-                Outage::Deny => (
-                    checks
-                        .iter()
-                        .map(|c| Decision::refused(&c.limit, self.cool_down))
-                        .collect(),
-                    ServedBy::FailClosed,
-                ),
-            },
+        let rule = match route.outage {
+            Outage::Allow => OutageRule::FailOpen,
+            // The insurance limiter is this limiter's own, not the store's fallback.
+            Outage::Insurance | Outage::Deny => OutageRule::FailClosed,
+        };
+        let answered = match self
+            .store
+            .run(&script::Check { checks: &checks }, rule)
+            .await
+        {
+            Ok(answered) => answered,
+            Err(e) => {
+                // The server answered with an error about the data (the scripts repair what
+                // other clients leave, so this is not expected): the route's outage rule
+                // answers, and the server's health is not in question.
+                tracing::warn!(route = %route.name, error = %e, "rate-limit check refused by the backend");
+                match rule {
+                    OutageRule::FailOpen => Answered::Open,
+                    _ => Answered::Closed,
+                }
+            }
+        };
+        let (decisions, served_by) = match answered {
+            Answered::Backend(decisions) | Answered::Fallback(decisions) => {
+                (decisions, ServedBy::Backend)
+            }
+            Answered::Open => (
+                checks
+                    .iter()
+                    .map(|c| Decision::unlimited(&c.limit))
+                    .collect(),
+                ServedBy::FailOpen,
+            ),
+            _ if route.outage == Outage::Insurance => {
+                (self.insurance.check(&checks), ServedBy::Insurance)
+            }
+            _ => (
+                checks
+                    .iter()
+                    .map(|c| Decision::refused(&c.limit, self.cool_down))
+                    .collect(),
+                ServedBy::FailClosed,
+            ),
         };
         layers.extend(
             kinds
+                .into_iter()
                 .zip(&checks)
                 .zip(decisions)
                 .map(|((kind, check), decision)| (kind, check.limit, decision)),
@@ -416,12 +502,16 @@ impl RateLimiter {
                 served_by: ServedBy::Backend,
             };
         };
+        let slug = &route.slugs[0];
         let decision = KEY.with_borrow_mut(|key| {
             let keyspace = self.keyspace(kind);
-            if let Err(e) = keyspace.write_tagged(id, &route.name, key) {
+            if let Err(e) = keyspace.write_tagged(&id, slug, &route.name, key) {
                 tracing::debug!(route = %route.name, error = %e, "identity cannot form a key");
                 // Counted under the layer's shared `invalid` id, as in the general path.
-                if keyspace.write_tagged("invalid", &route.name, key).is_err() {
+                if keyspace
+                    .write_tagged("invalid", slug, &route.name, key)
+                    .is_err()
+                {
                     return None;
                 }
             }
@@ -439,11 +529,13 @@ impl RateLimiter {
         }
     }
 
-    fn key_id<'a>(&self, kind: LayerKind, who: &'a Identity) -> Option<&'a str> {
+    /// The id a layer counts `who` by: the user, the client's address (an IPv6 client's
+    /// network), or `all`.
+    fn key_id<'a>(&self, kind: LayerKind, who: &'a Identity) -> Option<Cow<'a, str>> {
         match kind {
-            LayerKind::User => who.user(),
-            LayerKind::Ip => who.ip_addr(),
-            LayerKind::Global => Some("all"),
+            LayerKind::User => who.user().map(Cow::Borrowed),
+            LayerKind::Ip => who.ip_addr().map(|ip| client_network(ip, self.ipv6_prefix)),
+            LayerKind::Global => Some(Cow::Borrowed("all")),
         }
     }
 
@@ -453,11 +545,31 @@ impl RateLimiter {
     }
 }
 
+/// What a per-IP layer counts an address by: an IPv4 address as it is, an IPv6 address by its
+/// network of `prefix` bits (`2001:db8:1:2::/64`), an IPv4-mapped IPv6 address as IPv4. Text
+/// that is not an address is counted as it is (escaped in the key like any id).
+pub fn client_network(ip: &str, prefix: u8) -> Cow<'_, str> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(_)) => Cow::Borrowed(ip),
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => Cow::Owned(v4.to_string()),
+            None => {
+                let prefix = prefix.min(128);
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+                Cow::Owned(format!("{net}/{prefix}"))
+            }
+        },
+        Err(_) => Cow::Borrowed(ip),
+    }
+}
+
 impl fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimiter")
             .field("store", &self.store)
             .field("insurance", &self.insurance)
+            .field("ipv6_prefix", &self.ipv6_prefix)
             .finish()
     }
 }

@@ -121,8 +121,11 @@ pub(crate) fn evaluate(limit: &Limit, state: &State, now: u64) -> (Decision, Opt
             }
         }
         Algorithm::Gcra { burst } => {
+            // A large burst on a long window (1 per day, burst 10^6) puts tau beyond u64
+            // nanoseconds: saturate, which only means the burst is never used up within any
+            // time that fits (centuries).
             let t = (w / l).max(1);
-            let tau = t * (u64::from(burst.get()) - 1);
+            let tau = t.saturating_mul(u64::from(burst.get()) - 1);
             let tat = match state {
                 State::Gcra { tat } => (*tat).max(now),
                 _ => now,
@@ -130,9 +133,10 @@ pub(crate) fn evaluate(limit: &Limit, state: &State, now: u64) -> (Decision, Opt
             if tat - now > tau {
                 (denied(limit, tat - tau - now, tat - now), None)
             } else {
-                let next = tat + t;
-                let remaining = if now + tau >= next {
-                    (now + tau - next) / t + 1
+                let next = tat.saturating_add(t);
+                let horizon = now.saturating_add(tau);
+                let remaining = if horizon >= next {
+                    (horizon - next) / t + 1
                 } else {
                     0
                 };
@@ -199,7 +203,9 @@ pub(crate) fn idle_ttl(limit: &Limit) -> Duration {
     let w = limit.window();
     match limit.algorithm() {
         Algorithm::SlidingWindow => w * 2,
-        Algorithm::Gcra { burst } => w.saturating_mul(burst.get()) / limit.limit() + w,
+        Algorithm::Gcra { burst } => {
+            (w.saturating_mul(burst.get()) / limit.limit()).saturating_add(w)
+        }
         _ => w,
     }
 }

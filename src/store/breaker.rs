@@ -143,6 +143,30 @@ impl Breaker {
         }
     }
 
+    /// A probe now, without waiting for the cool-down, for work that already found the backend
+    /// answering (the background replay of queued invalidations). A closed breaker answers
+    /// `Call`; a probing one `Skip`.
+    pub(crate) fn probe_now(&self) -> Admit {
+        let word = self.word.load(Ordering::Acquire);
+        match state_of(word) {
+            CLOSED => Admit::Call,
+            OPEN => {
+                let probe = self.probes.fetch_add(1, Ordering::Relaxed) & (u64::MAX >> STATE_BITS);
+                let half_open = (probe << STATE_BITS) | HALF_OPEN;
+                match self.word.compare_exchange(
+                    word,
+                    half_open,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => Admit::Probe(half_open),
+                    Err(_) => Admit::Skip,
+                }
+            }
+            _ => Admit::Skip,
+        }
+    }
+
     pub(crate) fn on_success(&self, admit: Admit) -> Transition {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
@@ -267,6 +291,21 @@ mod tests {
         assert_eq!(b.on_success(probe), Transition::None);
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.admit(), Admit::Call);
+    }
+
+    #[test]
+    fn probe_now_skips_the_cool_down() {
+        let clock = FakeClock::new();
+        let b = breaker(&clock);
+        assert_eq!(b.probe_now(), Admit::Call);
+        for _ in 0..3 {
+            b.on_failure(Admit::Call);
+        }
+        let probe = b.probe_now();
+        assert!(matches!(probe, Admit::Probe(_)));
+        assert_eq!(b.probe_now(), Admit::Skip);
+        assert_eq!(b.admit(), Admit::Skip);
+        assert_eq!(b.on_success(probe), Transition::Closed);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! The in-memory backend: moka's future cache with a per-entry expiry policy and a byte budget.
+//! The in-memory backend: moka's future cache with a per-entry expiry policy and a byte budget,
+//! a bounded tag index beside it, and the state of capabilities' memory twins.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,24 +13,37 @@ use moka::Expiry;
 use moka::future::Cache as MokaCache;
 use moka::ops::compute::{CompResult, Op};
 
-use super::{BackendKind, CacheLayer, Entry, Leased, RateCheck, Remaining, is_lease, lease_marker};
+use super::{
+    Backend, BackendKind, CacheLayer, Entry, Leased, Remaining, TagChunk, TagCursor, TagMember,
+};
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
-use crate::ratelimit::{Decision, MemoryLimiter};
 use crate::ttl::Ttl;
 
 /// Default byte budget of a [`MemoryLayer`]: 64 MiB.
-pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_BYTES: u64 = crate::config::DEFAULT_MEMORY_MAX_BYTES;
 
 /// Bookkeeping bytes counted per entry on top of its key and value, so that a flood of tiny
 /// entries cannot exceed the budget by much.
 const ENTRY_OVERHEAD: u64 = 96;
 
+/// A member registered this recently is kept in its tag index even when its entry is not (yet)
+/// in the cache: `set_tagged` records the tags just before it writes the value.
+const REGISTRATION_GRACE: Duration = Duration::from_secs(1);
+
+/// Smallest size at which a tag is pruned of members whose entries are gone.
+const MIN_PRUNE: usize = 32;
+
+/// Smallest total size at which the whole index is pruned.
+const MIN_FULL_PRUNE: usize = 1024;
+
 #[derive(Clone)]
 struct Stored {
     value: Bytes,
     expires_at: Instant,
+    /// The lease token while a load is in flight (the value is then empty); 0 otherwise.
+    lease: u64,
 }
 
 impl Stored {
@@ -59,6 +73,11 @@ impl Expiry<String, Stored> for PerEntryTtl {
 /// Process-memory [`CacheLayer`]: bounded in bytes (keys + values + a fixed overhead per entry),
 /// each entry expiring after its own TTL. Clones share the same entries.
 ///
+/// The tag index is bounded with the cache: a tag is pruned of members whose entries expired or
+/// were evicted whenever it has doubled since it was last pruned, and the whole index likewise,
+/// so it holds at most about twice as many members as the cache holds entries (amortized O(1)
+/// per registration). [`clear`](MemoryLayer::clear) empties it with the entries.
+///
 /// ```
 /// use speedlayer::key::{Ident, Namespace};
 /// use speedlayer::store::{CacheLayer, MemoryLayer};
@@ -77,27 +96,33 @@ impl Expiry<String, Stored> for PerEntryTtl {
 pub struct MemoryLayer {
     cache: MokaCache<String, Stored>,
     max_bytes: u64,
-    tags: Arc<TagIndex>,
-    limiter: MemoryLimiter,
+    tags: Arc<Mutex<TagTable>>,
+    twins: Arc<Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+    clock: Arc<dyn Clock>,
 }
 
-/// Tag → member → until when the member can live. A std mutex: it is never held across an await.
+struct TagMemberState {
+    until: Instant,
+    stamp: u64,
+    registered: Instant,
+}
+
 #[derive(Default)]
-struct TagIndex {
-    members: Mutex<HashMap<String, HashMap<String, Instant>>>,
-    adds: AtomicU64,
+struct TagSet {
+    members: HashMap<String, TagMemberState>,
+    /// Size after the last prune.
+    pruned_len: usize,
 }
 
-/// Every this many tag additions, tags whose members have all expired are dropped, so that tags
-/// never touched again do not accumulate.
-const TAG_SWEEP_EVERY: u64 = 1024;
-
-impl TagIndex {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, Instant>>> {
-        // A panic while holding the lock cannot leave the map half-updated in a way that matters:
-        // every operation is a single insert or remove.
-        self.members.lock().unwrap_or_else(|e| e.into_inner())
-    }
+#[derive(Default)]
+struct TagTable {
+    tags: HashMap<String, TagSet>,
+    /// Members in all tags.
+    members: usize,
+    /// `members` after the last full prune.
+    pruned_members: usize,
+    /// The last stamp given.
+    stamp: u64,
 }
 
 impl MemoryLayer {
@@ -106,8 +131,8 @@ impl MemoryLayer {
         MemoryLayer::with_clock(max_bytes, Arc::new(crate::clock::SystemClock))
     }
 
-    /// A memory layer whose rate limiting reads time from `clock` (entry expiry always follows
-    /// `std::time::Instant`, as moka does).
+    /// A memory layer whose capabilities' twins read time from `clock` (entry expiry always
+    /// follows `std::time::Instant`, as moka does).
     pub fn with_clock(max_bytes: u64, clock: Arc<dyn Clock>) -> MemoryLayer {
         let cache = MokaCache::builder()
             .max_capacity(max_bytes)
@@ -120,14 +145,17 @@ impl MemoryLayer {
         MemoryLayer {
             cache,
             max_bytes,
-            tags: Arc::new(TagIndex::default()),
-            limiter: MemoryLimiter::with_clock(crate::ratelimit::DEFAULT_MAX_KEYS, clock),
+            tags: Arc::new(Mutex::new(TagTable::default())),
+            twins: Arc::new(Mutex::new(HashMap::new())),
+            clock,
         }
     }
 
-    /// Drops every entry.
+    /// Drops every entry, every tag index and every twin's state.
     pub fn clear(&self) {
         self.cache.invalidate_all();
+        *self.lock_tags() = TagTable::default();
+        self.lock_twins().clear();
     }
 
     /// The byte budget.
@@ -135,8 +163,60 @@ impl MemoryLayer {
         self.max_bytes
     }
 
+    /// The clock capabilities' twins read.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// Members held by all tag indexes (for monitoring and tests of the bound).
+    pub fn tag_index_members(&self) -> u64 {
+        self.lock_tags().members as u64
+    }
+
+    /// The state of a capability's memory twin on this layer, created by `init` on first use.
+    /// One value per type: a capability keeps its twin's state here (a rate limiter's counters,
+    /// a lock table) so that every user of this layer shares it, as they share one Redis.
+    pub fn twin<T: Any + Send + Sync>(&self, init: impl FnOnce(&MemoryLayer) -> T) -> Arc<T> {
+        let mut twins = self.lock_twins();
+        if let Some(existing) = twins.get(&TypeId::of::<T>())
+            && let Ok(twin) = existing.clone().downcast::<T>()
+        {
+            return twin;
+        }
+        let twin = Arc::new(init(self));
+        twins.insert(TypeId::of::<T>(), twin.clone());
+        twin
+    }
+
+    fn lock_twins(&self) -> std::sync::MutexGuard<'_, HashMap<TypeId, Arc<dyn Any + Send + Sync>>> {
+        // Every change is one insert or a clear: a panic cannot leave it half-written.
+        self.twins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_tags(&self) -> std::sync::MutexGuard<'_, TagTable> {
+        // A std mutex, never held across an await. A panic while holding it cannot leave a
+        // member half-registered in a way that matters: each update is one insert or remove,
+        // and the counts are only used to decide when to prune.
+        self.tags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn deadline(ttl: Ttl) -> Instant {
         Instant::now() + ttl.as_duration()
+    }
+
+    /// A member is kept by a prune while it may still live and its entry is in the cache (or it
+    /// was registered a moment ago and its entry is about to be written).
+    fn keeps(&self, member: &str, state: &TagMemberState, now: Instant) -> bool {
+        state.until > now
+            && (now.duration_since(state.registered) < REGISTRATION_GRACE
+                || self.cache.contains_key(member))
+    }
+
+    fn prune_tag(&self, set: &mut TagSet, now: Instant) -> usize {
+        let before = set.members.len();
+        set.members.retain(|m, s| self.keeps(m, s, now));
+        set.pruned_len = set.members.len();
+        before - set.members.len()
     }
 
     // Every write goes through moka's compute, which serializes operations on one key. A plain
@@ -214,6 +294,7 @@ impl CacheLayer for MemoryLayer {
         let stored = Stored {
             value,
             expires_at: Self::deadline(ttl),
+            lease: 0,
         };
         self.put(key.as_str(), stored).await;
         Ok(())
@@ -256,7 +337,11 @@ impl CacheLayer for MemoryLayer {
             .and_compute_with(|current| {
                 let op = match current {
                     Some(entry) if entry.value().live(Instant::now()) => Op::Nop,
-                    _ => Op::Put(Stored { value, expires_at }),
+                    _ => Op::Put(Stored {
+                        value,
+                        expires_at,
+                        lease: 0,
+                    }),
                 };
                 std::future::ready(op)
             })
@@ -289,6 +374,7 @@ impl CacheLayer for MemoryLayer {
                     Op::Put(Stored {
                         value: Bytes::from(n.to_string()),
                         expires_at: now + ttl.as_duration(),
+                        lease: 0,
                     })
                 }))
             })
@@ -312,22 +398,25 @@ impl CacheLayer for MemoryLayer {
         lease_ttl: Ttl,
         replace: Option<&[u8]>,
     ) -> Result<Leased> {
-        let marker = lease_marker(token);
         let result = self
             .cache
             .entry(key.as_str().to_owned())
             .and_compute_with(|current| {
                 let now = Instant::now();
                 let op = match current {
+                    // A live load, or a value that is not the one the caller could not use.
                     Some(entry)
                         if entry.value().live(now)
-                            && replace != Some(entry.value().value.as_ref()) =>
+                            && (entry.value().lease != 0
+                                || (!entry.value().value.is_empty()
+                                    && replace != Some(entry.value().value.as_ref()))) =>
                     {
                         Op::Nop
                     }
                     _ => Op::Put(Stored {
-                        value: marker,
+                        value: Bytes::new(),
                         expires_at: now + lease_ttl.as_duration(),
+                        lease: token,
                     }),
                 };
                 std::future::ready(op)
@@ -335,11 +424,11 @@ impl CacheLayer for MemoryLayer {
             .await;
         Ok(match result {
             CompResult::Unchanged(entry) => {
-                let value = entry.into_value().value;
-                if is_lease(&value) {
+                let stored = entry.into_value();
+                if stored.lease != 0 {
                     Leased::Denied
                 } else {
-                    Leased::Value(value)
+                    Leased::Value(stored.value)
                 }
             }
             CompResult::Inserted(_) | CompResult::ReplacedWith(_) => Leased::Granted,
@@ -348,17 +437,17 @@ impl CacheLayer for MemoryLayer {
     }
 
     async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
-        let marker = lease_marker(token);
         let result = self
             .cache
             .entry(key.as_str().to_owned())
             .and_compute_with(|current| {
                 let now = Instant::now();
                 let op = match current {
-                    Some(entry) if entry.value().live(now) && entry.value().value == marker => {
+                    Some(entry) if entry.value().live(now) && entry.value().lease == token => {
                         Op::Put(Stored {
                             value,
                             expires_at: now + ttl.as_duration(),
+                            lease: 0,
                         })
                     }
                     _ => Op::Nop,
@@ -369,31 +458,145 @@ impl CacheLayer for MemoryLayer {
         Ok(matches!(result, CompResult::ReplacedWith(_)))
     }
 
+    async fn release_lease(&self, key: &Key, token: u64) -> Result<bool> {
+        let result = self
+            .cache
+            .entry(key.as_str().to_owned())
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if entry.value().lease == token => Op::Remove,
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(matches!(result, CompResult::Removed(_)))
+    }
+
     async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
         let now = Instant::now();
         let until = now + ttl.as_duration();
-        let mut index = self.tags.lock();
+        let mut table = self.lock_tags();
         for tag in tags {
-            let members = index.entry(tag.as_str().to_owned()).or_default();
-            members.retain(|_, live_until| *live_until > now);
-            let slot = members.entry(member.as_str().to_owned()).or_insert(until);
-            if *slot < until {
-                *slot = until;
+            table.stamp += 1;
+            let stamp = table.stamp;
+            let set = table.tags.entry(tag.as_str().to_owned()).or_default();
+            let mut removed = 0;
+            if set.members.len() >= (2 * set.pruned_len).max(MIN_PRUNE) {
+                removed = self.prune_tag(set, now);
             }
+            let added = match set.members.get_mut(member.as_str()) {
+                Some(state) => {
+                    state.until = state.until.max(until);
+                    state.stamp = stamp;
+                    state.registered = now;
+                    0
+                }
+                None => {
+                    set.members.insert(
+                        member.as_str().to_owned(),
+                        TagMemberState {
+                            until,
+                            stamp,
+                            registered: now,
+                        },
+                    );
+                    1
+                }
+            };
+            table.members = table.members + added - removed;
         }
-        if self.tags.adds.fetch_add(1, Ordering::Relaxed) % TAG_SWEEP_EVERY == TAG_SWEEP_EVERY - 1 {
-            index.retain(|_, members| {
-                members.retain(|_, live_until| *live_until > now);
-                !members.is_empty()
+        if table.members >= (2 * table.pruned_members).max(MIN_FULL_PRUNE) {
+            // Tags never written again keep members whose entries are gone; a full prune when
+            // the index has doubled keeps the cost amortized O(1) per registration.
+            let mut total = 0;
+            let mut tags = std::mem::take(&mut table.tags);
+            tags.retain(|_, set| {
+                self.prune_tag(set, now);
+                total += set.members.len();
+                !set.members.is_empty()
             });
+            table.tags = tags;
+            table.members = total;
+            table.pruned_members = total;
         }
         Ok(())
     }
 
+    async fn tag_members(&self, tag: &Tag, cursor: &TagCursor, limit: usize) -> Result<TagChunk> {
+        let after: u64 = cursor
+            .0
+            .as_deref()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let now = Instant::now();
+        let table = self.lock_tags();
+        let Some(set) = table.tags.get(tag.as_str()) else {
+            return Ok(TagChunk::default());
+        };
+        let mut found: Vec<(u64, &String)> = set
+            .members
+            .iter()
+            .filter(|(_, s)| s.stamp > after && s.until > now)
+            .map(|(m, s)| (s.stamp, m))
+            .collect();
+        found.sort_unstable();
+        let more = found.len() > limit;
+        found.truncate(limit.max(1));
+        let mut chunk = TagChunk::default();
+        for (stamp, member) in &found {
+            match tag.member_key(member) {
+                Some(key) => chunk.members.push(TagMember {
+                    key,
+                    stamp: stamp.to_string(),
+                }),
+                None => chunk.foreign += 1,
+            }
+        }
+        if more && let Some((last, _)) = found.last() {
+            chunk.next = Some(TagCursor(Some(last.to_string())));
+        }
+        Ok(chunk)
+    }
+
+    async fn tag_forget(&self, tag: &Tag, members: &[TagMember]) -> Result<u64> {
+        let mut table = self.lock_tags();
+        let mut forgotten = 0;
+        let mut empty = false;
+        if let Some(set) = table.tags.get_mut(tag.as_str()) {
+            for m in members {
+                if set
+                    .members
+                    .get(m.key.as_str())
+                    .is_some_and(|s| s.stamp.to_string() == m.stamp)
+                {
+                    set.members.remove(m.key.as_str());
+                    forgotten += 1;
+                }
+            }
+            empty = set.members.is_empty();
+        }
+        if empty {
+            table.tags.remove(tag.as_str());
+        }
+        table.members -= forgotten as usize;
+        Ok(forgotten)
+    }
+
     async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        let members = self.tags.lock().remove(tag.as_str()).unwrap_or_default();
+        // In process memory the index is taken whole, in one step: a member registered after
+        // this goes into a new index, and its load began after the invalidation.
+        let members = {
+            let mut table = self.lock_tags();
+            let set = table.tags.remove(tag.as_str()).unwrap_or_default();
+            table.members -= set.members.len();
+            set.members
+        };
+        let now = Instant::now();
         let mut removed = 0;
-        for (member, _) in members {
+        // A member past its lifetime is not an entry of this tag any more (its key may hold a
+        // newer, untagged value).
+        for (member, _) in members.into_iter().filter(|(_, s)| s.until > now) {
             if self.remove_key(&member).await {
                 removed += 1;
             }
@@ -418,10 +621,6 @@ impl CacheLayer for MemoryLayer {
         Ok(removed)
     }
 
-    async fn rate_limit(&self, checks: &[RateCheck]) -> Result<Vec<Decision>> {
-        Ok(self.limiter.check(checks))
-    }
-
     async fn ping(&self) -> Result<()> {
         Ok(())
     }
@@ -430,7 +629,7 @@ impl CacheLayer for MemoryLayer {
         self.cache.entry_count()
     }
 
-    fn memory_limiter(&self) -> Option<&MemoryLimiter> {
-        Some(&self.limiter)
+    fn backend(&self) -> Backend<'_> {
+        Backend::Memory(self)
     }
 }

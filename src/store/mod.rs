@@ -1,13 +1,18 @@
-//! Byte stores: the [`CacheLayer`] trait, its backends, and the resilience wrapper.
+//! The storage core: the [`CacheLayer`] trait (bytes with mandatory TTLs, leases, tags), its
+//! backends, the resilience wrapper, and the [`Operation`] hook through which capabilities run
+//! their own atomic steps.
 //!
 //! - [`MemoryLayer`]: process memory (moka), bounded in bytes, per-entry TTL.
 //! - [`RedisLayer`](redis::RedisLayer) (feature `redis`): one multiplexed, auto-reconnecting
 //!   connection by default, or a bb8 pool (feature `bb8`).
 //! - [`Store`]: the one place where timeouts, the circuit breaker, fallback, failure logging and
-//!   counters live. Policy modules ([`Cache`](crate::Cache) and later ones) talk to a `Store`,
-//!   never to a backend directly.
+//!   counters live. Capabilities (the typed [`Cache`](crate::Cache), rate limiting, and later
+//!   ones) talk to a `Store`, never to a backend directly.
 //!
-//! Backends know keys, TTLs and bytes; they know nothing of JSON, loaders or policy.
+//! Backends know keys, TTLs and bytes; they know nothing of JSON, loaders or policy. A capability
+//! that needs an atomic step of its own (a rate-limit check, a lock with a fence) does not add a
+//! method here: it implements [`Operation`] in its own module (its Redis script and its memory
+//! twin) and hands it to [`Store::run`] with an [`OutageRule`].
 
 use std::fmt;
 use std::time::Duration;
@@ -17,11 +22,11 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::key::{Key, KeyPattern, Tag};
-use crate::ratelimit::{Decision, Limit};
 use crate::ttl::Ttl;
 
 mod breaker;
 pub mod memory;
+mod operation;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
@@ -29,6 +34,7 @@ mod resilient;
 
 pub use breaker::BreakerState;
 pub use memory::MemoryLayer;
+pub use operation::{Answered, Backend, Operation, OutageRule};
 pub use resilient::{Invalidated, Source, Store, StoreStats};
 
 /// Which backend a store talks to.
@@ -73,32 +79,32 @@ pub enum Remaining {
     Expires(Duration),
 }
 
-/// The bytes a key holds while a load for it is in flight: a lease marker, `\0speedlayer:lease:`
-/// followed by the lease token in decimal. It starts with a NUL byte, so it is never valid JSON
-/// (or UTF-8 text a client would show as a value); readers treat it as a miss. It lives at most
-/// the lease TTL.
-pub const LEASE_PREFIX: &[u8] = b"\0speedlayer:lease:";
-
-/// The marker of lease `token`.
-pub fn lease_marker(token: u64) -> Bytes {
-    let mut marker = Vec::with_capacity(LEASE_PREFIX.len() + 20);
-    marker.extend_from_slice(LEASE_PREFIX);
-    marker.extend_from_slice(token.to_string().as_bytes());
-    Bytes::from(marker)
-}
-
-/// True when `value` is a lease marker, not a value.
+/// True when `value` is what a key holds while a load for it is in flight: the empty string.
+///
+/// During a load the key holds `""` (for at most the lease TTL), and the loader's lease token
+/// lives beside it, in [`lease_key`]. The empty string is never valid JSON, so the typed cache
+/// never stores it as a value, and a reader written as `if (v) return JSON.parse(v)` (the usual
+/// Node service) treats it as a miss. Any `DEL` or `SET` of the key, by speedlayer or by another
+/// client, breaks the lease: the load then stores nothing.
 pub fn is_lease(value: &[u8]) -> bool {
-    value.starts_with(LEASE_PREFIX)
+    value.is_empty()
 }
 
-/// One layer of a rate-limit check: the counter's key and its quota.
-#[derive(Debug, Clone)]
-pub struct RateCheck {
-    /// The counter.
-    pub key: Key,
-    /// The quota.
-    pub limit: Limit,
+/// The key that holds the lease token of a load of `key`, in the same Redis Cluster hash slot:
+/// `{<key>}:~lease`, or `<key>:~lease` when `key` already carries a hash tag. No key built by
+/// [`key`](crate::key) contains `~`, so it never names an entry.
+pub fn lease_key(key: &Key) -> String {
+    let text = key.as_str();
+    let mut out = String::with_capacity(text.len() + 10);
+    if text.contains('{') {
+        out.push_str(text);
+    } else {
+        out.push('{');
+        out.push_str(text);
+        out.push('}');
+    }
+    out.push_str(":~lease");
+    out
 }
 
 /// What [`CacheLayer::get_or_lease`] found.
@@ -106,13 +112,50 @@ pub struct RateCheck {
 pub enum Leased {
     /// A value: no load needed.
     Value(Bytes),
-    /// The key was empty; it now holds this caller's lease marker. A later
+    /// The key was empty; it now holds this caller's lease. A later
     /// [`set_leased`](CacheLayer::set_leased) with the same token stores the loaded value unless
     /// the key was invalidated (or written) in between.
     Granted,
     /// Another load holds the key's lease (or no lease can be taken): load, but do not cache.
     Denied,
 }
+
+/// One member of a tag index, as [`CacheLayer::tag_members`] reads it: the member's key and the
+/// stamp of its latest registration. A member registered again changes its stamp, so that
+/// [`CacheLayer::tag_forget`] keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TagMember {
+    /// The member.
+    pub key: Key,
+    /// The registration's stamp (opaque; on Redis the member's score).
+    pub stamp: String,
+}
+
+/// Where a chunked walk of a tag index goes on from (see [`CacheLayer::tag_members`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagCursor(pub(crate) Option<String>);
+
+impl TagCursor {
+    /// The start of the index.
+    pub fn start() -> TagCursor {
+        TagCursor(None)
+    }
+}
+
+/// A chunk of a tag index: some members, and where the next chunk starts (`None` at the end).
+#[derive(Clone, Debug, Default)]
+pub struct TagChunk {
+    /// Members to remove.
+    pub members: Vec<TagMember>,
+    /// The cursor of the next chunk; `None` when this was the last.
+    pub next: Option<TagCursor>,
+    /// Index entries that are not keys of the tag's scope (written by another client); they were
+    /// dropped from the index and nothing was removed for them.
+    pub foreign: u64,
+}
+
+/// Members read per chunk when a tag is invalidated.
+pub const TAG_CHUNK: usize = 500;
 
 /// A byte store with mandatory TTLs.
 ///
@@ -156,12 +199,13 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// returns the new value. The value is stored as decimal text, readable by any client.
     async fn increment(&self, key: &Key, delta: i64, ttl: Ttl) -> Result<i64>;
 
-    /// Reads `key`; when it is absent, stores the lease marker of `token` for `lease_ttl` in the
-    /// same atomic step. One round trip on Redis.
+    /// Reads `key`; when it is absent, takes the lease of `token` on it for `lease_ttl` in the
+    /// same atomic step (see [`is_lease`]). One round trip on Redis.
     ///
     /// `replace` names a value the caller found unusable (it did not decode): if the key still
     /// holds exactly that value, or holds something other than a string on Redis, it counts as
-    /// absent and is replaced by the lease.
+    /// absent and is replaced by the lease. A lease without a live token beside it (left by
+    /// another client, or without a TTL) counts as absent too.
     async fn get_or_lease(
         &self,
         key: &Key,
@@ -170,28 +214,52 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
         replace: Option<&[u8]>,
     ) -> Result<Leased>;
 
-    /// Stores `value` for `ttl` only if `key` still holds the lease marker of `token`: any
-    /// delete, invalidation or write since the lease was granted makes this a refusal (`false`).
+    /// Stores `value` for `ttl` only if `key` still holds the lease of `token`: any delete,
+    /// invalidation or write since the lease was granted makes this a refusal (`false`).
     async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool>;
+
+    /// Gives up the lease of `token` on `key` if it still holds it (a load that failed or was
+    /// cancelled), so that the next reader loads at once instead of waiting out the lease TTL.
+    /// True when the lease was released.
+    async fn release_lease(&self, key: &Key, token: u64) -> Result<bool>;
 
     /// Records `member` in the index of each tag, for at least `ttl` (the member's lifetime).
     /// Members whose lifetime has passed are pruned from an index as it is written, so an index
-    /// holds live members only.
+    /// holds live members only. Every registration changes the member's stamp.
     async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()>;
 
-    /// Removes the tag's index and every entry it lists; returns how many entries were removed.
-    /// Costs the size of the tag, not of the keyspace.
-    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64>;
+    /// Reads up to `limit` members of the tag's index, from `cursor`. Cheap: bounded by `limit`.
+    async fn tag_members(&self, tag: &Tag, cursor: &TagCursor, limit: usize) -> Result<TagChunk>;
+
+    /// Drops `members` from the tag's index, each only if its stamp is still the one read: a
+    /// member registered again since (a new load) stays. Returns how many were dropped.
+    async fn tag_forget(&self, tag: &Tag, members: &[TagMember]) -> Result<u64>;
+
+    /// Removes every entry the tag's index lists, and the index; returns how many entries were
+    /// removed. Costs the size of the tag, not of the keyspace, in chunks of [`TAG_CHUNK`]: each
+    /// chunk's members are removed before they leave the index, so an invalidation cut short can
+    /// be run again and goes on where it stopped.
+    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
+        let mut removed = 0;
+        let mut cursor = TagCursor::start();
+        loop {
+            let chunk = self.tag_members(tag, &cursor, TAG_CHUNK).await?;
+            if !chunk.members.is_empty() {
+                let keys: Vec<Key> = chunk.members.iter().map(|m| m.key.clone()).collect();
+                removed += self.delete_many(&keys).await?;
+                self.tag_forget(tag, &chunk.members).await?;
+            }
+            match chunk.next {
+                Some(next) => cursor = next,
+                None => return Ok(removed),
+            }
+        }
+    }
 
     /// Maintenance: walks the keyspace for keys matching `pattern` (Redis `SCAN MATCH`, in
     /// batches of `batch`) and removes them (`UNLINK`), stopping after `max_removed` removals.
     /// Costs the size of the keyspace: never call it on a request path.
     async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64>;
-
-    /// Checks a request against every layer at once (one round trip on Redis, one script, on
-    /// server time): admitted only if every layer admits, and then counted in each; a denied
-    /// request is counted nowhere. Returns each layer's decision, in order.
-    async fn rate_limit(&self, checks: &[RateCheck]) -> Result<Vec<Decision>>;
 
     /// Checks that the backend answers.
     async fn ping(&self) -> Result<()>;
@@ -201,9 +269,14 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
         0
     }
 
-    /// The in-process rate limiter, for a backend that is one (the memory backend): checks can
-    /// then skip the asynchronous call.
-    fn memory_limiter(&self) -> Option<&crate::ratelimit::MemoryLimiter> {
-        None
+    /// The concrete backend, for capabilities' [`Operation`]s. Layers other than speedlayer's own
+    /// answer [`Backend::Other`] and cannot run operations.
+    fn backend(&self) -> Backend<'_> {
+        Backend::Other
     }
+
+    /// The [`Store`] gave up waiting on a call to this layer: a connection that no longer
+    /// answers (a peer that vanished without closing it) should be replaced. The default does
+    /// nothing.
+    fn call_timed_out(&self) {}
 }

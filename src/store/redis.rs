@@ -3,30 +3,43 @@
 //! The default transport is one redis-rs `ConnectionManager`: a multiplexed connection (every
 //! task pipelines its commands onto one socket) that reconnects by itself after the server
 //! drops it. The opt-in `bb8` feature adds a pooled transport. Both connect lazily, so a service
-//! starts even while Redis is down.
+//! starts even while Redis is down. A connection whose peer vanished without closing it (no RST:
+//! a dead host, a dropped route) answers nothing and is never dropped by the driver; when the
+//! [`Store`](super::Store) gives up waiting on a call ([`CacheLayer::call_timed_out`]), the
+//! connection is replaced (at most once per [`REPLACE_INTERVAL`]).
 //!
 //! Values are stored as plain Redis strings (`SET key value PX ttl`), readable with
 //! `redis-cli GET`. Multi-key operations are one round trip: `MGET`, a pipeline of `SET`s, one
 //! `UNLINK`. Counters are one Lua script (`INCRBY` + `PEXPIRE`) so that the TTL refresh cannot be
 //! lost between two commands.
 //!
+//! Capabilities run their own scripts through [`RedisLayer::invoke`], from an
+//! [`Operation`](super::Operation).
+//!
 //! Errors come back as [`Error`]s with the password scrubbed; timeouts are applied by the
-//! [`Store`](super::Store) wrapper, not here.
+//! [`Store`](super::Store) wrapper, not here. An error about the data (a key of another type, a
+//! script failing on what it found) is the caller's and never counts against the server's health.
 
 use std::fmt;
-use std::time::Duration;
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, RedisError, Script};
 
-use super::{BackendKind, CacheLayer, Entry, Leased, RateCheck, Remaining, is_lease, lease_marker};
+use super::{
+    Backend, BackendKind, CacheLayer, Entry, Leased, Remaining, TagChunk, TagCursor, TagMember,
+    lease_key,
+};
 use crate::config::{RedisConfig, Transport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
-use crate::ratelimit::{Algorithm, Decision};
 use crate::ttl::Ttl;
+
+/// Shortest time between two replacements of the multiplexed connection.
+pub const REPLACE_INTERVAL: Duration = Duration::from_millis(250);
 
 // Lua numbers are doubles: returning INCRBY's reply would round counters above 2^53. The new
 // value is read back as the exact decimal string Redis stores.
@@ -36,47 +49,73 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('GET', KEYS[1])
 ";
 
-// Reads the key; when it is absent, puts the caller's lease marker in it (one atomic step). A
-// value equal to ARGV[3] (one the caller could not decode), or a key of another type than
-// string, counts as absent and is replaced.
+// Reads the key; when it is absent, takes the lease in the same atomic step: the key holds ''
+// and KEYS[2] (the lease key, same slot) the caller's token, both for the lease TTL. Returns the
+// value, 0 (another live lease) or 1 (granted). A value equal to ARGV[3] (one the caller could
+// not decode), a key of another type than string, and an '' that is not a live lease (no token
+// beside it, or no TTL: another client wrote it) count as absent and are replaced.
 const GET_OR_LEASE_SCRIPT: &str = r"
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'string' then
   local value = redis.call('GET', KEYS[1])
-  if ARGV[3] == nil or value ~= ARGV[3] then return value end
+  if value == '' then
+    if redis.call('PTTL', KEYS[1]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+  elseif ARGV[3] == nil or value ~= ARGV[3] then
+    return value
+  end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], '', 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
-// Stores the loaded value only if the key still holds this caller's lease marker.
+// Stores the loaded value only if the key still holds the lease and the lease is the caller's.
+// A DEL or SET of the key by anyone (an invalidation, another service) breaks the lease.
 const SET_LEASED_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if redis.pcall('GET', KEYS[1]) ~= '' then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+";
+
+// Gives up the caller's lease: removes the token and the '' it guards, if they are still its.
+const RELEASE_LEASE_SCRIPT: &str = r"
+if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+if redis.pcall('GET', KEYS[1]) == '' then
+  redis.call('DEL', KEYS[1])
   return 1
 end
 return 0
 ";
 
-// Adds a member to a tag index (a sorted set scored by the time, in Redis server milliseconds,
-// until which the member can live), prunes members past that time, and keeps the index alive at
-// least as long as its longest-lived member. Touches only the index key.
+// Adds a member to a tag index: a sorted set whose score is 1024 × the time (Redis server
+// milliseconds) until which the member can live, plus a registration count. Every registration
+// raises the score (the longest lifetime wins, and a registration that does not lengthen it
+// still adds 1), so that an invalidation that read the member before can tell it was registered
+// again and keeps it. Members past their time are pruned; the index lives as long as its
+// longest-lived member. Another client's value at the index key is replaced.
 const TAG_ADD_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local life = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], 'GT', now + life, ARGV[1])
-if redis.call('PTTL', KEYS[1]) < life then
-  redis.call('PEXPIRE', KEYS[1], life)
-end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%d', now * 1024))
+local score = (now + tonumber(ARGV[2])) * 1024
+local old = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if old and old >= score then score = old + 1 end
+redis.call('ZADD', KEYS[1], string.format('%d', score), ARGV[1])
+local keep = math.floor(score / 1024) - now + 1
+if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
 return 1
 ";
 
-// After a tag's members were removed, drops them from the index, but only those whose score
-// is still the one that was read: a member registered again meanwhile (a new load) stays.
+// After a chunk of a tag's members was removed, drops them from the index, but only those whose
+// score is still the one that was read: a member registered again meanwhile (a new load) stays.
 // ARGV holds member, score pairs. Touches only the index key.
 const TAG_FORGET_SCRIPT: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then return 0 end
 local forgotten = 0
 for i = 1, #ARGV, 2 do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) == ARGV[i + 1] then
@@ -86,141 +125,45 @@ end
 return forgotten
 ";
 
-// Rate limiting: every layer of one check in one script, on Redis server time (microseconds).
-// ARGV holds five values per layer: algorithm (1 fixed window, 2 sliding log, 3 sliding window,
-// 4 GCRA), limit, window (us), burst, and a unique member for the log. Every layer is evaluated
-// first; only if all admit are their states written, so a denied request counts nowhere.
-// Returns four integers per layer: admitted (0/1), remaining, reset (us), retry (us, -1 if none).
-// Integers are written with %d: Lua's tostring would round microsecond timestamps.
-const RATE_LIMIT_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local function int(x) return string.format('%d', x) end
-local function ms(us) return int(math.ceil(us / 1000) + 1) end
-local function sliding_retry(prev, cur, limit, w, elapsed)
-  if cur < limit and prev > 0 then
-    local room = limit * w - (cur + 1) * w
-    local e_min = w - math.min(math.floor(room / prev), w)
-    if e_min < w then return math.max(e_min, elapsed + 1) - elapsed end
-  end
-  local to_next = w - elapsed
-  if cur == 0 then return to_next end
-  local e_min = w - math.min(math.floor((limit - 1) * w / cur), w)
-  return to_next + e_min
-end
-local out, writes, all = {}, {}, true
-for i = 1, #KEYS do
-  local b = (i - 1) * 5
-  local algo, limit, w = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local burst, member, key = tonumber(ARGV[b + 4]), ARGV[b + 5], KEYS[i]
-  local ok, remaining, reset, retry = 0, 0, 0, -1
-  if algo == 1 then
-    local idx, count = math.floor(now / w), 0
-    local v = redis.call('GET', key)
-    if v then
-      local si, sc = string.match(v, '^(%d+):(%d+)$')
-      if tonumber(si) == idx then count = tonumber(sc) end
-    end
-    reset = (idx + 1) * w - now
-    if count < limit then
-      ok, remaining = 1, limit - count - 1
-      writes[i] = {'SET', key, int(idx) .. ':' .. int(count + 1), 'PX', ms(reset)}
-    else
-      retry = reset
-    end
-  elseif algo == 2 then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - w))
-    local count = redis.call('ZCARD', key)
-    if count < limit then
-      ok, remaining, reset = 1, limit - count - 1, w
-      writes[i] = {'LOG', key, int(now), member, ms(w)}
-    else
-      local oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
-      local newest = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
-      retry, reset = math.max(oldest + w - now, 1), math.max(newest + w - now, 1)
-    end
-  elseif algo == 3 then
-    local idx, prev, cur = math.floor(now / w), 0, 0
-    local v = redis.call('GET', key)
-    if v then
-      local si, sp, sc = string.match(v, '^(%d+):(%d+):(%d+)$')
-      si = tonumber(si)
-      if si == idx then prev, cur = tonumber(sp), tonumber(sc)
-      elseif si == idx - 1 then prev = tonumber(sc) end
-    end
-    local elapsed = now - idx * w
-    local weighted = prev * (w - elapsed) + (cur + 1) * w
-    if weighted <= limit * w then
-      ok, remaining, reset = 1, math.floor((limit * w - weighted) / w), (idx + 2) * w - now
-      writes[i] = {'SET', key, int(idx) .. ':' .. int(prev) .. ':' .. int(cur + 1), 'PX', ms(2 * w)}
-    else
-      retry = sliding_retry(prev, cur, limit, w, elapsed)
-      if cur > 0 then reset = (idx + 2) * w - now else reset = (idx + 1) * w - now end
-      reset = math.max(reset, retry)
-    end
-  else
-    local tick = w / limit
-    local tau = tick * (burst - 1)
-    local tat = now
-    local v = redis.call('GET', key)
-    if v then tat = math.max(tonumber(v), now) end
-    if tat - now > tau then
-      retry, reset = math.max(tat - tau - now, 1), tat - now
-    else
-      local nxt = tat + tick
-      ok, reset = 1, nxt - now
-      if now + tau >= nxt then remaining = math.floor((now + tau - nxt) / tick) + 1 end
-      writes[i] = {'SET', key, string.format('%.3f', nxt), 'PX', ms(nxt - now)}
-    end
-  end
-  if ok == 0 then all = false end
-  local n = #out
-  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = ok, remaining, math.ceil(reset), retry
-end
-if all then
-  for i = 1, #KEYS do
-    local wr = writes[i]
-    if wr then
-      if wr[1] == 'LOG' then
-        redis.call('ZADD', wr[2], wr[3], wr[4])
-        redis.call('PEXPIRE', wr[2], wr[5])
-      else
-        redis.call('SET', wr[2], wr[3], 'PX', wr[5])
-      end
-    end
-  end
-end
-for i = 1, #out do out[i] = math.ceil(out[i]) end
-return out
-";
-
-// The most common check, one GCRA layer, with nothing else to evaluate: the same rule as the
-// general script, in the fewest Lua steps. ARGV: emission interval and burst tolerance (us).
-// A Lua number passed to redis.call is written with 17 significant digits, so the TAT keeps its
-// sub-microsecond part; numbers in the reply are truncated to integers.
-const GCRA_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000000 + t[2]
-local tick, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-if tat - now > tau then
-  return {0, 0, tat - now, tat - tau - now}
-end
-local nxt = tat + tick
-redis.call('SET', KEYS[1], nxt, 'PX', math.floor((nxt - now) / 1000) + 2)
-local remaining = 0
-if now + tau >= nxt then remaining = math.floor((now + tau - nxt) / tick) + 1 end
-return {1, remaining, nxt - now, -1}
-";
-
-/// Members removed per `UNLINK` when a tag is invalidated.
-const UNLINK_BATCH: usize = 512;
-
 enum Conn {
-    Multiplexed(ConnectionManager),
+    Multiplexed(Box<Multiplexed>),
     #[cfg(feature = "bb8")]
     Pooled(bb8_redis::bb8::Pool<pool::Manager>),
+}
+
+/// The multiplexed transport: the current connection manager, replaced when a call to it timed
+/// out (its peer may have vanished).
+struct Multiplexed {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    current: RwLock<(ConnectionManager, Instant)>,
+}
+
+impl Multiplexed {
+    fn manager(&self) -> ConnectionManager {
+        // A poisoned lock still holds a valid manager: replacing it is one assignment.
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Replaces the connection, unless it was replaced less than [`REPLACE_INTERVAL`] ago.
+    /// Commands already sent on the old one finish or fail there; new ones use the new one.
+    fn replace(&self) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.1.elapsed() < REPLACE_INTERVAL {
+            return false;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(manager) => {
+                *current = (manager, Instant::now());
+                true
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 /// Redis [`CacheLayer`].
@@ -239,9 +182,8 @@ pub struct RedisLayer {
     increment: Script,
     get_or_lease: Script,
     set_leased: Script,
+    release_lease: Script,
     tag_forget: Script,
-    rate_limit: Script,
-    gcra: Script,
 }
 
 impl RedisLayer {
@@ -270,9 +212,14 @@ impl RedisLayer {
                     .set_min_delay(Duration::from_millis(20))
                     .set_max_delay(Duration::from_millis(500))
                     .set_number_of_retries(2);
-                let manager = ConnectionManager::new_lazy_with_config(client, manager_config)
-                    .map_err(|e| map_error(config, e))?;
-                Conn::Multiplexed(manager)
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+                        .map_err(|e| map_error(config, e))?;
+                Conn::Multiplexed(Box::new(Multiplexed {
+                    client,
+                    config: manager_config,
+                    current: RwLock::new((manager, Instant::now())),
+                }))
             }
             #[cfg(feature = "bb8")]
             Transport::Pooled { size } => Conn::Pooled(pool::build(client, config, size)),
@@ -290,16 +237,15 @@ impl RedisLayer {
             increment: Script::new(INCREMENT_SCRIPT),
             get_or_lease: Script::new(GET_OR_LEASE_SCRIPT),
             set_leased: Script::new(SET_LEASED_SCRIPT),
+            release_lease: Script::new(RELEASE_LEASE_SCRIPT),
             tag_forget: Script::new(TAG_FORGET_SCRIPT),
-            rate_limit: Script::new(RATE_LIMIT_SCRIPT),
-            gcra: Script::new(GCRA_SCRIPT),
         })
     }
 
     /// Runs one command.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
         let result = match &self.conn {
-            Conn::Multiplexed(manager) => cmd.query_async(&mut manager.clone()).await,
+            Conn::Multiplexed(m) => cmd.query_async(&mut m.manager()).await,
             #[cfg(feature = "bb8")]
             Conn::Pooled(p) => pool::run(p, async |c| cmd.query_async(c).await).await,
         };
@@ -309,20 +255,23 @@ impl RedisLayer {
     /// Runs a pipeline (one round trip).
     async fn query_pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
         let result = match &self.conn {
-            Conn::Multiplexed(manager) => pipe.query_async(&mut manager.clone()).await,
+            Conn::Multiplexed(m) => pipe.query_async(&mut m.manager()).await,
             #[cfg(feature = "bb8")]
             Conn::Pooled(p) => pool::run(p, async |c| pipe.query_async(c).await).await,
         };
         result.map_err(|e| map_error(&self.config, e))
     }
 
-    /// Runs a script (`EVALSHA`, loading it once if the server does not know it).
-    async fn invoke<T: redis::FromRedisValue>(
+    /// Runs a script (`EVALSHA`, loading it once if the server does not know it): what a
+    /// capability's [`Operation`](super::Operation) calls. Errors are mapped as for every other
+    /// call: a script failing on the data it found is [`ErrorKind::Script`], not an availability
+    /// error.
+    pub async fn invoke<T: redis::FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let result = match &self.conn {
-            Conn::Multiplexed(manager) => invocation.invoke_async(&mut manager.clone()).await,
+            Conn::Multiplexed(m) => invocation.invoke_async(&mut m.manager()).await,
             #[cfg(feature = "bb8")]
             Conn::Pooled(p) => pool::run(p, async |c| invocation.invoke_async(c).await).await,
         };
@@ -330,27 +279,56 @@ impl RedisLayer {
     }
 }
 
-/// Maps a driver error to a crate error: data errors (wrong type, not an integer) stay the
-/// caller's, everything else is an availability error.
+/// Server error codes that say the server cannot serve now (loading, busy, out of memory, a
+/// failover under way), as opposed to an error about the data.
+const UNAVAILABLE_CODES: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "OOM",
+    "MISCONF",
+    "MASTERDOWN",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "READONLY",
+    "MOVED",
+    "ASK",
+    "NOAUTH",
+    "NOPERM",
+    "WRONGPASS",
+];
+
+/// Maps a driver error to a crate error: data errors (wrong type, not an integer, a script
+/// failing on what it found) stay the caller's, everything else is an availability error.
 fn map_error(config: &RedisConfig, e: RedisError) -> Error {
     let text = config.scrub(&e.to_string());
-    let code = e.code().unwrap_or_default();
+    let code = e.code().unwrap_or_default().to_owned();
     let lower = text.to_ascii_lowercase();
-    let kind = if code == "WRONGTYPE" || lower.contains("not an integer") {
-        ErrorKind::WrongType
-    } else if lower.contains("overflow") {
-        ErrorKind::Overflow
-    } else if e.is_timeout() {
-        ErrorKind::Timeout
-    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-        ErrorKind::Connection
-    } else {
-        ErrorKind::Backend
-    };
+    let kind =
+        if code == "WRONGTYPE" || lower.contains("wrongtype") || lower.contains("not an integer") {
+            ErrorKind::WrongType
+        } else if lower.contains("overflow") {
+            ErrorKind::Overflow
+        } else if e.is_timeout() {
+            ErrorKind::Timeout
+        } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            ErrorKind::Connection
+        } else if UNAVAILABLE_CODES.contains(&code.as_str())
+            || lower.contains("max number of clients")
+        {
+            ErrorKind::Backend
+        } else if code == "ERR" && (lower.contains("script") || lower.contains("lua")) {
+            ErrorKind::Script
+        } else {
+            ErrorKind::Backend
+        };
     let message = match kind {
         ErrorKind::WrongType => {
             format!("the Redis value has a type this operation cannot use ({text})")
         }
+        ErrorKind::Script => format!(
+            "a speedlayer script failed on the data it found in Redis at {config}; another \
+             client may have written this key ({text})"
+        ),
         ErrorKind::Connection => format!("cannot reach Redis at {config} ({text})"),
         _ => format!("Redis at {config}: {text}"),
     };
@@ -479,13 +457,13 @@ impl CacheLayer for RedisLayer {
         let mut invocation = self.get_or_lease.prepare_invoke();
         invocation
             .key(key.as_str())
-            .arg(lease_marker(token).as_ref())
+            .key(lease_key(key))
+            .arg(token)
             .arg(lease_ttl.as_millis());
         if let Some(replace) = replace {
             invocation.arg(replace);
         }
         Ok(match self.invoke::<redis::Value>(&invocation).await? {
-            redis::Value::BulkString(bytes) if is_lease(&bytes) => Leased::Denied,
             redis::Value::BulkString(bytes) => Leased::Value(Bytes::from(bytes)),
             redis::Value::Int(1) => Leased::Granted,
             _ => Leased::Denied,
@@ -496,12 +474,21 @@ impl CacheLayer for RedisLayer {
         let mut invocation = self.set_leased.prepare_invoke();
         invocation
             .key(key.as_str())
-            .arg(lease_marker(token).as_ref())
+            .key(lease_key(key))
+            .arg(token)
             .arg(value.as_ref())
             .arg(ttl.as_millis());
         self.invoke::<i64>(&invocation)
             .await
             .map(|stored| stored == 1)
+    }
+
+    async fn release_lease(&self, key: &Key, token: u64) -> Result<bool> {
+        let mut invocation = self.release_lease.prepare_invoke();
+        invocation.key(key.as_str()).key(lease_key(key)).arg(token);
+        self.invoke::<i64>(&invocation)
+            .await
+            .map(|released| released == 1)
     }
 
     async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
@@ -523,29 +510,68 @@ impl CacheLayer for RedisLayer {
         self.query_pipeline::<()>(&pipe).await
     }
 
-    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        // Read the members, remove them, then drop them from the index. The index goes last, so
-        // that an invalidation cut short (timeout, restart) leaves the rest findable and can be
-        // run again; a load that registers after the read began after the database write, so it
-        // reads fresh data and may be cached.
+    async fn tag_members(&self, tag: &Tag, cursor: &TagCursor, limit: usize) -> Result<TagChunk> {
+        // By score, from the cursor on (inclusive: members of the previous chunk that were
+        // forgotten are gone, and one registered again has a higher score).
         let mut range = redis::cmd("ZRANGE");
-        range.arg(tag.as_str()).arg(0).arg(-1).arg("WITHSCORES");
-        let members: Vec<(Vec<u8>, String)> = self.query(&range).await?;
-        let mut removed = 0;
-        for batch in members.chunks(UNLINK_BATCH) {
-            let mut unlink = redis::cmd("UNLINK");
-            for (member, _) in batch {
-                unlink.arg(member.as_slice());
+        range
+            .arg(tag.as_str())
+            .arg(cursor.0.as_deref().unwrap_or("-inf"))
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit.max(1))
+            .arg("WITHSCORES");
+        let found: Vec<(String, String)> = match self.query(&range).await {
+            Ok(found) => found,
+            Err(e) if e.kind() == ErrorKind::WrongType => {
+                // Another client's value at the index key: nothing of ours can be found
+                // through it. Repaired, so that the next registration starts a clean index.
+                tracing::warn!(tag = %tag, "a tag index held another client's value; it was removed");
+                self.query::<u64>(redis::cmd("DEL").arg(tag.as_str()))
+                    .await?;
+                return Ok(TagChunk {
+                    foreign: 1,
+                    ..TagChunk::default()
+                });
             }
-            removed += self.query::<u64>(&unlink).await?;
-            let mut forget = self.tag_forget.prepare_invoke();
-            forget.key(tag.as_str());
-            for (member, score) in batch {
-                forget.arg(member.as_slice()).arg(score.as_str());
+            Err(e) => return Err(e),
+        };
+        let mut chunk = TagChunk::default();
+        let full = found.len() >= limit.max(1);
+        let mut foreign = Vec::new();
+        for (member, score) in &found {
+            match tag.member_key(member) {
+                Some(key) => chunk.members.push(TagMember {
+                    key,
+                    stamp: score.clone(),
+                }),
+                None => foreign.push(member.as_str()),
             }
-            self.invoke::<i64>(&forget).await?;
         }
-        Ok(removed)
+        if !foreign.is_empty() {
+            chunk.foreign = foreign.len() as u64;
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(tag.as_str()).arg(&foreign);
+            self.query::<u64>(&zrem).await?;
+        }
+        if full && let Some((_, score)) = found.last() {
+            chunk.next = Some(TagCursor(Some(score.clone())));
+        }
+        Ok(chunk)
+    }
+
+    async fn tag_forget(&self, tag: &Tag, members: &[TagMember]) -> Result<u64> {
+        if members.is_empty() {
+            return Ok(0);
+        }
+        let mut forget = self.tag_forget.prepare_invoke();
+        forget.key(tag.as_str());
+        for member in members {
+            forget.arg(member.key.as_str()).arg(member.stamp.as_str());
+        }
+        self.invoke::<u64>(&forget).await
     }
 
     async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64> {
@@ -578,72 +604,28 @@ impl CacheLayer for RedisLayer {
         }
     }
 
-    async fn rate_limit(&self, checks: &[RateCheck]) -> Result<Vec<Decision>> {
-        if checks.is_empty() {
-            return Ok(Vec::new());
-        }
-        let single_gcra = match checks {
-            [check] => match check.limit.algorithm() {
-                Algorithm::Gcra { burst } => Some((check, burst)),
-                _ => None,
-            },
-            _ => None,
-        };
-        let invocation = match single_gcra {
-            Some((check, burst)) => {
-                let tick = check.limit.window().as_micros() as f64 / f64::from(check.limit.limit());
-                let mut invocation = self.gcra.prepare_invoke();
-                invocation
-                    .key(check.key.as_str())
-                    .arg(tick)
-                    .arg(tick * f64::from(burst.get() - 1));
-                invocation
-            }
-            None => {
-                let mut invocation = self.rate_limit.prepare_invoke();
-                for check in checks {
-                    let (code, burst) = match check.limit.algorithm() {
-                        Algorithm::FixedWindow => (1, 1),
-                        Algorithm::SlidingLog => (2, 1),
-                        Algorithm::SlidingWindow => (3, 1),
-                        Algorithm::Gcra { burst } => (4, burst.get()),
-                    };
-                    invocation
-                        .key(check.key.as_str())
-                        .arg(code)
-                        .arg(check.limit.limit())
-                        .arg(check.limit.window().as_micros() as u64)
-                        .arg(burst)
-                        // A sliding log's member suffix, so equal timestamps stay distinct;
-                        // unused by the other algorithms.
-                        .arg(if code == 2 { rand::random::<u64>() } else { 0 });
-                }
-                invocation
-            }
-        };
-        let flat: Vec<i64> = self.invoke(&invocation).await?;
-        if flat.len() != checks.len() * 4 {
-            return Err(Error::new(
-                ErrorKind::Backend,
-                "the rate-limit script returned an unexpected reply",
-            ));
-        }
-        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
-        Ok(flat
-            .chunks(4)
-            .zip(checks)
-            .map(|(r, check)| Decision {
-                allowed: r[0] == 1,
-                limit: check.limit.quota(),
-                remaining: r[1].clamp(0, i64::from(u32::MAX)) as u32,
-                reset_after: us(r[2]),
-                retry_after: (r[3] >= 0).then(|| us(r[3].max(1))),
-            })
-            .collect())
-    }
-
     async fn ping(&self) -> Result<()> {
         self.query::<()>(&redis::cmd("PING")).await
+    }
+
+    fn backend(&self) -> Backend<'_> {
+        Backend::Redis(self)
+    }
+
+    fn call_timed_out(&self) {
+        match &self.conn {
+            Conn::Multiplexed(m) => {
+                if m.replace() {
+                    tracing::info!(
+                        target = %self.config,
+                        "a Redis call timed out: the connection is replaced by a new one"
+                    );
+                }
+            }
+            // A pooled connection whose call was cancelled is marked broken by `pool::run`.
+            #[cfg(feature = "bb8")]
+            Conn::Pooled(_) => {}
+        }
     }
 }
 
@@ -653,8 +635,9 @@ mod pool {
     //!
     //! bb8-redis's own manager never reports a multiplexed connection as broken, so a pool that
     //! skips the PING on every check-out would keep dead connections after a Redis restart. This
-    //! manager marks a connection broken when a command on it fails at the connection level, and
-    //! bb8 then replaces it; check-outs stay PING-free.
+    //! manager marks a connection broken when a command on it fails at the connection level, or
+    //! is abandoned before its answer came (the Store's timeout), and bb8 then replaces it;
+    //! check-outs stay PING-free.
 
     use bb8_redis::bb8;
     use redis::aio::MultiplexedConnection;
@@ -720,6 +703,21 @@ mod pool {
             .build_unchecked(manager)
     }
 
+    /// Marks the checked-out connection broken unless the call on it finished: a call dropped
+    /// while waiting for its answer leaves the connection in doubt.
+    struct InDoubt<'a, 'b> {
+        pooled: &'a mut bb8::PooledConnection<'b, Manager>,
+        finished: bool,
+    }
+
+    impl Drop for InDoubt<'_, '_> {
+        fn drop(&mut self) {
+            if !self.finished {
+                self.pooled.broken = true;
+            }
+        }
+    }
+
     pub(super) async fn run<T>(
         pool: &bb8::Pool<Manager>,
         f: impl AsyncFnOnce(&mut MultiplexedConnection) -> RedisResult<T>,
@@ -731,11 +729,16 @@ mod pool {
                 "timed out waiting for a pooled connection",
             )),
         })?;
-        let result = f(&mut pooled.conn).await;
+        let mut guard = InDoubt {
+            pooled: &mut pooled,
+            finished: false,
+        };
+        let result = f(&mut guard.pooled.conn).await;
+        guard.finished = true;
         if let Err(e) = &result
             && (e.is_unrecoverable_error() || e.is_io_error())
         {
-            pooled.broken = true;
+            guard.pooled.broken = true;
         }
         result
     }

@@ -5,38 +5,49 @@
 //!
 //! 1. If the breaker is open, the backend is skipped: no waiting on a sick server.
 //! 2. Otherwise the call gets `op_timeout`; a timeout or a connection/backend error is a failure:
-//!    counted, logged (throttled, with the number of failures not logged), fed to the breaker.
-//! 3. On a failure or a skip, the fallback answers: the memory layer if configured (writes to it
-//!    capped at `fallback_max_ttl`), or nothing (a read misses, a write is dropped).
-//! 4. Errors about the data itself (wrong type, overflow) are the caller's and pass through; they
-//!    do not count against the backend's health.
+//!    counted, logged (throttled, with the number of failures not logged), fed to the breaker. A
+//!    timeout also tells the backend to replace its connection (its peer may have vanished).
+//! 3. On a failure or a skip, the call's outage rule answers. For the cache's own calls that is
+//!    the fallback, **only while the breaker is open** (a declared outage): the memory layer if
+//!    configured (writes to it capped at `fallback_max_ttl`, with their tags), or nothing (a read
+//!    misses, a write is dropped). A single failed call while the breaker is still closed is a
+//!    miss (or a dropped write), never an answer from the fallback. Capabilities choose their
+//!    rule per call ([`Store::run`], [`OutageRule`]).
+//! 4. Errors about the data itself (wrong type, overflow, a script failing on another client's
+//!    value) are the caller's and pass through; they do not count against the backend's health.
 //!
-//! Deletes go to the fallback too, always, so that it never keeps an entry the caller removed.
 //! The fallback is emptied when the breaker opens and when it closes: it only ever serves
-//! entries written during the current outage.
+//! entries this process wrote during the current outage. It cannot see invalidations other
+//! processes make meanwhile (they have no way to reach it), so during an outage an entry can be
+//! served for up to `fallback_max_ttl` after another instance invalidated it; this process's own
+//! invalidations reach it at once. Deletes go to the fallback too, always, so that it never
+//! keeps an entry the caller removed.
 //!
 //! A delete or tag invalidation that cannot reach the backend is not lost: it is queued (up to
-//! 100,000 keys and tags; beyond that, counted as lost and logged) and replayed before the next
-//! call that reaches the backend is let through, so that an entry invalidated during an outage is
-//! never served after it.
+//! 100,000 keys and tags; beyond that, counted as lost and logged), the breaker opens so that no
+//! read reaches the backend before it is applied, and a background task retries it with backoff
+//! as soon as the backend answers a `PING`, without waiting for the breaker's cool-down or for
+//! traffic.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::breaker::{Admit, Breaker, BreakerState, Transition};
-use super::{BackendKind, CacheLayer, Entry, Leased, MemoryLayer, RateCheck, Remaining, is_lease};
+use super::{
+    Answered, Backend, BackendKind, CacheLayer, Entry, Leased, MemoryLayer, Operation, OutageRule,
+    Remaining, TAG_CHUNK, TagChunk, TagCursor, TagMember, is_lease,
+};
 use crate::clock::Clock;
 use crate::config::{Config, Fallback};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
-use crate::ratelimit::Decision;
 use crate::ttl::Ttl;
 
 /// Longest a maintenance sweep may run.
@@ -47,6 +58,9 @@ const MAX_PENDING: usize = 100_000;
 
 /// Keys removed per call when queued invalidations are applied.
 const REPLAY_CHUNK: usize = 1_000;
+
+/// First and longest wait of the background replay between two attempts.
+const REPLAY_BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
 
 /// Deletes and tag invalidations that could not reach the backend, waiting for it. Each entry
 /// carries the generation it was queued at, so that a replay only clears what it applied: an
@@ -71,8 +85,9 @@ pub struct Invalidated {
     pub keys_removed: u64,
     /// Entries removed through tags.
     pub tag_entries_removed: u64,
-    /// The backend was unusable: the invalidation is queued and will be applied before the
-    /// backend serves again. (The fallback was invalidated at once.)
+    /// The backend was unusable: the invalidation is queued and is applied in the background as
+    /// soon as the backend answers, before it serves any read again. (The fallback was
+    /// invalidated at once.)
     pub deferred: bool,
 }
 
@@ -81,9 +96,10 @@ pub struct Invalidated {
 pub enum Source {
     /// The primary backend answered.
     Primary,
-    /// The primary was unusable; the memory fallback answered.
+    /// The primary was unusable during an outage (breaker open); the memory fallback answered.
     Fallback,
-    /// The primary was unusable and there is no fallback: a miss.
+    /// The primary was unusable and the fallback may not answer (no fallback, or the breaker is
+    /// still closed): a miss.
     Nothing,
 }
 
@@ -101,7 +117,8 @@ pub struct StoreStats {
     pub errors: u64,
     /// Calls to the primary that timed out.
     pub timeouts: u64,
-    /// Operations answered without the primary (by the fallback or by nothing).
+    /// Operations answered without the primary (by the fallback, by an outage rule, or by
+    /// nothing).
     pub fallbacks: u64,
     /// Calls that skipped the primary because the breaker was open.
     pub short_circuited: u64,
@@ -112,6 +129,9 @@ pub struct StoreStats {
     pub pending_invalidations: u64,
     /// Invalidations dropped because the queue was full (those entries expire by their TTL).
     pub lost_invalidations: u64,
+    /// Data errors the backend answered (a key of another client's type, a script refusing
+    /// another client's value). They never count against the backend's health.
+    pub data_errors: u64,
 }
 
 #[derive(Default)]
@@ -121,6 +141,7 @@ struct Counters {
     fallbacks: AtomicU64,
     short_circuited: AtomicU64,
     lost_invalidations: AtomicU64,
+    data_errors: AtomicU64,
 }
 
 /// Lets one log line through per interval and counts the rest.
@@ -206,15 +227,17 @@ struct Inner {
     clock: Arc<dyn Clock>,
     pending: Mutex<Pending>,
     has_pending: AtomicBool,
+    replaying: AtomicBool,
 }
 
-/// A [`CacheLayer`] with the resilience rules applied; what policy modules talk to.
+/// A [`CacheLayer`] with the resilience rules applied; what capabilities talk to.
 ///
-/// While the backend is unusable, reads are answered by the fallback (or miss), writes go to the
-/// fallback (or are dropped): no call returns an availability error, except
-/// [`set_if_absent`](CacheLayer::set_if_absent), [`increment`](CacheLayer::increment) and
-/// [`remaining_ttl`](CacheLayer::remaining_ttl) when there is no fallback to answer them, which
-/// return [`ErrorKind::Unavailable`]. Cloning is cheap and clones share everything.
+/// While the backend is unusable, reads are answered by the fallback during an outage (or miss),
+/// writes go to the fallback during an outage (or are dropped): no call returns an availability
+/// error, except [`set_if_absent`](CacheLayer::set_if_absent),
+/// [`increment`](CacheLayer::increment) and [`remaining_ttl`](CacheLayer::remaining_ttl) when the
+/// fallback may not answer them, which return [`ErrorKind::Unavailable`]. Cloning is cheap and
+/// clones share everything.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -282,7 +305,10 @@ impl Store {
     pub fn from_layer(primary: Arc<dyn CacheLayer>, config: &Config) -> Store {
         let remote = primary.kind() != BackendKind::Memory;
         let fallback = match (remote, config.get_fallback()) {
-            (true, Fallback::Memory) => Some(MemoryLayer::new(config.get_memory_max_bytes())),
+            (true, Fallback::Memory) => Some(MemoryLayer::with_clock(
+                config.get_memory_max_bytes(),
+                config.get_clock(),
+            )),
             _ => None,
         };
         let clock = config.get_clock();
@@ -303,6 +329,7 @@ impl Store {
                 clock,
                 pending: Mutex::new(Pending::default()),
                 has_pending: AtomicBool::new(false),
+                replaying: AtomicBool::new(false),
             }),
         }
     }
@@ -332,6 +359,74 @@ impl Store {
             },
             pending_invalidations: self.lock_pending().len() as u64,
             lost_invalidations: c.lost_invalidations.load(Ordering::Relaxed),
+            data_errors: c.data_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The configured per-operation timeout.
+    pub fn op_timeout(&self) -> Duration {
+        self.inner.op_timeout
+    }
+
+    /// How long an open breaker waits before it probes the backend.
+    pub fn cool_down(&self) -> Duration {
+        self.inner.breaker.cool_down()
+    }
+
+    /// The primary backend, when it is the memory backend (capabilities read their twin's state
+    /// from it directly, without an asynchronous call).
+    pub fn primary_memory(&self) -> Option<&MemoryLayer> {
+        match self.inner.primary.backend() {
+            Backend::Memory(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The in-process fallback, if one is configured.
+    pub fn fallback(&self) -> Option<&MemoryLayer> {
+        self.inner.fallback.as_ref()
+    }
+
+    /// True while the fallback may answer: a remote backend whose breaker is open (or probing).
+    fn in_outage(&self) -> bool {
+        self.inner.remote && self.inner.breaker.state() != BreakerState::Closed
+    }
+
+    /// The fallback, when it may answer now.
+    fn outage_fallback(&self) -> Option<&MemoryLayer> {
+        self.inner.fallback.as_ref().filter(|_| self.in_outage())
+    }
+
+    /// Runs a capability's [`Operation`] on the primary under the resilience rules; while the
+    /// primary is unusable, `rule` says what answers. Errors are about the data only.
+    pub async fn run<O: Operation>(&self, op: &O, rule: OutageRule) -> Result<Answered<O::Output>> {
+        let primary = self.inner.primary.backend();
+        let call = async {
+            match primary {
+                Backend::Memory(m) => op.on_memory(m).await,
+                #[cfg(feature = "redis")]
+                Backend::Redis(r) => op.on_redis(r).await,
+                Backend::Other => Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "`{}` needs one of speedlayer's backends (memory or Redis); this store \
+                         wraps another CacheLayer",
+                        op.name()
+                    ),
+                )),
+            }
+        };
+        match self.attempt(op.name(), call).await {
+            Outcome::Done(v) => Ok(Answered::Backend(v)),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => match rule {
+                OutageRule::Fallback => match self.outage_fallback() {
+                    Some(f) => op.on_memory(f).await.map(Answered::Fallback),
+                    None => Ok(Answered::Closed),
+                },
+                OutageRule::FailOpen => Ok(Answered::Open),
+                OutageRule::FailClosed => Ok(Answered::Closed),
+            },
         }
     }
 
@@ -341,8 +436,28 @@ impl Store {
         self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues invalidations the backend did not get, and opens the breaker: no read may reach
-    /// the backend before they are applied, and only the probe applies them.
+    /// Keys and tags whose invalidation waits for the backend.
+    pub fn pending_invalidations(&self) -> u64 {
+        self.lock_pending().len() as u64
+    }
+
+    /// Waits until every queued invalidation has been applied, up to `timeout`; true when none
+    /// is left.
+    pub async fn flush_invalidations(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.inner.has_pending.load(Ordering::Acquire) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Queues invalidations the backend did not get, opens the breaker (no read may reach the
+    /// backend before they are applied), and starts the background replay.
     fn defer(&self, keys: &[Key], tags: &[Tag]) {
         if !self.inner.remote || (keys.is_empty() && tags.is_empty()) {
             return;
@@ -388,6 +503,22 @@ impl Store {
                  be served stale until their TTL ends"
             );
         }
+        self.start_replayer();
+    }
+
+    /// Starts the background task that applies queued invalidations as soon as the backend
+    /// answers (one task per store at a time).
+    fn start_replayer(&self) {
+        if self.inner.replaying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to run it on: the breaker's probe applies the queue instead.
+            self.inner.replaying.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(replay_in_background(weak));
     }
 
     /// Applies queued invalidations within one operation timeout, in chunks; each chunk leaves
@@ -419,6 +550,8 @@ impl Store {
             }
         }
         for (tag, generation) in &tags {
+            // A tag's members leave its index as they are removed, so a replay cut short by the
+            // deadline goes on where it stopped.
             match tokio::time::timeout_at(deadline, inner.primary.invalidate_tag(tag)).await {
                 Ok(Ok(_)) => {
                     let mut p = self.lock_pending();
@@ -427,7 +560,7 @@ impl Store {
                     }
                 }
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
-                // A tag index another client overwrote cannot be applied; do not retry forever.
+                // A data error cannot be applied by retrying; the index was repaired.
                 Ok(Err(_)) => {
                     self.lock_pending().tags.remove(tag);
                 }
@@ -485,27 +618,76 @@ impl Store {
         }
     }
 
-    /// [`Store::delete_keys`] for the entries of one tag.
+    /// Invalidates one tag in the fallback and the backend, in chunks of [`TAG_CHUNK`] members,
+    /// each chunk a call of its own under the operation timeout: a large tag never has to fit in
+    /// one timeout, and a chunk cut short is queued and resumed where it stopped.
     async fn invalidate_one_tag(&self, tag: &Tag) -> Result<(u64, bool)> {
         let from_fallback = match &self.inner.fallback {
             Some(f) => f.invalidate_tag(tag).await?,
             None => 0,
         };
-        match self
-            .attempt("invalidate tag", self.inner.primary.invalidate_tag(tag))
-            .await
-        {
-            Outcome::Done(n) => Ok((n.max(from_fallback), false)),
-            Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => {
-                self.defer(&[], std::slice::from_ref(tag));
-                Ok((from_fallback, true))
+        if !self.inner.remote {
+            return Ok((self.inner.primary.invalidate_tag(tag).await?, false));
+        }
+        let primary = &self.inner.primary;
+        let mut removed = 0;
+        let mut cursor = TagCursor::start();
+        loop {
+            let chunk: TagChunk = match self
+                .attempt("tag members", primary.tag_members(tag, &cursor, TAG_CHUNK))
+                .await
+            {
+                Outcome::Done(chunk) => chunk,
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => break,
+            };
+            if chunk.foreign > 0 {
+                self.inner
+                    .counters
+                    .data_errors
+                    .fetch_add(chunk.foreign, Ordering::Relaxed);
+            }
+            if !chunk.members.is_empty() {
+                let keys: Vec<Key> = chunk.members.iter().map(|m| m.key.clone()).collect();
+                match self.attempt("UNLINK", primary.delete_many(&keys)).await {
+                    Outcome::Done(n) => removed += n,
+                    Outcome::Refused(e) => return Err(e),
+                    Outcome::Unusable => break,
+                }
+                match self
+                    .attempt("tag forget", primary.tag_forget(tag, &chunk.members))
+                    .await
+                {
+                    Outcome::Done(_) => {}
+                    Outcome::Refused(e) => return Err(e),
+                    Outcome::Unusable => break,
+                }
+            }
+            match chunk.next {
+                Some(next) => cursor = next,
+                None => return Ok((removed.max(from_fallback), false)),
             }
         }
+        self.defer(&[], std::slice::from_ref(tag));
+        Ok((removed.max(from_fallback), true))
+    }
+
+    /// Reads `key` for the typed cache and says who answered. A lease (a load in flight) reads
+    /// as `None`.
+    pub async fn get_with_source(&self, key: &Key) -> Result<(Option<Bytes>, Source)> {
+        let (value, source) = match self.attempt("GET", self.inner.primary.get(key)).await {
+            Outcome::Done(v) => (v, Source::Primary),
+            Outcome::Refused(e) => return Err(e),
+            Outcome::Unusable => match self.outage_fallback() {
+                Some(f) => (f.get(key).await?, Source::Fallback),
+                None => (None, Source::Nothing),
+            },
+        };
+        Ok((value.filter(|v| !is_lease(v)), source))
     }
 
     /// [`CacheLayer::get_or_lease`], saying who answered. With `skip_primary` only the fallback
-    /// is asked.
+    /// is asked (the first read of this request already found the primary unusable).
     pub async fn get_or_lease_with_source(
         &self,
         key: &Key,
@@ -534,7 +716,7 @@ impl Store {
                 .fallbacks
                 .fetch_add(1, Ordering::Relaxed);
         }
-        match &self.inner.fallback {
+        match self.outage_fallback() {
             Some(f) => Ok((
                 f.get_or_lease(key, token, self.fallback_ttl(lease_ttl), replace)
                     .await?,
@@ -542,83 +724,6 @@ impl Store {
             )),
             None => Ok((Leased::Denied, Source::Nothing)),
         }
-    }
-
-    /// Records `member` in `tags` where its lease was granted (`source`). An error means the
-    /// entry must not be cached: it could not be indexed.
-    pub async fn tag_add_at(
-        &self,
-        tags: &[Tag],
-        member: &Key,
-        ttl: Ttl,
-        source: Source,
-    ) -> Result<()> {
-        match source {
-            Source::Primary => match self
-                .attempt("tag add", self.inner.primary.tag_add(tags, member, ttl))
-                .await
-            {
-                Outcome::Done(()) => Ok(()),
-                Outcome::Refused(e) => Err(e),
-                Outcome::Unusable => Err(self.unavailable("tag_add")),
-            },
-            Source::Fallback => match &self.inner.fallback {
-                Some(f) => f.tag_add(tags, member, ttl).await,
-                None => Err(self.unavailable("tag_add")),
-            },
-            Source::Nothing => Err(self.unavailable("tag_add")),
-        }
-    }
-
-    /// The configured per-operation timeout.
-    pub fn op_timeout(&self) -> Duration {
-        self.inner.op_timeout
-    }
-
-    /// The primary's in-process rate limiter, when the primary is the memory backend.
-    pub(crate) fn primary_memory_limiter(&self) -> Option<crate::ratelimit::MemoryLimiter> {
-        self.inner.primary.memory_limiter().cloned()
-    }
-
-    /// How long an open breaker waits before it probes the backend.
-    pub fn cool_down(&self) -> Duration {
-        self.inner.breaker.cool_down()
-    }
-
-    /// A rate-limit check on the primary under the resilience rules; `None` when the primary is
-    /// unusable (the caller decides what answers then).
-    pub async fn rate_limit_primary(&self, checks: &[RateCheck]) -> Option<Vec<Decision>> {
-        if checks.is_empty() {
-            return Some(Vec::new());
-        }
-        match self
-            .attempt("rate limit", self.inner.primary.rate_limit(checks))
-            .await
-        {
-            Outcome::Done(decisions) => Some(decisions),
-            Outcome::Refused(e) => {
-                // A counter key holding another type: treat as unusable rather than as "deny
-                // everything" or "allow everything"; the route's outage rule answers.
-                tracing::warn!(error = %e, "rate-limit check refused by the backend");
-                None
-            }
-            Outcome::Unusable => None,
-        }
-    }
-
-    /// Reads `key` and says who answered.
-    ///
-    /// A lease marker (a load in flight) reads as `None`.
-    pub async fn get_with_source(&self, key: &Key) -> Result<(Option<Bytes>, Source)> {
-        let (value, source) = match self.attempt("GET", self.inner.primary.get(key)).await {
-            Outcome::Done(v) => (v, Source::Primary),
-            Outcome::Refused(e) => return Err(e),
-            Outcome::Unusable => match &self.inner.fallback {
-                Some(f) => (f.get(key).await?, Source::Fallback),
-                None => (None, Source::Nothing),
-            },
-        };
-        Ok((value.filter(|v| !is_lease(v)), source))
     }
 
     /// [`CacheLayer::set_leased`] where the lease was granted (`source`): only that store is
@@ -643,7 +748,7 @@ impl Store {
                 Outcome::Refused(e) => Err(e),
                 Outcome::Unusable => Ok(false),
             },
-            Source::Fallback => match &self.inner.fallback {
+            Source::Fallback => match self.outage_fallback() {
                 Some(f) => {
                     f.set_leased(key, token, value, self.fallback_ttl(ttl))
                         .await
@@ -654,14 +759,92 @@ impl Store {
         }
     }
 
+    /// [`CacheLayer::release_lease`] where the lease was granted (`source`).
+    pub async fn release_lease_at(&self, key: &Key, token: u64, source: Source) -> Result<bool> {
+        match source {
+            Source::Primary => match self
+                .attempt(
+                    "release lease",
+                    self.inner.primary.release_lease(key, token),
+                )
+                .await
+            {
+                Outcome::Done(released) => Ok(released),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Unusable => Ok(false),
+            },
+            Source::Fallback => match &self.inner.fallback {
+                Some(f) => f.release_lease(key, token).await,
+                None => Ok(false),
+            },
+            Source::Nothing => Ok(false),
+        }
+    }
+
+    /// Records `member` in `tags` where its lease was granted (`source`). An error means the
+    /// entry must not be cached: it could not be indexed.
+    pub async fn tag_add_at(
+        &self,
+        tags: &[Tag],
+        member: &Key,
+        ttl: Ttl,
+        source: Source,
+    ) -> Result<()> {
+        match source {
+            Source::Primary => match self
+                .attempt("tag add", self.inner.primary.tag_add(tags, member, ttl))
+                .await
+            {
+                Outcome::Done(()) => Ok(()),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Unusable => Err(self.unavailable("tag_add")),
+            },
+            Source::Fallback => match self.outage_fallback() {
+                Some(f) => f.tag_add(tags, member, ttl).await,
+                None => Err(self.unavailable("tag_add")),
+            },
+            Source::Nothing => Err(self.unavailable("tag_add")),
+        }
+    }
+
+    /// Stores `value` with `tags`: the tags are recorded first, then the value, so that no entry
+    /// exists that its tags cannot reach. During an outage both go to the fallback; after a
+    /// failure while the breaker is still closed, nothing is written.
+    pub async fn set_tagged(&self, key: &Key, value: Bytes, ttl: Ttl, tags: &[Tag]) -> Result<()> {
+        if !tags.is_empty() {
+            match self
+                .attempt("tag add", self.inner.primary.tag_add(tags, key, ttl))
+                .await
+            {
+                Outcome::Done(()) => {}
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => return self.write_fallback(key, value, ttl, tags).await,
+            }
+        }
+        match self
+            .attempt("SET", self.inner.primary.set(key, value.clone(), ttl))
+            .await
+        {
+            Outcome::Done(()) => Ok(()),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => self.write_fallback(key, value, ttl, tags).await,
+        }
+    }
+
     /// A TTL as the fallback keeps it: at most `fallback_max_ttl`.
     fn fallback_ttl(&self, ttl: Ttl) -> Ttl {
         ttl.min(self.inner.fallback_max_ttl)
     }
 
-    async fn write_fallback(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<()> {
-        match &self.inner.fallback {
-            Some(f) => f.set(key, value, self.fallback_ttl(ttl)).await,
+    async fn write_fallback(&self, key: &Key, value: Bytes, ttl: Ttl, tags: &[Tag]) -> Result<()> {
+        match self.outage_fallback() {
+            Some(f) => {
+                let ttl = self.fallback_ttl(ttl);
+                if !tags.is_empty() {
+                    f.tag_add(tags, key, ttl).await?;
+                }
+                f.set(key, value, ttl).await
+            }
             None => Ok(()),
         }
     }
@@ -724,7 +907,9 @@ impl Store {
                 Outcome::Done(v)
             }
             Ok(Err(e)) if !e.is_unavailable() => {
+                // The server answered: it is healthy, whatever it thinks of the data.
                 self.succeeded(admit);
+                inner.counters.data_errors.fetch_add(1, Ordering::Relaxed);
                 Outcome::Refused(e)
             }
             Ok(Err(e)) => {
@@ -733,6 +918,7 @@ impl Store {
             }
             Err(_) => {
                 inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                inner.primary.call_timed_out();
                 let e = Error::new(
                     ErrorKind::Timeout,
                     format!("Redis did not answer {op} within {:?}", inner.op_timeout),
@@ -778,7 +964,7 @@ impl Store {
                 op,
                 error = %error,
                 suppressed,
-                "backend call failed; served by the fallback"
+                "backend call failed"
             );
         }
     }
@@ -787,10 +973,59 @@ impl Store {
         Error::new(
             ErrorKind::Unavailable,
             format!(
-                "{op}: the {} backend is unusable and no fallback is configured",
+                "{op}: the {} backend is unusable and no fallback may answer",
                 self.inner.primary.kind()
             ),
         )
+    }
+}
+
+/// The background replay: waits with backoff until the backend answers a `PING`, then applies
+/// the queue as the breaker's probe, without waiting for the cool-down or for traffic. Ends when
+/// the queue is empty or the store is dropped.
+async fn replay_in_background(weak: Weak<Inner>) {
+    let mut backoff = REPLAY_BACKOFF.0;
+    loop {
+        tokio::time::sleep(backoff).await;
+        let Some(inner) = weak.upgrade() else { return };
+        let store = Store { inner };
+        let inner = &*store.inner;
+        if !inner.has_pending.load(Ordering::Acquire) {
+            inner.replaying.store(false, Ordering::Release);
+            // Something queued between the check and the flag is picked up by a new task.
+            if inner.has_pending.load(Ordering::Acquire) {
+                store.start_replayer();
+            }
+            return;
+        }
+        let alive = matches!(
+            tokio::time::timeout(inner.op_timeout, inner.primary.ping()).await,
+            Ok(Ok(()))
+        );
+        if !alive {
+            backoff = (backoff * 2).min(REPLAY_BACKOFF.1);
+            continue;
+        }
+        let admit = inner.breaker.probe_now();
+        if !matches!(admit, Admit::Probe(_) | Admit::Call) {
+            // Another probe is running; look again shortly.
+            backoff = REPLAY_BACKOFF.0;
+            continue;
+        }
+        match store.replay().await {
+            Replay::Done => {
+                store.succeeded(admit);
+            }
+            Replay::Unfinished => {
+                inner.breaker.on_abandoned(admit);
+                backoff = Duration::ZERO;
+                continue;
+            }
+            Replay::Failed => {
+                inner.breaker.on_failure(admit);
+            }
+        }
+        backoff = REPLAY_BACKOFF.0;
     }
 }
 
@@ -812,37 +1047,32 @@ impl CacheLayer for Store {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
-        self.get_with_source(key).await.map(|(v, _)| v)
+        match self.attempt("GET", self.inner.primary.get(key)).await {
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => match self.outage_fallback() {
+                Some(f) => f.get(key).await,
+                None => Ok(None),
+            },
+        }
     }
 
     async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>> {
-        let values = match self
+        match self
             .attempt("MGET", self.inner.primary.get_many(keys))
             .await
         {
-            Outcome::Done(v) => v,
-            Outcome::Refused(e) => return Err(e),
-            Outcome::Unusable => match &self.inner.fallback {
-                Some(f) => f.get_many(keys).await?,
-                None => vec![None; keys.len()],
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => match self.outage_fallback() {
+                Some(f) => f.get_many(keys).await,
+                None => Ok(vec![None; keys.len()]),
             },
-        };
-        // A key whose load is running holds its lease marker: a miss, as for `get`.
-        Ok(values
-            .into_iter()
-            .map(|v| v.filter(|v| !is_lease(v)))
-            .collect())
+        }
     }
 
     async fn set(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<()> {
-        match self
-            .attempt("SET", self.inner.primary.set(key, value.clone(), ttl))
-            .await
-        {
-            Outcome::Done(()) => Ok(()),
-            Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => self.write_fallback(key, value, ttl).await,
-        }
+        self.set_tagged(key, value, ttl, &[]).await
     }
 
     async fn set_many(&self, entries: &[Entry]) -> Result<()> {
@@ -854,7 +1084,8 @@ impl CacheLayer for Store {
             Outcome::Refused(e) => Err(e),
             Outcome::Unusable => {
                 for e in entries {
-                    self.write_fallback(&e.key, e.value.clone(), e.ttl).await?;
+                    self.write_fallback(&e.key, e.value.clone(), e.ttl, &[])
+                        .await?;
                 }
                 Ok(())
             }
@@ -862,18 +1093,9 @@ impl CacheLayer for Store {
     }
 
     async fn delete(&self, key: &Key) -> Result<bool> {
-        let from_fallback = match &self.inner.fallback {
-            Some(f) => f.delete(key).await?,
-            None => false,
-        };
-        match self.attempt("UNLINK", self.inner.primary.delete(key)).await {
-            Outcome::Done(removed) => Ok(removed || from_fallback),
-            Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => {
-                self.defer(std::slice::from_ref(key), &[]);
-                Ok(from_fallback)
-            }
-        }
+        self.delete_keys(std::slice::from_ref(key))
+            .await
+            .map(|(removed, _)| removed > 0)
     }
 
     async fn delete_many(&self, keys: &[Key]) -> Result<u64> {
@@ -887,7 +1109,7 @@ impl CacheLayer for Store {
         {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => match &self.inner.fallback {
+            Outcome::Unusable => match self.outage_fallback() {
                 Some(f) => f.remaining_ttl(key).await,
                 None => Err(self.unavailable("remaining_ttl")),
             },
@@ -904,7 +1126,7 @@ impl CacheLayer for Store {
         {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => match &self.inner.fallback {
+            Outcome::Unusable => match self.outage_fallback() {
                 Some(f) => f.set_if_absent(key, value, self.fallback_ttl(ttl)).await,
                 None => Err(self.unavailable("set_if_absent")),
             },
@@ -918,7 +1140,7 @@ impl CacheLayer for Store {
         {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
-            Outcome::Unusable => match &self.inner.fallback {
+            Outcome::Unusable => match self.outage_fallback() {
                 Some(f) => f.increment(key, delta, self.fallback_ttl(ttl)).await,
                 None => Err(self.unavailable("increment")),
             },
@@ -938,7 +1160,7 @@ impl CacheLayer for Store {
     }
 
     async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
-        // The lease is in the backend or in the fallback; each only accepts its own marker.
+        // The lease is in the backend or in the fallback; each only accepts its own.
         let stored = self
             .set_leased_at(key, token, value.clone(), ttl, Source::Primary)
             .await?;
@@ -949,18 +1171,51 @@ impl CacheLayer for Store {
             .await
     }
 
+    async fn release_lease(&self, key: &Key, token: u64) -> Result<bool> {
+        let released = self.release_lease_at(key, token, Source::Primary).await?;
+        if released || !self.inner.remote {
+            return Ok(released);
+        }
+        self.release_lease_at(key, token, Source::Fallback).await
+    }
+
     async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
         match self.tag_add_at(tags, member, ttl, Source::Primary).await {
             Ok(()) => Ok(()),
             Err(e) if e.is_unavailable() => {
                 // Index in the fallback for entries it holds, and still report the failure: a
                 // lease granted by the backend must not be used for an unindexed entry.
-                if let Some(f) = &self.inner.fallback {
+                if let Some(f) = self.outage_fallback() {
                     f.tag_add(tags, member, ttl).await?;
                 }
                 Err(e)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    async fn tag_members(&self, tag: &Tag, cursor: &TagCursor, limit: usize) -> Result<TagChunk> {
+        match self
+            .attempt(
+                "tag members",
+                self.inner.primary.tag_members(tag, cursor, limit),
+            )
+            .await
+        {
+            Outcome::Done(chunk) => Ok(chunk),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => Err(self.unavailable("tag_members")),
+        }
+    }
+
+    async fn tag_forget(&self, tag: &Tag, members: &[TagMember]) -> Result<u64> {
+        match self
+            .attempt("tag forget", self.inner.primary.tag_forget(tag, members))
+            .await
+        {
+            Outcome::Done(n) => Ok(n),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => Err(self.unavailable("tag_forget")),
         }
     }
 
@@ -995,12 +1250,6 @@ impl CacheLayer for Store {
         }
     }
 
-    async fn rate_limit(&self, checks: &[RateCheck]) -> Result<Vec<Decision>> {
-        self.rate_limit_primary(checks)
-            .await
-            .ok_or_else(|| self.unavailable("rate_limit"))
-    }
-
     async fn ping(&self) -> Result<()> {
         match self.attempt("PING", self.inner.primary.ping()).await {
             Outcome::Done(()) => Ok(()),
@@ -1011,6 +1260,10 @@ impl CacheLayer for Store {
 
     fn memory_entries(&self) -> u64 {
         self.stats().memory_entries
+    }
+
+    fn backend(&self) -> Backend<'_> {
+        self.inner.primary.backend()
     }
 }
 

@@ -111,20 +111,44 @@ async fn layers_without_an_identity_are_skipped(backend: Backend) {
 
 async fn keys_follow_the_key_format(backend: Backend) {
     let (_cache, limiter) = limiter(&backend).await;
-    let route = Route::new(Ident::from_static("auth-login"));
+    let route = Route::new(Ident::from_static("auth-login"))
+        .per_ip(Limit::sliding_log(nz(5), MINUTE).unwrap())
+        .per_user(Limit::gcra(nz(100), MINUTE, nz(10)).unwrap())
+        .global(Limit::fixed_window(nz(1000), Duration::from_millis(1500)).unwrap());
     let who = Identity::ip("2001:db8::1").with_user("ana@school.org");
     let key = |kind| limiter.key(&route, kind, &who).unwrap().unwrap();
+    // An IPv6 client is counted by its /64; every layer's key names its quota.
     assert_eq!(
         key(LayerKind::Ip).as_str(),
-        "rate:ip:2001%3Adb8%3A%3A1:{auth-login}"
+        "rate:ip:2001%3Adb8%3A%3A%2F64:log-5-60s:{auth-login}"
     );
     assert_eq!(
         key(LayerKind::User).as_str(),
-        "rate:user:ana@school.org:{auth-login}"
+        "rate:user:ana@school.org:gcra-100-60s-b10:{auth-login}"
     );
     assert_eq!(
         key(LayerKind::Global).as_str(),
-        "rate:global:all:{auth-login}"
+        "rate:global:all:fixed-1000-1500ms:{auth-login}"
+    );
+    let v4 = Identity::ip("192.0.2.7");
+    assert_eq!(
+        limiter
+            .key(&route, LayerKind::Ip, &v4)
+            .unwrap()
+            .unwrap()
+            .as_str(),
+        "rate:ip:192.0.2.7:log-5-60s:{auth-login}"
+    );
+    // No such layer in the route, or no such identity: no key.
+    assert!(
+        limiter
+            .key(&Route::new(Ident::from_static("x")), LayerKind::Ip, &who)
+            .is_none()
+    );
+    assert!(
+        limiter
+            .key(&route, LayerKind::User, &Identity::ip("192.0.2.7"))
+            .is_none()
     );
 }
 
