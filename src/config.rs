@@ -36,6 +36,8 @@ pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_FALLBACK_MAX_TTL: Ttl = Ttl::seconds(60);
 /// Default lease TTL: the longest a loader may run and still have its value cached.
 pub const DEFAULT_LEASE_TTL: Ttl = Ttl::seconds(10);
+/// Default time a load that finds another load's lease waits for that load's value.
+pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_millis(50);
 /// Default size of the pooled transport.
 pub const DEFAULT_POOL_SIZE: u32 = 16;
 
@@ -420,6 +422,7 @@ pub struct Config {
     clock: Arc<dyn Clock>,
     namespace: Namespace,
     lease_ttl: Ttl,
+    lease_wait: Duration,
 }
 
 impl Config {
@@ -437,6 +440,7 @@ impl Config {
             clock: Arc::new(SystemClock),
             namespace: Namespace::root(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            lease_wait: DEFAULT_LEASE_WAIT,
         }
     }
 
@@ -584,6 +588,15 @@ impl Config {
         self
     }
 
+    /// How long a load that finds another load's lease on its key (usually another process)
+    /// waits for that load's value before it queries the database itself, without caching
+    /// (default 50 ms). Longer waits protect a slow database better from a fleet-wide stampede;
+    /// shorter ones bound the latency a request can gain behind another's load.
+    pub fn lease_wait(mut self, wait: Duration) -> Config {
+        self.lease_wait = wait;
+        self
+    }
+
     /// The clock of the breaker and log throttling (default [`SystemClock`]).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Config {
         self.clock = clock;
@@ -623,6 +636,9 @@ impl Config {
     pub(crate) fn get_lease_ttl(&self) -> Ttl {
         self.lease_ttl
     }
+    pub(crate) fn get_lease_wait(&self) -> Duration {
+        self.lease_wait
+    }
 }
 
 impl fmt::Debug for Config {
@@ -638,6 +654,7 @@ impl fmt::Debug for Config {
             .field("max_value_bytes", &self.max_value_bytes)
             .field("namespace", &self.namespace)
             .field("lease_ttl", &self.lease_ttl)
+            .field("lease_wait", &self.lease_wait)
             .finish_non_exhaustive()
     }
 }

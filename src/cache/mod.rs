@@ -103,9 +103,6 @@ impl Drop for LeaseHold<'_> {
     }
 }
 
-/// How long a load that finds another load's lease waits for that load's value.
-const LEASE_WAIT: Duration = Duration::from_millis(50);
-
 /// Flights a caller may wait on before it loads by itself.
 const WAITER_ROUNDS: usize = 2;
 
@@ -153,7 +150,7 @@ pub struct CacheStats {
     /// written while the load ran: each one a stale write prevented.
     pub stale_sets_refused: u64,
     /// Loads that found another load's lease on their key (in another process) and no value
-    /// after waiting up to 50 ms for it, or nowhere to take a lease, and so returned their value
+    /// after waiting for it ([`Config::lease_wait`], 50 ms by default), or nowhere to take a lease, and so returned their value
     /// without caching it.
     pub leases_denied: u64,
     /// Events passed to [`Cache::invalidate`].
@@ -206,6 +203,7 @@ struct Inner {
     max_value_bytes: usize,
     namespace: Namespace,
     lease_ttl: Ttl,
+    lease_wait: Duration,
 }
 
 /// A typed, JSON-encoding cache in front of a loader (usually a database query).
@@ -287,6 +285,7 @@ impl Cache {
                 max_value_bytes: config.get_max_value_bytes(),
                 namespace: config.get_namespace().clone(),
                 lease_ttl: config.get_lease_ttl(),
+                lease_wait: config.get_lease_wait(),
             }),
             registry: None,
         }
@@ -723,7 +722,7 @@ impl Cache {
                 }
                 Ok((Leased::Denied, source))
                     if source != Source::Nothing
-                        && waited_since.elapsed() + backoff <= LEASE_WAIT =>
+                        && waited_since.elapsed() + backoff <= inner.lease_wait =>
                 {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(16));

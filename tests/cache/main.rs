@@ -4,6 +4,7 @@
 mod support;
 
 mod behaviour;
+mod leases;
 
 macro_rules! cache_suite {
     ($($test:ident),* $(,)?) => {
@@ -12,7 +13,7 @@ macro_rules! cache_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     let backend = crate::support::Backend::memory();
-                    crate::behaviour::$test(&backend).await;
+                    crate::suite::$test(&backend).await;
                 }
             )*
         }
@@ -21,11 +22,17 @@ macro_rules! cache_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     let backend = crate::support::Backend::redis().await;
-                    crate::behaviour::$test(&backend).await;
+                    crate::suite::$test(&backend).await;
                 }
             )*
         }
     };
+}
+
+/// Every behaviour of the suite, whichever file it is written in.
+mod suite {
+    pub use crate::behaviour::*;
+    pub use crate::leases::*;
 }
 
 cache_suite!(
@@ -44,6 +51,8 @@ cache_suite!(
     delete_removes,
     set_and_get_with_hostile_ids,
     stats_describe_the_backend,
+    cancelled_load_releases_its_lease,
+    callers_served_by_another_load_count_as_coalesced,
 );
 
 mod redis_only {

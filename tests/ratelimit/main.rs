@@ -8,5 +8,6 @@ mod support;
 #[cfg(feature = "axum")]
 mod axum_layer;
 mod behaviour;
+mod layers;
 mod outage;
 mod proptests;
