@@ -30,7 +30,7 @@ const ENTRY_OVERHEAD: u64 = 96;
 
 /// A member registered this recently is kept in its tag index even when its entry is not (yet)
 /// in the cache: `set_tagged` records the tags just before it writes the value.
-const REGISTRATION_GRACE: Duration = Duration::from_secs(1);
+const REGISTRATION_GRACE: Duration = Duration::from_millis(100);
 
 /// Smallest size at which a tag is pruned of members whose entries are gone.
 const MIN_PRUNE: usize = 32;
@@ -480,7 +480,14 @@ impl CacheLayer for MemoryLayer {
         for tag in tags {
             table.stamp += 1;
             let stamp = table.stamp;
-            let set = table.tags.entry(tag.as_str().to_owned()).or_default();
+            if !table.tags.contains_key(tag.as_str()) {
+                table
+                    .tags
+                    .insert(tag.as_str().to_owned(), TagSet::default());
+            }
+            let Some(set) = table.tags.get_mut(tag.as_str()) else {
+                continue;
+            };
             let mut removed = 0;
             if set.members.len() >= (2 * set.pruned_len).max(MIN_PRUNE) {
                 removed = self.prune_tag(set, now);
@@ -504,7 +511,7 @@ impl CacheLayer for MemoryLayer {
                     1
                 }
             };
-            table.members = table.members + added - removed;
+            table.members = (table.members + added).saturating_sub(removed);
         }
         if table.members >= (2 * table.pruned_members).max(MIN_FULL_PRUNE) {
             // Tags never written again keep members whose entries are gone; a full prune when

@@ -380,3 +380,171 @@ async fn the_fallback_is_emptied_when_redis_returns() {
     // What was only written to the fallback is gone with it; Redis never had it.
     assert_eq!(cache.get::<i32>(&key(3)).await, None);
 }
+
+/// A connection whose peer vanished without closing it (no RST: the proxy swallows everything
+/// on the connections open at that moment) answers nothing, and the driver would keep it until
+/// the kernel gives up, minutes later. A timed-out call replaces it: Redis serves again, on a
+/// fresh connection, within 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_connection_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    within_attempts("blackholed_connection_is_replaced", || async {
+        let server = RedisServer::start();
+        let proxy = Proxy::start(server.port()).await;
+        let cache = Cache::new(config_at(proxy.port())).await.unwrap();
+        cache.set(&key(1), &1, MINUTE).await.unwrap();
+        assert_eq!(cache.get::<i32>(&key(1)).await, Some(1));
+        let before = proxy.connections();
+        proxy.blackhole_open_connections();
+        let started = Instant::now();
+        let back = loop {
+            let (value, source) = cache.store().get_with_source(&key(1)).await.unwrap();
+            if source == Source::Primary && value.is_some() {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "Redis never served again over a new connection"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(proxy.connections() > before, "a new connection was made");
+        assert!(cache.stats().timeouts > 0);
+        eprintln!(
+            "blackholed connection: served by Redis again {back:?} later, over connection #{}",
+            proxy.connections()
+        );
+        if back > Duration::from_secs(3) {
+            return Err(format!("served again after {back:?}, more than 3 s"));
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// The fallback answers only during an outage (breaker open). A single failed call while the
+/// breaker is closed is a miss, and a write that failed then is dropped, not kept in the
+/// fallback to be served later, when other instances may have invalidated it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_answers_only_while_the_breaker_is_open() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let cache = Cache::new(config_at(proxy.port()).failure_threshold(1_000))
+        .await
+        .unwrap();
+    cache.set(&key(1), &1, MINUTE).await.unwrap();
+    proxy.set(Mode::Cut);
+    // Fails with the breaker closed: dropped, not written to the fallback.
+    cache.set(&key(1), &2, MINUTE).await.unwrap();
+    assert!(cache.stats().errors > 0);
+    assert_eq!(cache.stats().breaker, BreakerState::Closed);
+    assert_eq!(
+        cache.get::<i32>(&key(1)).await,
+        None,
+        "a miss, not the fallback"
+    );
+    assert_eq!(cache.stats().memory_entries, 0);
+    proxy.set(Mode::Pass);
+    // Redis kept its value; nothing newer was invented by the fallback.
+    let mut seen = None;
+    for _ in 0..200 {
+        seen = cache.get::<i32>(&key(1)).await;
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, Some(1));
+}
+
+/// During an outage the fallback's entries carry their tags: invalidating a tag removes them at
+/// once, and the backend's part is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_entries_carry_their_tags() {
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port()).failure_threshold(1))
+        .await
+        .unwrap();
+    let tag = cache
+        .namespace()
+        .global()
+        .tag(&speedlayer::Ident::from_static("student"), 1)
+        .unwrap();
+    server.freeze();
+    // The first failure opens the breaker.
+    assert_eq!(cache.get::<i32>(&key(0)).await, None);
+    assert_eq!(cache.stats().breaker, BreakerState::Open);
+    cache
+        .set_tagged(&key(1), &1, MINUTE, std::slice::from_ref(&tag))
+        .await
+        .unwrap();
+    let got = cache
+        .get_or_set_tagged(&key(2), MINUTE, std::slice::from_ref(&tag), || async {
+            Ok::<_, std::io::Error>(2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, 2);
+    assert_eq!(
+        cache.get::<i32>(&key(1)).await,
+        Some(1),
+        "the fallback answers"
+    );
+    assert_eq!(
+        cache.get::<i32>(&key(2)).await,
+        Some(2),
+        "the fallback answers"
+    );
+    let removed = cache.invalidate_tag(&tag).await.unwrap();
+    assert_eq!(removed, 2, "the tag reaches the fallback's entries");
+    assert_eq!(cache.get::<i32>(&key(1)).await, None);
+    assert_eq!(cache.get::<i32>(&key(2)).await, None);
+    assert_eq!(cache.stats().pending_invalidations, 1);
+    server.thaw();
+}
+
+/// An invalidation that could not reach Redis is applied in the background as soon as Redis
+/// answers: no request has to come by, and the breaker's cool-down (a minute here) is not
+/// waited out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_invalidations_are_applied_as_soon_as_redis_answers() {
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let cache = Cache::new(
+        config_at(server.port())
+            .failure_threshold(1)
+            .cool_down(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    let mut raw = server.raw().await;
+    cache.set(&key(1), &1, MINUTE).await.unwrap();
+    server.freeze();
+    let done = cache.store().invalidate(&[key(1)], &[]).await.unwrap();
+    assert!(done.deferred, "Redis is frozen: the invalidation is queued");
+    assert_eq!(cache.stats().breaker, BreakerState::Open);
+    server.thaw();
+    let thawed = Instant::now();
+    assert!(
+        cache
+            .store()
+            .flush_invalidations(Duration::from_secs(10))
+            .await,
+        "applied in the background"
+    );
+    let applied = thawed.elapsed();
+    let exists: bool = redis::AsyncCommands::exists(&mut raw, key(1).as_str())
+        .await
+        .unwrap();
+    assert!(!exists, "the key is gone from Redis");
+    assert_eq!(cache.stats().pending_invalidations, 0);
+    assert_eq!(
+        cache.stats().breaker,
+        BreakerState::Closed,
+        "the replay closed the breaker without waiting for the cool-down"
+    );
+    eprintln!("deferred invalidation applied {applied:?} after Redis answered again");
+    assert!(applied < Duration::from_secs(5), "{applied:?}");
+}

@@ -469,3 +469,101 @@ pub async fn a_sweep_removes_matching_keys_within_its_bound(layer: &dyn CacheLay
         );
     }
 }
+
+/// An invalidation reads a chunk of the index, removes those entries, then drops them from the
+/// index; a member registered again in between (a new load, even one with a shorter lifetime)
+/// must stay in the index, or its new entry could never be invalidated through the tag.
+pub async fn a_member_registered_again_during_an_invalidation_stays_indexed(
+    layer: &dyn CacheLayer,
+) {
+    use speedlayer::store::TagCursor;
+    layer.set(&key(1), b("old"), MINUTE).await.unwrap();
+    layer
+        .tag_add(&[tag("a")], &key(1), Ttl::seconds(3600))
+        .await
+        .unwrap();
+    let chunk = layer
+        .tag_members(&tag("a"), &TagCursor::start(), 10)
+        .await
+        .unwrap();
+    assert_eq!(chunk.members.len(), 1);
+    assert_eq!(chunk.members[0].key, key(1));
+    assert_eq!(layer.delete_many(&[key(1)]).await.unwrap(), 1);
+    // A new load registers the key again, with a shorter lifetime, and stores its value.
+    layer.tag_add(&[tag("a")], &key(1), MINUTE).await.unwrap();
+    layer.set(&key(1), b("new"), MINUTE).await.unwrap();
+    // The invalidation finishes its chunk: the member registered again is kept.
+    assert_eq!(
+        layer.tag_forget(&tag("a"), &chunk.members).await.unwrap(),
+        0
+    );
+    assert_eq!(layer.invalidate_tag(&tag("a")).await.unwrap(), 1);
+    assert_eq!(layer.get(&key(1)).await.unwrap(), None);
+    // Forgetting what was read does drop members that were not registered again.
+    layer.set(&key(2), b("v"), MINUTE).await.unwrap();
+    layer.tag_add(&[tag("b")], &key(2), MINUTE).await.unwrap();
+    let chunk = layer
+        .tag_members(&tag("b"), &TagCursor::start(), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        layer.tag_forget(&tag("b"), &chunk.members).await.unwrap(),
+        1
+    );
+    assert_eq!(layer.invalidate_tag(&tag("b")).await.unwrap(), 0);
+    assert_eq!(layer.get(&key(2)).await.unwrap(), Some(b("v")));
+}
+
+/// A load that gives its lease up (it failed, or was cancelled) leaves the key empty, and only
+/// the lease's own token can give it up.
+pub async fn a_lease_is_released_only_by_its_holder(layer: &dyn CacheLayer) {
+    assert_eq!(
+        layer.get_or_lease(&key(1), 7, LEASE, None).await.unwrap(),
+        Leased::Granted
+    );
+    assert!(!layer.release_lease(&key(1), 8).await.unwrap());
+    assert_eq!(
+        layer.get_or_lease(&key(1), 9, LEASE, None).await.unwrap(),
+        Leased::Denied
+    );
+    assert!(layer.release_lease(&key(1), 7).await.unwrap());
+    assert_eq!(layer.get(&key(1)).await.unwrap(), None);
+    assert_eq!(
+        layer.get_or_lease(&key(1), 9, LEASE, None).await.unwrap(),
+        Leased::Granted
+    );
+    // A stored value is never released as a lease.
+    assert!(layer.set_leased(&key(1), 9, b("v"), MINUTE).await.unwrap());
+    assert!(!layer.release_lease(&key(1), 9).await.unwrap());
+    assert_eq!(layer.get(&key(1)).await.unwrap(), Some(b("v")));
+}
+
+/// A chunked walk of a tag index visits every member once, in chunks of the size asked.
+pub async fn a_tag_is_invalidated_in_chunks(layer: &dyn CacheLayer) {
+    use speedlayer::store::TagCursor;
+    for i in 0..25 {
+        layer.set(&key(i), b("v"), MINUTE).await.unwrap();
+        layer.tag_add(&[tag("a")], &key(i), MINUTE).await.unwrap();
+    }
+    let first = layer
+        .tag_members(&tag("a"), &TagCursor::start(), 10)
+        .await
+        .unwrap();
+    assert_eq!(first.members.len(), 10);
+    let next = first.next.clone().expect("more members follow");
+    // The first chunk's entries are removed and leave the index; the walk goes on from there.
+    let keys: Vec<_> = first.members.iter().map(|m| m.key.clone()).collect();
+    assert_eq!(layer.delete_many(&keys).await.unwrap(), 10);
+    assert_eq!(
+        layer.tag_forget(&tag("a"), &first.members).await.unwrap(),
+        10
+    );
+    let second = layer.tag_members(&tag("a"), &next, 10).await.unwrap();
+    assert_eq!(second.members.len(), 10);
+    assert!(second.members.iter().all(|m| !keys.contains(&m.key)));
+    // An invalidation cut short after the first chunk goes on where it stopped.
+    assert_eq!(layer.invalidate_tag(&tag("a")).await.unwrap(), 15);
+    for i in 0..25 {
+        assert_eq!(layer.get(&key(i)).await.unwrap(), None, "{i}");
+    }
+}

@@ -2,6 +2,7 @@
 //! the multiplexed connection, Redis over the pool, and the resilient `Store` wrapping Redis.
 
 #[path = "../support/mod.rs"]
+#[macro_use]
 mod support;
 
 mod behaviour;
@@ -80,6 +81,9 @@ behaviour_suite!(
     a_tag_invalidation_during_the_lease_refuses_the_set,
     a_tag_index_forgets_expired_members,
     a_sweep_removes_matching_keys_within_its_bound,
+    a_member_registered_again_during_an_invalidation_stays_indexed,
+    a_lease_is_released_only_by_its_holder,
+    a_tag_is_invalidated_in_chunks,
 );
 
 mod redis_specific {
@@ -164,4 +168,119 @@ mod redis_specific {
     fn speedlayer_test_server() -> crate::support::RedisServer {
         crate::support::RedisServer::start()
     }
+}
+
+mod foreign;
+
+mod scale {
+    use std::time::{Duration, Instant};
+
+    use speedlayer::key::{Ident, Namespace};
+    use speedlayer::store::{BreakerState, CacheLayer, MemoryLayer, Store};
+    use speedlayer::ttl::Ttl;
+    use speedlayer::{Cache, Config};
+
+    use crate::support::{Backend, key};
+
+    /// The memory backend's tag index lives within the cache's bounds: a million tagged writes
+    /// into a 1 MiB cache (about 8,000 entries) leave an index of the same order, not a
+    /// million members, and `clear` empties it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_million_tagged_writes_leave_the_memory_index_bounded() {
+        let memory = MemoryLayer::new(1024 * 1024);
+        let scope = Namespace::root().global();
+        let shared: Vec<_> = (0..100)
+            .map(|i| scope.tag(&Ident::from_static("class"), i).unwrap())
+            .collect();
+        let started = Instant::now();
+        let mut largest = 0;
+        for i in 0..1_000_000u32 {
+            let own = scope.tag(&Ident::from_static("student"), i).unwrap();
+            let tags = [shared[(i % 100) as usize].clone(), own];
+            memory
+                .tag_add(&tags, &key(i), Ttl::seconds(3600))
+                .await
+                .unwrap();
+            memory
+                .set(&key(i), "{}".into(), Ttl::seconds(3600))
+                .await
+                .unwrap();
+            if i % 10_000 == 0 {
+                largest = largest.max(memory.tag_index_members());
+            }
+        }
+        largest = largest.max(memory.tag_index_members());
+        // Entries the byte budget holds: 1 MiB / (96 bytes of overhead + key + value).
+        let capacity = 1024 * 1024 / 96;
+        eprintln!(
+            "1,000,000 tagged writes (2 tags each) into 1 MiB: at most {largest} index members \
+             (cache capacity about {capacity} entries), {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(
+            largest <= 8 * capacity,
+            "the index grew to {largest} members for a cache of about {capacity} entries"
+        );
+        // Every member still indexed is removed by its tag: the bound never drops a live entry.
+        let live = memory.tag_index_members();
+        assert!(live > 0);
+        memory.clear();
+        assert_eq!(memory.tag_index_members(), 0);
+    }
+
+    /// A tag of 100,000 members is invalidated in chunks, each within the operation timeout
+    /// (100 ms by default): it finishes, with the breaker closed, on both backends.
+    async fn a_tag_of_a_hundred_thousand_members_is_invalidated(backend: Backend) {
+        let populate = Store::connect(&backend.config().op_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let scope = Namespace::root().global();
+        let tag = scope.tag(&Ident::from_static("school"), 1).unwrap();
+        let started = Instant::now();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..100_000u32 {
+            let (store, tag) = (populate.clone(), tag.clone());
+            writes.spawn(async move {
+                store
+                    .set_tagged(&key(i), "{}".into(), Ttl::seconds(600), &[tag])
+                    .await
+                    .unwrap();
+            });
+            if writes.len() >= 2_000 {
+                while let Some(done) = writes.join_next().await {
+                    done.unwrap();
+                }
+            }
+        }
+        while let Some(done) = writes.join_next().await {
+            done.unwrap();
+        }
+        let filled = started.elapsed();
+        // The default configuration: a 100 ms operation timeout.
+        let cache = match &backend {
+            Backend::Memory(_) => Cache::from_store(populate.clone(), &Config::memory()),
+            Backend::Redis { server, .. } => Cache::new(Config::redis(server.redis_config()))
+                .await
+                .unwrap(),
+        };
+        let started = Instant::now();
+        let removed = cache.invalidate_tag(&tag).await.unwrap();
+        let took = started.elapsed();
+        eprintln!(
+            "{:?}: 100,000 members indexed in {:.1} s, invalidated in {:.2} s",
+            cache.stats().backend,
+            filled.as_secs_f64(),
+            took.as_secs_f64()
+        );
+        assert_eq!(removed, 100_000);
+        let stats = cache.stats();
+        assert_eq!(stats.breaker, BreakerState::Closed, "{stats:?}");
+        assert_eq!(stats.pending_invalidations, 0);
+        for i in (0..100_000u32).step_by(997) {
+            assert_eq!(populate.get(&key(i)).await.unwrap(), None, "{i}");
+        }
+        assert_eq!(cache.invalidate_tag(&tag).await.unwrap(), 0);
+    }
+
+    both_backends!(a_tag_of_a_hundred_thousand_members_is_invalidated);
 }

@@ -1,7 +1,9 @@
-//! A TCP proxy on loopback that can pass, delay, freeze or cut traffic, for slow-network faults
-//! without netem. Runs on the test's tokio runtime and stops when dropped.
+//! A TCP proxy on loopback that can pass, delay, freeze or cut traffic, or swallow the traffic
+//! of the connections open at one moment (a peer that vanished without closing them), for
+//! network faults without netem. Runs on the test's tokio runtime and stops when dropped.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,6 +28,9 @@ pub struct Proxy {
     port: u16,
     mode: watch::Sender<Mode>,
     tasks: Arc<std::sync::Mutex<JoinSet<()>>>,
+    /// Connections numbered below this one have their traffic swallowed.
+    blackhole_below: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -36,6 +41,9 @@ impl Proxy {
         let (mode, rx) = watch::channel(Mode::Pass);
         let tasks = Arc::new(std::sync::Mutex::new(JoinSet::new()));
         let conn_tasks = tasks.clone();
+        let blackhole_below = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (below, count) = (blackhole_below.clone(), accepted.clone());
         tasks.lock().unwrap().spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -46,6 +54,8 @@ impl Proxy {
                     continue;
                 }
                 let rx = rx.clone();
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let below = below.clone();
                 conn_tasks.lock().unwrap().spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
@@ -55,14 +65,34 @@ impl Proxy {
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     // Either direction ending (or a cut) ends both.
+                    let alive = Alive { number, below };
                     tokio::select! {
-                        _ = pump(cr, sw, rx.clone()) => {}
-                        _ = pump(sr, cw, rx) => {}
+                        _ = pump(cr, sw, rx.clone(), alive.clone()) => {}
+                        _ = pump(sr, cw, rx, alive) => {}
                     }
                 });
             }
         });
-        Proxy { port, mode, tasks }
+        Proxy {
+            port,
+            mode,
+            tasks,
+            blackhole_below,
+            accepted,
+        }
+    }
+
+    /// From now on, every connection open now has its traffic swallowed in both directions:
+    /// nothing arrives, nothing is closed (as when the peer's host vanished). Connections made
+    /// afterwards pass.
+    pub fn blackhole_open_connections(&self) {
+        self.blackhole_below
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     pub fn port(&self) -> u16 {
@@ -83,7 +113,25 @@ impl Drop for Proxy {
     }
 }
 
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::Receiver<Mode>) {
+/// Which connection a pump belongs to, and the blackhole threshold it checks.
+#[derive(Clone)]
+struct Alive {
+    number: u64,
+    below: Arc<AtomicU64>,
+}
+
+impl Alive {
+    fn swallowed(&self) -> bool {
+        self.number < self.below.load(Ordering::SeqCst)
+    }
+}
+
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    alive: Alive,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let mut cut = mode.clone();
@@ -109,6 +157,9 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut mode: watch::
                 }
                 Mode::Cut => return,
             }
+        }
+        if alive.swallowed() {
+            continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
