@@ -9,12 +9,11 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
 
 use speedlayer::Cache;
 use speedlayer::invalidation::{Invalidates, InvalidationRegistry, Targets};
 use speedlayer::key::{Ident, KeyError, Namespace};
-use speedlayer::ttl::{Jitter, Ttl, TtlPolicy};
+use speedlayer::ttl::{Ttl, TtlPolicy};
 
 const DASHBOARD: Ident = Ident::from_static("dashboard");
 const AUTH: Ident = Ident::from_static("auth");
@@ -64,8 +63,7 @@ impl Invalidates for StudentProfileUpdated {
 
 async fn dashboard(cache: &Cache, db: &Database, user: &str, student: u64) -> String {
     let scope = cache.namespace().global();
-    let role_ttl =
-        TtlPolicy::new(Ttl::hours(1)).with_jitter(Jitter::up_to(Duration::from_secs(5 * 3600)));
+    let role_ttl = TtlPolicy::between(Ttl::hours(1), Ttl::hours(6)).expect("1 h <= 6 h");
     let role: String = cache
         .get_or_set(&scope.key(&AUTH, &ROLE, user).unwrap(), role_ttl, || {
             db.role(user)

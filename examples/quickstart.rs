@@ -76,7 +76,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Get-or-set: 50 concurrent requests for a cold key make one database query.
-    let policy = TtlPolicy::new(Ttl::seconds(300)).with_jitter(Jitter::fraction(0.1)?);
+    let policy = TtlPolicy::new(Ttl::seconds(300)).with_jitter(Jitter::fraction(0.1)?)?;
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let (cache, db, key, policy) = (cache.clone(), db.clone(), key.clone(), policy.clone());

@@ -29,7 +29,7 @@
 //! // Redis when REDIS_URL is set, process memory otherwise.
 //! let cache = Cache::from_env().await?;
 //! let key = Namespace::root().global().key(&DASHBOARD, &STUDENT, "student_456")?;
-//! let policy = TtlPolicy::new(Ttl::seconds(300)).with_jitter(Jitter::fraction(0.1)?);
+//! let policy = TtlPolicy::new(Ttl::seconds(300)).with_jitter(Jitter::fraction(0.1)?)?;
 //!
 //! let dashboard = cache
 //!     .get_or_set(&key, policy, || async {

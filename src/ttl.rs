@@ -31,9 +31,28 @@ pub enum TtlError {
         /// The requested duration.
         requested: Duration,
     },
-    /// A jitter fraction outside `(0, 1]`, or not a number.
-    #[error("a jitter fraction must be a number greater than 0 and at most 1")]
+    /// A jitter fraction outside `(0, 1)`, or not a number.
+    #[error("a jitter fraction must be a number greater than 0 and less than 1")]
     InvalidFraction,
+    /// A jitter that could shorten the TTL to nothing: it must be shorter than the TTL.
+    #[error(
+        "a jitter of up to {jitter:?} is as wide as the TTL of {ttl:?} it shortens; use \
+         TtlPolicy::between(shortest, longest) to spread TTLs over a range"
+    )]
+    JitterTooWide {
+        /// The jitter.
+        jitter: Duration,
+        /// The TTL.
+        ttl: Duration,
+    },
+    /// A range whose shortest TTL is longer than its longest.
+    #[error("a TTL range must go from the shorter to the longer TTL, not {min:?} to {max:?}")]
+    InvertedRange {
+        /// The shortest TTL given.
+        min: Duration,
+        /// The longest TTL given.
+        max: Duration,
+    },
 }
 
 /// How long an entry lives: 1 ms to 30 days.
@@ -183,16 +202,17 @@ impl Jitter {
     /// No jitter: every write uses the TTL as declared.
     pub const NONE: Jitter = Jitter(JitterKind::None);
 
-    /// Shorten by a random amount up to `fraction` of the TTL; `fraction` in `(0, 1]`.
+    /// Shorten by a random amount up to `fraction` of the TTL; `fraction` in `(0, 1)`.
     /// `Jitter::fraction(0.1)` turns 300 s into 270 to 300 s.
     pub fn fraction(fraction: f64) -> Result<Jitter, TtlError> {
-        if fraction.is_nan() || fraction <= 0.0 || fraction > 1.0 {
+        if fraction.is_nan() || fraction <= 0.0 || fraction >= 1.0 {
             return Err(TtlError::InvalidFraction);
         }
         Ok(Jitter(JitterKind::Fraction(fraction)))
     }
 
-    /// Shorten by a random amount up to `max` (never below 1 ms).
+    /// Shorten by a random amount up to `max`, which must be shorter than the TTL it is used
+    /// with ([`TtlPolicy::with_jitter`] says so).
     pub fn up_to(max: Duration) -> Jitter {
         if max.is_zero() {
             Jitter::NONE
@@ -207,19 +227,32 @@ impl Jitter {
             JitterKind::Fraction(f) => (ttl.millis as f64 * f) as u64,
             JitterKind::UpTo(d) => d.as_millis().min(u128::from(u64::MAX)) as u64,
         };
+        // Validated by `with_jitter`; kept as a guard so a TTL is never shortened to zero.
         spread.min(ttl.millis - 1)
+    }
+
+    /// Checks that this jitter leaves at least 1 ms of `ttl`.
+    fn check(&self, ttl: Ttl) -> Result<(), TtlError> {
+        match self.0 {
+            JitterKind::UpTo(d) if d >= ttl.as_duration() => Err(TtlError::JitterTooWide {
+                jitter: d,
+                ttl: ttl.as_duration(),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
 /// A TTL with optional jitter: what [`get_or_set`](crate::Cache::get_or_set) takes.
 ///
-/// A plain [`Ttl`] converts into a policy without jitter.
+/// A plain [`Ttl`] converts into a policy without jitter, and so does a `&TtlPolicy`: build a
+/// policy once and pass `&policy` to every call (cloning one is an `Arc` increment).
 ///
 /// ```
 /// use std::time::Duration;
 /// use speedlayer::ttl::{Jitter, Ttl, TtlPolicy};
 ///
-/// let policy = TtlPolicy::new(Ttl::seconds(300)).with_jitter(Jitter::fraction(0.1)?);
+/// let policy = TtlPolicy::new(Ttl::seconds(300)).with_jitter(Jitter::fraction(0.1)?)?;
 /// let ttl = policy.pick();
 /// assert!(ttl.as_duration() >= Duration::from_secs(270));
 /// assert!(ttl.as_duration() <= Duration::from_secs(300));
@@ -247,11 +280,47 @@ impl TtlPolicy {
         }
     }
 
-    /// Sets the jitter.
-    #[must_use]
-    pub fn with_jitter(mut self, jitter: Jitter) -> TtlPolicy {
-        self.jitter = jitter;
+    /// A TTL spread uniformly over a range, as teams write them ("roles: 1-6 hours"):
+    /// every write picks a TTL from `shortest` to `longest`, both included.
+    ///
+    /// ```
+    /// use speedlayer::ttl::{Ttl, TtlPolicy};
+    ///
+    /// let roles = TtlPolicy::between(Ttl::hours(1), Ttl::hours(6))?;
+    /// let ttl = roles.pick();
+    /// assert!(ttl >= Ttl::hours(1) && ttl <= Ttl::hours(6));
+    /// assert!(TtlPolicy::between(Ttl::hours(6), Ttl::hours(1)).is_err());
+    /// # Ok::<(), speedlayer::ttl::TtlError>(())
+    /// ```
+    pub fn between(shortest: Ttl, longest: Ttl) -> Result<TtlPolicy, TtlError> {
+        if shortest > longest {
+            return Err(TtlError::InvertedRange {
+                min: shortest.as_duration(),
+                max: longest.as_duration(),
+            });
+        }
+        let spread = longest.as_duration() - shortest.as_duration();
+        Ok(TtlPolicy::new(longest).with_spread(spread))
+    }
+
+    fn with_spread(mut self, spread: Duration) -> TtlPolicy {
+        self.jitter = Jitter::up_to(spread);
         self
+    }
+
+    /// Sets the jitter. Fails when the jitter is as wide as the TTL (it could shorten it to
+    /// nothing); a range of TTLs is [`TtlPolicy::between`].
+    pub fn with_jitter(mut self, jitter: Jitter) -> Result<TtlPolicy, TtlError> {
+        jitter.check(self.ttl)?;
+        self.jitter = jitter;
+        Ok(self)
+    }
+
+    /// The shortest TTL this policy can pick.
+    pub fn shortest(&self) -> Ttl {
+        Ttl {
+            millis: self.ttl.millis - self.jitter.spread_millis(self.ttl),
+        }
     }
 
     /// Makes the jitter a reproducible sequence from `seed` (for tests). Clones of the returned
@@ -309,6 +378,12 @@ impl From<Ttl> for TtlPolicy {
     }
 }
 
+impl From<&TtlPolicy> for TtlPolicy {
+    fn from(policy: &TtlPolicy) -> Self {
+        policy.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,17 +410,19 @@ mod tests {
         let ttl = Ttl::seconds(300);
         for jitter in [
             Jitter::fraction(0.1).unwrap(),
-            Jitter::fraction(1.0).unwrap(),
+            Jitter::fraction(0.99).unwrap(),
             Jitter::up_to(Duration::from_secs(10)),
-            Jitter::up_to(Duration::from_secs(1_000)),
+            Jitter::up_to(Duration::from_secs(299)),
         ] {
-            let policy = TtlPolicy::new(ttl).with_jitter(jitter).seeded(1);
+            let policy = TtlPolicy::new(ttl).with_jitter(jitter).unwrap().seeded(1);
             for _ in 0..1_000 {
                 let t = policy.pick();
                 assert!(t <= ttl && t.as_millis() >= 1, "{jitter:?} gave {t:?}");
             }
         }
-        let p = TtlPolicy::new(ttl).with_jitter(Jitter::fraction(0.1).unwrap());
+        let p = TtlPolicy::new(ttl)
+            .with_jitter(Jitter::fraction(0.1).unwrap())
+            .unwrap();
         let picks: std::collections::HashSet<_> = (0..100).map(|_| p.pick()).collect();
         assert!(picks.len() > 1, "jitter must spread TTLs");
         assert!(picks.iter().all(|t| t.as_millis() >= 270_000));
@@ -353,8 +430,68 @@ mod tests {
 
     #[test]
     fn fractions_are_validated() {
-        for bad in [0.0, -0.1, 1.1, f64::NAN, f64::INFINITY] {
+        for bad in [0.0, -0.1, 1.0, 1.1, f64::NAN, f64::INFINITY] {
             assert!(Jitter::fraction(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn a_jitter_as_wide_as_its_ttl_is_an_error() {
+        let hour = Ttl::hours(1);
+        let err = TtlPolicy::new(hour)
+            .with_jitter(Jitter::up_to(Duration::from_secs(5 * 3600)))
+            .unwrap_err();
+        assert!(matches!(err, TtlError::JitterTooWide { .. }));
+        assert!(err.to_string().contains("TtlPolicy::between"), "{err}");
+        assert!(
+            TtlPolicy::new(hour)
+                .with_jitter(Jitter::up_to(Duration::from_secs(3600)))
+                .is_err()
+        );
+        assert!(
+            TtlPolicy::new(hour)
+                .with_jitter(Jitter::up_to(Duration::from_secs(3599)))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_range_covers_both_ends_and_nothing_else() {
+        let roles = TtlPolicy::between(Ttl::hours(1), Ttl::hours(6))
+            .unwrap()
+            .seeded(3);
+        assert_eq!(roles.shortest(), Ttl::hours(1));
+        assert_eq!(roles.ttl(), Ttl::hours(6));
+        let picks: Vec<Ttl> = (0..10_000).map(|_| roles.pick()).collect();
+        assert!(
+            picks
+                .iter()
+                .all(|t| *t >= Ttl::hours(1) && *t <= Ttl::hours(6))
+        );
+        // Spread over the whole range, not clustered at one end.
+        let below_2h = picks.iter().filter(|t| **t < Ttl::hours(2)).count();
+        let above_5h = picks.iter().filter(|t| **t > Ttl::hours(5)).count();
+        assert!(
+            below_2h > 1_500 && above_5h > 1_500,
+            "{below_2h} {above_5h}"
+        );
+        let fixed = TtlPolicy::between(Ttl::seconds(30), Ttl::seconds(30)).unwrap();
+        assert_eq!(fixed.pick(), Ttl::seconds(30));
+        assert!(matches!(
+            TtlPolicy::between(Ttl::hours(2), Ttl::hours(1)),
+            Err(TtlError::InvertedRange { .. })
+        ));
+    }
+
+    #[test]
+    fn a_policy_is_reused_by_reference() {
+        fn takes(policy: impl Into<TtlPolicy>) -> Ttl {
+            policy.into().pick()
+        }
+        let policy = TtlPolicy::between(Ttl::seconds(60), Ttl::seconds(120)).unwrap();
+        for _ in 0..3 {
+            let ttl = takes(&policy);
+            assert!(ttl >= Ttl::seconds(60));
         }
     }
 }

@@ -97,12 +97,13 @@ impl AppState {
             login,
             metrics: Metrics::default(),
             dashboard_ttl: TtlPolicy::new(Ttl::seconds(300))
-                .with_jitter(Jitter::fraction(0.1).expect("valid jitter")),
+                .with_jitter(Jitter::fraction(0.1).expect("valid jitter"))
+                .expect("10 % of 300 s leaves a TTL"),
             fees_ttl: TtlPolicy::new(Ttl::seconds(300))
-                .with_jitter(Jitter::fraction(0.1).expect("valid jitter")),
-            // 1 h, spread up to 6 h so that roles do not all expire together.
-            role_ttl: TtlPolicy::new(Ttl::hours(1))
-                .with_jitter(Jitter::up_to(Duration::from_secs(5 * 3600))),
+                .with_jitter(Jitter::fraction(0.1).expect("valid jitter"))
+                .expect("10 % of 300 s leaves a TTL"),
+            // 1 to 6 h, spread so that roles do not all expire together.
+            role_ttl: TtlPolicy::between(Ttl::hours(1), Ttl::hours(6)).expect("1 h <= 6 h"),
         }
     }
 }

@@ -287,6 +287,7 @@ pub async fn ttls_are_jittered_within_the_policy(backend: &Backend) {
     let cache = cache_for(backend).await;
     let policy = TtlPolicy::new(Ttl::seconds(100))
         .with_jitter(Jitter::fraction(0.5).unwrap())
+        .unwrap()
         .seeded(42);
     let mut ttls = Vec::new();
     for i in 0..20 {
