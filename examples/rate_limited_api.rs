@@ -42,8 +42,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         nz(200),
     )?);
     let layer = RateLimitLayer::new(RateLimiter::new(&cache))
-        .route("POST", "/api/auth/login", login)
-        .route("*", "/api/*", api)
+        .route("POST", "/api/auth/login", login)?
+        .route("*", "/api/*", api)?
         // The load balancer: X-Forwarded-For is read only from these peers.
         .trust_proxy("10.0.0.0/8".parse()?);
     let app = Router::new()

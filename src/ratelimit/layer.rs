@@ -2,14 +2,26 @@
 //! user, answering `429 Too Many Requests` with the limit headers.
 //!
 //! The client address is the TCP peer (axum's `ConnectInfo<SocketAddr>`, present when the app is
-//! served with `into_make_service_with_connect_info`). Only when the peer is one of the
-//! configured trusted proxies are `X-Forwarded-For` and `Forwarded` read, and then from the
-//! right: each proxy appends the address it received the request from, so the rightmost address
-//! that is not a trusted proxy is the client. The leftmost entry is whatever the client chose to
-//! send and is never trusted.
+//! served with `into_make_service_with_connect_info`). A route with a per-IP layer never admits a
+//! request silently when the peer address is missing: it answers `500 Internal Server Error` and
+//! logs an error that says how to serve the app, so the mistake shows on the first request.
+//!
+//! Only when the peer is one of the configured trusted proxies is the forwarded header read (the
+//! one [`ProxyHeader`] names, `X-Forwarded-For` by default, and only that one: a client can send
+//! the other header, which the proxy passes on untouched), and then from the right: each proxy
+//! appends the address it received the request from, so the rightmost address that is not a
+//! trusted proxy is the client. The leftmost entry is whatever the client chose to send and is
+//! never trusted.
 //!
 //! The user is the [`AuthenticatedUser`] request extension, put there by the app's
 //! authentication middleware (which must run before this layer).
+//!
+//! Methods are matched as HTTP defines them: case-insensitively when the rule is written, and a
+//! `GET` rule applies to `HEAD` as well (a `HEAD` is a `GET` without the body, and costs the
+//! same). Paths are matched against the request's full path, also when the layer is applied
+//! inside a nested router (`Router::nest` strips the prefix from the URI it hands on; the layer
+//! reads axum's `OriginalUri` when it is there), so rules are written the same wherever the
+//! layer sits.
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
@@ -26,7 +38,7 @@
 //! let login = Route::new(Ident::from_static("auth-login"))
 //!     .per_ip(Limit::sliding_log(NonZeroU32::new(5).unwrap(), Duration::from_secs(60))?);
 //! let layer = RateLimitLayer::new(RateLimiter::new(&cache))
-//!     .route("POST", "/api/auth/login", login)
+//!     .route("POST", "/api/auth/login", login)?
 //!     .trust_proxy("10.0.0.0/8".parse()?);
 //! let app = Router::new()
 //!     .route("/api/auth/login", post(|| async { "welcome" }))
@@ -44,10 +56,61 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::ConnectInfo;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use axum::extract::{ConnectInfo, OriginalUri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 
-use super::{Identity, RateLimiter, Route, Verdict};
+use super::{Identity, LayerKind, RateLimiter, Route, Verdict};
+
+/// Which forwarded header the trusted proxies write (see [`RateLimitLayer::proxy_header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ProxyHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (nginx, HAProxy, most cloud load balancers).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+}
+
+/// Why a rule could not be added to a [`RateLimitLayer`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayerError {
+    /// The method is not an HTTP method (or `*`).
+    #[error(
+        "{0:?} is not an HTTP method: use GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, CONNECT, \
+         TRACE (any case), or \"*\" for every method"
+    )]
+    UnknownMethod(String),
+    /// The path does not start with `/`.
+    #[error("a route path starts with '/', like the request paths it matches: {0:?}")]
+    InvalidPath(String),
+}
+
+/// Parses a rule's method: the standard methods in any case, or `*`.
+fn parse_method(method: &str) -> Result<Option<Method>, LayerError> {
+    let trimmed = method.trim();
+    if trimmed == "*" {
+        return Ok(None);
+    }
+    let upper = trimmed.to_ascii_uppercase();
+    let known = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    known
+        .into_iter()
+        .find(|m| m.as_str() == upper)
+        .map(Some)
+        .ok_or_else(|| LayerError::UnknownMethod(method.chars().take(32).collect()))
+}
 
 /// The authenticated user of a request, as a request extension. Insert it in the
 /// authentication middleware; per-user layers count by it.
@@ -130,28 +193,35 @@ fn parse_forwarded_addr(text: &str) -> Option<IpAddr> {
     inner.parse().ok()
 }
 
-/// The client address: the peer, or, when the peer is a trusted proxy, the rightmost forwarded
-/// address that is not a trusted proxy.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+/// The client address: the peer, or, when the peer is a trusted proxy, the rightmost address
+/// that is not a trusted proxy in the forwarded header `header` (the other forwarded header is
+/// never read: the proxy does not write it, so the client did).
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    header: ProxyHeader,
+) -> IpAddr {
     let trusted_ip = |ip: IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !trusted_ip(peer) {
         return canonical(peer);
     }
-    // Every X-Forwarded-For field, in order, then split: the chain, client first.
+    // Every field of the header, in order, then split: the chain, client first.
     let mut chain: Vec<IpAddr> = Vec::new();
-    for value in headers.get_all("x-forwarded-for") {
-        let Ok(value) = value.to_str() else {
-            return canonical(peer);
-        };
-        for part in value.split(',') {
-            match parse_forwarded_addr(part) {
-                Some(ip) => chain.push(ip),
-                // An unparseable hop: nothing left of it can be trusted.
-                None => chain.clear(),
+    if header == ProxyHeader::XForwardedFor {
+        for value in headers.get_all("x-forwarded-for") {
+            let Ok(value) = value.to_str() else {
+                return canonical(peer);
+            };
+            for part in value.split(',') {
+                match parse_forwarded_addr(part) {
+                    Some(ip) => chain.push(ip),
+                    // An unparseable hop: nothing left of it can be trusted.
+                    None => chain.clear(),
+                }
             }
         }
-    }
-    if chain.is_empty() {
+    } else {
         for value in headers.get_all("forwarded") {
             let Ok(value) = value.to_str() else {
                 return canonical(peer);
@@ -193,6 +263,7 @@ struct Shared {
     rules: Vec<RouteRule>,
     fallback: Option<Route>,
     trusted: Vec<IpNet>,
+    header: ProxyHeader,
 }
 
 /// The tower [`Layer`](tower_layer::Layer) that rate limits an axum app.
@@ -211,6 +282,7 @@ impl RateLimitLayer {
                 rules: Vec::new(),
                 fallback: None,
                 trusted: Vec::new(),
+                header: ProxyHeader::default(),
             }),
         }
     }
@@ -234,6 +306,7 @@ impl RateLimitLayer {
                         .collect(),
                     fallback: old.fallback.clone(),
                     trusted: old.trusted.clone(),
+                    header: old.header,
                 };
                 f(&mut shared);
                 self.shared = Arc::new(shared);
@@ -242,26 +315,32 @@ impl RateLimitLayer {
         self
     }
 
-    /// Limits `method` (`"*"` for any) on `path`; a path ending in `*` matches every path that
-    /// starts with what comes before the `*`. The first matching rule applies.
-    pub fn route(self, method: &str, path: &str, route: Route) -> RateLimitLayer {
-        let method = if method == "*" {
-            None
-        } else {
-            http::Method::from_bytes(method.as_bytes()).ok()
-        };
+    /// Limits `method` (`"*"` for any; any case; a `GET` rule also applies to `HEAD`) on
+    /// `path`; a path ending in `*` matches every path that starts with what comes before the
+    /// `*`. The first matching rule applies. Fails for a method that is not an HTTP method and
+    /// a path that does not start with `/`.
+    pub fn route(
+        self,
+        method: &str,
+        path: &str,
+        route: Route,
+    ) -> Result<RateLimitLayer, LayerError> {
+        let method = parse_method(method)?;
+        if !path.starts_with('/') {
+            return Err(LayerError::InvalidPath(path.chars().take(64).collect()));
+        }
         let (path, prefix) = match path.strip_suffix('*') {
             Some(p) => (p.to_owned(), true),
             None => (path.to_owned(), false),
         };
-        self.edit(|s| {
+        Ok(self.edit(|s| {
             s.rules.push(RouteRule {
                 method,
                 path,
                 prefix,
                 route,
             })
-        })
+        }))
     }
 
     /// The route for requests no rule matches (none by default: they are not limited).
@@ -270,9 +349,16 @@ impl RateLimitLayer {
     }
 
     /// Trusts a proxy network: when the peer is in it, the client address is read from the
-    /// forwarded headers (see the module documentation).
+    /// forwarded header (see the module documentation).
     pub fn trust_proxy(self, net: IpNet) -> RateLimitLayer {
         self.edit(|s| s.trusted.push(net))
+    }
+
+    /// Which forwarded header the trusted proxies write (default
+    /// [`ProxyHeader::XForwardedFor`]). Only that one is read: the other one reaches the app
+    /// as the client sent it.
+    pub fn proxy_header(self, header: ProxyHeader) -> RateLimitLayer {
+        self.edit(|s| s.header = header)
     }
 }
 
@@ -310,11 +396,18 @@ impl<S> fmt::Debug for RateLimit<S> {
 
 impl Shared {
     fn route_for<B>(&self, req: &Request<B>) -> Option<&Route> {
-        let path = req.uri().path();
+        // The full path, also inside a nested router (which strips its prefix from the URI).
+        let path = match req.extensions().get::<OriginalUri>() {
+            Some(OriginalUri(uri)) => uri.path(),
+            None => req.uri().path(),
+        };
+        let method = req.method();
         self.rules
             .iter()
             .find(|r| {
-                r.method.as_ref().is_none_or(|m| m == req.method())
+                r.method
+                    .as_ref()
+                    .is_none_or(|m| m == method || (*m == Method::GET && *method == Method::HEAD))
                     && if r.prefix {
                         path.starts_with(&r.path)
                     } else {
@@ -325,15 +418,22 @@ impl Shared {
             .or(self.fallback.as_ref())
     }
 
-    fn identity<B>(&self, req: &Request<B>) -> Identity {
+    /// Who is asking; `None` when the route counts per IP and the peer address is unknown.
+    fn identity<B>(&self, req: &Request<B>, route: &Route) -> Option<Identity> {
         let mut who = Identity::default();
-        if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
-            who = who.with_ip(client_ip(peer.ip(), req.headers(), &self.trusted).to_string());
+        match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(ConnectInfo(peer)) => {
+                who = who.with_ip(
+                    client_ip(peer.ip(), req.headers(), &self.trusted, self.header).to_string(),
+                );
+            }
+            None if route.layers().iter().any(|(k, _)| *k == LayerKind::Ip) => return None,
+            None => {}
         }
         if let Some(AuthenticatedUser(user)) = req.extensions().get::<AuthenticatedUser>() {
             who = who.with_user(user.clone());
         }
-        who
+        Some(who)
     }
 }
 
@@ -375,7 +475,18 @@ where
             let Some(route) = shared.route_for(&req) else {
                 return inner.call(req).await;
             };
-            let who = shared.identity(&req);
+            let Some(who) = shared.identity(&req, route) else {
+                // Admitting would turn the limit off without a word; refusing shows the mistake
+                // on the first request.
+                tracing::error!(
+                    route = %route.name(),
+                    "the rate-limit route counts per IP but the request has no peer address: \
+                     serve the app with `into_make_service_with_connect_info::<SocketAddr>()`"
+                );
+                let mut response = Response::new(ResBody::default());
+                *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                return Ok(response);
+            };
             let verdict = shared.limiter.check(route, &who).await;
             if !verdict.allowed {
                 let mut response = Response::new(ResBody::default());
@@ -409,6 +520,21 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const XFF: ProxyHeader = ProxyHeader::XForwardedFor;
+
+    #[test]
+    fn methods_parse_in_any_case_and_unknown_ones_are_errors() {
+        assert_eq!(parse_method("get"), Ok(Some(Method::GET)));
+        assert_eq!(parse_method("Post"), Ok(Some(Method::POST)));
+        assert_eq!(parse_method("*"), Ok(None));
+        for bad in ["GETT", "", "G ET", "any"] {
+            assert!(
+                matches!(parse_method(bad), Err(LayerError::UnknownMethod(_))),
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn networks() {
         let net: IpNet = "10.0.0.0/8".parse().unwrap();
@@ -428,7 +554,12 @@ mod tests {
         let trusted = ["10.0.0.0/8".parse().unwrap()];
         let spoofed = headers(&[("x-forwarded-for", "1.2.3.4")]);
         assert_eq!(
-            client_ip(ip("203.0.113.5"), &spoofed, &trusted),
+            client_ip(
+                ip("203.0.113.5"),
+                &spoofed,
+                &trusted,
+                ProxyHeader::XForwardedFor
+            ),
             ip("203.0.113.5")
         );
     }
@@ -438,28 +569,57 @@ mod tests {
         let trusted = ["10.0.0.0/8".parse().unwrap()];
         // The client sent a spoofed first entry; the proxy appended the real client.
         let h = headers(&[("x-forwarded-for", "1.2.3.4, 198.51.100.9")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.9"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, XFF),
+            ip("198.51.100.9")
+        );
         // Two trusted hops.
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 198.51.100.9, 10.0.0.7")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.9"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, XFF),
+            ip("198.51.100.9")
+        );
         // Several header fields form one list.
         let h = headers(&[
             ("x-forwarded-for", "6.6.6.6"),
             ("x-forwarded-for", "198.51.100.9"),
         ]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("198.51.100.9"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, XFF),
+            ip("198.51.100.9")
+        );
         // Forwarded, with ports and IPv6.
         let h = headers(&[(
             "forwarded",
             "for=6.6.6.6, for=\"[2001:db8::7]:4711\";proto=https",
         )]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("2001:db8::7"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, ProxyHeader::Forwarded),
+            ip("2001:db8::7")
+        );
+        // The header the proxies do not write is never read.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, ProxyHeader::XForwardedFor),
+            ip("10.0.0.2")
+        );
+        let both = headers(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=198.51.100.9"),
+        ]);
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &both, &trusted, ProxyHeader::Forwarded),
+            ip("198.51.100.9")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &both, &trusted, ProxyHeader::XForwardedFor),
+            ip("6.6.6.6")
+        );
         // Garbage after the client: nothing to the left of it is trusted.
         let h = headers(&[("x-forwarded-for", "198.51.100.9, garbage")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.2"));
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted, XFF), ip("10.0.0.2"));
         // No header: the proxy itself.
         assert_eq!(
-            client_ip(ip("10.0.0.2"), &HeaderMap::new(), &trusted),
+            client_ip(ip("10.0.0.2"), &HeaderMap::new(), &trusted, XFF),
             ip("10.0.0.2")
         );
     }
