@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: formatting, clippy with warnings denied, and all tests (which start
 # their own redis-server and PostgreSQL on loopback ports). Installs redis-server, openssl (for
-# the TLS test) and postgresql (for the school ERP demo's test) with apt-get when missing.
+# the TLS test), postgresql (for the school ERP demo's test) and nodejs (for the test that runs
+# the README's Node snippet against Redis) with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
 # PostgreSQL for the school ERP demo's test (tests/school_erp), which starts its own server.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
@@ -19,6 +21,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get install -y -q "${need[@]}"
 fi
 redis-server --version
+node --version
 ls -d /usr/lib/postgresql/*/bin | tail -1
 
 cargo fmt --all -- --check
