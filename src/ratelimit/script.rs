@@ -10,13 +10,18 @@
 //! TTL): the scripts read it as an empty state and overwrite it on the next admission, never
 //! failing on it (a script error would be a refused check, and the check must be answered).
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
+#[cfg(feature = "redis")]
+use std::sync::LazyLock;
+#[cfg(feature = "redis")]
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::RateCheck;
-use super::limit::{Algorithm, Decision};
+#[cfg(feature = "redis")]
+use super::limit::Algorithm;
+use super::limit::Decision;
 use super::memory::{DEFAULT_MAX_KEYS, MemoryLimiter};
 use crate::error::Result;
 use crate::store::{MemoryLayer, Operation};

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod postgres;
 pub mod proxy;
 pub mod server;

@@ -1,0 +1,106 @@
+//! Fleet behaviour across OS processes: several `speedlayer-fleet-node` processes (each an app
+//! server with its own connections, flights and memory) on one real Redis. What one instance
+//! does must hold for the others.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::fleet::{Node, NodeSettings, number_after};
+use support::{Mode, Proxy, RedisServer};
+
+/// A load cancelled in one process (its request timed out, its client went away) gives its
+/// lease up: 2 other processes × 25 concurrent callers then share one loader call, instead of
+/// every process loading uncached until the lease expires.
+#[test]
+fn a_cancelled_load_in_one_process_does_not_stall_the_others() {
+    let server = RedisServer::start();
+    let settings = NodeSettings {
+        // Long enough that a caller finding the live lease always waits for its value.
+        lease_wait_ms: 3_000,
+        ..NodeSettings::default()
+    };
+    let mut a = Node::spawn("a", &server.url(), settings);
+    let mut b = Node::spawn("b", &server.url(), settings);
+    let mut c = Node::spawn("c", &server.url(), settings);
+    assert!(a.pid() != b.pid() && b.pid() != c.pid());
+    assert_eq!(a.request("cancel 1"), "cancelled");
+    let (nb, nc) = (b.send("burst 1 25 5 7"), c.send("burst 1 25 5 7"));
+    let (rb, rc) = (b.wait(nb), c.wait(nc));
+    let loads = number_after(&rb, "loads") + number_after(&rc, "loads");
+    eprintln!("after a cancelled load in a: b {rb:?}, c {rc:?}");
+    assert!(rb.ends_with("values 7") && rc.ends_with("values 7"));
+    assert_eq!(loads, 1, "50 callers in 2 processes share one load");
+    assert_eq!(
+        a.request("get 1"),
+        "value 7",
+        "and it is cached for everyone"
+    );
+}
+
+/// An invalidation made in one process stops a load running in another: the load began before
+/// the write, so its value is returned to its caller and never stored.
+#[test]
+fn an_invalidation_in_one_process_stops_a_load_in_another() {
+    let server = RedisServer::start();
+    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
+    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    let mut c = Node::spawn("c", &server.url(), NodeSettings::default());
+    assert_eq!(a.request("hold 5 100"), "holding");
+    assert_eq!(b.request("invalidate 5"), "deferred false");
+    assert_eq!(a.request("release 5"), "returned 100 refused 1");
+    assert_eq!(c.request("get 5"), "none", "the older value was not stored");
+    // The next load, after the write, is cached.
+    assert_eq!(c.request("burst 5 3 1 101"), "loads 1 values 101");
+    assert_eq!(a.request("get 5"), "value 101");
+}
+
+/// An invalidation that could not reach Redis (the connection was cut, so the command never
+/// got there) is applied by its process in the background as soon as Redis answers again, with
+/// no traffic on that process and a breaker cool-down of a minute: the other processes stop
+/// reading the old value within a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_invalidation_reaches_the_other_processes_without_traffic() {
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let quick = NodeSettings {
+        op_timeout_ms: 100,
+        cool_down_ms: 60_000,
+        ..NodeSettings::default()
+    };
+    let through_proxy = format!("redis://127.0.0.1:{}/0", proxy.port());
+    let (gone, pending) = tokio::task::spawn_blocking(move || {
+        let mut a = Node::spawn("a", &through_proxy, quick);
+        let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+        assert_eq!(a.request("set 9 1"), "ok");
+        assert_eq!(b.request("get 9"), "value 1");
+        (a, b, server)
+    })
+    .await
+    .map(|(mut a, mut b, server)| {
+        proxy.set(Mode::Cut);
+        assert_eq!(a.request("invalidate 9"), "deferred true");
+        assert_eq!(b.request("get 9"), "value 1", "Redis never got it");
+        proxy.set(Mode::Pass);
+        let restored = Instant::now();
+        let gone = loop {
+            if b.request("get 9") == "none" {
+                break restored.elapsed();
+            }
+            assert!(
+                restored.elapsed() < Duration::from_secs(10),
+                "the queued invalidation never reached Redis"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(a.request("flush 5000"), "flushed true");
+        let pending = number_after(&a.request("stats"), "pending");
+        drop(server);
+        (gone, pending)
+    })
+    .unwrap();
+    eprintln!("a's deferred invalidation seen by b {gone:?} after the connection was restored");
+    assert_eq!(pending, 0);
+    assert!(gone < Duration::from_secs(5), "{gone:?}");
+}

@@ -1,0 +1,243 @@
+//! `speedlayer-fleet-node`: one app server of a fleet, for the fleet tests. The tests spawn
+//! several of these OS processes against one real Redis and drive them over stdin/stdout, so
+//! that what is promised across instances (leases, invalidations) is tested across processes,
+//! each with its own connections, flights and memory.
+//!
+//! Protocol: one request per line, `<n> <command> <args...>`; each reply is one line,
+//! `<n> <result>`. Requests run concurrently. Keys are `fleet:item:<id>`.
+//!
+//! - `get <id>` → `value <n>` or `none`
+//! - `set <id> <value>` → `ok`
+//! - `burst <id> <callers> <loader ms> <value>` → `loads <loader calls> values <sorted values>`
+//! - `cancel <id>`: starts a load that never finishes and drops it once its loader runs →
+//!   `cancelled`
+//! - `hold <id> <value>`: starts a load whose loader waits for `release <id>` → `holding`
+//! - `release <id>` → `returned <value> refused <stale sets refused so far>`
+//! - `invalidate <id>` → `deferred <true|false>`
+//! - `flush <ms>` → `flushed <true|false>`
+//! - `stats` → `loader_calls <n> stale_sets_refused <n> errors <n> pending <n>`
+//!
+//! Run: `speedlayer-fleet-node <redis url> [op timeout ms] [cool-down ms] [lease wait ms]`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use speedlayer::config::RedisConfig;
+use speedlayer::key::{Ident, KeySpace, Namespace};
+use speedlayer::ttl::Ttl;
+use speedlayer::{Cache, Config};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::task::JoinHandle;
+
+const MINUTE: Ttl = Ttl::seconds(60);
+
+struct Held {
+    release: Arc<Notify>,
+    task: JoinHandle<u64>,
+}
+
+struct Node {
+    cache: Cache,
+    items: KeySpace,
+    held: Mutex<HashMap<u64, Held>>,
+}
+
+fn arg(args: &[&str], i: usize) -> Result<u64, String> {
+    args.get(i)
+        .ok_or_else(|| format!("missing argument {i}"))?
+        .parse()
+        .map_err(|e| format!("argument {i}: {e}"))
+}
+
+impl Node {
+    async fn handle(self: Arc<Self>, command: &str, args: &[&str]) -> Result<String, String> {
+        let key = |i: usize| -> Result<speedlayer::Key, String> {
+            self.items.key(arg(args, i)?).map_err(|e| e.to_string())
+        };
+        match command {
+            "get" => Ok(match self.cache.get::<u64>(&key(0)?).await {
+                Some(v) => format!("value {v}"),
+                None => "none".to_owned(),
+            }),
+            "set" => {
+                self.cache
+                    .set(&key(0)?, &arg(args, 1)?, MINUTE)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok("ok".to_owned())
+            }
+            "burst" => {
+                let (k, callers, loader_ms, value) =
+                    (key(0)?, arg(args, 1)?, arg(args, 2)?, arg(args, 3)?);
+                let loads = Arc::new(AtomicUsize::new(0));
+                let start = Arc::new(tokio::sync::Barrier::new(callers as usize));
+                let mut tasks = Vec::new();
+                for _ in 0..callers {
+                    let (cache, k, loads, start) =
+                        (self.cache.clone(), k.clone(), loads.clone(), start.clone());
+                    tasks.push(tokio::spawn(async move {
+                        start.wait().await;
+                        cache
+                            .get_or_set(&k, MINUTE, || async {
+                                loads.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(loader_ms)).await;
+                                Ok::<_, std::io::Error>(value)
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                    }));
+                }
+                let mut values = Vec::new();
+                for t in tasks {
+                    values.push(t.await.map_err(|e| e.to_string())??);
+                }
+                values.sort_unstable();
+                values.dedup();
+                let values: Vec<String> = values.iter().map(u64::to_string).collect();
+                Ok(format!(
+                    "loads {} values {}",
+                    loads.load(Ordering::SeqCst),
+                    values.join(",")
+                ))
+            }
+            "cancel" => {
+                let k = key(0)?;
+                let started = Arc::new(Notify::new());
+                let load = {
+                    let started = started.clone();
+                    self.cache.get_or_set(&k, MINUTE, move || async move {
+                        started.notify_one();
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        Ok::<_, std::io::Error>(0u64)
+                    })
+                };
+                tokio::select! {
+                    _ = load => Err("the load cannot finish".to_owned()),
+                    _ = started.notified() => Ok("cancelled".to_owned()),
+                }
+            }
+            "hold" => {
+                let (k, value, id) = (key(0)?, arg(args, 1)?, arg(args, 0)?);
+                let (release, started) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+                let task = {
+                    let (cache, release, started) =
+                        (self.cache.clone(), release.clone(), started.clone());
+                    tokio::spawn(async move {
+                        cache
+                            .get_or_set(&k, MINUTE, || async {
+                                started.notify_one();
+                                release.notified().await;
+                                Ok::<_, std::io::Error>(value)
+                            })
+                            .await
+                            .unwrap_or(u64::MAX)
+                    })
+                };
+                started.notified().await;
+                self.held.lock().await.insert(id, Held { release, task });
+                Ok("holding".to_owned())
+            }
+            "release" => {
+                let held = self
+                    .held
+                    .lock()
+                    .await
+                    .remove(&arg(args, 0)?)
+                    .ok_or("nothing held under that id")?;
+                held.release.notify_one();
+                let value = held.task.await.map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "returned {value} refused {}",
+                    self.cache.stats().stale_sets_refused
+                ))
+            }
+            "invalidate" => {
+                let done = self
+                    .cache
+                    .store()
+                    .invalidate(&[key(0)?], &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(format!("deferred {}", done.deferred))
+            }
+            "flush" => {
+                let applied = self
+                    .cache
+                    .store()
+                    .flush_invalidations(Duration::from_millis(arg(args, 0)?))
+                    .await;
+                Ok(format!("flushed {applied}"))
+            }
+            "stats" => {
+                let s = self.cache.stats();
+                Ok(format!(
+                    "loader_calls {} stale_sets_refused {} errors {} pending {}",
+                    s.loader_calls, s.stale_sets_refused, s.errors, s.pending_invalidations
+                ))
+            }
+            other => Err(format!("unknown command {other:?}")),
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let url = args
+        .get(1)
+        .expect("usage: speedlayer-fleet-node <redis url> ...");
+    let millis = |i: usize, default: u64| {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_millis(default))
+    };
+    let config = Config::redis(RedisConfig::from_url(url).expect("a valid Redis URL"))
+        .op_timeout(millis(2, 2_000))
+        .cool_down(millis(3, 1_000))
+        .lease_wait(millis(4, 50));
+    let cache = Cache::new(config).await.expect("valid configuration");
+    let node = Arc::new(Node {
+        items: Namespace::root()
+            .global()
+            .keyspace(&Ident::from_static("fleet"), &Ident::from_static("item")),
+        cache,
+        held: Mutex::new(HashMap::new()),
+    });
+    let (replies, mut outbox) = mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(line) = outbox.recv().await {
+            if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let _ = replies.send("0 ready\n".to_owned());
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut words = line.split_whitespace();
+        let (Some(n), Some(command)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if command == "quit" {
+            break;
+        }
+        let (n, command) = (n.to_owned(), command.to_owned());
+        let rest: Vec<String> = words.map(str::to_owned).collect();
+        let (node, replies) = (node.clone(), replies.clone());
+        tokio::spawn(async move {
+            let args: Vec<&str> = rest.iter().map(String::as_str).collect();
+            let reply = match node.handle(&command, &args).await {
+                Ok(result) => result,
+                Err(e) => format!("error {e}"),
+            };
+            let _ = replies.send(format!("{n} {reply}\n"));
+        });
+    }
+    drop(replies);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+}
