@@ -13,6 +13,14 @@ use speedlayer::ttl::Ttl;
 use crate::common::{Dashboard, dashboard, key, redis_cache, runtime};
 use crate::support::RedisServer;
 
+/// Every bench of this group, as `group/name` (for the filter).
+pub const IDS: &[&str] = &[
+    "hit/memory/speedlayer",
+    "hit/memory/raw_moka",
+    "hit/redis/speedlayer",
+    "hit/redis/raw_redis_json",
+];
+
 pub fn benches(c: &mut Criterion, server: &RedisServer) {
     let rt = runtime();
     let value = dashboard(456);
@@ -66,7 +74,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
     group.finish();
 
     // Paired rounds (see report::paired): batches of hits, alternating, 21 times.
-    if criterion_filter_allows("hit/memory") {
+    if crate::any_selected(&IDS[..2]) {
         let ours = || {
             let started = Instant::now();
             rt.block_on(async {
@@ -94,7 +102,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
             ratio,
         );
     }
-    if criterion_filter_allows("hit/redis") {
+    if crate::any_selected(&IDS[2..]) {
         let ours = || {
             let started = Instant::now();
             rt.block_on(async {
@@ -124,10 +132,6 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         );
         latency_percentiles(&rt, &redis, &k);
     }
-}
-
-fn criterion_filter_allows(id: &str) -> bool {
-    crate::criterion_filter().is_none_or(|f| id.contains(&f))
 }
 
 /// p50/p99 of a Redis hit through speedlayer, measured one call at a time.

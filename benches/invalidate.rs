@@ -83,6 +83,12 @@ async fn timed_invalidations(cache: &Cache, rounds: u64, first_round: u64) -> Du
     total
 }
 
+/// Every bench of this group, as `group/name` (for the filter).
+pub const IDS: &[&str] = &[
+    "invalidate/tag100/keyspace_10k",
+    "invalidate/tag100/keyspace_1m",
+];
+
 pub fn benches(c: &mut Criterion, _shared: &RedisServer) {
     let rt = runtime();
     let small = RedisServer::start();

@@ -4,8 +4,10 @@
 //! redis-rs over the same kind of connection. A real `redis-server` is started on a loopback port
 //! for the Redis groups (set `SPEEDLAYER_REDIS_SERVER` to use another binary).
 //!
-//! `cargo bench --features bb8 --bench main` runs everything and ends with a table of ratios; a filter
-//! (`cargo bench --features bb8 --bench main -- hit`) runs one group.
+//! `cargo bench --all-features --bench main` runs everything and ends with a table of ratios; a
+//! filter is criterion's regular expression over `group/name` (`-- '^hit/'`, `-- hit`,
+//! `-- --warm-up-time 1 ratelimit/redis`), and a group's set-up and paired rounds run only when
+//! it selects one of the group's benches.
 
 use criterion::Criterion;
 
@@ -21,15 +23,73 @@ mod report;
 mod stampede;
 mod throughput;
 
-/// True unless a criterion filter is given that cannot match `group`: the groups' paired rounds
-/// and set-up (a million keys for `invalidate`) run only when the group does.
-pub fn group_selected(group: &str) -> bool {
-    criterion_filter().is_none_or(|f| group.contains(&f) || f.contains(group))
+/// Criterion's options that take a value: their value is not the filter.
+const VALUE_OPTIONS: &[&str] = &[
+    "--color",
+    "--save-baseline",
+    "--baseline",
+    "--baseline-lenient",
+    "--format",
+    "--profile-time",
+    "--load-baseline",
+    "--sample-size",
+    "--warm-up-time",
+    "--measurement-time",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--plotting-backend",
+    "--output-format",
+];
+
+/// The bench filter, read as criterion reads it: the first free argument, a regular expression
+/// matched against `group/name` (or the exact id with `--exact`).
+enum Filter {
+    All,
+    Regex(regex::Regex),
+    Exact(String),
 }
 
-/// Criterion's filter: the first free argument after the bench binary's flags.
-pub fn criterion_filter() -> Option<String> {
-    std::env::args().skip(1).find(|a| !a.starts_with('-'))
+fn filter() -> &'static Filter {
+    static FILTER: std::sync::OnceLock<Filter> = std::sync::OnceLock::new();
+    FILTER.get_or_init(|| {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let exact = args.iter().any(|a| a == "--exact");
+        let mut free = None;
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            if arg.starts_with('-') {
+                if !arg.contains('=') && VALUE_OPTIONS.contains(&arg.as_str()) {
+                    i += 1;
+                }
+            } else if free.is_none() {
+                free = Some(arg.clone());
+            }
+            i += 1;
+        }
+        match free {
+            None => Filter::All,
+            Some(f) if exact => Filter::Exact(f),
+            // An invalid expression is criterion's to report; select everything here.
+            Some(f) => regex::Regex::new(&f).map_or(Filter::All, Filter::Regex),
+        }
+    })
+}
+
+/// True when the filter selects the bench `id` (`group/name`).
+pub fn selected(id: &str) -> bool {
+    match filter() {
+        Filter::All => true,
+        Filter::Regex(r) => r.is_match(id),
+        Filter::Exact(e) => e == id,
+    }
+}
+
+/// True when the filter selects any of `ids`: a group's set-up and paired rounds run only then.
+pub fn any_selected(ids: &[&str]) -> bool {
+    ids.iter().any(|id| selected(id))
 }
 
 fn main() {
@@ -46,21 +106,21 @@ fn main() {
         .measurement_time(std::time::Duration::from_secs(3))
         .configure_from_args();
     let server = support::RedisServer::start();
-    if group_selected("hit") {
+    if any_selected(hit::IDS) {
         hit::benches(&mut c, &server);
     }
-    if group_selected("throughput") {
+    if any_selected(throughput::IDS) {
         throughput::benches(&mut c, &server);
     }
-    if group_selected("stampede") {
+    if any_selected(stampede::IDS) {
         stampede::benches(&mut c, &server);
     }
-    if group_selected("invalidate") {
+    if any_selected(invalidate::IDS) {
         invalidate::benches(&mut c, &server);
     }
-    if group_selected("ratelimit") {
+    if any_selected(ratelimit::IDS) {
         ratelimit::benches(&mut c, &server);
     }
     c.final_summary();
-    report::print_ratios(group_selected);
+    report::print_ratios();
 }

@@ -15,6 +15,9 @@ use crate::support::RedisServer;
 const CALLERS: u64 = 1_000;
 const LOADER_TIME: Duration = Duration::from_millis(2);
 
+/// Every bench of this group, as `group/name` (for the filter).
+pub const IDS: &[&str] = &["stampede/cold1000/speedlayer"];
+
 pub fn benches(c: &mut Criterion, server: &RedisServer) {
     let rt = runtime();
     let cache = rt.block_on(redis_cache(server, Transport::Multiplexed));

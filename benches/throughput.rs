@@ -17,6 +17,13 @@ const TASKS: u64 = 64;
 const GETS_PER_TASK: u64 = 200;
 const KEYS: u64 = 1_000;
 
+/// Every bench of this group, as `group/name` (for the filter).
+pub const IDS: &[&str] = &[
+    "throughput/redis64/speedlayer",
+    "throughput/redis64/pooled",
+    "throughput/redis64/raw",
+];
+
 pub fn benches(c: &mut Criterion, server: &RedisServer) {
     let rt = runtime();
     let multiplexed = rt.block_on(redis_cache(server, Transport::Multiplexed));

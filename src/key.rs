@@ -620,34 +620,19 @@ impl KeySpace {
         })
     }
 
-    /// Writes the text of `id`'s key, with one context segment and a hash tag, into `out`
-    /// (cleared first), with the checks of [`KeySpace::key_str`], [`Key::with_context`] and
-    /// [`Key::with_hash_tag`]; for lookups that need the text only.
-    pub(crate) fn write_tagged(
+    /// Writes the text of `id`'s key followed by `suffix` into `out` (cleared first), with the
+    /// checks of [`KeySpace::key_str`] and the length bound; for lookups that need the text
+    /// only. `suffix` must be segments built from validated parts (`:<context>:{<tag>}`).
+    pub(crate) fn write_with_suffix(
         &self,
         id: &str,
-        context: &str,
-        tag: &Ident,
+        suffix: &str,
         out: &mut String,
     ) -> Result<(), KeyError> {
         out.clear();
         out.push_str(&self.inner.base);
         push_escaped_id(out, id)?;
-        out.push(':');
-        let start = out.len();
-        escape_into(context, out);
-        let len = out.len() - start;
-        if len == 0 {
-            return Err(KeyError::EmptySegment { part: "context" });
-        }
-        if len > MAX_SEGMENT_LEN {
-            return Err(KeyError::SegmentTooLong {
-                part: "context",
-                len,
-                max: MAX_SEGMENT_LEN,
-            });
-        }
-        push_hash_tag(out, tag);
+        out.push_str(suffix);
         check_key_len(out)
     }
 

@@ -69,7 +69,7 @@ pub mod headers;
 pub mod layer;
 mod limit;
 mod memory;
-mod script;
+pub mod script;
 pub(crate) mod state;
 
 pub use limit::{Algorithm, Decision, Limit, LimitError, MAX_LOG_LIMIT, MAX_WINDOW};
@@ -134,6 +134,8 @@ pub struct Route {
     layers: Vec<(LayerKind, Limit)>,
     /// Each layer's quota segment in its key (see [`Limit::slug`]), built once.
     slugs: Vec<String>,
+    /// Each layer's key after the id, `:<quota>:{<route>}`, built once for the memory path.
+    suffixes: Vec<String>,
     outage: Outage,
 }
 
@@ -144,6 +146,7 @@ impl Route {
             name,
             layers: Vec::new(),
             slugs: Vec::new(),
+            suffixes: Vec::new(),
             outage: Outage::default(),
         }
     }
@@ -151,7 +154,9 @@ impl Route {
     fn with_layer(mut self, kind: LayerKind, limit: Limit) -> Route {
         if !self.layers.contains(&(kind, limit)) {
             self.layers.push((kind, limit));
-            self.slugs.push(limit.slug());
+            let slug = limit.slug();
+            self.suffixes.push(format!(":{slug}:{{{}}}", self.name));
+            self.slugs.push(slug);
         }
         self
     }
@@ -502,16 +507,13 @@ impl RateLimiter {
                 served_by: ServedBy::Backend,
             };
         };
-        let slug = &route.slugs[0];
+        let suffix = &route.suffixes[0];
         let decision = KEY.with_borrow_mut(|key| {
             let keyspace = self.keyspace(kind);
-            if let Err(e) = keyspace.write_tagged(&id, slug, &route.name, key) {
+            if let Err(e) = keyspace.write_with_suffix(&id, suffix, key) {
                 tracing::debug!(route = %route.name, error = %e, "identity cannot form a key");
                 // Counted under the layer's shared `invalid` id, as in the general path.
-                if keyspace
-                    .write_tagged("invalid", slug, &route.name, key)
-                    .is_err()
-                {
+                if keyspace.write_with_suffix("invalid", suffix, key).is_err() {
                     return None;
                 }
             }
@@ -549,6 +551,11 @@ impl RateLimiter {
 /// network of `prefix` bits (`2001:db8:1:2::/64`), an IPv4-mapped IPv6 address as IPv4. Text
 /// that is not an address is counted as it is (escaped in the key like any id).
 pub fn client_network(ip: &str, prefix: u8) -> Cow<'_, str> {
+    // Only IPv6 text has a colon: an IPv4 address (the common case) is counted as it is,
+    // without parsing.
+    if !ip.contains(':') {
+        return Cow::Borrowed(ip);
+    }
     match ip.parse::<IpAddr>() {
         Ok(IpAddr::V4(_)) => Cow::Borrowed(ip),
         Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {

@@ -1,5 +1,6 @@
 //! The rate limiter's atomic step, as a store [`Operation`]: its Redis scripts and its memory
-//! twin ([`MemoryLimiter`]), with the same rules.
+//! twin ([`MemoryLimiter`]), with the same rules. The scripts' Lua source is public, for
+//! benchmarks and for other services that want to check the same counters.
 //!
 //! On Redis every check is one script, one round trip, on server time (`TIME`, microseconds), so
 //! that every app server agrees on the windows. A one-layer check (the common case) runs a script
@@ -30,11 +31,11 @@ use crate::store::{MemoryLayer, Operation};
 // (us, -1 if none). Lua numbers are doubles: microsecond timestamps (~1.8e15) are exact, and
 // string.format('%d') writes them without the rounding of tostring.
 
-// The general script: every layer of one check, on Redis server time (microseconds). ARGV holds
-// five values per layer: algorithm (1 fixed window, 2 sliding log, 3 sliding window, 4 GCRA),
-// limit, window (us), burst, and a unique member for the log. Every layer is evaluated first;
-// only if all admit are their states written, so a denied request counts nowhere.
-pub(super) const RATE_LIMIT_SCRIPT: &str = r"
+/// The general script: every layer of one check, on Redis server time (microseconds). ARGV holds
+/// five values per layer: algorithm (1 fixed window, 2 sliding log, 3 sliding window, 4 GCRA),
+/// limit, window (us), burst, and a unique member for the log. Every layer is evaluated first;
+/// only if all admit are their states written, so a denied request counts nowhere.
+pub const RATE_LIMIT_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function int(x) return string.format('%d', x) end
@@ -141,8 +142,8 @@ for i = 1, #out do out[i] = math.ceil(out[i]) end
 return out
 ";
 
-// One fixed-window layer. ARGV: limit, window (us). The key holds `<window index>:<count>`.
-pub(super) const FIXED_WINDOW_SCRIPT: &str = r"
+/// One fixed-window layer. ARGV: limit, window (us). The key holds `<window index>:<count>`.
+pub const FIXED_WINDOW_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local limit, w = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -161,9 +162,9 @@ end
 return {0, 0, reset, reset}
 ";
 
-// One sliding-log layer. ARGV: limit, window (us), a unique member. The key is a sorted set of
-// admission times.
-pub(super) const SLIDING_LOG_SCRIPT: &str = r"
+/// One sliding-log layer. ARGV: limit, window (us), a unique member. The key is a sorted set of
+/// admission times.
+pub const SLIDING_LOG_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local limit, w = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -183,9 +184,9 @@ local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
 return {0, 0, math.max(newest + w - now, 1), math.max(oldest + w - now, 1)}
 ";
 
-// One sliding-window layer. ARGV: limit, window (us). The key holds
-// `<window index>:<previous count>:<current count>`.
-pub(super) const SLIDING_WINDOW_SCRIPT: &str = r"
+/// One sliding-window layer. ARGV: limit, window (us). The key holds
+/// `<window index>:<previous count>:<current count>`.
+pub const SLIDING_WINDOW_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local limit, w = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -218,11 +219,11 @@ if cur > 0 then reset = reset + w end
 return {0, 0, math.max(reset, retry), retry}
 ";
 
-// One GCRA layer. ARGV: emission interval and burst tolerance (us). The key holds the
-// theoretical arrival time (us, with a fractional part). A Lua number passed to redis.call is
-// written with 17 significant digits, so the TAT keeps its sub-microsecond part; numbers in the
-// reply are truncated to integers.
-pub(super) const GCRA_SCRIPT: &str = r"
+/// One GCRA layer. ARGV: emission interval and burst tolerance (us). The key holds the
+/// theoretical arrival time (us, with a fractional part). A Lua number passed to redis.call is
+/// written with 17 significant digits, so the TAT keeps its sub-microsecond part; numbers in the
+/// reply are truncated to integers.
+pub const GCRA_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local tick, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
