@@ -50,21 +50,30 @@
 //! - `bb8`: a pooled transport (bb8) as an alternative to the multiplexed connection.
 //! - `tls`: `rediss://` URLs, with rustls, trusting the system certificate store (and
 //!   `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+//! - `axum`: [`ratelimit::layer`], a tower layer for axum.
+//! - `fleet-node`: a test helper only (the `speedlayer-fleet-node` process of the fleet tests).
 //!
 //! # Layout
 //!
-//! - [`key`]: validated keys, scopes (prefix, tenant) and patterns.
-//! - [`ttl`]: TTLs that cannot be zero or absurd, and jitter.
-//! - [`clock`]: the time source of breakers and throttles, with a fake clock for tests.
-//! - [`config`]: configuration from the environment, secrets kept out of output.
-//! - [`store`]: the [`CacheLayer`](store::CacheLayer) trait, the memory and Redis backends, and
-//!   the resilience wrapper [`Store`](store::Store).
-//! - [`cache`]: the typed [`Cache`] with get-or-set, single-flight loading and leases.
-//! - [`invalidation`]: write events ([`Invalidates`](invalidation::Invalidates)), tags and tag
-//!   rules.
-//! - [`ratelimit`]: fixed window, sliding log, sliding window and GCRA limits per route and
-//!   layer, with outage rules and response headers.
-//! - [`error`]: the crate's [`Error`].
+//! Data flows down: capabilities use the store; the store uses the leaves.
+//!
+//! - Leaves, which import nothing of the crate above them:
+//!   - [`key`]: validated keys, scopes (prefix, tenant) and patterns.
+//!   - [`ttl`]: TTLs that cannot be zero or absurd, jitter and ranges.
+//!   - [`clock`]: the time source of breakers and throttles, with a fake clock for tests.
+//!   - [`error`]: the crate's [`Error`].
+//!   - [`config`]: configuration from the environment, secrets kept out of output.
+//! - [`store`]: the storage core. The [`CacheLayer`](store::CacheLayer) trait (bytes with
+//!   mandatory TTLs, leases, tag indexes), the memory and Redis backends, the resilience wrapper
+//!   [`Store`](store::Store) (timeouts, breaker, fallback, failure logs, counters), and
+//!   [`Operation`](store::Operation) / [`OutageRule`](store::OutageRule), through which a
+//!   capability runs its own atomic step. The store knows no capability.
+//! - Capabilities, each a folder owning its Redis scripts and memory twin:
+//!   - [`cache`]: the typed [`Cache`] with get-or-set, single-flight loading and leases.
+//!   - [`invalidation`]: write events ([`Invalidates`](invalidation::Invalidates)), tags and tag
+//!     rules.
+//!   - [`ratelimit`]: fixed window, sliding log, sliding window and GCRA limits per route and
+//!     layer, with outage rules and response headers.
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -517,6 +517,13 @@ impl Cache {
         Ok(report)
     }
 
+    /// Waits until every invalidation queued while the backend was unusable has been applied (a
+    /// background task applies them as soon as the backend answers), up to `timeout`. True when
+    /// none is left. For shutdown paths and tests; requests never need to wait for it.
+    pub async fn flush_invalidations(&self, timeout: Duration) -> bool {
+        self.inner.store.flush_invalidations(timeout).await
+    }
+
     /// Invalidates a tag directly: every entry carrying it becomes a miss.
     pub async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
         self.inner.store.invalidate_tag(tag).await
