@@ -22,6 +22,9 @@ pub(crate) struct Flight<T> {
     /// Set by the leader just before it reads the store: a value read then is current for the
     /// members that had joined, not necessarily for those that join afterwards.
     observing: AtomicBool,
+    /// Set by the leader just before its loader runs: a value loaded then is current for the
+    /// members that had joined, whether or not it could be stored.
+    loading: AtomicBool,
 }
 
 impl<T> Flight<T> {
@@ -30,6 +33,7 @@ impl<T> Flight<T> {
         Arc::new(Flight {
             cell: OnceCell::new(),
             observing: AtomicBool::new(false),
+            loading: AtomicBool::new(false),
         })
     }
 
@@ -41,6 +45,16 @@ impl<T> Flight<T> {
     /// True when the leader had not started reading the store yet.
     pub(crate) fn before_observation(&self) -> bool {
         !self.observing.load(Ordering::SeqCst)
+    }
+
+    /// The leader is about to run its loader.
+    pub(crate) fn start_loading(&self) {
+        self.loading.store(true, Ordering::SeqCst);
+    }
+
+    /// True when the leader had not started its loader yet.
+    pub(crate) fn before_loading(&self) -> bool {
+        !self.loading.load(Ordering::SeqCst)
     }
 }
 

@@ -393,7 +393,8 @@ impl Cache {
     }
 
     /// Removes `key`. True when an entry was removed; false when there was none, or when the
-    /// backend could not be reached (the entry then expires by its TTL).
+    /// backend could not be reached (the delete is then queued and applied as soon as it
+    /// answers, before any read reaches it; see [`invalidation`](crate::invalidation)).
     pub async fn delete(&self, key: &Key) -> bool {
         match self.inner.store.delete(key).await {
             Ok(removed) => removed,
@@ -485,8 +486,9 @@ impl Cache {
     /// it is applied before the backend serves any read again.
     ///
     /// Errors only when the event cannot build its keys ([`ErrorKind::InvalidKey`]) or the
-    /// backend refuses the data ([`ErrorKind::WrongType`] on a tag index another client
-    /// overwrote).
+    /// backend refuses the data of a target; another client's value where a tag index lives is
+    /// not such a refusal (it is removed and the tag reports nothing removed). Every target is
+    /// attempted even when one is refused.
     pub async fn invalidate<E: Invalidates>(&self, event: &E) -> Result<InvalidationReport> {
         let mut targets = Targets::new();
         event.targets(&self.inner.namespace, &mut targets)?;
@@ -604,6 +606,7 @@ impl Cache {
                 None => Flight::private(),
             };
             let joined_before_observation = flight.before_observation();
+            let joined_before_loading = flight.before_loading();
             let mut led = false;
             let outcome = flight
                 .cell
@@ -637,7 +640,11 @@ impl Cache {
                         || match fresh {
                             Fresh::Stored => true,
                             Fresh::Found => joined_before_observation,
-                            Fresh::Unknown => false,
+                            // Loaded without a lease (another process holds it, or the backend
+                            // is unusable): current for the members that joined before the
+                            // loader read the database, since any invalidation they could have
+                            // seen came before that read.
+                            Fresh::Unknown => joined_before_loading,
                         };
                     if usable {
                         let counter = match (led, fresh) {
@@ -744,12 +751,15 @@ impl Cache {
                 }
             }
         };
+        // When the index expires: the entry's TTL is cut so that it never outlives its tags.
+        let mut index_deadline = None;
         if let Some(source) = lease.as_ref().map(|hold| hold.source) {
             let tags = self.tags_of(key, tags);
             if !tags.is_empty() {
                 // The index must outlive the entry: its longest TTL plus the load.
                 let index_ttl = Ttl::new(longest_ttl.as_duration() + inner.lease_ttl.as_duration())
                     .unwrap_or(Ttl::MAX);
+                index_deadline = Some(tokio::time::Instant::now() + index_ttl.as_duration());
                 if let Err(e) = inner.store.tag_add_at(&tags, key, index_ttl, source).await {
                     tracing::debug!(key = %key, error = %e, "tags not recorded; the value will not be cached");
                     if let Some(hold) = lease.take() {
@@ -760,6 +770,7 @@ impl Cache {
         }
 
         inner.counters.loader_calls.fetch_add(1, Ordering::Relaxed);
+        flight.start_loading();
         let loaded = loader()
             .instrument(tracing::debug_span!("speedlayer.load", key = %key))
             .await;
@@ -779,16 +790,25 @@ impl Cache {
             // Nobody may join once the value is about to be stored: a caller arriving after the
             // store could have seen an invalidation that came after it.
             self.inner.flights.retire(key.as_str(), flight);
-            let ttl = ttl_for(&value);
+            let mut ttl = ttl_for(&value);
+            if let Some(deadline) = index_deadline {
+                match Ttl::new(deadline.saturating_duration_since(tokio::time::Instant::now())) {
+                    Ok(left) => ttl = ttl.min(left),
+                    // The index expired during the load: the entry could not be reached.
+                    Err(_) => ttl = Ttl::MIN,
+                }
+            }
             match self.encode(&value) {
                 Ok(bytes) => {
-                    // Stored or refused, the lease is spent either way.
-                    hold.held = false;
-                    match inner
+                    // Still held while the store runs: if this future is dropped meanwhile, the
+                    // lease is released (a no-op once the value is stored).
+                    let stored = inner
                         .store
                         .set_leased_at(key, token, bytes, ttl, hold.source)
-                        .await
-                    {
+                        .await;
+                    // Stored or refused, the lease is spent either way.
+                    hold.held = false;
+                    match stored {
                         Ok(true) => fresh = Fresh::Stored,
                         Ok(false) => {
                             inner

@@ -110,7 +110,10 @@ for i = 1, #KEYS do
     local tau = tick * (burst - 1)
     local tat = now
     local v = redis.pcall('GET', key)
-    if type(v) == 'string' then tat = math.max(tonumber(v) or now, now) end
+    if type(v) == 'string' then tat = tonumber(v) or now end
+    -- Not a number, in the past, or later than any admission can have left it ('inf', '1e300'):
+    -- another client's value, read as an empty state.
+    if not (tat >= now) or tat > now + tau + tick then tat = now end
     if tat - now > tau then
       retry, reset = math.max(tat - tau - now, 1), tat - now
     else
@@ -229,7 +232,9 @@ local now = t[1] * 1000000 + t[2]
 local tick, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
 local v = redis.pcall('GET', KEYS[1])
 local tat = type(v) == 'string' and tonumber(v) or now
-if tat < now then tat = now end
+-- Not a number, in the past, or later than any admission can have left it ('inf', '1e300'):
+-- another client's value, read as an empty state.
+if not (tat >= now) or tat > now + tau + tick then tat = now end
 if tat - now > tau then
   return {0, 0, tat - now, tat - tau - now}
 end

@@ -91,18 +91,21 @@ return 0
 ";
 
 // Adds a member to a tag index: a sorted set whose score is 1024 × the time (Redis server
-// milliseconds) until which the member can live, plus a registration count. Every registration
-// raises the score (the longest lifetime wins, and a registration that does not lengthen it
-// still adds 1), so that an invalidation that read the member before can tell it was registered
-// again and keeps it. Members past their time are pruned; the index lives as long as its
-// longest-lived member. Another client's value at the index key is replaced.
+// milliseconds) until which the member can live, plus the microseconds of the registration
+// within its millisecond (0-999). Every registration changes the score: a member still indexed
+// gets a higher one (the longest lifetime wins, and a registration that does not lengthen it
+// still adds 1), and a member registered anew after an invalidation dropped it gets the
+// microseconds of its own moment, so that an invalidation that read the member before can tell
+// it was registered again and keeps it. Members past their time are pruned; the index lives as
+// long as its longest-lived member. Another client's value at the index key is replaced.
 const TAG_ADD_SCRIPT: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local micros = tonumber(t[2])
+local now = tonumber(t[1]) * 1000 + math.floor(micros / 1000)
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%d', now * 1024))
-local score = (now + tonumber(ARGV[2])) * 1024
+local score = (now + tonumber(ARGV[2])) * 1024 + micros % 1000
 local old = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
 if old and old >= score then score = old + 1 end
 redis.call('ZADD', KEYS[1], string.format('%d', score), ARGV[1])
@@ -303,24 +306,25 @@ fn map_error(config: &RedisConfig, e: RedisError) -> Error {
     let text = config.scrub(&e.to_string());
     let code = e.code().unwrap_or_default().to_owned();
     let lower = text.to_ascii_lowercase();
-    let kind =
-        if code == "WRONGTYPE" || lower.contains("wrongtype") || lower.contains("not an integer") {
-            ErrorKind::WrongType
-        } else if lower.contains("overflow") {
-            ErrorKind::Overflow
-        } else if e.is_timeout() {
-            ErrorKind::Timeout
-        } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-            ErrorKind::Connection
-        } else if UNAVAILABLE_CODES.contains(&code.as_str())
-            || lower.contains("max number of clients")
-        {
-            ErrorKind::Backend
-        } else if code == "ERR" && (lower.contains("script") || lower.contains("lua")) {
-            ErrorKind::Script
-        } else {
-            ErrorKind::Backend
-        };
+    let kind = if code == "WRONGTYPE" || lower.contains("wrongtype") || lower.contains("not an integer")
+            // The reply had a shape the operation cannot read (another client's data).
+            || e.kind() == redis::ErrorKind::UnexpectedReturnType
+    {
+        ErrorKind::WrongType
+    } else if lower.contains("overflow") {
+        ErrorKind::Overflow
+    } else if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        ErrorKind::Connection
+    } else if UNAVAILABLE_CODES.contains(&code.as_str()) || lower.contains("max number of clients")
+    {
+        ErrorKind::Backend
+    } else if code == "ERR" && (lower.contains("script") || lower.contains("lua")) {
+        ErrorKind::Script
+    } else {
+        ErrorKind::Backend
+    };
     let message = match kind {
         ErrorKind::WrongType => {
             format!("the Redis value has a type this operation cannot use ({text})")
@@ -523,7 +527,7 @@ impl CacheLayer for RedisLayer {
             .arg(0)
             .arg(limit.max(1))
             .arg("WITHSCORES");
-        let found: Vec<(String, String)> = match self.query(&range).await {
+        let found: Vec<(Vec<u8>, String)> = match self.query(&range).await {
             Ok(found) => found,
             Err(e) if e.kind() == ErrorKind::WrongType => {
                 // Another client's value at the index key: nothing of ours can be found
@@ -540,20 +544,28 @@ impl CacheLayer for RedisLayer {
         };
         let mut chunk = TagChunk::default();
         let full = found.len() >= limit.max(1);
-        let mut foreign = Vec::new();
+        let mut foreign: Vec<&[u8]> = Vec::new();
         for (member, score) in &found {
-            match tag.member_key(member) {
+            // A member that is not text, or not a key of the tag's scope, was written by another
+            // client: it is dropped from the index, never deleted.
+            match std::str::from_utf8(member)
+                .ok()
+                .and_then(|m| tag.member_key(m))
+            {
                 Some(key) => chunk.members.push(TagMember {
                     key,
                     stamp: score.clone(),
                 }),
-                None => foreign.push(member.as_str()),
+                None => foreign.push(member.as_slice()),
             }
         }
         if !foreign.is_empty() {
             chunk.foreign = foreign.len() as u64;
             let mut zrem = redis::cmd("ZREM");
-            zrem.arg(tag.as_str()).arg(&foreign);
+            zrem.arg(tag.as_str());
+            for member in &foreign {
+                zrem.arg(*member);
+            }
             self.query::<u64>(&zrem).await?;
         }
         if full && let Some((_, score)) = found.last() {
@@ -584,16 +596,18 @@ impl CacheLayer for RedisLayer {
                 .arg(pattern.glob())
                 .arg("COUNT")
                 .arg(batch.max(1));
-            let (next, keys): (u64, Vec<String>) = self.query(&scan).await?;
-            let victims: Vec<&String> = keys
+            let (next, keys): (u64, Vec<Vec<u8>>) = self.query(&scan).await?;
+            // Keys that are not text are never ours.
+            let victims: Vec<&str> = keys
                 .iter()
+                .filter_map(|k| std::str::from_utf8(k).ok())
                 .filter(|k| pattern.matches_str(k))
                 .take((max_removed - removed).min(usize::MAX as u64) as usize)
                 .collect();
             if !victims.is_empty() {
                 let mut unlink = redis::cmd("UNLINK");
                 for key in &victims {
-                    unlink.arg(key.as_str());
+                    unlink.arg(*key);
                 }
                 removed += self.query::<u64>(&unlink).await?;
             }

@@ -233,11 +233,13 @@ struct Inner {
 /// A [`CacheLayer`] with the resilience rules applied; what capabilities talk to.
 ///
 /// While the backend is unusable, reads are answered by the fallback during an outage (or miss),
-/// writes go to the fallback during an outage (or are dropped): no call returns an availability
-/// error, except [`set_if_absent`](CacheLayer::set_if_absent),
-/// [`increment`](CacheLayer::increment) and [`remaining_ttl`](CacheLayer::remaining_ttl) when the
-/// fallback may not answer them, which return [`ErrorKind::Unavailable`]. Cloning is cheap and
-/// clones share everything.
+/// writes go to the fallback during an outage (or are dropped), deletes and invalidations are
+/// queued. Calls that cannot be answered that way return [`ErrorKind::Unavailable`]:
+/// [`set_if_absent`](CacheLayer::set_if_absent), [`increment`](CacheLayer::increment) and
+/// [`remaining_ttl`](CacheLayer::remaining_ttl) when the fallback may not answer them, and the
+/// byte-level [`tag_add`](CacheLayer::tag_add), [`tag_members`](CacheLayer::tag_members),
+/// [`tag_forget`](CacheLayer::tag_forget), [`ping`](CacheLayer::ping) and
+/// [`sweep`](CacheLayer::sweep). Cloning is cheap and clones share everything.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -545,7 +547,24 @@ impl Store {
                     }
                 }
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
-                Ok(Err(_)) => {}
+                // An error about the data cannot be mended by retrying: those keys leave the
+                // queue (counted), or the replay would spin on them.
+                Ok(Err(e)) => {
+                    let mut p = self.lock_pending();
+                    let mut dropped = 0;
+                    for (key, generation) in chunk {
+                        if p.keys.get(key) == Some(generation) {
+                            p.keys.remove(key);
+                            dropped += 1;
+                        }
+                    }
+                    drop(p);
+                    inner
+                        .counters
+                        .data_errors
+                        .fetch_add(dropped, Ordering::Relaxed);
+                    tracing::warn!(error = %e, dropped, "queued deletes refused by the backend");
+                }
                 Err(_) => return Replay::Unfinished,
             }
         }
@@ -562,7 +581,10 @@ impl Store {
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
                 // A data error cannot be applied by retrying; the index was repaired.
                 Ok(Err(_)) => {
-                    self.lock_pending().tags.remove(tag);
+                    let mut p = self.lock_pending();
+                    if p.tags.get(tag) == Some(generation) {
+                        p.tags.remove(tag);
+                    }
                 }
                 Err(_) => return Replay::Unfinished,
             }
@@ -583,19 +605,37 @@ impl Store {
 
     /// Deletes `keys` and invalidates `tags`, in the backend and the fallback. When the backend
     /// is unusable the work is queued for it ([`Invalidated::deferred`]), never dropped.
+    ///
+    /// An error about the data of one target (another client's value where a tag index lives)
+    /// does not stop the others: every target is attempted, and the first such error is
+    /// returned at the end.
     pub async fn invalidate(&self, keys: &[Key], tags: &[Tag]) -> Result<Invalidated> {
         let mut done = Invalidated::default();
+        let mut first_error = None;
         if !keys.is_empty() {
-            let (removed, deferred) = self.delete_keys(keys).await?;
-            done.keys_removed = removed;
-            done.deferred |= deferred;
+            match self.delete_keys(keys).await {
+                Ok((removed, deferred)) => {
+                    done.keys_removed = removed;
+                    done.deferred |= deferred;
+                }
+                Err(e) => first_error = Some(e),
+            }
         }
         for tag in tags {
-            let (removed, deferred) = self.invalidate_one_tag(tag).await?;
-            done.tag_entries_removed += removed;
-            done.deferred |= deferred;
+            match self.invalidate_one_tag(tag).await {
+                Ok((removed, deferred)) => {
+                    done.tag_entries_removed += removed;
+                    done.deferred |= deferred;
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(done)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 
     /// Deletes `keys` in the fallback and the backend; when the backend is unusable its part is
@@ -811,14 +851,25 @@ impl Store {
     /// exists that its tags cannot reach. During an outage both go to the fallback; after a
     /// failure while the breaker is still closed, nothing is written.
     pub async fn set_tagged(&self, key: &Key, value: Bytes, ttl: Ttl, tags: &[Tag]) -> Result<()> {
+        let mut ttl = ttl;
         if !tags.is_empty() {
+            // The index outlives the value: it is registered for the TTL plus the longest the
+            // write can take, and the value's TTL is cut to what is left of it.
+            let registered = tokio::time::Instant::now();
+            let index_ttl = Ttl::new(ttl.as_duration() + self.inner.op_timeout).unwrap_or(Ttl::MAX);
             match self
-                .attempt("tag add", self.inner.primary.tag_add(tags, key, ttl))
+                .attempt("tag add", self.inner.primary.tag_add(tags, key, index_ttl))
                 .await
             {
                 Outcome::Done(()) => {}
                 Outcome::Refused(e) => return Err(e),
                 Outcome::Unusable => return self.write_fallback(key, value, ttl, tags).await,
+            }
+            let left = index_ttl.as_duration().saturating_sub(registered.elapsed());
+            match Ttl::new(left) {
+                Ok(left) => ttl = ttl.min(left),
+                // The index has already expired: an entry written now could not be reached.
+                Err(_) => return Ok(()),
             }
         }
         match self

@@ -121,3 +121,56 @@ pub async fn callers_served_by_another_load_count_as_coalesced(backend: &Backend
     assert_eq!(stats.reads(), 26);
     assert!((stats.hit_rate() - 24.0 / 26.0).abs() < 1e-9, "{stats:?}");
 }
+
+/// When no lease can be taken (another process holds it), the callers of this process still
+/// share one load: those that joined before it read the database get its value, although it
+/// is not cached.
+pub async fn callers_share_a_load_that_cannot_be_cached(backend: &Backend) {
+    let config = backend.config();
+    let store = Store::connect(&config).await.unwrap();
+    let other = Cache::from_store(store.clone(), &config);
+    let ours = Cache::from_store(store, &config);
+    // Another app server is loading the key and holds its lease.
+    let (loading, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+    let held = {
+        let (other, loading, release) = (other.clone(), loading.clone(), release.clone());
+        tokio::spawn(async move {
+            other
+                .get_or_set(&key(1), MINUTE, || async {
+                    loading.wait().await;
+                    release.wait().await;
+                    Ok::<_, std::io::Error>(1u32)
+                })
+                .await
+                .unwrap()
+        })
+    };
+    loading.wait().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(Barrier::new(20));
+    let mut callers = Vec::new();
+    for _ in 0..20 {
+        let (ours, calls, start) = (ours.clone(), calls.clone(), start.clone());
+        callers.push(tokio::spawn(async move {
+            start.wait().await;
+            ours.get_or_set(&key(1), MINUTE, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, std::io::Error>(2u32)
+            })
+            .await
+            .unwrap()
+        }));
+    }
+    for caller in callers {
+        assert_eq!(caller.await.unwrap(), 2);
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one load for the 20 callers"
+    );
+    assert_eq!(ours.stats().leases_denied, 1);
+    release.wait().await;
+    assert_eq!(held.await.unwrap(), 1);
+}

@@ -53,6 +53,7 @@ cache_suite!(
     stats_describe_the_backend,
     cancelled_load_releases_its_lease,
     callers_served_by_another_load_count_as_coalesced,
+    callers_share_a_load_that_cannot_be_cached,
 );
 
 mod redis_only {

@@ -124,6 +124,39 @@ async fn a_tag_index_of_another_type_is_replaced_and_the_value_written() {
         .unwrap();
     assert_eq!(cache.invalidate_tag(&tag).await.unwrap(), 0);
     assert_eq!(raw.get::<_, String>("not:ours:1").await.unwrap(), "keep me");
+    // A member that is not even text, with a score no pruning ever reaches, beside a real one.
+    cache
+        .set_tagged(
+            &key(50),
+            &Row { id: 50 },
+            MINUTE,
+            std::slice::from_ref(&tag),
+        )
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(tag.as_str())
+        .arg("-inf")
+        .arg(&[0xffu8, 0xfe, 0x00][..])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(tag.as_str())
+        .arg("+inf")
+        .arg(&b"test:item:\xff"[..])
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        cache.invalidate_tag(&tag).await.unwrap();
+    }
+    assert_eq!(
+        cache.get::<Row>(&key(50)).await,
+        None,
+        "the real member was reached"
+    );
+    assert_eq!(cache.stats().pending_invalidations, 0);
     assert_healthy(&cache).await;
 }
 
@@ -217,6 +250,17 @@ async fn rate_limit_keys_of_another_type_are_repaired() {
                 v.allowed && v.served_by == ServedBy::Backend,
                 "{limit:?}: {v:?}"
             );
+            // Numbers no admission can have left: infinite, not a number, far in the future.
+            for odd in ["inf", "-inf", "nan", "1e300", "0x7fffffffffffffff"] {
+                let _: () = raw.set(k.as_str(), odd).await.unwrap();
+                let v = limiter.check(&route, &who).await;
+                assert!(
+                    v.allowed && v.served_by == ServedBy::Backend,
+                    "{limit:?} with {odd}: {v:?}"
+                );
+                let stored: String = raw.get(k.as_str()).await.unwrap_or_default();
+                assert_ne!(stored, odd, "{limit:?}: the value was repaired");
+            }
             let ttl: i64 = raw.pttl(k.as_str()).await.unwrap();
             assert!(ttl > 0, "{limit:?}: the repaired key has a TTL");
         }
