@@ -661,8 +661,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     );
     put(
         "counter",
+        "speedlayer_cache_coalesced_total",
+        "Reads that found nothing and shared another caller's load in this process.",
+        s.coalesced,
+    );
+    put(
+        "counter",
         "speedlayer_cache_misses_total",
-        "Reads that found nothing usable.",
+        "Reads that found nothing usable and ran their own load.",
         s.misses,
     );
     put(

@@ -90,6 +90,7 @@ pub struct Detail {
     pub role_checks: u64,
     pub role_loads: u64,
     pub cache_hits: u64,
+    pub cache_coalesced: u64,
     pub cache_misses: u64,
     pub stale_sets_refused: u64,
     pub cache_errors: u64,
@@ -144,8 +145,8 @@ impl Report {
             self.db_queries
         );
         println!(
-            "cache           {} hits, {} misses; {} loads refused a stale store after a write",
-            d.cache_hits, d.cache_misses, d.stale_sets_refused
+            "cache           {} hits, {} coalesced, {} misses; {} loads refused a stale store after a write",
+            d.cache_hits, d.cache_coalesced, d.cache_misses, d.stale_sets_refused
         );
         println!(
             "cache backend   {} errors ({} timeouts); {} loads not cached behind another's lease",
@@ -619,6 +620,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             role_checks: delta("school_erp_role_checks_total"),
             role_loads: delta("school_erp_role_loads_total"),
             cache_hits: delta("speedlayer_cache_hits_total"),
+            cache_coalesced: delta("speedlayer_cache_coalesced_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),
             stale_sets_refused: delta("speedlayer_cache_stale_sets_refused_total"),
             cache_errors: delta("speedlayer_cache_errors_total"),

@@ -370,6 +370,7 @@ async fn api_refuses_what_it_must() {
     assert_eq!(status, 200);
     for name in [
         "speedlayer_cache_hits_total",
+        "speedlayer_cache_coalesced_total",
         "school_erp_db_queries_total",
         "school_erp_rate_limited_total 3",
         "school_erp_server_errors_total 0",
