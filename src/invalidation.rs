@@ -242,7 +242,9 @@ pub struct InvalidationReport {
     /// Entries removed through tags.
     pub tag_entries_removed: u64,
     /// The backend was unusable: the invalidation was applied to the fallback and queued for the
-    /// backend, which applies it before it serves again.
+    /// backend. A background task applies it as soon as the backend answers, before any read
+    /// reaches it ([`Cache::flush_invalidations`](crate::Cache::flush_invalidations) waits for
+    /// it).
     pub deferred: bool,
 }
 
@@ -250,5 +252,11 @@ impl InvalidationReport {
     /// All entries removed.
     pub fn removed(&self) -> u64 {
         self.keys_removed + self.tag_entries_removed
+    }
+
+    /// True when the backend applied the invalidation before this call returned; false when it
+    /// was queued for the backend ([`InvalidationReport::deferred`]).
+    pub fn applied(&self) -> bool {
+        !self.deferred
     }
 }

@@ -548,3 +548,89 @@ async fn deferred_invalidations_are_applied_as_soon_as_redis_answers() {
     eprintln!("deferred invalidation applied {applied:?} after Redis answered again");
     assert!(applied < Duration::from_secs(5), "{applied:?}");
 }
+
+/// A capability written outside the store (here, in this test) runs its own script and memory
+/// twin through `Store::run`, and chooses per call what an outage means: during the same outage
+/// the cache keeps falling back while a fail-closed operation is never answered from memory.
+mod outage_rules {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use speedlayer::store::redis::RedisLayer;
+    use speedlayer::store::{Answered, MemoryLayer, Operation, OutageRule};
+
+    use super::*;
+
+    /// Counts calls per key: on Redis with `INCR`, in memory in a twin table.
+    struct Bump(&'static str);
+
+    #[async_trait]
+    impl Operation for Bump {
+        type Output = i64;
+
+        fn name(&self) -> &'static str {
+            "bump"
+        }
+
+        async fn on_redis(&self, redis: &RedisLayer) -> speedlayer::Result<i64> {
+            let script = redis::Script::new("return redis.call('INCR', KEYS[1])");
+            let mut invocation = script.prepare_invoke();
+            invocation.key(self.0);
+            redis.invoke(&invocation).await
+        }
+
+        async fn on_memory(&self, memory: &MemoryLayer) -> speedlayer::Result<i64> {
+            let twin = memory.twin(|_| Mutex::new(HashMap::<&'static str, i64>::new()));
+            let mut table = twin.lock().unwrap();
+            let n = table.entry(self.0).or_default();
+            *n += 1;
+            Ok(*n)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_call_chooses_what_an_outage_means() {
+        let _serial = SERIAL.lock().await;
+        let mut server = RedisServer::start();
+        let cache = Cache::new(config_at(server.port()).failure_threshold(1))
+            .await
+            .unwrap();
+        let store = cache.store();
+        let bump = Bump("test:bump:1");
+        assert_eq!(
+            store.run(&bump, OutageRule::FailClosed).await.unwrap(),
+            Answered::Backend(1)
+        );
+        server.freeze();
+        // The first failure opens the breaker.
+        assert_eq!(
+            store.run(&bump, OutageRule::FailClosed).await.unwrap(),
+            Answered::Closed
+        );
+        assert_eq!(cache.stats().breaker, BreakerState::Open);
+        cache.set(&key(1), &1, MINUTE).await.unwrap();
+        assert_eq!(
+            cache.get::<i32>(&key(1)).await,
+            Some(1),
+            "the cache falls back"
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                store.run(&bump, OutageRule::FailClosed).await.unwrap(),
+                Answered::Closed,
+                "a fail-closed operation is never answered from memory"
+            );
+            assert_eq!(
+                store.run(&bump, OutageRule::FailOpen).await.unwrap(),
+                Answered::Open
+            );
+        }
+        assert_eq!(
+            store.run(&bump, OutageRule::Fallback).await.unwrap(),
+            Answered::Fallback(1),
+            "the twin answers on the fallback"
+        );
+        server.thaw();
+    }
+}
