@@ -146,24 +146,20 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         });
         started.elapsed()
     };
-    if crate::any_selected(&["ratelimit/redis/gcra", "ratelimit/redis/raw_evalsha_gcra"]) {
-        let ratio = crate::report::paired(21, redis_gcra, redis_raw_gcra);
-        crate::report::remember_paired(
-            "ratelimit redis/gcra vs redis/raw_evalsha_gcra",
-            "time",
-            "<= 1.10",
-            ratio,
-        );
-    }
-    if crate::any_selected(&["ratelimit/redis/gcra", "ratelimit/redis/raw_evalsha_noop"]) {
-        let ratio = crate::report::paired(21, redis_gcra, redis_noop);
-        crate::report::remember_paired(
-            "ratelimit redis/gcra vs redis/raw_evalsha_noop",
-            "time",
-            "reported",
-            ratio,
-        );
-    }
+    crate::report::paired_if_selected(
+        ("ratelimit/redis/gcra", "ratelimit/redis/raw_evalsha_gcra"),
+        "time",
+        "<= 1.10",
+        redis_gcra,
+        redis_raw_gcra,
+    );
+    crate::report::paired_if_selected(
+        ("ratelimit/redis/gcra", "ratelimit/redis/raw_evalsha_noop"),
+        "time",
+        "reported",
+        redis_gcra,
+        redis_noop,
+    );
     let memory_gcra = || {
         let started = Instant::now();
         rt.block_on(async {
@@ -184,13 +180,11 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         }
         started.elapsed()
     };
-    if crate::any_selected(&["ratelimit/memory/gcra", "ratelimit/memory/governor_keyed"]) {
-        let ratio = crate::report::paired(21, memory_gcra, memory_governor);
-        crate::report::remember_paired(
-            "ratelimit memory/gcra vs memory/governor_keyed",
-            "time",
-            "<= 3",
-            ratio,
-        );
-    }
+    crate::report::paired_if_selected(
+        ("ratelimit/memory/gcra", "ratelimit/memory/governor_keyed"),
+        "time",
+        "<= 3",
+        memory_gcra,
+        memory_governor,
+    );
 }

@@ -171,3 +171,22 @@ pub fn remember_paired(name: &str, kind: &str, target: &str, (median, q1, q3): (
     println!("{line}");
     remember(line);
 }
+
+/// [`paired`] and [`remember_paired`] for the pair `ours` and `raw` (bench ids), when the filter
+/// selects either.
+pub fn paired_if_selected<O, R>(
+    (ours_id, raw_id): (&str, &str),
+    kind: &str,
+    target: &str,
+    ours: O,
+    raw: R,
+) where
+    O: FnMut() -> std::time::Duration,
+    R: FnMut() -> std::time::Duration,
+{
+    if !crate::any_selected(&[ours_id, raw_id]) {
+        return;
+    }
+    let ratio = paired(21, ours, raw);
+    remember_paired(&format!("{ours_id} vs {raw_id}"), kind, target, ratio);
+}

@@ -123,34 +123,23 @@ impl Breaker {
     }
 
     pub(crate) fn admit(&self) -> Admit {
-        let word = self.word.load(Ordering::Acquire);
-        match state_of(word) {
-            CLOSED => Admit::Call,
-            OPEN if self.now_ms() >= word >> STATE_BITS => {
-                let probe = self.probes.fetch_add(1, Ordering::Relaxed) & (u64::MAX >> STATE_BITS);
-                let half_open = (probe << STATE_BITS) | HALF_OPEN;
-                match self.word.compare_exchange(
-                    word,
-                    half_open,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => Admit::Probe(half_open),
-                    Err(_) => Admit::Skip,
-                }
-            }
-            _ => Admit::Skip,
-        }
+        self.admit_with(false)
     }
 
     /// A probe now, without waiting for the cool-down, for work that already found the backend
     /// answering (the background replay of queued invalidations). A closed breaker answers
     /// `Call`; a probing one `Skip`.
     pub(crate) fn probe_now(&self) -> Admit {
+        self.admit_with(true)
+    }
+
+    /// Closed: call. Open past its cool-down (or at once, with `now`): this call becomes the one
+    /// probe, if it wins the compare-and-swap. Otherwise: skip.
+    fn admit_with(&self, now: bool) -> Admit {
         let word = self.word.load(Ordering::Acquire);
         match state_of(word) {
             CLOSED => Admit::Call,
-            OPEN => {
+            OPEN if now || self.now_ms() >= word >> STATE_BITS => {
                 let probe = self.probes.fetch_add(1, Ordering::Relaxed) & (u64::MAX >> STATE_BITS);
                 let half_open = (probe << STATE_BITS) | HALF_OPEN;
                 match self.word.compare_exchange(
