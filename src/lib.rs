@@ -74,6 +74,7 @@
 //!     rules.
 //!   - [`ratelimit`]: fixed window, sliding log, sliding window and GCRA limits per route and
 //!     layer, with outage rules and response headers.
+//!   - [`lock`]: locks with fencing tokens, failing closed.
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -86,6 +87,7 @@ pub mod config;
 pub mod error;
 pub mod invalidation;
 pub mod key;
+pub mod lock;
 pub mod ratelimit;
 pub mod store;
 pub mod ttl;

@@ -104,3 +104,124 @@ async fn a_deferred_invalidation_reaches_the_other_processes_without_traffic() {
     assert_eq!(pending, 0);
     assert!(gone < Duration::from_secs(5), "{gone:?}");
 }
+
+/// 2 OS processes × 25 tasks contend for one lock, 4 times each: at any instant at most one
+/// holder (checked by a shared record on the same Redis, `INCR` on entering must answer 1), and
+/// the tokens, in the order the holders entered, strictly increase.
+#[test]
+fn two_processes_contending_for_a_lock_never_overlap() {
+    let server = RedisServer::start();
+    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
+    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    let started = Instant::now();
+    let (na, nb) = (
+        a.send("lock-contend 1 25 4 2000"),
+        b.send("lock-contend 1 25 4 2000"),
+    );
+    let (ra, rb) = (a.wait(na), b.wait(nb));
+    eprintln!(
+        "lock contention: a {ra:?}, b {rb:?} in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        number_after(&ra, "acquired") + number_after(&rb, "acquired"),
+        200
+    );
+    assert_eq!(
+        number_after(&ra, "overlaps") + number_after(&rb, "overlaps"),
+        0
+    );
+    let mut raw = server.client().get_connection().unwrap();
+    let tokens: Vec<u64> = redis::cmd("LRANGE")
+        .arg("fleet:tokens:1")
+        .arg(0)
+        .arg(-1)
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(tokens.len(), 200);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens in the order of entry strictly increase"
+    );
+}
+
+/// A holder frozen past its lease (SIGSTOP of its process) loses the lock to another process;
+/// when it wakes up its late write is refused by the database's token check, and it can
+/// neither release nor extend the new holder's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_holder_loses_the_lock_and_its_late_write_is_refused() {
+    use sqlx::Connection;
+    let server = RedisServer::start();
+    let url = server.url();
+    let mut db = sqlx::SqliteConnection::connect("sqlite::memory:")
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE slots (id INTEGER PRIMARY KEY, holder TEXT, fence INTEGER NOT NULL)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO slots VALUES (1, NULL, 0)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // The protected write: only a token above every one seen before is accepted.
+    async fn write(db: &mut sqlx::SqliteConnection, holder: &str, token: u64) -> u64 {
+        sqlx::query("UPDATE slots SET holder = ?, fence = ? WHERE id = 1 AND fence < ?")
+            .bind(holder)
+            .bind(token as i64)
+            .bind(token as i64)
+            .execute(db)
+            .await
+            .unwrap()
+            .rows_affected()
+    }
+    let (mut a, mut b) = tokio::task::spawn_blocking(move || {
+        (
+            Node::spawn("a", &url, NodeSettings::default()),
+            Node::spawn("b", &url, NodeSettings::default()),
+        )
+    })
+    .await
+    .unwrap();
+    let reply = a.request("lock-hold 2 300");
+    let token_a = number_after(&reply, "token");
+    // A freezes while it holds the lock, for longer than its lease.
+    let pid = a.pid().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let reply = b.request("lock-hold 2 10000");
+    let token_b = number_after(&reply, "token");
+    assert!(token_b > token_a);
+    assert_eq!(
+        write(&mut db, "b", token_b).await,
+        1,
+        "the new holder's write lands"
+    );
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // A wakes up and writes with the token it holds: refused.
+    assert_eq!(
+        write(&mut db, "a", token_a).await,
+        0,
+        "the late write is refused"
+    );
+    assert_eq!(a.request("lock-release 2"), "released false");
+    let (holder, fence): (String, i64) =
+        sqlx::query_as("SELECT holder, fence FROM slots WHERE id = 1")
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+    assert_eq!((holder.as_str(), fence as u64), ("b", token_b));
+    assert_eq!(b.request("lock-release 2"), "released true");
+}

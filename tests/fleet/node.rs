@@ -16,6 +16,13 @@
 //! - `invalidate <id>` → `deferred <true|false>`
 //! - `flush <ms>` → `flushed <true|false>`
 //! - `stats` → `loader_calls <n> stale_sets_refused <n> errors <n> pending <n>`
+//! - `lock-hold <id> <lease ms>`: takes the lock `lock:fleet:<id>` and keeps the guard (no
+//!   watchdog) → `token <n>` or `contended` / `unavailable`
+//! - `lock-release <id>`: releases the guard kept by `lock-hold` → `released <true|false>`
+//! - `lock-contend <id> <tasks> <rounds> <lease ms>`: `tasks` tasks each take the lock `rounds`
+//!   times (waiting up to 10 s each), and while holding it check a shared record on the same
+//!   Redis (`INCR` of `fleet:occupancy:<id>` must answer 1) and append their token to
+//!   `fleet:tokens:<id>` → `acquired <n> overlaps <n>`
 //!
 //! Run: `speedlayer-fleet-node <redis url> [op timeout ms] [cool-down ms] [lease wait ms]`.
 
@@ -26,6 +33,7 @@ use std::time::Duration;
 
 use speedlayer::config::RedisConfig;
 use speedlayer::key::{Ident, KeySpace, Namespace};
+use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, Config};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -33,6 +41,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
 
 const MINUTE: Ttl = Ttl::seconds(60);
+const FLEET: Ident = Ident::from_static("fleet");
 
 struct Held {
     release: Arc<Notify>,
@@ -43,6 +52,9 @@ struct Node {
     cache: Cache,
     items: KeySpace,
     held: Mutex<HashMap<u64, Held>>,
+    locks: Locks,
+    guards: Mutex<HashMap<u64, LockGuard>>,
+    raw: redis::aio::ConnectionManager,
 }
 
 fn arg(args: &[&str], i: usize) -> Result<u64, String> {
@@ -171,6 +183,92 @@ impl Node {
                     .await;
                 Ok(format!("flushed {applied}"))
             }
+            "lock-hold" => {
+                let (id, lease) = (arg(args, 0)?, arg(args, 1)?);
+                let name = self.locks.name(&FLEET, id).map_err(|e| e.to_string())?;
+                let lease = Ttl::from_millis(lease).map_err(|e| e.to_string())?;
+                Ok(match self.locks.acquire(&name, lease).await {
+                    Acquire::Acquired(guard) => {
+                        let token = guard.token();
+                        self.guards.lock().await.insert(id, guard);
+                        format!("token {token}")
+                    }
+                    Acquire::Contended { .. } => "contended".to_owned(),
+                    Acquire::Unavailable => "unavailable".to_owned(),
+                })
+            }
+            "lock-release" => {
+                let guard = self
+                    .guards
+                    .lock()
+                    .await
+                    .remove(&arg(args, 0)?)
+                    .ok_or("no lock held under that id")?;
+                let released = guard.release().await.map_err(|e| e.to_string())?;
+                Ok(format!("released {released}"))
+            }
+            "lock-contend" => {
+                let (id, tasks, rounds, lease) =
+                    (arg(args, 0)?, arg(args, 1)?, arg(args, 2)?, arg(args, 3)?);
+                let name = self.locks.name(&FLEET, id).map_err(|e| e.to_string())?;
+                let lease = Ttl::from_millis(lease).map_err(|e| e.to_string())?;
+                let occupancy = format!("fleet:occupancy:{id}");
+                let tokens = format!("fleet:tokens:{id}");
+                let acquired = Arc::new(AtomicUsize::new(0));
+                let overlaps = Arc::new(AtomicUsize::new(0));
+                let mut workers = Vec::new();
+                for _ in 0..tasks {
+                    let (node, name, occupancy, tokens) = (
+                        self.clone(),
+                        name.clone(),
+                        occupancy.clone(),
+                        tokens.clone(),
+                    );
+                    let (acquired, overlaps) = (acquired.clone(), overlaps.clone());
+                    workers.push(tokio::spawn(async move {
+                        let mut raw = node.raw.clone();
+                        for _ in 0..rounds {
+                            let wait = Duration::from_secs(10);
+                            let Some(guard) =
+                                node.locks.acquire_timeout(&name, lease, wait).await.guard()
+                            else {
+                                return Err("the lock was not acquired within 10 s".to_owned());
+                            };
+                            let inside: i64 = redis::cmd("INCR")
+                                .arg(&occupancy)
+                                .query_async(&mut raw)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            if inside != 1 {
+                                overlaps.fetch_add(1, Ordering::SeqCst);
+                            }
+                            let _: i64 = redis::cmd("RPUSH")
+                                .arg(&tokens)
+                                .arg(guard.token().get())
+                                .query_async(&mut raw)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            let _: i64 = redis::cmd("DECR")
+                                .arg(&occupancy)
+                                .query_async(&mut raw)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            acquired.fetch_add(1, Ordering::SeqCst);
+                            guard.release().await.map_err(|e| e.to_string())?;
+                        }
+                        Ok(())
+                    }));
+                }
+                for w in workers {
+                    w.await.map_err(|e| e.to_string())??;
+                }
+                Ok(format!(
+                    "acquired {} overlaps {}",
+                    acquired.load(Ordering::SeqCst),
+                    overlaps.load(Ordering::SeqCst)
+                ))
+            }
             "stats" => {
                 let s = self.cache.stats();
                 Ok(format!(
@@ -200,7 +298,15 @@ async fn main() {
         .cool_down(millis(3, 1_000))
         .lease_wait(millis(4, 50));
     let cache = Cache::new(config).await.expect("valid configuration");
+    let raw = redis::aio::ConnectionManager::new(
+        redis::Client::open(url.as_str()).expect("a valid Redis URL"),
+    )
+    .await
+    .expect("a raw connection for the shared record");
     let node = Arc::new(Node {
+        locks: Locks::new(&cache),
+        guards: Mutex::new(HashMap::new()),
+        raw,
         items: Namespace::root()
             .global()
             .keyspace(&Ident::from_static("fleet"), &Ident::from_static("item")),
