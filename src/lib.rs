@@ -75,6 +75,7 @@
 //!   - [`ratelimit`]: fixed window, sliding log, sliding window and GCRA limits per route and
 //!     layer, with outage rules and response headers.
 //!   - [`lock`]: locks with fencing tokens, failing closed.
+//!   - [`counter`]: live counters that recount from the database and never drift for long.
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -84,6 +85,7 @@
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod counter;
 pub mod error;
 pub mod invalidation;
 pub mod key;

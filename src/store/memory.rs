@@ -38,6 +38,35 @@ const MIN_PRUNE: usize = 32;
 /// Smallest total size at which the whole index is pruned.
 const MIN_FULL_PRUNE: usize = 1024;
 
+/// A live entry, as [`MemoryLayer::compute`] shows it.
+#[derive(Debug, Clone)]
+pub struct MemoryEntry {
+    /// The bytes (empty while a lease is held).
+    pub value: Bytes,
+    /// The lease token while a load or recount holds the key; 0 otherwise.
+    pub lease: u64,
+    /// How long the entry still lives.
+    pub ttl_left: Duration,
+}
+
+/// What [`MemoryLayer::compute`] does with the entry.
+#[derive(Debug, Clone)]
+pub enum MemoryUpdate {
+    /// Leave it as it is.
+    Keep,
+    /// Remove it.
+    Remove,
+    /// Store this (a `lease` of 0 for a value).
+    Put {
+        /// The bytes.
+        value: Bytes,
+        /// The lease token, or 0.
+        lease: u64,
+        /// For how long.
+        ttl: Ttl,
+    },
+}
+
 #[derive(Clone)]
 struct Stored {
     value: Bytes,
@@ -186,6 +215,46 @@ impl MemoryLayer {
         let twin = Arc::new(init(self));
         twins.insert(TypeId::of::<T>(), twin.clone());
         twin
+    }
+
+    /// Reads and changes the entry of `key` in one atomic step (moka's per-key compute), for
+    /// capabilities whose memory twin keeps its state in entries, as their Redis scripts keep it
+    /// in keys: deletes, invalidations and [`clear`](MemoryLayer::clear) then reach it the same
+    /// way on both backends. `decide` sees the live entry, if any, and says what to do with it;
+    /// its second result is returned.
+    pub async fn compute<R>(
+        &self,
+        key: &Key,
+        decide: impl FnOnce(Option<MemoryEntry>) -> (MemoryUpdate, R),
+    ) -> Result<R> {
+        let mut answer = None;
+        self.cache
+            .entry(key.as_str().to_owned())
+            .and_compute_with(|current| {
+                let now = Instant::now();
+                let live = current
+                    .map(|entry| entry.into_value())
+                    .filter(|stored| stored.live(now))
+                    .map(|stored| MemoryEntry {
+                        value: stored.value,
+                        lease: stored.lease,
+                        ttl_left: stored.expires_at - now,
+                    });
+                let (update, result) = decide(live);
+                answer = Some(result);
+                let op = match update {
+                    MemoryUpdate::Keep => Op::Nop,
+                    MemoryUpdate::Remove => Op::Remove,
+                    MemoryUpdate::Put { value, lease, ttl } => Op::Put(Stored {
+                        value,
+                        expires_at: now + ttl.as_duration(),
+                        lease,
+                    }),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        answer.ok_or_else(|| Error::new(ErrorKind::Backend, "the memory entry was not computed"))
     }
 
     fn lock_twins(&self) -> std::sync::MutexGuard<'_, HashMap<TypeId, Arc<dyn Any + Send + Sync>>> {

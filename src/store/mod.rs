@@ -33,7 +33,7 @@ pub mod redis;
 mod resilient;
 
 pub use breaker::BreakerState;
-pub use memory::MemoryLayer;
+pub use memory::{MemoryEntry, MemoryLayer, MemoryUpdate};
 pub use operation::{Answered, Backend, Operation, OutageRule};
 pub use resilient::{Invalidated, Source, Store, StoreStats};
 

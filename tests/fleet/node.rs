@@ -23,6 +23,11 @@
 //!   times (waiting up to 10 s each), and while holding it check a shared record on the same
 //!   Redis (`INCR` of `fleet:occupancy:<id>` must answer 1) and append their token to
 //!   `fleet:tokens:<id>` → `acquired <n> overlaps <n>`
+//! - `count-run <id> <n> <database url>`: `n` times, inserts a row in the database (a second
+//!   Redis standing for it: `INCR rows:<id>`) and then increments the counter
+//!   `fleet:count:<id>`; every 7th time reads the counter (recounting from the database when it
+//!   is missing) and every 50th reconciles it → `done <n> updated <n> absent <n> unavailable <n>`
+//! - `count-get <id> <database url>` → `count <n>`
 //!
 //! Run: `speedlayer-fleet-node <redis url> [op timeout ms] [cool-down ms] [lease wait ms]`.
 
@@ -32,6 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use speedlayer::config::RedisConfig;
+use speedlayer::counter::{Counted, Counters};
 use speedlayer::key::{Ident, KeySpace, Namespace};
 use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::ttl::Ttl;
@@ -42,14 +48,35 @@ use tokio::task::JoinHandle;
 
 const MINUTE: Ttl = Ttl::seconds(60);
 const FLEET: Ident = Ident::from_static("fleet");
+const DAY: Ttl = Ttl::hours(24);
 
 struct Held {
     release: Arc<Notify>,
     task: JoinHandle<u64>,
 }
 
+/// The stand-in database of the counter commands: a second Redis, shared by every node.
+async fn database(url: &str) -> Result<redis::aio::ConnectionManager, String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    redis::aio::ConnectionManager::new(client)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// `SELECT COUNT(*)` of the stand-in database.
+async fn count_rows(db: &redis::aio::ConnectionManager, rows: &str) -> Result<i64, String> {
+    let n: Option<i64> = redis::cmd("GET")
+        .arg(rows)
+        .query_async(&mut db.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(n.unwrap_or(0))
+}
+
 struct Node {
     cache: Cache,
+    counters: Counters,
+    counts: KeySpace,
     items: KeySpace,
     held: Mutex<HashMap<u64, Held>>,
     locks: Locks,
@@ -269,6 +296,49 @@ impl Node {
                     overlaps.load(Ordering::SeqCst)
                 ))
             }
+            "count-run" => {
+                let (id, n) = (arg(args, 0)?, arg(args, 1)?);
+                let db = database(args.get(2).ok_or("missing the database url")?).await?;
+                let key = self.counts.key(id).map_err(|e| e.to_string())?;
+                let rows = format!("rows:{id}");
+                let (mut updated, mut absent, mut unavailable) = (0, 0, 0);
+                for i in 0..n {
+                    let _: i64 = redis::cmd("INCR")
+                        .arg(&rows)
+                        .query_async(&mut db.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match self.counters.increment(&key, DAY).await {
+                        Counted::Updated(_) => updated += 1,
+                        Counted::Absent => absent += 1,
+                        Counted::Unavailable => unavailable += 1,
+                    }
+                    if i % 7 == 0 {
+                        self.counters
+                            .get(&key, DAY, || count_rows(&db, &rows))
+                            .await?;
+                    }
+                    if i % 50 == 0 {
+                        self.counters
+                            .reconcile(&key, DAY, || count_rows(&db, &rows))
+                            .await?;
+                    }
+                }
+                Ok(format!(
+                    "done {n} updated {updated} absent {absent} unavailable {unavailable}"
+                ))
+            }
+            "count-get" => {
+                let id = arg(args, 0)?;
+                let db = database(args.get(1).ok_or("missing the database url")?).await?;
+                let key = self.counts.key(id).map_err(|e| e.to_string())?;
+                let rows = format!("rows:{id}");
+                let n = self
+                    .counters
+                    .get(&key, DAY, || count_rows(&db, &rows))
+                    .await?;
+                Ok(format!("count {n}"))
+            }
             "stats" => {
                 let s = self.cache.stats();
                 Ok(format!(
@@ -304,6 +374,10 @@ async fn main() {
     .await
     .expect("a raw connection for the shared record");
     let node = Arc::new(Node {
+        counters: Counters::new(&cache),
+        counts: Namespace::root()
+            .global()
+            .keyspace(&FLEET, &Ident::from_static("count")),
         locks: Locks::new(&cache),
         guards: Mutex::new(HashMap::new()),
         raw,
