@@ -50,7 +50,7 @@
 //! - `bb8`: a pooled transport (bb8) as an alternative to the multiplexed connection.
 //! - `tls`: `rediss://` URLs, with rustls, trusting the system certificate store (and
 //!   `SSL_CERT_FILE` / `SSL_CERT_DIR`).
-//! - `axum`: [`ratelimit::layer`], a tower layer for axum.
+//! - `axum`: [`ratelimit::layer`] and [`idempotency::layer`], tower layers for axum.
 //! - `fleet-node`: a test helper only (the `speedlayer-fleet-node` process of the fleet tests).
 //!
 //! # Layout
@@ -76,17 +76,19 @@
 //!     layer, with outage rules and response headers.
 //!   - [`lock`]: locks with fencing tokens, failing closed.
 //!   - [`counter`]: live counters that recount from the database and never drift for long.
+//!   - [`idempotency`]: idempotency keys for retried requests, with a tower layer for axum.
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // Scripts, URL parsing and secret scrubbing serve the Redis backend only.
-#![cfg_attr(not(feature = "redis"), allow(dead_code))]
+#![cfg_attr(not(feature = "redis"), allow(dead_code, unused_imports))]
 
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod counter;
 pub mod error;
+pub mod idempotency;
 pub mod invalidation;
 pub mod key;
 pub mod lock;

@@ -88,7 +88,7 @@ pub enum LayerError {
 }
 
 /// Parses a rule's method: the standard methods in any case, or `*`.
-fn parse_method(method: &str) -> Result<Option<Method>, LayerError> {
+pub(crate) fn parse_method(method: &str) -> Result<Option<Method>, LayerError> {
     let trimmed = method.trim();
     if trimmed == "*" {
         return Ok(None);
