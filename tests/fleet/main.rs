@@ -281,3 +281,37 @@ fn a_counter_is_right_after_one_read_when_redis_restarted_mid_run() {
     assert_eq!(a.request(&format!("count-get 2 {db}")), "count 3000");
     assert_eq!(b.request(&format!("count-get 2 {db}")), "count 3000");
 }
+
+/// 50 concurrent duplicates of one payment POST over 2 OS processes (25 each): the payment is
+/// recorded once; every other duplicate gets the replay or 409. The same key with another body
+/// gets 422 (mismatch) in both processes.
+#[test]
+fn duplicate_payments_over_two_processes_run_once() {
+    let server = RedisServer::start();
+    let database = RedisServer::start();
+    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
+    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    let db = database.url();
+    let body = r#"{"student":7,"amount_cents":12500}"#;
+    let request = format!("idem-burst pay-7f3a 25 {body} {db}");
+    let (na, nb) = (a.send(&request), b.send(&request));
+    let (ra, rb) = (a.wait(na), b.wait(nb));
+    eprintln!("duplicate payments: a {ra:?}, b {rb:?}");
+    assert_eq!(number_after(&ra, "ran") + number_after(&rb, "ran"), 1);
+    let answered: u64 = ["ran", "replayed", "conflicts"]
+        .iter()
+        .map(|w| number_after(&ra, w) + number_after(&rb, w))
+        .sum();
+    assert_eq!(answered, 50);
+    let recorded: i64 = redis::cmd("GET")
+        .arg("payments:pay-7f3a")
+        .query(&mut database.client().get_connection().unwrap())
+        .unwrap();
+    assert_eq!(recorded, 1, "one payment recorded");
+    // After completion, retries from either process are replays; another body is a mismatch.
+    let retry = format!("idem-burst pay-7f3a 5 {body} {db}");
+    assert_eq!(number_after(&a.request(&retry), "replayed"), 5);
+    assert_eq!(number_after(&b.request(&retry), "replayed"), 5);
+    let other = format!("idem-burst pay-7f3a 3 {{\"student\":7,\"amount_cents\":1}} {db}");
+    assert_eq!(number_after(&a.request(&other), "mismatches"), 3);
+}

@@ -28,6 +28,9 @@
 //!   `fleet:count:<id>`; every 7th time reads the counter (recounting from the database when it
 //!   is missing) and every 50th reconciles it → `done <n> updated <n> absent <n> unavailable <n>`
 //! - `count-get <id> <database url>` → `count <n>`
+//! - `idem-burst <key> <requests> <body> <database url>`: `requests` concurrent duplicates of
+//!   one payment under the idempotency key; the first run records the payment in the database
+//!   (`INCR payments:<key>`) and takes 50 ms → `ran <n> replayed <n> conflicts <n> mismatches <n>`
 //!
 //! Run: `speedlayer-fleet-node <redis url> [op timeout ms] [cool-down ms] [lease wait ms]`.
 
@@ -38,6 +41,7 @@ use std::time::Duration;
 
 use speedlayer::config::RedisConfig;
 use speedlayer::counter::{Counted, Counters};
+use speedlayer::idempotency::{Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse};
 use speedlayer::key::{Ident, KeySpace, Namespace};
 use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::ttl::Ttl;
@@ -49,6 +53,7 @@ use tokio::task::JoinHandle;
 const MINUTE: Ttl = Ttl::seconds(60);
 const FLEET: Ident = Ident::from_static("fleet");
 const DAY: Ttl = Ttl::hours(24);
+const PAYMENTS: Ident = Ident::from_static("payments");
 
 struct Held {
     release: Arc<Notify>,
@@ -74,6 +79,7 @@ async fn count_rows(db: &redis::aio::ConnectionManager, rows: &str) -> Result<i6
 }
 
 struct Node {
+    idempotency: Idempotency,
     cache: Cache,
     counters: Counters,
     counts: KeySpace,
@@ -339,6 +345,71 @@ impl Node {
                     .await?;
                 Ok(format!("count {n}"))
             }
+            "idem-burst" => {
+                let (key, requests, body) = (
+                    args.first().ok_or("missing the key")?.to_string(),
+                    arg(args, 1)?,
+                    args.get(2).ok_or("missing the body")?.to_string(),
+                );
+                let db = database(args.get(3).ok_or("missing the database url")?).await?;
+                let key = IdempotencyKey::parse(&key).map_err(|e| e.to_string())?;
+                let fingerprint = Fingerprint::of("POST", "/api/payments", body.as_bytes());
+                let start = Arc::new(tokio::sync::Barrier::new(requests as usize));
+                let mut tasks = Vec::new();
+                for _ in 0..requests {
+                    let (node, key, fingerprint, db, start) = (
+                        self.clone(),
+                        key.clone(),
+                        fingerprint.clone(),
+                        db.clone(),
+                        start.clone(),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        start.wait().await;
+                        let begin = node
+                            .idempotency
+                            .begin(&PAYMENTS, "parent-1", &key, &fingerprint)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        Ok::<_, String>(match begin {
+                            Begin::Run(pending) => {
+                                let n: i64 = redis::cmd("INCR")
+                                    .arg(format!("payments:{}", key.as_str()))
+                                    .query_async(&mut db.clone())
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                let response =
+                                    StoredResponse::new(201, format!("{{\"payment\":{n}}}"));
+                                pending
+                                    .complete(&response)
+                                    .await
+                                    .map_err(|e| e.to_string())?;
+                                "ran"
+                            }
+                            Begin::Replay(_) => "replayed",
+                            Begin::InProgress => "conflicts",
+                            Begin::Mismatch => "mismatches",
+                            Begin::Unavailable => "unavailable",
+                        })
+                    }));
+                }
+                let mut counts: HashMap<&str, usize> = HashMap::new();
+                for t in tasks {
+                    *counts
+                        .entry(t.await.map_err(|e| e.to_string())??)
+                        .or_default() += 1;
+                }
+                let get = |k: &str| counts.get(k).copied().unwrap_or(0);
+                Ok(format!(
+                    "ran {} replayed {} conflicts {} mismatches {} unavailable {}",
+                    get("ran"),
+                    get("replayed"),
+                    get("conflicts"),
+                    get("mismatches"),
+                    get("unavailable")
+                ))
+            }
             "stats" => {
                 let s = self.cache.stats();
                 Ok(format!(
@@ -374,6 +445,7 @@ async fn main() {
     .await
     .expect("a raw connection for the shared record");
     let node = Arc::new(Node {
+        idempotency: Idempotency::new(&cache),
         counters: Counters::new(&cache),
         counts: Namespace::root()
             .global()
