@@ -16,6 +16,7 @@ use criterion::Criterion;
 mod support;
 
 mod common;
+mod coordination;
 mod hit;
 mod invalidate;
 mod ratelimit;
@@ -120,6 +121,9 @@ fn main() {
     }
     if any_selected(ratelimit::IDS) {
         ratelimit::benches(&mut c, &server);
+    }
+    if any_selected(coordination::IDS) {
+        coordination::benches(&mut c, &server);
     }
     c.final_summary();
     report::print_ratios();

@@ -93,6 +93,34 @@ pub fn print_ratios() {
             "time",
             3.0,
         ),
+        (
+            "coordination",
+            "lock/redis/acquire_release",
+            "lock/redis/raw",
+            "time",
+            1.15,
+        ),
+        (
+            "coordination",
+            "counter/redis/incr",
+            "counter/redis/raw_incr",
+            "time",
+            1.10,
+        ),
+        (
+            "coordination",
+            "idempotency/redis/first_request",
+            "idempotency/redis/raw_get",
+            "time",
+            0.0,
+        ),
+        (
+            "coordination",
+            "idempotency/redis/replay",
+            "idempotency/redis/raw_get",
+            "time",
+            0.0,
+        ),
     ];
     for (group, ours, raw, kind, target) in rows {
         // Only pairs measured in this run: estimates on disk may be from an earlier one.

@@ -55,18 +55,16 @@ return 1
 ";
 
 /// Adds `ARGV[1]` to a live counter and refreshes its TTL (`ARGV[2]`, ms); answers the new value.
-/// A missing counter stays missing (`false`); a recount in flight, or another client's data, is
-/// deleted (`false`), so that the next read recounts.
+/// A missing counter stays missing (`false`); a recount in flight (`""`), or another client's
+/// data, is deleted (`false`), so that the next read recounts.
 pub const ADD_SCRIPT: &str = r"
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'string' and string.match(v, '^%-?%d+$') then
-  local ok = redis.pcall('INCRBY', KEYS[1], ARGV[1])
-  if type(ok) == 'number' then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return redis.call('GET', KEYS[1])
-  end
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local n = redis.pcall('INCRBY', KEYS[1], ARGV[1])
+if type(n) == 'number' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return n
 end
-if v then redis.call('DEL', KEYS[1]) end
+redis.call('DEL', KEYS[1])
 return false
 ";
 
@@ -249,8 +247,7 @@ impl Operation for AddOp<'_> {
             .key(self.key.as_str())
             .arg(self.delta)
             .arg(self.ttl.as_millis());
-        let reply: Option<String> = redis.invoke(&invocation).await?;
-        reply.as_deref().map(parse).transpose()
+        redis.invoke::<Option<i64>>(&invocation).await
     }
 
     async fn on_memory(&self, memory: &MemoryLayer) -> Result<Option<i64>> {

@@ -109,33 +109,38 @@ async fn an_update_racing_a_recount_is_neither_lost_nor_counted_twice(backend: B
     }
     let k = key(&cache, 3);
     for row_before_count in [true, false] {
-        let (counting, go_on) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        // The recount's loader: started, reads the database, returns; each step on a barrier.
+        let steps: Vec<Arc<Barrier>> = (0..4).map(|_| Arc::new(Barrier::new(2))).collect();
         let recount = {
-            let (counters, k, db) = (counters.clone(), k.clone(), db.clone());
-            let (counting, go_on) = (counting.clone(), go_on.clone());
+            let (counters, k, db, steps) = (counters.clone(), k.clone(), db.clone(), steps.clone());
             tokio::spawn(async move {
                 counters
                     .get(&k, DAY, || async move {
-                        counting.wait().await;
-                        go_on.wait().await;
-                        Ok::<_, std::io::Error>(db.count())
+                        steps[0].wait().await;
+                        steps[1].wait().await;
+                        let n = db.count();
+                        steps[2].wait().await;
+                        steps[3].wait().await;
+                        Ok::<_, std::io::Error>(n)
                     })
                     .await
                     .unwrap()
             })
         };
-        counting.wait().await;
+        steps[0].wait().await;
         if row_before_count {
             db.insert();
             assert_eq!(counters.increment(&k, DAY).await, Counted::Absent);
-            go_on.wait().await;
+            steps[1].wait().await;
+            steps[2].wait().await;
         } else {
-            go_on.wait().await;
-            // The row lands while the recount reads the database: before or after, it cannot
-            // tell.
+            steps[1].wait().await;
+            steps[2].wait().await;
+            // The recount has read the database; the row lands before it stores its count.
             db.insert();
             assert_eq!(counters.increment(&k, DAY).await, Counted::Absent);
         }
+        steps[3].wait().await;
         recount.await.unwrap();
         assert_eq!(
             counters.get(&k, DAY, || db.loader()).await.unwrap(),
