@@ -19,8 +19,13 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use speedlayer::Cache;
+use speedlayer::counter::Counters;
+use speedlayer::idempotency::Idempotency;
+use speedlayer::idempotency::layer::{IdempotencyLayer, IdempotentRoute};
 use speedlayer::invalidation::{Invalidates, InvalidationRegistry, Targets};
 use speedlayer::key::{Ident, Key, KeyError, Namespace, Tag};
+use speedlayer::lock::{Acquire, Locks};
+use speedlayer::ratelimit::layer::AuthenticatedUser;
 use speedlayer::ratelimit::{Identity, Limit, Outage, RateLimiter, Route};
 use speedlayer::ttl::{Jitter, Ttl, TtlPolicy};
 
@@ -41,6 +46,15 @@ pub const SHOWS_CLASS: Ident = Ident::from_static("shows-class");
 /// Tag the registry gives every dashboard of a user, whatever the role.
 pub const USER: Ident = Ident::from_static("user");
 pub const AUTH_LOGIN: Ident = Ident::from_static("auth-login");
+pub const PAYMENTS: Ident = Ident::from_static("payments");
+pub const REQUEST: Ident = Ident::from_static("request");
+pub const NOTIFICATIONS: Ident = Ident::from_static("notifications");
+pub const COUNT: Ident = Ident::from_static("count");
+
+/// How long an unread-notifications counter lives without an update.
+const BADGE_TTL: Ttl = Ttl::hours(24);
+/// How long an approval holds its request's lock.
+const APPROVAL_LEASE: Ttl = Ttl::seconds(5);
 
 /// Login attempts allowed per client address per minute.
 pub const LOGIN_LIMIT: u32 = 10;
@@ -61,12 +75,21 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     pub server_errors: AtomicU64,
     pub invalidation_failures: AtomicU64,
+    /// Approvals that found the request's lock held by another admin (answered 409).
+    pub lock_contention: AtomicU64,
+    /// Approvals refused because the lock could not be taken (Redis unusable: 503).
+    pub lock_unavailable: AtomicU64,
+    /// Notifications written (each one counted in its user's badge).
+    pub notifications: AtomicU64,
 }
 
 /// Shared state of the handlers.
 pub struct AppState {
     pub db: Db,
     pub cache: Cache,
+    pub idempotency: Idempotency,
+    locks: Locks,
+    counters: Counters,
     limiter: RateLimiter,
     login: Route,
     pub metrics: Metrics,
@@ -92,6 +115,9 @@ impl AppState {
             .on_outage(Outage::Insurance);
         AppState {
             db,
+            idempotency: Idempotency::new(&cache),
+            locks: Locks::new(&cache),
+            counters: Counters::new(&cache),
             limiter: RateLimiter::new(&cache),
             cache,
             login,
@@ -111,11 +137,20 @@ impl AppState {
 /// The routes. Serve with `into_make_service_with_connect_info::<SocketAddr>()`: the login limit
 /// is keyed by the peer address.
 pub fn router(state: Arc<AppState>) -> Router {
+    // Payments need an Idempotency-Key; retries replay the first response. The layer sits
+    // inside authentication, so keys are scoped by the authenticated user.
+    let idempotent = IdempotencyLayer::new(state.idempotency.clone())
+        .route("POST", "/api/payments", IdempotentRoute::new(PAYMENTS))
+        .expect("a valid route");
     let authenticated = Router::new()
         .route("/api/dashboard/{role}/{user_id}", get(dashboard))
         .route("/api/fees/summary/{student_id}", get(fee_summary))
-        .route("/api/payments", post(record_payment))
+        .route("/api/payments", post(record_payment).layer(idempotent))
         .route("/api/students/{id}", put(update_student))
+        .route("/api/requests/{id}/approve", post(approve_request))
+        .route("/api/notifications/count", get(unread_count))
+        .route("/api/notifications/read", post(read_notifications))
+        .route("/api/admin/audit", post(audit))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
@@ -303,6 +338,9 @@ async fn authenticate(
             StatusCode::UNAUTHORIZED,
             "unknown or suspended user",
         ))?;
+    request
+        .extensions_mut()
+        .insert(AuthenticatedUser(user_id.clone()));
     request.extensions_mut().insert(Caller { user_id, role });
     Ok(next.run(request).await)
 }
@@ -475,6 +513,7 @@ pub struct PaymentReceipt {
 async fn record_payment(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     Json(payment): Json<NewPayment>,
 ) -> Result<Json<PaymentReceipt>, ApiError> {
     if caller.role.role != "admin" {
@@ -490,9 +529,14 @@ async fn record_payment(
         ));
     }
     state.metrics.writes.fetch_add(1, Ordering::Relaxed);
+    // The idempotency layer admitted this request only with a valid key.
+    let request_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let paid = state
         .db
-        .record_payment(payment.student_id, payment.amount_cents)
+        .record_payment(payment.student_id, payment.amount_cents, request_key)
         .await
         .map_err(|e| db_error(&e))?
         .ok_or(ApiError(StatusCode::NOT_FOUND, "no such student"))?;
@@ -503,6 +547,12 @@ async fn record_payment(
         },
     )
     .await;
+    state
+        .notify(
+            &format!("p{}", payment.student_id),
+            &format!("payment of {} cents received", payment.amount_cents),
+        )
+        .await?;
     Ok(Json(PaymentReceipt {
         student_id: payment.student_id,
         paid_cents: paid,
@@ -638,6 +688,196 @@ async fn login(
         Ok(false) => refused(headers),
         Err(e) => db_error(&e).into_response(),
     }
+}
+
+// ---- coordination: approvals under a fenced lock, unread-notification badges --------------
+
+fn badge_key(ns: &Namespace, user_id: &str) -> Result<Key, KeyError> {
+    ns.global().key(&NOTIFICATIONS, &COUNT, user_id)
+}
+
+impl AppState {
+    /// Writes a notification (the fact), then counts it in the user's badge (the convenience).
+    async fn notify(&self, user_id: &str, body: &str) -> Result<(), ApiError> {
+        self.db
+            .notify(user_id, body)
+            .await
+            .map_err(|e| db_error(&e))?;
+        self.metrics.notifications.fetch_add(1, Ordering::Relaxed);
+        let key = badge_key(self.cache.namespace(), user_id)?;
+        // A missing badge is recounted on its next read; nothing to do then.
+        let _ = self.counters.increment(&key, BADGE_TTL).await;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Approval {
+    pub request_id: i64,
+    /// This call approved it (false: it was approved already).
+    pub approved: bool,
+    /// The fencing token the approval was written with.
+    pub fence: u64,
+}
+
+/// `POST /api/requests/{id}/approve` (admin): under the request's lock, with its fencing token
+/// checked by the database; the student is notified.
+async fn approve_request(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<i64>,
+) -> Result<Json<Approval>, ApiError> {
+    if caller.role.role != "admin" {
+        return Err(ApiError(StatusCode::FORBIDDEN, "only the admin approves"));
+    }
+    let name = state.locks.name(&REQUEST, id)?;
+    // A second admin clicking meanwhile is told at once, not queued behind the first.
+    let guard = match state.locks.acquire(&name, APPROVAL_LEASE).await {
+        Acquire::Acquired(guard) => guard,
+        Acquire::Contended { .. } => {
+            state
+                .metrics
+                .lock_contention
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                "another admin is approving this request",
+            ));
+        }
+        Acquire::Unavailable => {
+            state
+                .metrics
+                .lock_unavailable
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "approvals are paused: the lock service is unusable",
+            ));
+        }
+    };
+    let fence = guard.token().get();
+    state.metrics.writes.fetch_add(1, Ordering::Relaxed);
+    let student = state
+        .db
+        .approve_request(id, &caller.user_id, fence)
+        .await
+        .map_err(|e| db_error(&e))?;
+    if let Some(student) = student {
+        state
+            .notify(&format!("s{student}"), &format!("request {id} approved"))
+            .await?;
+    }
+    let _ = guard.release().await;
+    Ok(Json(Approval {
+        request_id: id,
+        approved: student.is_some(),
+        fence,
+    }))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Badge {
+    pub unread: i64,
+}
+
+/// `GET /api/notifications/count`: the caller's unread notifications, from the counter
+/// (recounted from the database when it is missing).
+async fn unread_count(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Badge>, ApiError> {
+    let key = badge_key(state.cache.namespace(), &caller.user_id)?;
+    let unread = state
+        .counters
+        .get(&key, BADGE_TTL, || {
+            state.db.unread_notifications(&caller.user_id)
+        })
+        .await
+        .map_err(|e| db_error(&e))?;
+    Ok(Json(Badge { unread }))
+}
+
+/// `POST /api/notifications/read`: marks the caller's notifications read (the database first),
+/// then drops the badge (recounted on its next read).
+async fn read_notifications(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Badge>, ApiError> {
+    state.metrics.writes.fetch_add(1, Ordering::Relaxed);
+    state
+        .db
+        .read_notifications(&caller.user_id)
+        .await
+        .map_err(|e| db_error(&e))?;
+    let key = badge_key(state.cache.namespace(), &caller.user_id)?;
+    if state.cache.store().invalidate(&[key], &[]).await.is_err() {
+        state
+            .metrics
+            .invalidation_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(Json(Badge { unread: 0 }))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct AuditRequest {
+    /// Users whose badges to check against the database.
+    pub users: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct Audit {
+    /// Payments recorded more than once under one Idempotency-Key.
+    pub duplicate_payments: i64,
+    /// Requests approved.
+    pub approved_requests: i64,
+    /// Badges checked.
+    pub counters_checked: u64,
+    /// Badges that held another figure than the database's (each is repaired).
+    pub counters_drifted: u64,
+}
+
+/// `POST /api/admin/audit` (admin): the facts the workload checks at the end. Reconciles the
+/// listed users' badges with the database and says how many had drifted.
+async fn audit(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<AuditRequest>,
+) -> Result<Json<Audit>, ApiError> {
+    if caller.role.role != "admin" {
+        return Err(ApiError(StatusCode::FORBIDDEN, "only the admin audits"));
+    }
+    let mut audit = Audit {
+        duplicate_payments: state
+            .db
+            .duplicate_payments()
+            .await
+            .map_err(|e| db_error(&e))?,
+        approved_requests: state
+            .db
+            .approved_requests()
+            .await
+            .map_err(|e| db_error(&e))?,
+        ..Audit::default()
+    };
+    for user in request
+        .users
+        .iter()
+        .filter(|u| plausible_user_id(u))
+        .take(10_000)
+    {
+        let key = badge_key(state.cache.namespace(), user)?;
+        let reconciled = state
+            .counters
+            .reconcile(&key, BADGE_TTL, || state.db.unread_notifications(user))
+            .await
+            .map_err(|e| db_error(&e))?;
+        audit.counters_checked += 1;
+        if reconciled.drifted() {
+            audit.counters_drifted += 1;
+        }
+    }
+    Ok(Json(audit))
 }
 
 // ---- metrics -----------------------------------------------------------------------------
@@ -778,6 +1018,43 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "school_erp_invalidation_failures_total",
         "Invalidations after a committed write that failed (logged).",
         load(&m.invalidation_failures),
+    );
+    let idem = state.idempotency.stats();
+    put(
+        "counter",
+        "speedlayer_idempotency_replays_total",
+        "Retries answered with the stored response.",
+        idem.replays,
+    );
+    put(
+        "counter",
+        "speedlayer_idempotency_in_progress_total",
+        "Retries answered 409 while the first request ran.",
+        idem.in_progress,
+    );
+    put(
+        "counter",
+        "speedlayer_idempotency_mismatches_total",
+        "Keys reused with another request (422).",
+        idem.mismatches,
+    );
+    put(
+        "counter",
+        "school_erp_lock_contention_total",
+        "Approvals that found the request's lock held (409).",
+        load(&m.lock_contention),
+    );
+    put(
+        "counter",
+        "school_erp_lock_unavailable_total",
+        "Approvals refused because the lock service was unusable (503).",
+        load(&m.lock_unavailable),
+    );
+    put(
+        "counter",
+        "school_erp_notifications_total",
+        "Notifications written.",
+        load(&m.notifications),
     );
     (
         [(

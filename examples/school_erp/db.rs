@@ -230,6 +230,8 @@ impl Db {
             DbKind::Postgres => "BIGSERIAL PRIMARY KEY",
         };
         let statements = [
+            "DROP TABLE IF EXISTS erp_notifications".to_owned(),
+            "DROP TABLE IF EXISTS erp_requests".to_owned(),
             "DROP TABLE IF EXISTS erp_attendance".to_owned(),
             "DROP TABLE IF EXISTS erp_payments".to_owned(),
             "DROP TABLE IF EXISTS erp_users".to_owned(),
@@ -246,7 +248,14 @@ impl Db {
             // A real service stores a password hash (argon2, say); the demo's passwords are
             // public demo credentials.
             "CREATE TABLE erp_users (id TEXT PRIMARY KEY, role TEXT NOT NULL, ref_id BIGINT NOT NULL, demo_password TEXT NOT NULL)".to_owned(),
-            format!("CREATE TABLE erp_payments (id {serial}, student_id BIGINT NOT NULL, amount_cents BIGINT NOT NULL, day BIGINT NOT NULL)"),
+            // `request_key`: the Idempotency-Key the payment was recorded under (none for the
+            // seeded ones), so that a duplicate would show.
+            format!("CREATE TABLE erp_payments (id {serial}, student_id BIGINT NOT NULL, amount_cents BIGINT NOT NULL, day BIGINT NOT NULL, request_key TEXT)"),
+            // Requests waiting for the admin (absence notes); `fence`: the highest lock token
+            // that wrote the row.
+            "CREATE TABLE erp_requests (id BIGINT PRIMARY KEY, student_id BIGINT NOT NULL, status TEXT NOT NULL, approved_by TEXT, fence BIGINT NOT NULL)".to_owned(),
+            format!("CREATE TABLE erp_notifications (id {serial}, user_id TEXT NOT NULL, body TEXT NOT NULL, unread BIGINT NOT NULL)"),
+            "CREATE INDEX erp_notifications_user ON erp_notifications (user_id, unread)".to_owned(),
             "CREATE TABLE erp_attendance (student_id BIGINT NOT NULL, day BIGINT NOT NULL, present BIGINT NOT NULL, PRIMARY KEY (student_id, day))".to_owned(),
             "CREATE INDEX erp_payments_student ON erp_payments (student_id)".to_owned(),
             "CREATE INDEX erp_students_class ON erp_students (class_id)".to_owned(),
@@ -332,6 +341,25 @@ impl Db {
             "erp_payments (student_id, amount_cents, day)",
             &payments,
             |q, p| q.bind(p.0).bind(10_000 + (p.0 % 7) * 500).bind(p.1),
+        )
+        .await?;
+        // A pending request from every tenth student.
+        let requests: Vec<i64> = student_ids
+            .iter()
+            .copied()
+            .filter(|s| s % 10 == 0)
+            .collect();
+        insert_rows(
+            &mut tx,
+            "erp_requests (id, student_id, status, approved_by, fence)",
+            &requests,
+            |q, s| {
+                q.bind(*s / 10)
+                    .bind(*s)
+                    .bind("pending")
+                    .bind(None::<String>)
+                    .bind(0_i64)
+            },
         )
         .await?;
         let attendance: Vec<(i64, i64)> = student_ids
@@ -510,20 +538,22 @@ impl Db {
         })
     }
 
-    /// Records a payment; returns the student's new total paid, or `None` for an unknown student.
-    /// Two queries.
+    /// Records a payment made under `request_key` (its Idempotency-Key); returns the student's
+    /// new total paid, or `None` for an unknown student. Two queries.
     pub async fn record_payment(
         &self,
         student_id: i64,
         amount_cents: i64,
+        request_key: &str,
     ) -> DbResult<Option<i64>> {
         self.count();
         let inserted = sqlx::query(
-            "INSERT INTO erp_payments (student_id, amount_cents, day) \
-             SELECT id, $2, 100 FROM erp_students WHERE id = $1",
+            "INSERT INTO erp_payments (student_id, amount_cents, day, request_key) \
+             SELECT id, $2, 100, $3 FROM erp_students WHERE id = $1",
         )
         .bind(student_id)
         .bind(amount_cents)
+        .bind(request_key)
         .execute(&self.pool)
         .await?;
         if inserted.rows_affected() == 0 {
@@ -560,6 +590,88 @@ impl Db {
             version: r.get(0),
             class_id: r.get(1),
         }))
+    }
+
+    /// Payments recorded more than once under one Idempotency-Key (must be 0). One query.
+    pub async fn duplicate_payments(&self) -> DbResult<i64> {
+        self.count();
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) - COUNT(DISTINCT request_key) AS BIGINT) FROM erp_payments \
+             WHERE request_key IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    /// Approves request `id` for `approver` if it is pending, with the lock token `fence`: the
+    /// row is written only when `fence` is above every token that wrote it before, so a holder
+    /// that lost its lock (paused past its lease) cannot write after a later holder. Returns the
+    /// student to notify when this call approved it. Two queries when it did.
+    pub async fn approve_request(
+        &self,
+        id: i64,
+        approver: &str,
+        fence: u64,
+    ) -> DbResult<Option<i64>> {
+        self.count();
+        let fence = i64::try_from(fence).unwrap_or(i64::MAX);
+        let row = sqlx::query(
+            "UPDATE erp_requests SET status = 'approved', approved_by = $2, fence = $3 \
+             WHERE id = $1 AND status = 'pending' AND fence < $3 RETURNING student_id",
+        )
+        .bind(id)
+        .bind(approver)
+        .bind(fence)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Requests approved (each once). One query.
+    pub async fn approved_requests(&self) -> DbResult<i64> {
+        self.count();
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM erp_requests WHERE status = 'approved'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    /// Adds an unread notification for `user_id`. One query.
+    pub async fn notify(&self, user_id: &str, body: &str) -> DbResult<()> {
+        self.count();
+        sqlx::query("INSERT INTO erp_notifications (user_id, body, unread) VALUES ($1, $2, 1)")
+            .bind(user_id)
+            .bind(body)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// `SELECT COUNT(*)` of `user_id`'s unread notifications. One query.
+    pub async fn unread_notifications(&self, user_id: &str) -> DbResult<i64> {
+        self.count();
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM erp_notifications WHERE user_id = $1 AND unread = 1",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.get(0))
+    }
+
+    /// Marks every notification of `user_id` read. One query.
+    pub async fn read_notifications(&self, user_id: &str) -> DbResult<u64> {
+        self.count();
+        let done = sqlx::query(
+            "UPDATE erp_notifications SET unread = 0 WHERE user_id = $1 AND unread = 1",
+        )
+        .bind(user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Closes the pool (and removes the SQLite file).

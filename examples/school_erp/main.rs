@@ -202,9 +202,15 @@ async fn run(args: Args) -> Result<i32, String> {
     println!();
     report.print(&backend, database);
     println!("{}", report.json_line());
-    Ok(if report.failed_requests == 0 && report.stale_reads == 0 {
-        0
-    } else {
-        1
-    })
+    Ok(
+        if report.failed_requests == 0
+            && report.stale_reads == 0
+            && report.duplicate_payments == 0
+            && report.drifted_counters == 0
+        {
+            0
+        } else {
+            1
+        },
+    )
 }

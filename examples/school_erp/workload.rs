@@ -7,14 +7,15 @@
 //! that still shows pre-write data is a stale read. A burst of login attempts from one address
 //! runs alongside and is rate limited.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -23,7 +24,10 @@ use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Geometric, Zipf};
 use serde::Serialize;
 
-use crate::app::{Dashboard, LOGIN_LIMIT, Login, NewPayment, PaymentReceipt, ProfileReceipt};
+use crate::app::{
+    Approval, Audit, AuditRequest, Badge, Dashboard, LOGIN_LIMIT, Login, NewPayment,
+    PaymentReceipt, ProfileReceipt,
+};
 use crate::db::{FeeSummary, ProfileUpdate};
 
 /// How much load, and its shape.
@@ -73,6 +77,10 @@ pub struct Report {
     pub db_hits_saved_pct: f64,
     pub stale_reads: u64,
     pub rate_limited: u64,
+    /// Payments recorded twice under one Idempotency-Key (must be 0).
+    pub duplicate_payments: i64,
+    /// Unread-notification badges that differed from the database at the end (must be 0).
+    pub drifted_counters: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     #[serde(skip)]
@@ -98,6 +106,18 @@ pub struct Detail {
     pub leases_denied: u64,
     pub max_ms: f64,
     pub first_failures: Vec<String>,
+    pub payments: u64,
+    pub payment_retries: u64,
+    pub replays: u64,
+    pub conflicts: u64,
+    pub mismatches: u64,
+    pub approvals: u64,
+    pub already_approved: u64,
+    pub lock_contention: u64,
+    pub approved_requests: i64,
+    pub badge_reads: u64,
+    pub counters_checked: u64,
+    pub notifications: u64,
 }
 
 impl Report {
@@ -160,6 +180,22 @@ impl Report {
             "logins          {} admitted, {} answered 429 (limit {LOGIN_LIMIT} per minute per address)",
             d.logins_admitted, self.rate_limited
         );
+        println!(
+            "payments        {} recorded; {} retries: {} replayed, {} answered 409, {} answered 422",
+            d.payments, d.payment_retries, d.replays, d.conflicts, d.mismatches
+        );
+        println!(
+            "duplicates      {:>8}   (payments recorded twice under one Idempotency-Key)",
+            self.duplicate_payments
+        );
+        println!(
+            "approvals       {} approved under a fenced lock ({} in the database), {} already done, {} contended (409)",
+            d.approvals, d.approved_requests, d.already_approved, d.lock_contention
+        );
+        println!(
+            "badges          {} reads, {} notifications; {} counters checked, {} differed from the database",
+            d.badge_reads, d.notifications, d.counters_checked, self.drifted_counters
+        );
         println!("failed requests {:>8}", self.failed_requests);
         for failure in &d.first_failures {
             println!("  {failure}");
@@ -205,6 +241,15 @@ struct Tally {
     writes: u64,
     logins_admitted: u64,
     rate_limited: u64,
+    payments: u64,
+    payment_retries: u64,
+    replays: u64,
+    conflicts: u64,
+    mismatches: u64,
+    approvals: u64,
+    already_approved: u64,
+    lock_contention: u64,
+    badge_reads: u64,
     latencies_us: Vec<u32>,
     failures: Vec<String>,
 }
@@ -218,6 +263,15 @@ impl Tally {
         self.writes += other.writes;
         self.logins_admitted += other.logins_admitted;
         self.rate_limited += other.rate_limited;
+        self.payments += other.payments;
+        self.payment_retries += other.payment_retries;
+        self.replays += other.replays;
+        self.conflicts += other.conflicts;
+        self.mismatches += other.mismatches;
+        self.approvals += other.approvals;
+        self.already_approved += other.already_approved;
+        self.lock_contention += other.lock_contention;
+        self.badge_reads += other.badge_reads;
         self.latencies_us.extend(other.latencies_us);
         for f in other.failures {
             if self.failures.len() < 5 {
@@ -246,6 +300,8 @@ struct Shared {
     deadline: Instant,
     confirmed: Confirmed,
     workload: Workload,
+    /// Users whose badges may have changed: audited at the end.
+    badge_users: Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -266,9 +322,33 @@ impl Shared {
         user: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Option<(StatusCode, Bytes)> {
+        self.send_with(tally, method, path, user, body, None)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    /// [`Shared::send`] with an Idempotency-Key, answering the response headers too.
+    async fn send_with(
+        &self,
+        tally: &mut Tally,
+        method: Method,
+        path: &str,
+        user: Option<&str>,
+        body: Option<Vec<u8>>,
+        idempotency_key: Option<&str>,
+    ) -> Option<(StatusCode, HeaderMap, Bytes)> {
         let started = Instant::now();
         tally.requests += 1;
-        let result = exchange(&self.client, &self.base, method.clone(), path, user, body).await;
+        let result = exchange(
+            &self.client,
+            &self.base,
+            method.clone(),
+            path,
+            user,
+            body,
+            idempotency_key,
+        )
+        .await;
         let micros = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         tally.latencies_us.push(micros);
         match result {
@@ -278,6 +358,13 @@ impl Shared {
                 None
             }
         }
+    }
+
+    fn touch_badge(&self, user: String) {
+        self.badge_users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user);
     }
 
     /// Sends and expects 200 with a JSON body of type `T`.
@@ -365,19 +452,192 @@ impl Shared {
         }
     }
 
-    async fn pay(&self, tally: &mut Tally, student: i64, amount: i64) {
+    /// A payment under a fresh Idempotency-Key; now and then the client retries it: after the
+    /// receipt (a replay), at the same time (one of the two runs, the other is a replay or a
+    /// 409), or with another amount under the same key (422).
+    async fn pay(&self, tally: &mut Tally, student: i64, amount: i64, key: &str, retry: f64) {
         tally.writes += 1;
-        let body = serde_json::to_vec(&NewPayment {
-            student_id: student,
-            amount_cents: amount,
-        })
-        .expect("serializes");
-        if let Some(receipt) = self
-            .call::<PaymentReceipt>(tally, Method::POST, "/api/payments", "a1", Some(body))
-            .await
-        {
-            self.confirmed.paid[student as usize].fetch_max(receipt.paid_cents, Ordering::SeqCst);
-            self.confirmed.payments.fetch_add(1, Ordering::SeqCst);
+        let body = |amount: i64| {
+            serde_json::to_vec(&NewPayment {
+                student_id: student,
+                amount_cents: amount,
+            })
+            .expect("serializes")
+        };
+        let path = "/api/payments";
+        // Every extra request the retries send is taken from the budget.
+        let concurrent = (0.10..0.20).contains(&retry) && self.take();
+        let first = if concurrent {
+            let mut other = Tally::default();
+            let (a, b) = tokio::join!(
+                self.send_with(
+                    tally,
+                    Method::POST,
+                    path,
+                    Some("a1"),
+                    Some(body(amount)),
+                    Some(key)
+                ),
+                self.send_with(
+                    &mut other,
+                    Method::POST,
+                    path,
+                    Some("a1"),
+                    Some(body(amount)),
+                    Some(key)
+                ),
+            );
+            tally.payment_retries += 1;
+            tally.merge(other);
+            // One ran; the other was replayed, or answered 409 while the first ran.
+            let mut ran = None;
+            for answer in [a, b].into_iter().flatten() {
+                match answer {
+                    (StatusCode::OK, headers, body) => {
+                        if headers.contains_key("idempotent-replayed") {
+                            tally.replays += 1;
+                        } else {
+                            ran = Some(body);
+                        }
+                    }
+                    (StatusCode::CONFLICT, _, _) => tally.conflicts += 1,
+                    (status, _, body) => tally.fail(format!(
+                        "POST {path} (duplicate): {status} {}",
+                        String::from_utf8_lossy(&body)
+                    )),
+                }
+            }
+            ran
+        } else {
+            match self
+                .send_with(
+                    tally,
+                    Method::POST,
+                    path,
+                    Some("a1"),
+                    Some(body(amount)),
+                    Some(key),
+                )
+                .await
+            {
+                Some((StatusCode::OK, _, body)) => Some(body),
+                Some((status, _, body)) => {
+                    tally.fail(format!(
+                        "POST {path}: {status} {}",
+                        String::from_utf8_lossy(&body)
+                    ));
+                    None
+                }
+                None => None,
+            }
+        };
+        let Some(receipt) = first.and_then(|b| serde_json::from_slice::<PaymentReceipt>(&b).ok())
+        else {
+            return;
+        };
+        tally.payments += 1;
+        self.confirmed.paid[student as usize].fetch_max(receipt.paid_cents, Ordering::SeqCst);
+        self.confirmed.payments.fetch_add(1, Ordering::SeqCst);
+        self.touch_badge(format!("p{student}"));
+        if retry < 0.10 && self.take() {
+            // The client did not see the receipt and retries: the same receipt, replayed.
+            tally.payment_retries += 1;
+            match self
+                .send_with(
+                    tally,
+                    Method::POST,
+                    path,
+                    Some("a1"),
+                    Some(body(amount)),
+                    Some(key),
+                )
+                .await
+            {
+                Some((StatusCode::OK, headers, body))
+                    if headers.contains_key("idempotent-replayed")
+                        && serde_json::from_slice::<PaymentReceipt>(&body)
+                            .is_ok_and(|r| r.paid_cents == receipt.paid_cents) =>
+                {
+                    tally.replays += 1;
+                }
+                Some((status, _, body)) => tally.fail(format!(
+                    "POST {path} (retry): {status} {}",
+                    String::from_utf8_lossy(&body)
+                )),
+                None => {}
+            }
+        } else if (0.20..0.23).contains(&retry) && self.take() {
+            // A client bug: the same key with another amount.
+            tally.payment_retries += 1;
+            match self
+                .send_with(
+                    tally,
+                    Method::POST,
+                    path,
+                    Some("a1"),
+                    Some(body(amount + 1)),
+                    Some(key),
+                )
+                .await
+            {
+                Some((StatusCode::UNPROCESSABLE_ENTITY, _, _)) => tally.mismatches += 1,
+                Some((status, _, body)) => tally.fail(format!(
+                    "POST {path} (other body): {status} {}",
+                    String::from_utf8_lossy(&body)
+                )),
+                None => {}
+            }
+        }
+    }
+
+    /// The admin approves a pending request; now and then two admins click at once.
+    async fn approve(&self, tally: &mut Tally, request: i64, twice: bool) {
+        tally.writes += 1;
+        let path = format!("/api/requests/{request}/approve");
+        let answers = if twice && self.take() {
+            let mut other = Tally::default();
+            let (a, b) = tokio::join!(
+                self.send(tally, Method::POST, &path, Some("a1"), None),
+                self.send(&mut other, Method::POST, &path, Some("a1"), None),
+            );
+            tally.merge(other);
+            vec![a, b]
+        } else {
+            vec![
+                self.send(tally, Method::POST, &path, Some("a1"), None)
+                    .await,
+            ]
+        };
+        for answer in answers.into_iter().flatten() {
+            match answer {
+                (StatusCode::OK, body) => match serde_json::from_slice::<Approval>(&body) {
+                    Ok(approval) if approval.approved => {
+                        tally.approvals += 1;
+                        self.touch_badge(format!("s{}", request * 10));
+                    }
+                    Ok(_) => tally.already_approved += 1,
+                    Err(e) => tally.fail(format!("POST {path}: undecodable body: {e}")),
+                },
+                (StatusCode::CONFLICT, _) => tally.lock_contention += 1,
+                (status, body) => tally.fail(format!(
+                    "POST {path}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                )),
+            }
+        }
+    }
+
+    /// A user looks at their unread-notifications badge, and now and then reads them all.
+    async fn badge(&self, tally: &mut Tally, user: &str, read_all: bool) {
+        tally.reads += 1;
+        tally.badge_reads += 1;
+        self.touch_badge(user.to_owned());
+        self.call::<Badge>(tally, Method::GET, "/api/notifications/count", user, None)
+            .await;
+        if read_all && self.take() {
+            tally.writes += 1;
+            self.call::<Badge>(tally, Method::POST, "/api/notifications/read", user, None)
+                .await;
         }
     }
 
@@ -435,6 +695,7 @@ impl Shared {
         let zipf = Zipf::new(w.students as f64, w.zipf_exponent).expect("valid Zipf law");
         let length = Geometric::new(1.0 / w.session_length.max(1.0)).expect("valid session length");
         let mut edits = 0u64;
+        let mut payments = 0u64;
         loop {
             // Rank r of the Zipf law is family ((r * 7919) mod N) + 1: the busy families are
             // spread over all classes.
@@ -452,8 +713,10 @@ impl Shared {
                     let user = format!("s{family}");
                     if x < 0.50 {
                         self.dashboard(&mut tally, "student", &user, family).await;
-                    } else if x < 0.99 {
+                    } else if x < 0.97 {
                         self.fees(&mut tally, &user, family).await;
+                    } else if x < 0.99 {
+                        self.badge(&mut tally, &user, x > 0.985).await;
                     } else {
                         edits += 1;
                         self.edit_profile(&mut tally, family, edits).await;
@@ -462,8 +725,10 @@ impl Shared {
                     let user = format!("p{family}");
                     if x < 0.5 {
                         self.dashboard(&mut tally, "parent", &user, family).await;
-                    } else {
+                    } else if x < 0.97 {
                         self.fees(&mut tally, &user, family).await;
+                    } else {
+                        self.badge(&mut tally, &user, x > 0.995).await;
                     }
                 } else if kind < 0.92 {
                     self.dashboard(&mut tally, "teacher", &format!("t{class}"), family)
@@ -473,11 +738,19 @@ impl Shared {
                     // school's totals now and then.
                     if x < 0.05 {
                         self.dashboard(&mut tally, "admin", "a1", family).await;
-                    } else if x < 0.90 {
+                    } else if x < 0.85 {
                         self.fees(&mut tally, "a1", family).await;
-                    } else {
+                    } else if x < 0.95 {
                         let amount = rng.random_range(5..50) * 100;
-                        self.pay(&mut tally, family, amount).await;
+                        payments += 1;
+                        let key = format!("pay-{}-{index}-{payments}", w.seed);
+                        let retry: f64 = rng.random();
+                        self.pay(&mut tally, family, amount, &key, retry).await;
+                    } else {
+                        // Requests come from every tenth student: ids 1..=students/10.
+                        let requests = (w.students / 10).max(1);
+                        let request = (family * 13) % requests + 1;
+                        self.approve(&mut tally, request, x > 0.98).await;
                     }
                 }
             }
@@ -493,7 +766,8 @@ async fn exchange(
     path: &str,
     user: Option<&str>,
     body: Option<Vec<u8>>,
-) -> Result<(StatusCode, Bytes), String> {
+    idempotency_key: Option<&str>,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
     let mut request = Request::builder()
         .method(method)
         .uri(format!("{base}{path}"))
@@ -501,19 +775,23 @@ async fn exchange(
     if let Some(user) = user {
         request = request.header("x-user-id", user);
     }
+    if let Some(key) = idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
     let request = request
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .expect("a valid request");
     let answer = async {
         let response = client.request(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
+        let headers = response.headers().clone();
         let body = response
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, body))
+        Ok((status, headers, body))
     };
     tokio::time::timeout(REQUEST_TIMEOUT, answer)
         .await
@@ -523,7 +801,8 @@ async fn exchange(
 /// The payments the admin dashboard shows now.
 async fn admin_payments(client: &HttpClient, base: &str) -> Result<i64, String> {
     let path = "/api/dashboard/admin/a1";
-    let (status, body) = exchange(client, base, Method::GET, path, Some("a1"), None).await?;
+    let (status, _, body) =
+        exchange(client, base, Method::GET, path, Some("a1"), None, None).await?;
     match serde_json::from_slice::<Dashboard>(&body) {
         Ok(Dashboard::Admin { totals }) if status == StatusCode::OK => Ok(totals.payments),
         _ => Err(format!(
@@ -535,7 +814,7 @@ async fn admin_payments(client: &HttpClient, base: &str) -> Result<i64, String> 
 
 /// Reads the service's counters from `/metrics`.
 async fn scrape(client: &HttpClient, base: &str) -> Result<Vec<(String, f64)>, String> {
-    let (_, body) = exchange(client, base, Method::GET, "/metrics", None, None).await?;
+    let (_, _, body) = exchange(client, base, Method::GET, "/metrics", None, None, None).await?;
     Ok(String::from_utf8_lossy(&body)
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -578,6 +857,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         deadline: started + workload.duration,
         confirmed: Confirmed::new(workload.students, baseline_payments),
         workload: workload.clone(),
+        badge_users: Mutex::new(HashSet::new()),
     });
     let tasks: Vec<_> = (0..workload.concurrency.max(1))
         .map(|i| tokio::spawn(shared.clone().virtual_user(i)))
@@ -590,6 +870,14 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         );
     }
     let elapsed = started.elapsed();
+    let users: Vec<String> = shared
+        .badge_users
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect();
+    let audit = audit(&client, &base, users).await?;
     let after = scrape(&client, &base).await?;
     let delta = |name: &str| metric(&after, name).saturating_sub(metric(&before, name));
 
@@ -608,6 +896,8 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         db_hits_saved_pct: (saved * 10.0).round() / 10.0,
         stale_reads: tally.stale,
         rate_limited: tally.rate_limited,
+        duplicate_payments: audit.duplicate_payments,
+        drifted_counters: audit.counters_drifted,
         p50_ms: percentile_ms(&tally.latencies_us, 0.50),
         p99_ms: percentile_ms(&tally.latencies_us, 0.99),
         detail: Detail {
@@ -631,6 +921,41 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
                 .last()
                 .map_or(0.0, |m| f64::from(*m) / 1_000.0),
             first_failures: tally.failures,
+            payments: tally.payments,
+            payment_retries: tally.payment_retries,
+            replays: tally.replays,
+            conflicts: tally.conflicts,
+            mismatches: tally.mismatches,
+            approvals: tally.approvals,
+            already_approved: tally.already_approved,
+            lock_contention: tally.lock_contention,
+            approved_requests: audit.approved_requests,
+            badge_reads: tally.badge_reads,
+            counters_checked: audit.counters_checked,
+            notifications: delta("school_erp_notifications_total"),
         },
     })
+}
+
+/// The end-of-run audit: duplicate payments, approvals, and the badges of `users` reconciled
+/// with the database.
+async fn audit(client: &HttpClient, base: &str, users: Vec<String>) -> Result<Audit, String> {
+    let body = serde_json::to_vec(&AuditRequest { users }).expect("serializes");
+    let (status, _, body) = exchange(
+        client,
+        base,
+        Method::POST,
+        "/api/admin/audit",
+        Some("a1"),
+        Some(body),
+        None,
+    )
+    .await?;
+    match serde_json::from_slice::<Audit>(&body) {
+        Ok(audit) if status == StatusCode::OK => Ok(audit),
+        _ => Err(format!(
+            "the audit answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        )),
+    }
 }

@@ -89,6 +89,32 @@ fn missed_targets(report: &Report) -> Vec<String> {
         format!("{} stale reads", report.stale_reads),
     );
     check(report.detail.writes > 0, "no writes".into());
+    check(
+        report.duplicate_payments == 0,
+        format!("{} duplicate payments", report.duplicate_payments),
+    );
+    check(
+        report.drifted_counters == 0,
+        format!(
+            "{} counters differed from the database",
+            report.drifted_counters
+        ),
+    );
+    let d = &report.detail;
+    check(
+        d.payments > 0 && d.replays > 0 && d.mismatches > 0 && d.approvals > 0,
+        format!(
+            "payments {}, replays {}, 422s {}, approvals {}: every kind happened",
+            d.payments, d.replays, d.mismatches, d.approvals
+        ),
+    );
+    check(
+        d.approvals as i64 == d.approved_requests,
+        format!(
+            "{} approvals answered, {} in the database",
+            d.approvals, d.approved_requests
+        ),
+    );
     // The burst is three times the limit: at most the limit admitted, the rest answered 429.
     check(
         report.detail.logins_admitted <= u64::from(LOGIN_LIMIT)
@@ -165,6 +191,18 @@ async fn call(
     user: Option<&str>,
     body: &str,
 ) -> (u16, String) {
+    call_with_key(app, method, path, user, body, None).await
+}
+
+/// [`call`] with an Idempotency-Key.
+async fn call_with_key(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    user: Option<&str>,
+    body: &str,
+    key: Option<&str>,
+) -> (u16, String) {
     use tower::ServiceExt;
     let mut request = http::Request::builder()
         .method(method)
@@ -172,6 +210,9 @@ async fn call(
         .header("content-type", "application/json");
     if let Some(user) = user {
         request = request.header("x-user-id", user);
+    }
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
     }
     let mut request = request
         .body(axum::body::Body::from(body.to_owned()))
@@ -255,35 +296,78 @@ async fn api_refuses_what_it_must() {
     assert_eq!(status, 200);
     assert!(body.contains("\"class_id\":2"), "{body}");
 
-    // Payments: the admin only, amounts in range, known students.
+    // Payments: an Idempotency-Key, the admin only, amounts in range, known students.
     let pay =
         |student: i64, cents: i64| format!("{{\"student_id\":{student},\"amount_cents\":{cents}}}");
+    let pay_with = async |user: &str, body: &str, key: &str| {
+        call_with_key(&app, "POST", "/api/payments", Some(user), body, Some(key))
+            .await
+            .0
+    };
     assert_eq!(
-        call(&app, "POST", "/api/payments", Some("s7"), &pay(7, 500))
+        call(&app, "POST", "/api/payments", Some("a1"), &pay(7, 500))
             .await
             .0,
-        403
+        400,
+        "no Idempotency-Key"
     );
-    assert_eq!(
-        call(&app, "POST", "/api/payments", Some("a1"), &pay(7, -5))
-            .await
-            .0,
-        422
-    );
-    assert_eq!(
-        call(&app, "POST", "/api/payments", Some("a1"), &pay(9999, 500))
-            .await
-            .0,
-        404
-    );
-    assert_eq!(
-        call(&app, "POST", "/api/payments", Some("a1"), "{not json")
-            .await
-            .0,
-        400
-    );
-    let (status, body) = call(&app, "POST", "/api/payments", Some("a1"), &pay(7, 500)).await;
+    assert_eq!(pay_with("s7", &pay(7, 500), "k-1").await, 403);
+    assert_eq!(pay_with("a1", &pay(7, -5), "k-2").await, 422);
+    assert_eq!(pay_with("a1", &pay(9999, 500), "k-3").await, 404);
+    assert_eq!(pay_with("a1", "{not json", "k-4").await, 400);
+    let (status, body) = call_with_key(
+        &app,
+        "POST",
+        "/api/payments",
+        Some("a1"),
+        &pay(7, 500),
+        Some("k-5"),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
+    // The retry replays the receipt; the key with another amount is refused; one payment.
+    let (status, replay) = call_with_key(
+        &app,
+        "POST",
+        "/api/payments",
+        Some("a1"),
+        &pay(7, 500),
+        Some("k-5"),
+    )
+    .await;
+    assert_eq!((status, replay.as_str()), (200, body.as_str()));
+    assert_eq!(pay_with("a1", &pay(7, 600), "k-5").await, 422);
+    assert_eq!(state.db.duplicate_payments().await.unwrap(), 0);
+    // The parent was notified: their badge counts it, and reading clears it.
+    let badge = "/api/notifications/count";
+    assert_eq!(
+        call(&app, "GET", badge, Some("p7"), "").await,
+        (200, "{\"unread\":1}".into())
+    );
+    assert_eq!(
+        call(&app, "POST", "/api/notifications/read", Some("p7"), "")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&app, "GET", badge, Some("p7"), "").await,
+        (200, "{\"unread\":0}".into())
+    );
+
+    // Approvals: the admin only; once; the student is notified.
+    let approve = "/api/requests/1/approve";
+    assert_eq!(call(&app, "POST", approve, Some("s10"), "").await.0, 403);
+    let (status, body) = call(&app, "POST", approve, Some("a1"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"approved\":true"), "{body}");
+    let (status, body) = call(&app, "POST", approve, Some("a1"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"approved\":false"), "{body}");
+    assert_eq!(
+        call(&app, "GET", badge, Some("s10"), "").await,
+        (200, "{\"unread\":1}".into())
+    );
 
     // Profiles: one's own, printable, and no self-suspension.
     let profile = |name: &str, active: bool| {
