@@ -16,14 +16,14 @@ use crate::key::Key;
 use crate::store::{MemoryEntry, MemoryLayer, MemoryUpdate, Operation, lease_key};
 use crate::ttl::Ttl;
 
-/// Reads a counter; when it is missing (or holds another client's data), takes the recount
-/// lease: `KEYS[1]` the counter, `KEYS[2]` its lease key, `ARGV[1]` the token, `ARGV[2]` the lease
+/// Reads a counter; when it is missing (or holds another client's data, or a number of more
+/// than 17 digits), takes the recount lease: `KEYS[1]` the counter, `KEYS[2]` its lease key, `ARGV[1]` the token, `ARGV[2]` the lease
 /// (ms). Answers `{1, value}`, `{0}` (another recount is in flight) or `{2}` (the lease is this
 /// caller's: recount).
 pub const READ_SCRIPT: &str = r"
 local v = redis.pcall('GET', KEYS[1])
 if type(v) == 'string' then
-  if string.match(v, '^%-?%d+$') then return {1, v} end
+  if string.match(v, '^%-?%d+$') and #v <= 18 then return {1, v} end
   if v == '' and redis.call('PTTL', KEYS[1]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
     return {0}
   end
@@ -40,7 +40,7 @@ pub const FORCE_SCRIPT: &str = r"
 local v = redis.pcall('GET', KEYS[1])
 redis.call('SET', KEYS[1], '', 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-if type(v) == 'string' and string.match(v, '^%-?%d+$') then return v end
+if type(v) == 'string' and string.match(v, '^%-?%d+$') and #v <= 18 then return v end
 return false
 ";
 
@@ -104,7 +104,12 @@ fn count_of(entry: &MemoryEntry) -> Option<i64> {
     if entry.lease != 0 {
         return None;
     }
-    std::str::from_utf8(&entry.value).ok()?.parse().ok()
+    let text = std::str::from_utf8(&entry.value).ok()?;
+    // As the scripts read it: at most 18 characters, so that any count read fits an i64.
+    if text.len() > 18 {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// What a read found.

@@ -15,9 +15,17 @@
 //! | Redis unusable, route proceeds | the handler runs without the guarantee (logged, counted) |
 //!
 //! Keys are scoped by client: the [`AuthenticatedUser`] extension when the authentication
-//! middleware put one there, else the peer address (`ConnectInfo`), else `anonymous`. Paths are
-//! matched like [`RateLimitLayer`](crate::ratelimit::layer::RateLimitLayer)'s: the full path
-//! (axum's `OriginalUri` inside nested routers), methods in any case.
+//! middleware put one there, else the peer address (`ConnectInfo`), else `anonymous`. Put the
+//! layer inside authentication: a client's address can change between a request and its retry
+//! (a mobile network, a NAT pool), and behind a proxy every unauthenticated client has the
+//! proxy's address, so only an authenticated scope makes the guarantee hold for every client.
+//! Paths are matched like [`RateLimitLayer`](crate::ratelimit::layer::RateLimitLayer)'s: the
+//! full path (axum's `OriginalUri` inside nested routers), methods in any case. The fingerprint
+//! covers the method, the path with its query, and the body.
+//!
+//! The response passes through as it comes; its first bytes, up to the idempotency's
+//! [`max_body_bytes`](super::Idempotency::max_body_bytes), are kept for the record. A larger
+//! body is streamed on without being buffered whole, and stored as omitted.
 //!
 //! ```no_run
 //! use std::net::SocketAddr;
@@ -46,9 +54,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, OriginalUri};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 
 use super::{
     BODY_OMITTED_HEADER, Begin, Fingerprint, Idempotency, IdempotencyKey, KEY_HEADER, OnOutage,
@@ -219,6 +228,38 @@ impl<S> fmt::Debug for Idempotent<S> {
     }
 }
 
+/// A body whose first bytes were already read: they come first, then the rest as it comes.
+struct Prefixed {
+    head: Option<bytes::Bytes>,
+    rest: Body,
+}
+
+impl HttpBody for Prefixed {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        if let Some(head) = self.head.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(head))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+/// Logs (the run counted it) when a response could not be stored.
+fn report_incomplete(stored: crate::error::Result<bool>) {
+    match stored {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("the response was not stored for replays: a retry may run again")
+        }
+        Err(e) => tracing::warn!(error = %e, "the response could not be stored for replays"),
+    }
+}
+
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Body::from(text));
     *response.status_mut() = status;
@@ -332,10 +373,13 @@ where
                 },
             };
             let client = Shared::client(&req);
-            let path = match req.extensions().get::<OriginalUri>() {
-                Some(OriginalUri(uri)) => uri.path().to_owned(),
-                None => req.uri().path().to_owned(),
+            let uri = match req.extensions().get::<OriginalUri>() {
+                Some(OriginalUri(uri)) => uri,
+                None => req.uri(),
             };
+            let path = uri
+                .path_and_query()
+                .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
             let (parts, body) = req.into_parts();
             let Ok(body) = axum::body::to_bytes(body, shared.max_request_body).await else {
                 return Ok(plain(
@@ -394,29 +438,58 @@ where
                 },
             };
             let response = inner.call(req).await?;
-            let (parts, body) = response.into_parts();
-            let body = match axum::body::to_bytes(body, usize::MAX).await {
-                Ok(body) => body,
-                Err(e) => {
-                    // The handler's body failed mid-way: nothing to store; the in-progress
-                    // record expires with its lease.
-                    tracing::warn!(error = %e, "response body failed; not stored");
-                    let mut response = Response::from_parts(parts, Body::empty());
-                    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    return Ok(response);
-                }
-            };
-            let mut stored = StoredResponse::new(parts.status.as_u16(), body.clone());
-            for name in &shared.keep {
-                for value in parts.headers.get_all(name) {
-                    if let Ok(value) = value.to_str() {
-                        stored = stored.with_header(name.as_str(), value);
+            let (parts, mut body) = response.into_parts();
+            let max = idem.max_body();
+            let mut kept = bytes::BytesMut::new();
+            let complete = |status: u16, headers: &http::HeaderMap, body: bytes::Bytes, omitted| {
+                let mut stored = StoredResponse::new(status, body);
+                stored.body_omitted = omitted;
+                for name in &shared.keep {
+                    for value in headers.get_all(name) {
+                        if let Ok(value) = value.to_str() {
+                            stored = stored.with_header(name.as_str(), value);
+                        }
                     }
                 }
+                stored
+            };
+            loop {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            kept.extend_from_slice(&data);
+                            if kept.len() > max {
+                                // Too large to store: recorded without its body, and the rest
+                                // streamed on as it comes.
+                                let stored = complete(
+                                    parts.status.as_u16(),
+                                    &parts.headers,
+                                    bytes::Bytes::new(),
+                                    true,
+                                );
+                                report_incomplete(pending.complete(&stored).await);
+                                let body = Body::new(Prefixed {
+                                    head: Some(kept.freeze()),
+                                    rest: body,
+                                });
+                                return Ok(Response::from_parts(parts, body));
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        // The handler's body failed mid-way: nothing to store; the in-progress
+                        // record expires with its lease.
+                        tracing::warn!(error = %e, "response body failed; not stored");
+                        let mut response = Response::from_parts(parts, Body::empty());
+                        *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        return Ok(response);
+                    }
+                    None => break,
+                }
             }
-            if let Err(e) = pending.complete(&stored).await {
-                tracing::warn!(error = %e, "the response could not be stored for replays");
-            }
+            let body = kept.freeze();
+            let stored = complete(parts.status.as_u16(), &parts.headers, body.clone(), false);
+            report_incomplete(pending.complete(&stored).await);
             Ok(Response::from_parts(parts, Body::from(body)))
         })
     }

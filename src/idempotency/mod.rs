@@ -3,7 +3,8 @@
 //! silent.
 //!
 //! - A key (1 to 255 visible ASCII characters) is scoped by tenant ([`Idempotency::in_scope`]),
-//!   route and client, and bound to a [`Fingerprint`] of the request (method, path, body digest).
+//!   route and client, and bound to a [`Fingerprint`] of the request (method, path with its
+//!   query, body digest).
 //! - The first request with a key writes an in-progress record with a lease (one round trip),
 //!   runs, and then stores its response (status, chosen headers, body up to a size) for the
 //!   retention time (24 h by default).
@@ -135,12 +136,12 @@ impl fmt::Debug for IdempotencyKey {
 }
 
 /// What a request is, for telling a retry from another request under the same key: SHA-256 of
-/// the method, the path and the body.
+/// the method, the path (with its query) and the body.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fingerprint(String);
 
 impl Fingerprint {
-    /// The fingerprint of a request.
+    /// The fingerprint of a request; `path` with its query (`/api/export?format=csv`).
     pub fn of(method: &str, path: &str, body: &[u8]) -> Fingerprint {
         let mut hash = Sha256::new();
         hash.update(method.to_ascii_uppercase().as_bytes());
@@ -264,6 +265,9 @@ pub struct IdempotencyStats {
     pub mismatches: u64,
     /// Requests that found the backend unusable.
     pub unavailable: u64,
+    /// Runs whose response could not be stored (the backend was unusable, or the run outlived
+    /// its lease and another run had started): a retry may run again.
+    pub incomplete: u64,
 }
 
 #[derive(Default)]
@@ -273,6 +277,7 @@ struct Counters {
     in_progress: AtomicU64,
     mismatches: AtomicU64,
     unavailable: AtomicU64,
+    incomplete: AtomicU64,
 }
 
 /// Idempotency records on the cache's store. Cheap to clone.
@@ -340,6 +345,11 @@ impl Idempotency {
         self.retention
     }
 
+    /// The largest response body stored.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
     /// The store's breaker cool-down, for `Retry-After` on a refusal.
     pub fn retry_after(&self) -> std::time::Duration {
         self.store.cool_down()
@@ -354,6 +364,7 @@ impl Idempotency {
             in_progress: c.in_progress.load(Ordering::Relaxed),
             mismatches: c.mismatches.load(Ordering::Relaxed),
             unavailable: c.unavailable.load(Ordering::Relaxed),
+            incomplete: c.incomplete.load(Ordering::Relaxed),
         }
     }
 
@@ -490,9 +501,9 @@ pub struct Pending {
 
 impl Pending {
     /// Stores `response` for replays (its body only up to the configured maximum). `Ok(true)`
-    /// when stored; `Ok(false)` when the in-progress record was gone (its lease ran out: a
-    /// retry may already have run) or the backend was unusable (retries are refused with 409
-    /// until the lease ends, then run).
+    /// when stored; `Ok(false)` (logged and counted in [`IdempotencyStats::incomplete`]) when
+    /// another run had started after this one outlived its lease, or the backend was unusable
+    /// (retries are refused with 409 until the lease ends, then run).
     pub async fn complete(self, response: &StoredResponse) -> Result<bool> {
         let omit = response.body.len() > self.idempotency.max_body;
         let (body, body_base64) = if omit {
@@ -530,16 +541,31 @@ impl Pending {
             .run(&op, OutageRule::FailClosed)
             .await?
         {
-            Answered::Backend(stored) => {
-                if !stored {
-                    tracing::warn!(
-                        key = %self.record_key,
-                        "the in-progress record was gone when the run completed (its lease ran out)"
-                    );
-                }
-                Ok(stored)
+            Answered::Backend(true) => Ok(true),
+            Answered::Backend(false) => {
+                tracing::warn!(
+                    key = %self.record_key,
+                    "the run outlived its lease and another run under the key started: this \
+                     response is not stored"
+                );
+                self.idempotency
+                    .counters
+                    .incomplete
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(false)
             }
-            _ => Ok(false),
+            _ => {
+                tracing::warn!(
+                    key = %self.record_key,
+                    "the response could not be stored (the backend is unusable): retries are \
+                     refused with 409 until the lease ends, then run again"
+                );
+                self.idempotency
+                    .counters
+                    .incomplete
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(false)
+            }
         }
     }
 

@@ -1,33 +1,78 @@
 //! The idempotency record's atomic steps as store [`Operation`]s: its Redis scripts and its
-//! memory twin (the memory layer's entry for the record's key, as Redis keeps it in the key).
+//! memory twin. The twin keeps records in a table of their own, never evicted before they
+//! expire: a record lost to a cache's byte budget would let a retry run a second time.
 //!
 //! A record is a JSON string. While the request runs it is the in-progress record, unique to
 //! that run (it carries a random token), with the lease as its TTL; once the response is known
 //! it is the completed record, for the retention time. The scripts compare whole records, so
 //! only the run that wrote the in-progress record can complete it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::error::Result;
 use crate::key::Key;
-use crate::store::{MemoryLayer, MemoryUpdate, Operation};
+use crate::store::{MemoryLayer, Operation};
 use crate::ttl::Ttl;
+
+/// The memory twin's records: until when each lives. Expired records are dropped whenever the
+/// table has doubled since it was last pruned.
+#[derive(Default)]
+struct Table {
+    records: HashMap<String, (Bytes, Instant)>,
+    pruned_len: usize,
+}
+
+impl Table {
+    fn prune(&mut self, now: Instant) {
+        if self.records.len() < (2 * self.pruned_len).max(1024) {
+            return;
+        }
+        self.records.retain(|_, (_, until)| *until > now);
+        self.pruned_len = self.records.len();
+    }
+}
+
+#[derive(Default)]
+struct Twin {
+    table: Mutex<Table>,
+}
+
+impl Twin {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // Every update is one insert: a panic cannot leave a record half-written.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn twin(memory: &MemoryLayer) -> Arc<Twin> {
+    memory.twin(|_| Twin::default())
+}
 
 /// Starts a run unless a record exists: `KEYS[1]` the record, `ARGV[1]` the in-progress record,
 /// `ARGV[2]` the lease (ms). Answers 1 (started) or the record found. Another client's value of
-/// another type at the key is replaced.
+/// another type at the key is replaced; a string without TTL gets the lease as its TTL (it guards
+/// nothing, and must not block the key for good).
 pub const BEGIN_SCRIPT: &str = r"
 local found = redis.pcall('GET', KEYS[1])
-if type(found) == 'string' then return found end
+if type(found) == 'string' then
+  if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+  return found
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
 /// Replaces the in-progress record `ARGV[1]` by the completed record `ARGV[2]` for `ARGV[3]` ms,
-/// if it is still there. Answers 1 or 0.
+/// if it is still there, or if the key is empty (the run outlived its lease, and no other run
+/// started since: one would have written its own record). Answers 1 or 0.
 pub const COMPLETE_SCRIPT: &str = r"
-if redis.pcall('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local current = redis.pcall('GET', KEYS[1])
+if current ~= ARGV[1] and current ~= false then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 ";
@@ -77,20 +122,20 @@ impl Operation for BeginOp<'_> {
     }
 
     async fn on_memory(&self, memory: &MemoryLayer) -> Result<Began> {
-        let (record, lease) = (self.in_progress.clone(), self.lease);
-        memory
-            .compute(self.key, move |entry| match entry {
-                Some(found) => (MemoryUpdate::Keep, Began::Found(found.value)),
-                None => (
-                    MemoryUpdate::Put {
-                        value: record,
-                        lease: 0,
-                        ttl: lease,
-                    },
-                    Began::Started,
-                ),
-            })
-            .await
+        let twin = twin(memory);
+        let mut table = twin.lock();
+        let now = Instant::now();
+        table.prune(now);
+        if let Some((found, until)) = table.records.get(self.key.as_str())
+            && *until > now
+        {
+            return Ok(Began::Found(found.clone()));
+        }
+        table.records.insert(
+            self.key.as_str().to_owned(),
+            (self.in_progress.clone(), now + self.lease.as_duration()),
+        );
+        Ok(Began::Started)
     }
 }
 
@@ -121,23 +166,21 @@ impl Operation for CompleteOp<'_> {
     }
 
     async fn on_memory(&self, memory: &MemoryLayer) -> Result<bool> {
-        let (mine, completed, retention) = (
-            self.in_progress.clone(),
-            self.completed.clone(),
-            self.retention,
+        let twin = twin(memory);
+        let mut table = twin.lock();
+        let now = Instant::now();
+        let current = table
+            .records
+            .get(self.key.as_str())
+            .filter(|(_, until)| *until > now)
+            .map(|(record, _)| record);
+        if current.is_some_and(|record| record != self.in_progress) {
+            return Ok(false);
+        }
+        table.records.insert(
+            self.key.as_str().to_owned(),
+            (self.completed.clone(), now + self.retention.as_duration()),
         );
-        memory
-            .compute(self.key, move |entry| match entry {
-                Some(found) if found.value == mine => (
-                    MemoryUpdate::Put {
-                        value: completed,
-                        lease: 0,
-                        ttl: retention,
-                    },
-                    true,
-                ),
-                _ => (MemoryUpdate::Keep, false),
-            })
-            .await
+        Ok(true)
     }
 }

@@ -196,10 +196,15 @@ impl Locks {
             key: &name.key,
             lease,
         };
+        let sent = tokio::time::Instant::now();
         match self.store.run(&op, OutageRule::FailClosed).await {
-            Ok(Answered::Backend(Taken::Token(token))) => {
-                Acquire::Acquired(LockGuard::new(self.clone(), name.clone(), token, lease))
-            }
+            Ok(Answered::Backend(Taken::Token(token))) => Acquire::Acquired(LockGuard::new(
+                self.clone(),
+                name.clone(),
+                token,
+                lease,
+                sent,
+            )),
             Ok(Answered::Backend(Taken::Held(remaining))) => Acquire::Contended { remaining },
             Ok(_) => Acquire::Unavailable,
             Err(e) => {
@@ -296,10 +301,18 @@ pub struct LockGuard {
     held: Arc<Held>,
     watchdog: Option<JoinHandle<()>>,
     released: bool,
+    /// When the acquisition was sent: the lease counts from there.
+    granted: tokio::time::Instant,
 }
 
 impl LockGuard {
-    fn new(locks: Locks, name: LockName, token: u64, lease: Ttl) -> LockGuard {
+    fn new(
+        locks: Locks,
+        name: LockName,
+        token: u64,
+        lease: Ttl,
+        granted: tokio::time::Instant,
+    ) -> LockGuard {
         let (signal, _) = watch::channel(false);
         LockGuard {
             locks,
@@ -312,6 +325,7 @@ impl LockGuard {
             }),
             watchdog: None,
             released: false,
+            granted,
         }
     }
 
@@ -325,7 +339,7 @@ impl LockGuard {
         &self.name
     }
 
-    /// The lease this holding was granted (or last extended to).
+    /// The lease this holding was granted (the watchdog renews it at this length).
     pub fn lease(&self) -> Ttl {
         self.lease
     }
@@ -348,11 +362,13 @@ impl LockGuard {
     /// lost it already. An error when the backend is unusable (the lock then ends with its
     /// lease).
     pub async fn release(mut self) -> Result<bool> {
-        self.released = true;
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.abort();
         }
+        // Marked released only once the call returned: if this future is dropped meanwhile,
+        // the guard's drop releases in the background.
         let released = self.locks.release_token(&self.name, self.token).await;
+        self.released = true;
         self.held.lose();
         released
     }
@@ -369,7 +385,10 @@ impl LockGuard {
                 self.lease,
                 self.held.clone(),
             );
-            self.watchdog = Some(tokio::spawn(watch_over(locks, name, token, lease, held)));
+            let granted = self.granted;
+            self.watchdog = Some(tokio::spawn(watch_over(
+                locks, name, token, lease, held, granted,
+            )));
         }
         self
     }
@@ -390,29 +409,44 @@ impl LockGuard {
 }
 
 /// The watchdog: extends the lease every third of it; marks the holding lost when the lock is
-/// taken, or when the lease ran out without a successful extension.
-async fn watch_over(locks: Locks, name: LockName, token: u64, lease: Ttl, held: Arc<Held>) {
+/// taken, or the moment the lease may have run out without a successful extension. The lease
+/// counts from when each extension was sent (the server may have applied it as early as that),
+/// and from when the acquisition was sent for the first one.
+async fn watch_over(
+    locks: Locks,
+    name: LockName,
+    token: u64,
+    lease: Ttl,
+    held: Arc<Held>,
+    granted: tokio::time::Instant,
+) {
     let every = (lease.as_duration() / 3).max(Duration::from_millis(1));
-    let mut good_until = tokio::time::Instant::now() + lease.as_duration();
+    let mut good_until = granted + lease.as_duration();
     loop {
-        tokio::time::sleep(every).await;
-        match locks.extend_token(&name, token, lease).await {
-            Ok(true) => good_until = tokio::time::Instant::now() + lease.as_duration(),
-            Ok(false) => {
+        let next = (tokio::time::Instant::now() + every).min(good_until);
+        tokio::time::sleep_until(next).await;
+        let sent = tokio::time::Instant::now();
+        if sent >= good_until {
+            tracing::warn!(lock = %name.as_str(), "the lock's lease ran out before it could be extended");
+            held.lose();
+            return;
+        }
+        match tokio::time::timeout_at(good_until, locks.extend_token(&name, token, lease)).await {
+            Ok(Ok(true)) => good_until = sent + lease.as_duration(),
+            Ok(Ok(false)) => {
                 tracing::warn!(lock = %name.as_str(), "the lock was lost: another holder has it");
                 held.lose();
                 return;
             }
-            Err(e) => {
-                if tokio::time::Instant::now() >= good_until {
-                    tracing::warn!(
-                        lock = %name.as_str(),
-                        error = %e,
-                        "the lock's lease ran out while the backend was unusable"
-                    );
-                    held.lose();
-                    return;
-                }
+            // The backend is unusable: try again until the lease runs out.
+            Ok(Err(_)) => {}
+            Err(_) => {
+                tracing::warn!(
+                    lock = %name.as_str(),
+                    "the lock's lease ran out while the backend did not answer"
+                );
+                held.lose();
+                return;
             }
         }
     }

@@ -21,10 +21,10 @@ use crate::ttl::Ttl;
 
 /// Takes the lock if it is free and issues a token: `KEYS[1]` the lock, `KEYS[2]` its fence,
 /// `ARGV[1]` the lease (ms), `ARGV[2]` how long the fence key lives (ms). Answers `{1, token}`,
-/// or `{0, remaining lease of the holder (ms)}`. Another client's value of another type at the
-/// fence key is replaced; at the lock key it is respected as a holder until its TTL ends (a
-/// value without TTL gets the lease as its TTL, so a foreign key cannot block the lock for
-/// good).
+/// or `{0, remaining lease of the holder (ms)}`. A fence that is not a number below 2^53 (another
+/// client's value) is ignored; at the lock key another client's value is respected as a holder
+/// until its TTL ends (a value without TTL gets the lease as its TTL, so a foreign key cannot
+/// block the lock for good).
 pub const ACQUIRE_SCRIPT: &str = r"
 local held = redis.call('PTTL', KEYS[1])
 if held ~= -2 then
@@ -39,7 +39,7 @@ local token = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local last = redis.pcall('GET', KEYS[2])
 if type(last) == 'string' then
   last = tonumber(last)
-  if last and last == last and last + 1 > token and last < token + 3600000000 then
+  if last and last == last and last + 1 > token and last < 9007199254740991 then
     token = last + 1
   end
 end
@@ -89,9 +89,18 @@ static SCRIPTS: std::sync::LazyLock<[redis::Script; 3]> = std::sync::LazyLock::n
 });
 
 /// The memory twin: one table per memory layer, shared by every [`Locks`](super::Locks) on it.
+/// Bounded: whenever it has doubled, slots that hold nothing are dropped (the next token of a
+/// dropped name still exceeds the last one, since tokens are at least the clock).
 #[derive(Default)]
 pub(super) struct Twin {
-    table: Mutex<HashMap<String, Slot>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    slots: HashMap<String, Slot>,
+    /// Slots after the last prune.
+    pruned_len: usize,
 }
 
 struct Slot {
@@ -102,9 +111,24 @@ struct Slot {
 }
 
 impl Twin {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // Every update is one assignment: a panic cannot leave a slot half-written.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Table {
+    /// Drops the slots that hold nothing and whose last token is behind the clock, once the
+    /// table has doubled since the last prune (amortized O(1) per acquisition).
+    fn prune(&mut self, now: Instant) {
+        if self.slots.len() < (2 * self.pruned_len).max(1024) {
+            return;
+        }
+        let floor = epoch_micros();
+        self.slots.retain(|_, slot| {
+            slot.holder.is_some_and(|(_, until)| until > now) || slot.last >= floor
+        });
+        self.pruned_len = self.slots.len();
     }
 }
 
@@ -168,10 +192,14 @@ impl Operation for Acquire<'_> {
         let twin = twin(memory);
         let mut table = twin.lock();
         let now = Instant::now();
-        let slot = table.entry(self.key.as_str().to_owned()).or_insert(Slot {
-            holder: None,
-            last: 0,
-        });
+        table.prune(now);
+        let slot = table
+            .slots
+            .entry(self.key.as_str().to_owned())
+            .or_insert(Slot {
+                holder: None,
+                last: 0,
+            });
         if let Some((_, until)) = slot.holder
             && until > now
         {
@@ -208,7 +236,7 @@ impl Operation for Release<'_> {
         let twin = twin(memory);
         let mut table = twin.lock();
         let now = Instant::now();
-        Ok(match table.get_mut(self.key.as_str()) {
+        Ok(match table.slots.get_mut(self.key.as_str()) {
             Some(slot) if matches!(slot.holder, Some((t, until)) if t == self.token && until > now) =>
             {
                 slot.holder = None;
@@ -247,7 +275,7 @@ impl Operation for Extend<'_> {
         let twin = twin(memory);
         let mut table = twin.lock();
         let now = Instant::now();
-        Ok(match table.get_mut(self.key.as_str()) {
+        Ok(match table.slots.get_mut(self.key.as_str()) {
             Some(slot) => match &mut slot.holder {
                 Some((t, until)) if *t == self.token && *until > now => {
                     *until = now + self.lease.as_duration();

@@ -172,3 +172,48 @@ async fn redis_unusable_refuses_or_proceeds_as_the_route_says() {
     );
     server.thaw();
 }
+
+/// A body larger than the stored maximum reaches the client whole; the record keeps the status
+/// and headers, and a retry gets them with `Idempotent-Body-Omitted: true`. The query is part of
+/// the fingerprint.
+#[tokio::test]
+async fn large_bodies_stream_and_queries_count() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(Idempotency::new(&Cache::memory()).max_body_bytes(1_000))
+        .route(
+            "POST",
+            "/export",
+            IdempotentRoute::new(Ident::from_static("export")),
+        )
+        .unwrap();
+    let handler = {
+        let runs = runs.clone();
+        move || {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                (
+                    StatusCode::CREATED,
+                    [("location", "/exports/1")],
+                    "y".repeat(100_000),
+                )
+            }
+        }
+    };
+    let app = Router::new().route("/export", post(handler)).layer(layer);
+    let (status, _, body) = send(&app, request("/export?format=csv", Some("e1"), "")).await;
+    assert_eq!((status, body.len()), (StatusCode::CREATED, 100_000));
+    let (status, headers, body) = send(&app, request("/export?format=csv", Some("e1"), "")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(headers["idempotent-body-omitted"], "true");
+    assert_eq!(headers["location"], "/exports/1");
+    assert!(body.is_empty());
+    let (status, _, _) = send(&app, request("/export?format=pdf", Some("e1"), "")).await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "another query, another request"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -36,6 +36,7 @@ both_backends!(
     a_body_over_the_limit_is_not_stored,
     binary_bodies_replay_exactly,
     fifty_concurrent_duplicates_run_once,
+    a_run_that_outlived_its_lease_still_stores_when_no_other_run_started,
 );
 
 fn key(text: &str) -> IdempotencyKey {
@@ -378,4 +379,68 @@ mod redis_only {
         ));
         assert_eq!(cache.stats().errors, 0);
     }
+}
+
+/// A run slower than its lease, with no retry meanwhile: its response is still stored (no other
+/// run can have started, it would have written its own record), so a later retry replays it.
+async fn a_run_that_outlived_its_lease_still_stores_when_no_other_run_started(backend: Backend) {
+    let (_cache, idem) = idempotency(&backend).await;
+    let idem = idem.lease(Ttl::from_millis(100).unwrap());
+    let (k, f) = (key("k-slow"), payment("{}"));
+    let pending = run(idem.begin(&PAYMENTS, "c", &k, &f).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        pending
+            .complete(&StoredResponse::new(201, "late"))
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        idem.begin(&PAYMENTS, "c", &k, &f).await.unwrap(),
+        Begin::Replay(_)
+    ));
+    // But when another run started meanwhile, the late one does not overwrite it.
+    let (k2, f2) = (key("k-slow-2"), payment("{}"));
+    let late = run(idem.begin(&PAYMENTS, "c", &k2, &f2).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let retry = run(idem.begin(&PAYMENTS, "c", &k2, &f2).await.unwrap());
+    assert!(
+        !late
+            .complete(&StoredResponse::new(201, "late"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        retry
+            .complete(&StoredResponse::new(201, "retry"))
+            .await
+            .unwrap()
+    );
+    match idem.begin(&PAYMENTS, "c", &k2, &f2).await.unwrap() {
+        Begin::Replay(stored) => assert_eq!(stored.body.as_ref(), b"retry"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(idem.stats().incomplete, 1);
+}
+
+/// On the memory backend records are kept apart from the cache's entries: a cache full of
+/// values never evicts a record (which would let a retry run twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_records_survive_a_full_cache() {
+    let cache = Cache::new(speedlayer::Config::memory().memory_max_bytes(64 * 1024))
+        .await
+        .unwrap();
+    let idem = Idempotency::new(&cache);
+    let (k, f) = (key("k-survives"), payment("{}"));
+    let _pending = run(idem.begin(&PAYMENTS, "c", &k, &f).await.unwrap());
+    for i in 0..20_000u32 {
+        cache
+            .set(&support::key(i), &"x".repeat(100), Ttl::seconds(60))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        idem.begin(&PAYMENTS, "c", &k, &f).await.unwrap(),
+        Begin::InProgress
+    ));
 }
