@@ -697,16 +697,17 @@ fn badge_key(ns: &Namespace, user_id: &str) -> Result<Key, KeyError> {
 }
 
 impl AppState {
-    /// Writes a notification (the fact), then counts it in the user's badge (the convenience).
+    /// Writes a notification (the fact) and counts it in the user's badge (the convenience):
+    /// the update is marked before the write and added after it, so that a badge recount racing
+    /// the write neither misses nor doubles it. A missing badge is recounted on its next read.
     async fn notify(&self, user_id: &str, body: &str) -> Result<(), ApiError> {
-        self.db
-            .notify(user_id, body)
+        let key = badge_key(self.cache.namespace(), user_id)?;
+        let ((), _counted) = self
+            .counters
+            .update(&key, 1, BADGE_TTL, || self.db.notify(user_id, body))
             .await
             .map_err(|e| db_error(&e))?;
         self.metrics.notifications.fetch_add(1, Ordering::Relaxed);
-        let key = badge_key(self.cache.namespace(), user_id)?;
-        // A missing badge is recounted on its next read; nothing to do then.
-        let _ = self.counters.increment(&key, BADGE_TTL).await;
         Ok(())
     }
 }

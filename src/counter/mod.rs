@@ -4,24 +4,33 @@
 //! The database holds the facts (the rows); the counter is a convenience that must never drift
 //! from them for long:
 //!
-//! - [`Counters::add`] (and [`increment`](Counters::increment),
-//!   [`decrement`](Counters::decrement)) updates a live counter and refreshes its TTL, in one round
-//!   trip. It never creates a counter: a missing counter is recounted from the database on its
-//!   next read, so an update made while the counter is missing is in that recount, never added on
-//!   top of it.
+//! - An update has two steps around the database write: [`Counters::begin`] marks it in flight
+//!   (one round trip, before the write), then [`CounterUpdate::add`] (or
+//!   [`increment`](CounterUpdate::increment), [`decrement`](CounterUpdate::decrement)) adds its
+//!   delta to a live counter and refreshes its TTL (one round trip, after the write).
+//!   [`Counters::update`] does both around a write future. An update never creates a counter: a
+//!   missing counter is recounted from the database on its next read.
 //! - [`Counters::get`] reads the counter; when it is missing it recounts with the caller's loader
-//!   (the database's `COUNT(*)`) under a lease. An update that arrives while the recount runs
-//!   deletes the lease instead of counting, so the recount (which may or may not have seen that
-//!   update's row) is returned but not stored, and the next read recounts: an update racing a
+//!   (the database's `COUNT(*)`) under a lease, and stores the recount only if no update was in
+//!   flight while it ran. An update in flight may or may not be in the database's count, so the
+//!   recount is then returned but not stored, and the next read recounts: an update racing a
 //!   recount is neither lost nor counted twice.
 //! - [`Counters::reconcile`] resets a counter to the database's figure with the same guarantee
 //!   (for a periodic or sampled drift check).
 //! - **Redis unusable:** reads fall through to the loader (nothing is stored), and an update that
 //!   could not reach Redis invalidates the counter when Redis answers again (the invalidation is
 //!   queued like any other), so that the next read recounts. A counter is never served from the
-//!   store's memory fallback, whose view of the updates is partial.
+//!   store's memory fallback, whose view of the updates is partial. An update whose mark Redis
+//!   lost (a restart without persistence) deletes the counter instead of counting.
 //!
-//! The write path is: write the row to the database, then update the counter.
+//! Why two round trips: an update sent only after the write cannot tell a recount that read the
+//! database before its row (the update must count) from one that read it after (the update must
+//! not), and an update sent only before the write cannot tell whether the write will happen. The
+//! mark taken before the write is what lets a recount know. The first round trip can overlap the
+//! database's own work (`tokio::join!` of [`Counters::begin`] and the statement, before the
+//! commit); it must have answered before the write commits.
+//!
+//! The write path is: begin the update, write the row to the database, then add.
 //!
 //! ```
 //! use speedlayer::counter::Counters;
@@ -40,8 +49,14 @@
 //! // SELECT COUNT(*) FROM notifications WHERE user_id = 42 AND read_at IS NULL
 //! let unread = counters.get(&key, day, || async { Ok::<_, std::io::Error>(3) }).await?;
 //! assert_eq!(unread, 3);
+//! let update = counters.begin(&key).await;
 //! // INSERT INTO notifications ...; then:
-//! assert_eq!(counters.increment(&key, day).await.value(), Some(4));
+//! assert_eq!(update.increment(day).await.value(), Some(4));
+//! // Or both steps around the write:
+//! let (_, counted) = counters
+//!     .update(&key, 1, day, || async { Ok::<_, std::io::Error>(()) })
+//!     .await?;
+//! assert_eq!(counted.value(), Some(5));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
@@ -57,7 +72,132 @@ use crate::ttl::Ttl;
 
 pub mod script;
 
-use script::{AddOp, FillOp, Read, ReadOp, ReleaseOp};
+use script::{AbortOp, AddOp, BeginOp, FillOp, Read, ReadOp, ReleaseOp};
+
+/// How long an update may take between its mark and its add, unless
+/// [`Counters::write_window`] says otherwise.
+pub const DEFAULT_WRITE_WINDOW: Ttl = Ttl::seconds(30);
+
+/// An update of a counter in flight: [`Counters::begin`] marked it before the database write;
+/// [`add`](CounterUpdate::add) counts it after the write, or [`cancel`](CounterUpdate::cancel)
+/// says the write did not happen. Dropped without either (the caller's future was cancelled, or
+/// it returned early), it deletes the counter in the background, since the write may have
+/// happened: the next read recounts.
+#[must_use = "an update dropped without add() or cancel() deletes the counter"]
+pub struct CounterUpdate {
+    store: Store,
+    key: Key,
+    token: u64,
+    /// The mark reached the backend.
+    begun: bool,
+    done: bool,
+}
+
+impl CounterUpdate {
+    /// Adds `delta` to the counter if it is live, and refreshes its TTL to `ttl`. One round
+    /// trip.
+    pub async fn add(mut self, delta: i64, ttl: Ttl) -> Counted {
+        self.done = true;
+        if !self.begun {
+            // Unmarked: a recount may have stored a count with or without this write's row.
+            self.invalidate().await;
+            return Counted::Unavailable;
+        }
+        let op = AddOp {
+            key: &self.key,
+            delta,
+            ttl,
+            token: self.token,
+        };
+        match self.store.run(&op, OutageRule::FailClosed).await {
+            Ok(Answered::Backend(Some(n))) => Counted::Updated(n),
+            Ok(Answered::Backend(None)) => Counted::Absent,
+            Ok(_) => {
+                // The update did not reach Redis: the counter there misses it, so it goes
+                // (queued until Redis answers, and applied before any read reaches it).
+                self.invalidate().await;
+                Counted::Unavailable
+            }
+            Err(e) => {
+                tracing::warn!(key = %self.key, error = %e, "counter update refused; recounted on the next read");
+                self.invalidate().await;
+                Counted::Absent
+            }
+        }
+    }
+
+    /// Adds 1.
+    pub async fn increment(self, ttl: Ttl) -> Counted {
+        self.add(1, ttl).await
+    }
+
+    /// Subtracts 1.
+    pub async fn decrement(self, ttl: Ttl) -> Counted {
+        self.add(-1, ttl).await
+    }
+
+    /// The database write did not happen (it failed or was rolled back): the mark goes and the
+    /// counter stays.
+    pub async fn cancel(mut self) {
+        self.done = true;
+        if self.begun {
+            let op = AbortOp {
+                key: &self.key,
+                token: self.token,
+                invalidate: false,
+            };
+            let _ = self.store.run(&op, OutageRule::FailClosed).await;
+        }
+    }
+
+    async fn invalidate(&self) {
+        if let Err(e) = self
+            .store
+            .invalidate(std::slice::from_ref(&self.key), &[])
+            .await
+        {
+            tracing::warn!(key = %self.key, error = %e, "counter not invalidated");
+        }
+    }
+}
+
+impl Drop for CounterUpdate {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(key = %self.key, "counter update dropped outside a runtime; its mark expires with the write window");
+            return;
+        };
+        let (store, key, token, begun) =
+            (self.store.clone(), self.key.clone(), self.token, self.begun);
+        runtime.spawn(async move {
+            let op = AbortOp {
+                key: &key,
+                token,
+                invalidate: true,
+            };
+            let reached = begun
+                && matches!(
+                    store.run(&op, OutageRule::FailClosed).await,
+                    Ok(Answered::Backend(()))
+                );
+            if !reached {
+                let _ = store.invalidate(std::slice::from_ref(&key), &[]).await;
+            }
+        });
+    }
+}
+
+impl fmt::Debug for CounterUpdate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CounterUpdate")
+            .field("key", &self.key)
+            .field("marked", &self.begun)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A recount's lease, given up (in the background) if the recount ends without storing: its
 /// loader failed, or its caller's future was dropped.
@@ -90,8 +230,9 @@ impl Drop for Recounting {
 pub enum Counted {
     /// The counter was live; this is its new value.
     Updated(i64),
-    /// The counter was missing (or a recount was in flight, or another client's value was
-    /// there): nothing was counted, and the next read recounts from the database.
+    /// The counter was missing (or a recount was in flight, another client's value was there,
+    /// or the update's mark was gone): nothing was counted, the counter is missing, and the next
+    /// read recounts from the database.
     Absent,
     /// The backend was unusable: the counter is invalidated as soon as it answers again, and the
     /// next read recounts.
@@ -132,6 +273,7 @@ impl Reconciled {
 pub struct Counters {
     store: Store,
     lease: Ttl,
+    window: Ttl,
 }
 
 impl Counters {
@@ -146,6 +288,7 @@ impl Counters {
         Counters {
             store: store.clone(),
             lease: DEFAULT_LEASE_TTL,
+            window: DEFAULT_WRITE_WINDOW,
         }
     }
 
@@ -157,36 +300,63 @@ impl Counters {
         self
     }
 
-    /// Adds `delta` to the counter `key` if it is live, and refreshes its TTL to `ttl`.
-    pub async fn add(&self, key: &Key, delta: i64, ttl: Ttl) -> Counted {
-        let op = AddOp { key, delta, ttl };
-        match self.store.run(&op, OutageRule::FailClosed).await {
-            Ok(Answered::Backend(Some(n))) => Counted::Updated(n),
-            Ok(Answered::Backend(None)) => Counted::Absent,
-            Ok(_) => {
-                // The update did not reach Redis: the counter there may miss it, so it goes
-                // (queued until Redis answers, and applied before any read reaches it).
-                if let Err(e) = self.store.invalidate(std::slice::from_ref(key), &[]).await {
-                    tracing::warn!(key = %key, error = %e, "counter not invalidated");
-                }
-                Counted::Unavailable
-            }
+    /// How long an update may take between [`begin`](Counters::begin) and its add (default
+    /// 30 s): a recount is not stored while an update is in flight, and an update that adds
+    /// after this deletes the counter instead of counting (a recount may have counted its row).
+    #[must_use]
+    pub fn write_window(mut self, window: Ttl) -> Counters {
+        self.window = window;
+        self
+    }
+
+    /// Marks an update of counter `key` in flight; call it before the database write, and add
+    /// the delta through the returned [`CounterUpdate`] after the write. One round trip.
+    pub async fn begin(&self, key: &Key) -> CounterUpdate {
+        let token = rand::random::<u64>() | 1;
+        let op = BeginOp {
+            key,
+            token,
+            window: self.window,
+        };
+        let begun = match self.store.run(&op, OutageRule::FailClosed).await {
+            Ok(Answered::Backend(())) => true,
+            Ok(_) => false,
             Err(e) => {
-                tracing::warn!(key = %key, error = %e, "counter update refused; recounted on the next read");
-                let _ = self.store.invalidate(std::slice::from_ref(key), &[]).await;
-                Counted::Absent
+                tracing::warn!(key = %key, error = %e, "counter update not marked; the counter is invalidated after the write");
+                false
             }
+        };
+        CounterUpdate {
+            store: self.store.clone(),
+            key: key.clone(),
+            token,
+            begun,
+            done: false,
         }
     }
 
-    /// Adds 1.
-    pub async fn increment(&self, key: &Key, ttl: Ttl) -> Counted {
-        self.add(key, 1, ttl).await
-    }
-
-    /// Subtracts 1.
-    pub async fn decrement(&self, key: &Key, ttl: Ttl) -> Counted {
-        self.add(key, -1, ttl).await
+    /// Runs the database `write` between the two steps of an update of counter `key` by
+    /// `delta`: [`begin`](Counters::begin), the write, then [`add`](CounterUpdate::add) when it
+    /// succeeded or [`cancel`](CounterUpdate::cancel) when it failed (its error is returned).
+    pub async fn update<T, E, F, Fut>(
+        &self,
+        key: &Key,
+        delta: i64,
+        ttl: Ttl,
+        write: F,
+    ) -> Result<(T, Counted), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let update = self.begin(key).await;
+        match write().await {
+            Ok(value) => Ok((value, update.add(delta, ttl).await)),
+            Err(e) => {
+                update.cancel().await;
+                Err(e)
+            }
+        }
     }
 
     /// The counter `key`; when it is missing, `loader`'s count (the database's), which is then
@@ -285,6 +455,7 @@ impl fmt::Debug for Counters {
         f.debug_struct("Counters")
             .field("store", &self.store)
             .field("recount_lease", &self.lease)
+            .field("write_window", &self.window)
             .finish()
     }
 }

@@ -226,8 +226,8 @@ async fn a_frozen_holder_loses_the_lock_and_its_late_write_is_refused() {
     assert_eq!(b.request("lock-release 2"), "released true");
 }
 
-/// 1,000 updates from 2 OS processes (each: a row written to the database, then the counter
-/// incremented), racing the processes' own recounts and reconciliations: the counter ends equal
+/// 1,000 updates from 2 OS processes (each: the update marked, a row written to the database,
+/// then the counter incremented), racing the processes' own recounts and reconciliations: the counter ends equal
 /// to the database's count.
 #[test]
 fn counters_updated_from_two_processes_end_equal_to_the_database() {

@@ -309,12 +309,13 @@ impl Node {
                 let rows = format!("rows:{id}");
                 let (mut updated, mut absent, mut unavailable) = (0, 0, 0);
                 for i in 0..n {
+                    let update = self.counters.begin(&key).await;
                     let _: i64 = redis::cmd("INCR")
                         .arg(&rows)
                         .query_async(&mut db.clone())
                         .await
                         .map_err(|e| e.to_string())?;
-                    match self.counters.increment(&key, DAY).await {
+                    match update.increment(DAY).await {
                         Counted::Updated(_) => updated += 1,
                         Counted::Absent => absent += 1,
                         Counted::Unavailable => unavailable += 1,
