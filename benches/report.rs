@@ -105,6 +105,13 @@ pub fn print_ratios() {
             "counter/redis/incr",
             "counter/redis/raw_incr",
             "time",
+            0.0,
+        ),
+        (
+            "coordination",
+            "counter/redis/incr",
+            "counter/redis/raw_begin_incr",
+            "time",
             1.10,
         ),
         (

@@ -2,11 +2,11 @@
 //! a built-in workload that shows what the cache saves.
 //!
 //! ```sh
-//! cargo run --release --example school_erp                      # SQLite + in-memory cache
-//! REDIS_URL=redis://127.0.0.1:6379 cargo run --release --example school_erp
-//! DATABASE_URL=postgres://user:pass@127.0.0.1/erp cargo run --release --example school_erp
-//! cargo run --release --example school_erp -- --serve           # keep serving on 127.0.0.1:3000
-//! cargo run --release --example school_erp -- --requests 100000 --duration 60
+//! cargo run --release --features axum --example school_erp             # SQLite + in-memory cache
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --release --features axum --example school_erp
+//! DATABASE_URL=postgres://user:pass@127.0.0.1/erp cargo run --release --features axum --example school_erp
+//! cargo run --release --features axum --example school_erp -- --serve  # keep serving on 127.0.0.1:3000
+//! cargo run --release --features axum --example school_erp -- --requests 100000 --duration 60
 //! ```
 //!
 //! The workload run prints a readable report and, last, one JSON line. It exits 0 when every
