@@ -423,13 +423,7 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_down_reads_the_database_and_updates_invalidate() {
         let mut server = RedisServer::start();
-        let cache = Cache::new(
-            speedlayer::Config::redis(server.redis_config())
-                .op_timeout(Duration::from_millis(100))
-                .failure_threshold(1),
-        )
-        .await
-        .unwrap();
+        let cache = support::fragile_cache(&server).await;
         let counters = Counters::new(&cache);
         let db = Db::default();
         for _ in 0..3 {

@@ -149,13 +149,7 @@ async fn a_retry_while_the_first_runs_gets_409() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unusable_refuses_or_proceeds_as_the_route_says() {
     let mut server = RedisServer::start();
-    let cache = Cache::new(
-        speedlayer::Config::redis(server.redis_config())
-            .op_timeout(Duration::from_millis(100))
-            .failure_threshold(1),
-    )
-    .await
-    .unwrap();
+    let cache = crate::support::fragile_cache(&server).await;
     let runs = Arc::new(AtomicUsize::new(0));
     let app = app(Idempotency::new(&cache), runs.clone(), None);
     server.freeze();

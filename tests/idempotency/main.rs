@@ -306,13 +306,7 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_unusable_is_unavailable_never_a_memory_record() {
         let mut server = RedisServer::start();
-        let cache = Cache::new(
-            speedlayer::Config::redis(server.redis_config())
-                .op_timeout(Duration::from_millis(100))
-                .failure_threshold(1),
-        )
-        .await
-        .unwrap();
+        let cache = support::fragile_cache(&server).await;
         let idem = Idempotency::new(&cache);
         let (k, f) = (key("k-down"), payment("{}"));
         server.freeze();

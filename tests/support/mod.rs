@@ -128,6 +128,19 @@ impl Backend {
     }
 }
 
+/// A cache on `server` that gives up on an operation after 100 ms and opens its breaker at the
+/// first failure: for the tests of what each capability does while Redis is unusable.
+#[allow(dead_code)]
+pub async fn fragile_cache(server: &RedisServer) -> speedlayer::Cache {
+    speedlayer::Cache::new(
+        Config::redis(server.redis_config())
+            .op_timeout(std::time::Duration::from_millis(100))
+            .failure_threshold(1),
+    )
+    .await
+    .expect("a cache on the test server")
+}
+
 /// Redis config pointing at `port` on loopback.
 pub fn redis_config_at(port: u16) -> RedisConfig {
     RedisConfig::from_url(&format!("redis://127.0.0.1:{port}/0")).expect("valid url")
