@@ -97,7 +97,14 @@ impl CounterUpdate {
     /// Adds `delta` to the counter if it is live, and refreshes its TTL to `ttl`. One round
     /// trip.
     pub async fn add(mut self, delta: i64, ttl: Ttl) -> Counted {
+        let counted = self.count(delta, ttl).await;
+        // Only now: an add cancelled before its answer leaves the update to `Drop`, which
+        // deletes the counter (the write happened; whether the delta was counted is unknown).
         self.done = true;
+        counted
+    }
+
+    async fn count(&self, delta: i64, ttl: Ttl) -> Counted {
         if !self.begun {
             // Unmarked: a recount may have stored a count with or without this write's row.
             self.invalidate().await;
@@ -139,7 +146,6 @@ impl CounterUpdate {
     /// The database write did not happen (it failed or was rolled back): the mark goes and the
     /// counter stays.
     pub async fn cancel(mut self) {
-        self.done = true;
         if self.begun {
             let op = AbortOp {
                 key: &self.key,
@@ -148,6 +154,7 @@ impl CounterUpdate {
             };
             let _ = self.store.run(&op, OutageRule::FailClosed).await;
         }
+        self.done = true;
     }
 
     async fn invalidate(&self) {
