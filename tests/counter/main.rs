@@ -368,9 +368,11 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn another_clients_value_is_recounted() {
         let server = RedisServer::start();
-        let cache = Cache::new(speedlayer::Config::redis(server.redis_config()))
-            .await
-            .unwrap();
+        let cache = Cache::new(
+            speedlayer::Config::redis(server.redis_config()).op_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
         let counters = Counters::new(&cache);
         let mut raw = server.raw().await;
         for (i, foreign) in ["twelve", "1e3", "", "9999999999999999999999"]
@@ -414,7 +416,7 @@ mod redis_only {
             3
         );
         assert_eq!(bump(&counters, &k, 1).await, Counted::Updated(4));
-        assert_eq!(cache.stats().errors, 0);
+        support::assert_healthy(&cache).await;
         assert_eq!(cache.store().stats().data_errors, 0);
     }
 

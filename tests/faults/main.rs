@@ -464,9 +464,7 @@ async fn the_fallback_answers_only_while_the_breaker_is_open() {
 async fn fallback_entries_carry_their_tags() {
     let _serial = SERIAL.lock().await;
     let mut server = RedisServer::start();
-    let cache = Cache::new(config_at(server.port()).failure_threshold(1))
-        .await
-        .unwrap();
+    let cache = support::fragile_cache(&server).await;
     let tag = cache
         .namespace()
         .global()
@@ -593,9 +591,7 @@ mod outage_rules {
     async fn each_call_chooses_what_an_outage_means() {
         let _serial = SERIAL.lock().await;
         let mut server = RedisServer::start();
-        let cache = Cache::new(config_at(server.port()).failure_threshold(1))
-            .await
-            .unwrap();
+        let cache = support::fragile_cache(&server).await;
         let store = cache.store();
         let bump = Bump("test:bump:1");
         assert_eq!(

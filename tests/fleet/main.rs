@@ -269,14 +269,32 @@ fn a_counter_is_right_after_one_read_when_redis_restarted_mid_run() {
         a.send(&format!("count-run 2 1500 {db}")),
         b.send(&format!("count-run 2 1500 {db}")),
     );
-    std::thread::sleep(Duration::from_millis(150));
+    // Restart once the run is well under way, and check it was still under way.
+    let mut rows_db = database.client().get_connection().unwrap();
+    let rows_now = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("GET")
+            .arg("rows:2")
+            .query::<Option<i64>>(conn)
+            .unwrap()
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    while rows_now(&mut rows_db) < 300 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
     server.restart();
+    let at_restart = rows_now(&mut rows_db);
     let (ra, rb) = (a.wait(na), b.wait(nb));
-    eprintln!("counter updates across a restart: a {ra:?}, b {rb:?}");
-    let rows: i64 = redis::cmd("GET")
-        .arg("rows:2")
-        .query(&mut database.client().get_connection().unwrap())
-        .unwrap();
+    eprintln!("counter updates across a restart (at row {at_restart}): a {ra:?}, b {rb:?}");
+    assert!(
+        at_restart < 3_000,
+        "the restart came after the run: {at_restart}"
+    );
+    let rows = rows_now(&mut rows_db);
     assert_eq!(rows, 3_000);
     assert_eq!(a.request(&format!("count-get 2 {db}")), "count 3000");
     assert_eq!(b.request(&format!("count-get 2 {db}")), "count 3000");

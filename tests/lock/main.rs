@@ -230,9 +230,7 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_frozen_redis_is_unavailable_and_memory_never_grants() {
         let mut server = RedisServer::start();
-        let cache = Cache::new(config(&server).failure_threshold(1))
-            .await
-            .unwrap();
+        let cache = support::fragile_cache(&server).await;
         let locks = Locks::new(&cache);
         let name = locks.name(&SLOT, 7).unwrap();
         server.freeze();
@@ -264,7 +262,10 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn another_clients_key_at_a_lock_does_not_block_it_for_good() {
         let server = RedisServer::start();
-        let cache = Cache::new(config(&server)).await.unwrap();
+        // The behaviour suites' timeout: a slow call on a busy machine is not a failure here.
+        let cache = Cache::new(config(&server).op_timeout(Duration::from_secs(2)))
+            .await
+            .unwrap();
         let locks = Locks::new(&cache);
         let name = locks.name(&SLOT, 9).unwrap();
         let mut raw = server.raw().await;
@@ -281,7 +282,8 @@ mod redis_only {
             "{}",
             guard.token()
         );
-        assert_eq!(cache.stats().errors, 0);
+        support::assert_healthy(&cache).await;
+        assert_eq!(cache.store().stats().data_errors, 0);
     }
 
     /// The watchdog tells the holder the moment its lock is gone.

@@ -9,11 +9,11 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use speedlayer::key::Ident;
 use speedlayer::ratelimit::{Identity, LayerKind, Limit, RateLimiter, Route, ServedBy};
-use speedlayer::store::{BreakerState, CacheLayer, lease_key};
+use speedlayer::store::{CacheLayer, lease_key};
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, ErrorKind};
 
-use crate::support::{Backend, key, nz};
+use crate::support::{Backend, assert_healthy, key, nz};
 
 const MINUTE: Ttl = Ttl::seconds(60);
 
@@ -27,21 +27,6 @@ async fn setup() -> (Backend, Cache, redis::aio::MultiplexedConnection) {
     let cache = Cache::new(backend.config()).await.unwrap();
     let raw = backend.server().unwrap().raw().await;
     (backend, cache, raw)
-}
-
-/// The breaker is closed, nothing counted as a failure, and an unrelated key still works.
-async fn assert_healthy(cache: &Cache) {
-    let stats = cache.stats();
-    assert_eq!(stats.breaker, BreakerState::Closed, "{stats:?}");
-    assert_eq!((stats.errors, stats.timeouts), (0, 0), "{stats:?}");
-    cache
-        .set(&key("unrelated"), &Row { id: 1 }, MINUTE)
-        .await
-        .unwrap();
-    assert_eq!(
-        cache.get::<Row>(&key("unrelated")).await,
-        Some(Row { id: 1 })
-    );
 }
 
 async fn cached(raw: &mut redis::aio::MultiplexedConnection, key: &speedlayer::Key) -> String {

@@ -141,6 +141,25 @@ pub async fn fragile_cache(server: &RedisServer) -> speedlayer::Cache {
     .expect("a cache on the test server")
 }
 
+/// Another client's data did no harm: the breaker is closed, nothing counted as a failure or a
+/// timeout, and an unrelated key still works.
+#[allow(dead_code)]
+pub async fn assert_healthy(cache: &speedlayer::Cache) {
+    let stats = cache.stats();
+    assert_eq!(
+        stats.breaker,
+        speedlayer::store::BreakerState::Closed,
+        "{stats:?}"
+    );
+    assert_eq!((stats.errors, stats.timeouts), (0, 0), "{stats:?}");
+    let unrelated = key("unrelated");
+    cache
+        .set(&unrelated, &1u32, speedlayer::ttl::Ttl::seconds(60))
+        .await
+        .expect("an unrelated key is written");
+    assert_eq!(cache.get::<u32>(&unrelated).await, Some(1));
+}
+
 /// Redis config pointing at `port` on loopback.
 pub fn redis_config_at(port: u16) -> RedisConfig {
     RedisConfig::from_url(&format!("redis://127.0.0.1:{port}/0")).expect("valid url")
