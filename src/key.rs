@@ -636,6 +636,24 @@ impl KeySpace {
         check_key_len(out)
     }
 
+    /// The key of a text id followed by `suffix`, already-formed segments (context segments and
+    /// a hash tag) that count as `contexts` context segments: one allocation, for keys whose
+    /// tail is built once and reused.
+    pub(crate) fn key_with_suffix(
+        &self,
+        id: &str,
+        suffix: &str,
+        contexts: u8,
+    ) -> Result<Key, KeyError> {
+        let mut full = String::with_capacity(self.inner.base.len() + id.len() + suffix.len() + 8);
+        self.write_with_suffix(id, suffix, &mut full)?;
+        Ok(Key {
+            full,
+            leading: self.inner.scope.leading() as u8,
+            contexts,
+        })
+    }
+
     /// The key of a text id: [`KeySpace::key`] without going through `Display`.
     pub fn key_str(&self, id: &str) -> Result<Key, KeyError> {
         let base = &self.inner.base;

@@ -19,7 +19,9 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::invalidation::{Invalidates, InvalidationRegistry, InvalidationReport, Targets};
 use crate::key::{Key, KeyPattern, Namespace, Tag};
-use crate::store::{BackendKind, BreakerState, CacheLayer, Leased, Source, Store, is_lease};
+use crate::store::{
+    BackendKind, BreakerState, CacheLayer, IndexWindow, LeaseHold, Leased, Source, Store, is_lease,
+};
 use crate::ttl::{Ttl, TtlPolicy};
 
 mod flight;
@@ -52,55 +54,6 @@ struct LoadRequest<'a> {
     first_read: Source,
     /// What that read found and could not decode, if anything.
     undecodable: Option<&'a [u8]>,
-}
-
-/// A lease this load holds. Dropped while still held (the load failed, its value cannot be
-/// cached, or the caller's future was dropped mid-load), it gives the lease up in the background,
-/// only if the key still holds this load's token.
-struct LeaseHold<'a> {
-    store: &'a Store,
-    key: &'a Key,
-    token: u64,
-    source: Source,
-    held: bool,
-}
-
-impl LeaseHold<'_> {
-    /// Gives the lease up now (a load that will store nothing), so that the next reader loads
-    /// at once.
-    async fn release(mut self) {
-        self.held = false;
-        if let Err(e) = self
-            .store
-            .release_lease_at(self.key, self.token, self.source)
-            .await
-        {
-            tracing::debug!(key = %self.key, error = %e, "lease not released; it expires by its TTL");
-        }
-    }
-}
-
-impl Drop for LeaseHold<'_> {
-    fn drop(&mut self) {
-        if !self.held {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime left (the process is shutting down): the lease expires by its TTL.
-            return;
-        };
-        let (store, key, token, source) = (
-            self.store.clone(),
-            self.key.clone(),
-            self.token,
-            self.source,
-        );
-        runtime.spawn(async move {
-            if let Err(e) = store.release_lease_at(&key, token, source).await {
-                tracing::debug!(key = %key, error = %e, "lease not released; it expires by its TTL");
-            }
-        });
-    }
 }
 
 /// Flights a caller may wait on before it loads by itself.
@@ -700,7 +653,7 @@ impl Cache {
             first_read,
             undecodable,
         } = request;
-        let token = rand::random::<u64>() | 1;
+        let token = crate::store::new_token();
         flight.observe();
         // When the first read found the backend unusable, only the fallback is asked: a request
         // waits on a sick backend at most once.
@@ -752,15 +705,14 @@ impl Cache {
             }
         };
         // When the index expires: the entry's TTL is cut so that it never outlives its tags.
-        let mut index_deadline = None;
+        let mut index = None;
         if let Some(source) = lease.as_ref().map(|hold| hold.source) {
             let tags = self.tags_of(key, tags);
             if !tags.is_empty() {
                 // The index must outlive the entry: its longest TTL plus the load.
-                let index_ttl = Ttl::new(longest_ttl.as_duration() + inner.lease_ttl.as_duration())
-                    .unwrap_or(Ttl::MAX);
-                index_deadline = Some(tokio::time::Instant::now() + index_ttl.as_duration());
-                if let Err(e) = inner.store.tag_add_at(&tags, key, index_ttl, source).await {
+                let window = IndexWindow::starting_now(longest_ttl, inner.lease_ttl.as_duration());
+                index = Some(window);
+                if let Err(e) = inner.store.tag_add_at(&tags, key, window.ttl, source).await {
                     tracing::debug!(key = %key, error = %e, "tags not recorded; the value will not be cached");
                     if let Some(hold) = lease.take() {
                         hold.release().await;
@@ -791,12 +743,9 @@ impl Cache {
             // store could have seen an invalidation that came after it.
             self.inner.flights.retire(key.as_str(), flight);
             let mut ttl = ttl_for(&value);
-            if let Some(deadline) = index_deadline {
-                match Ttl::new(deadline.saturating_duration_since(tokio::time::Instant::now())) {
-                    Ok(left) => ttl = ttl.min(left),
-                    // The index expired during the load: the entry could not be reached.
-                    Err(_) => ttl = Ttl::MIN,
-                }
+            if let Some(index) = index {
+                // Once the index expired during the load, the entry could not be reached.
+                ttl = index.cut(ttl).unwrap_or(Ttl::MIN);
             }
             match self.encode(&value) {
                 Ok(bytes) => {

@@ -67,12 +67,12 @@ use std::future::Future;
 use crate::Cache;
 use crate::config::DEFAULT_LEASE_TTL;
 use crate::key::Key;
-use crate::store::{Answered, OutageRule, Store};
+use crate::store::{Answered, LeaseHold, OutageRule, Source, Store, new_token, spawn_detached};
 use crate::ttl::Ttl;
 
 pub mod script;
 
-use script::{AbortOp, AddOp, BeginOp, FillOp, Read, ReadOp, ReleaseOp};
+use script::{AbortOp, AddOp, BeginOp, FillOp, Read, ReadOp};
 
 /// How long an update may take between its mark and its add, unless
 /// [`Counters::write_window`] says otherwise.
@@ -173,13 +173,9 @@ impl Drop for CounterUpdate {
         if self.done {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(key = %self.key, "counter update dropped outside a runtime; its mark expires with the write window");
-            return;
-        };
         let (store, key, token, begun) =
             (self.store.clone(), self.key.clone(), self.token, self.begun);
-        runtime.spawn(async move {
+        let spawned = spawn_detached(async move {
             let op = AbortOp {
                 key: &key,
                 token,
@@ -194,6 +190,9 @@ impl Drop for CounterUpdate {
                 let _ = store.invalidate(std::slice::from_ref(&key), &[]).await;
             }
         });
+        if !spawned {
+            tracing::warn!(key = %self.key, "counter update dropped outside a runtime; its mark expires with the write window");
+        }
     }
 }
 
@@ -203,31 +202,6 @@ impl fmt::Debug for CounterUpdate {
             .field("key", &self.key)
             .field("marked", &self.begun)
             .finish_non_exhaustive()
-    }
-}
-
-/// A recount's lease, given up (in the background) if the recount ends without storing: its
-/// loader failed, or its caller's future was dropped.
-struct Recounting {
-    store: Store,
-    key: Key,
-    token: u64,
-    held: bool,
-}
-
-impl Drop for Recounting {
-    fn drop(&mut self) {
-        if !self.held {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (store, key, token) = (self.store.clone(), self.key.clone(), self.token);
-        runtime.spawn(async move {
-            let op = ReleaseOp { key: &key, token };
-            let _ = store.run(&op, OutageRule::FailClosed).await;
-        });
     }
 }
 
@@ -319,7 +293,7 @@ impl Counters {
     /// Marks an update of counter `key` in flight; call it before the database write, and add
     /// the delta through the returned [`CounterUpdate`] after the write. One round trip.
     pub async fn begin(&self, key: &Key) -> CounterUpdate {
-        let token = rand::random::<u64>() | 1;
+        let token = new_token();
         let op = BeginOp {
             key,
             token,
@@ -406,7 +380,7 @@ impl Counters {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<i64, E>>,
     {
-        let token = rand::random::<u64>() | 1;
+        let token = new_token();
         let op = ReadOp {
             key,
             token,
@@ -428,10 +402,13 @@ impl Counters {
                 (false, None)
             }
         };
-        let mut lease = Recounting {
-            store: self.store.clone(),
-            key: key.clone(),
+        // Given up (in the background) if the recount ends without storing: its loader
+        // failed, or its caller's future was dropped.
+        let mut lease = LeaseHold {
+            store: &self.store,
+            key,
             token,
+            source: Source::Primary,
             held: leased,
         };
         let count = loader().await?;

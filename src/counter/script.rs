@@ -16,7 +16,9 @@ use bytes::Bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::Key;
-use crate::store::{MemoryEntry, MemoryLayer, MemoryUpdate, Operation, lease_key};
+use crate::store::{
+    MemoryEntry, MemoryLayer, MemoryUpdate, Operation, TwinTable, lease_key, sibling_key,
+};
 use crate::ttl::Ttl;
 use std::time::Instant;
 
@@ -116,44 +118,35 @@ if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) end
 return 1
 ";
 
-/// Gives up a recount's lease (its loader failed, or its caller went away): `KEYS[1]`,
-/// `KEYS[2]`, `ARGV[1]` the token. Answers 1 or 0.
-pub const RELEASE_SCRIPT: &str = r"
-if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2])
-if redis.pcall('GET', KEYS[1]) == '' then redis.call('DEL', KEYS[1]) end
-return 1
-";
+/// The scripts, loaded once.
+#[cfg(feature = "redis")]
+struct Scripts {
+    read: redis::Script,
+    force: redis::Script,
+    fill: redis::Script,
+    begin: redis::Script,
+    add: redis::Script,
+    abort: redis::Script,
+}
 
 #[cfg(feature = "redis")]
-static SCRIPTS: std::sync::LazyLock<[redis::Script; 7]> = std::sync::LazyLock::new(|| {
-    [
-        redis::Script::new(READ_SCRIPT),
-        redis::Script::new(FORCE_SCRIPT),
-        redis::Script::new(FILL_SCRIPT),
-        redis::Script::new(ADD_SCRIPT),
-        redis::Script::new(RELEASE_SCRIPT),
-        redis::Script::new(BEGIN_SCRIPT),
-        redis::Script::new(ABORT_SCRIPT),
-    ]
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    read: redis::Script::new(READ_SCRIPT),
+    force: redis::Script::new(FORCE_SCRIPT),
+    fill: redis::Script::new(FILL_SCRIPT),
+    begin: redis::Script::new(BEGIN_SCRIPT),
+    add: redis::Script::new(ADD_SCRIPT),
+    abort: redis::Script::new(ABORT_SCRIPT),
 });
 
 /// The key of the update marks of counter `key`: `{<key>}:~writes`, in its hash slot.
 pub fn writes_key(key: &Key) -> String {
-    let mut out = lease_key(key);
-    out.truncate(out.len() - "lease".len());
-    out.push_str("writes");
-    out
+    sibling_key(key, "writes")
 }
 
 /// The memory twin of the update marks: per counter, the tokens of the updates in flight and
 /// their deadlines. It is only touched inside a `compute` on the counter's entry, so that each
 /// step sees the marks and the entry together, as a script does.
-#[derive(Default)]
-struct Twin {
-    table: std::sync::Mutex<Marks>,
-}
-
 #[derive(Default)]
 struct Marks {
     by_key: std::collections::HashMap<String, std::collections::HashMap<u64, Instant>>,
@@ -203,14 +196,8 @@ impl Marks {
     }
 }
 
-fn twin(memory: &MemoryLayer) -> std::sync::Arc<Twin> {
-    memory.twin(|_| Twin::default())
-}
-
-impl Twin {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Marks> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
+fn twin(memory: &MemoryLayer) -> std::sync::Arc<TwinTable<Marks>> {
+    memory.twin_table()
 }
 
 fn parse(text: &str) -> Result<i64> {
@@ -230,8 +217,10 @@ fn count_of(entry: &MemoryEntry) -> Option<i64> {
         return None;
     }
     let text = std::str::from_utf8(&entry.value).ok()?;
-    // As the scripts read it: at most 18 characters, so that any count read fits an i64.
-    if text.len() > 18 {
+    // As the scripts read it (`^-?%d+$`, at most 18 characters, so that any count read fits an
+    // i64): no sign but `-`.
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    if text.len() > 18 || digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     text.parse().ok()
@@ -269,7 +258,11 @@ impl Operation for ReadOp<'_> {
         &self,
         redis: &crate::store::redis::RedisLayer,
     ) -> Result<(Read, Option<i64>)> {
-        let script = if self.force { &SCRIPTS[1] } else { &SCRIPTS[0] };
+        let script = if self.force {
+            &SCRIPTS.force
+        } else {
+            &SCRIPTS.read
+        };
         let mut invocation = script.prepare_invoke();
         invocation
             .key(self.key.as_str())
@@ -328,7 +321,7 @@ impl Operation for FillOp<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<bool> {
-        let mut invocation = SCRIPTS[2].prepare_invoke();
+        let mut invocation = SCRIPTS.fill.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .key(lease_key(self.key))
@@ -383,7 +376,7 @@ impl Operation for AddOp<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<Option<i64>> {
-        let mut invocation = SCRIPTS[3].prepare_invoke();
+        let mut invocation = SCRIPTS.add.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .key(writes_key(self.key))
@@ -428,40 +421,6 @@ impl Operation for AddOp<'_> {
     }
 }
 
-pub(super) struct ReleaseOp<'a> {
-    pub(super) key: &'a Key,
-    pub(super) token: u64,
-}
-
-#[async_trait]
-impl Operation for ReleaseOp<'_> {
-    type Output = bool;
-
-    fn name(&self) -> &'static str {
-        "counter release"
-    }
-
-    #[cfg(feature = "redis")]
-    async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<bool> {
-        let mut invocation = SCRIPTS[4].prepare_invoke();
-        invocation
-            .key(self.key.as_str())
-            .key(lease_key(self.key))
-            .arg(self.token);
-        redis.invoke::<i64>(&invocation).await.map(|n| n == 1)
-    }
-
-    async fn on_memory(&self, memory: &MemoryLayer) -> Result<bool> {
-        let token = self.token;
-        memory
-            .compute(self.key, move |entry| match entry {
-                Some(e) if e.lease == token => (MemoryUpdate::Remove, true),
-                _ => (MemoryUpdate::Keep, false),
-            })
-            .await
-    }
-}
-
 pub(super) struct BeginOp<'a> {
     pub(super) key: &'a Key,
     pub(super) token: u64,
@@ -479,7 +438,7 @@ impl Operation for BeginOp<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<()> {
-        let mut invocation = SCRIPTS[5].prepare_invoke();
+        let mut invocation = SCRIPTS.begin.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .key(writes_key(self.key))
@@ -518,7 +477,7 @@ impl Operation for AbortOp<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<()> {
-        let mut invocation = SCRIPTS[6].prepare_invoke();
+        let mut invocation = SCRIPTS.abort.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .key(writes_key(self.key))

@@ -55,8 +55,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::{Body, HttpBody};
-use axum::extract::{ConnectInfo, OriginalUri};
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use axum::extract::ConnectInfo;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 
 use super::{
@@ -64,7 +64,8 @@ use super::{
     REPLAYED_HEADER, StoredResponse,
 };
 use crate::key::Ident;
-use crate::ratelimit::layer::{AuthenticatedUser, LayerError, parse_method};
+use crate::ratelimit::headers::seconds_up;
+use crate::ratelimit::layer::{AuthenticatedUser, LayerError, RouteTable, full_uri};
 
 /// Default largest request body the layer buffers to fingerprint: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -102,16 +103,10 @@ impl IdempotentRoute {
     }
 }
 
-struct Rule {
-    method: Option<Method>,
-    path: String,
-    prefix: bool,
-    route: IdempotentRoute,
-}
-
+#[derive(Clone)]
 struct Shared {
     idempotency: Idempotency,
-    rules: Vec<Rule>,
+    rules: RouteTable<IdempotentRoute>,
     max_request_body: usize,
     keep: Vec<HeaderName>,
 }
@@ -129,36 +124,16 @@ impl IdempotencyLayer {
         IdempotencyLayer {
             shared: Arc::new(Shared {
                 idempotency,
-                rules: Vec::new(),
+                rules: RouteTable::new(),
                 max_request_body: DEFAULT_MAX_REQUEST_BODY,
                 keep: vec![http::header::CONTENT_TYPE, http::header::LOCATION],
             }),
         }
     }
 
-    fn edit(self, f: impl FnOnce(&mut Shared)) -> IdempotencyLayer {
-        let mut shared = match Arc::try_unwrap(self.shared) {
-            Ok(shared) => shared,
-            Err(shared) => Shared {
-                idempotency: shared.idempotency.clone(),
-                rules: shared
-                    .rules
-                    .iter()
-                    .map(|r| Rule {
-                        method: r.method.clone(),
-                        path: r.path.clone(),
-                        prefix: r.prefix,
-                        route: r.route.clone(),
-                    })
-                    .collect(),
-                max_request_body: shared.max_request_body,
-                keep: shared.keep.clone(),
-            },
-        };
-        f(&mut shared);
-        IdempotencyLayer {
-            shared: Arc::new(shared),
-        }
+    fn edit(mut self, f: impl FnOnce(&mut Shared)) -> IdempotencyLayer {
+        f(Arc::make_mut(&mut self.shared));
+        self
     }
 
     /// Makes `method` (any case, or `*`) on `path` (a trailing `*` matches a prefix) idempotent.
@@ -168,22 +143,8 @@ impl IdempotencyLayer {
         path: &str,
         route: IdempotentRoute,
     ) -> Result<IdempotencyLayer, LayerError> {
-        let method = parse_method(method)?;
-        if !path.starts_with('/') {
-            return Err(LayerError::InvalidPath(path.chars().take(64).collect()));
-        }
-        let (path, prefix) = match path.strip_suffix('*') {
-            Some(p) => (p.to_owned(), true),
-            None => (path.to_owned(), false),
-        };
-        Ok(self.edit(|s| {
-            s.rules.push(Rule {
-                method,
-                path,
-                prefix,
-                route,
-            })
-        }))
+        let add = RouteTable::rule(method, path, route)?;
+        Ok(self.edit(|s| add(&mut s.rules)))
     }
 
     /// The largest request body buffered to fingerprint (default 1 MiB); larger ones get `413`.
@@ -303,21 +264,7 @@ fn replayed(stored: StoredResponse) -> Response<Body> {
 
 impl Shared {
     fn rule_for<B>(&self, req: &Request<B>) -> Option<&IdempotentRoute> {
-        let path = match req.extensions().get::<OriginalUri>() {
-            Some(OriginalUri(uri)) => uri.path(),
-            None => req.uri().path(),
-        };
-        self.rules
-            .iter()
-            .find(|r| {
-                r.method.as_ref().is_none_or(|m| m == req.method())
-                    && if r.prefix {
-                        path.starts_with(&r.path)
-                    } else {
-                        path == r.path
-                    }
-            })
-            .map(|r| &r.route)
+        self.rules.find(req, false)
     }
 
     fn client<B>(req: &Request<B>) -> String {
@@ -373,10 +320,7 @@ where
                 },
             };
             let client = Shared::client(&req);
-            let uri = match req.extensions().get::<OriginalUri>() {
-                Some(OriginalUri(uri)) => uri,
-                None => req.uri(),
-            };
+            let uri = full_uri(&req);
             let path = uri
                 .path_and_query()
                 .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
@@ -432,7 +376,7 @@ where
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "idempotency is unavailable; retry with the same key",
                             ),
-                            idem.retry_after().as_secs_f64().ceil() as u64,
+                            seconds_up(idem.retry_after()),
                         ));
                     }
                 },

@@ -52,6 +52,7 @@
 //! # }).unwrap();
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,23 +150,13 @@ impl Fingerprint {
         hash.update(path.as_bytes());
         hash.update([0]);
         hash.update(body);
-        Fingerprint(hex(&hash.finalize()))
+        Fingerprint(format!("{:x}", hash.finalize()))
     }
 
     /// The fingerprint as lowercase hex.
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
-    out
 }
 
 /// A response as stored for replays.
@@ -201,23 +192,24 @@ impl StoredResponse {
     }
 }
 
-/// The record in Redis: JSON, readable by any client.
+/// The record in Redis: JSON, readable by any client. Written from borrowed parts (the response
+/// body is not copied to be serialized), read into owned ones.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
-enum Record {
+enum Record<'a> {
     InProgress {
-        key: String,
-        fingerprint: Fingerprint,
+        key: Cow<'a, str>,
+        fingerprint: Cow<'a, Fingerprint>,
         token: String,
     },
     Completed {
-        key: String,
-        fingerprint: Fingerprint,
+        key: Cow<'a, str>,
+        fingerprint: Cow<'a, Fingerprint>,
         status: u16,
-        headers: Vec<(String, String)>,
+        headers: Cow<'a, [(String, String)]>,
         /// UTF-8 text as it is; other bytes in base64 (`body_base64`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        body: Option<String>,
+        body: Option<Cow<'a, str>>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         body_base64: Option<String>,
         #[serde(default)]
@@ -376,7 +368,7 @@ impl Idempotency {
         } else {
             client
         };
-        let digest = hex(&Sha256::digest(key.as_str().as_bytes()));
+        let digest = format!("{:x}", Sha256::digest(key.as_str().as_bytes()));
         Ok(self
             .scope
             .keyspace(&IDEM, route)
@@ -397,8 +389,8 @@ impl Idempotency {
         let record_key = self.record_key(route, client, key)?;
         let in_progress = Bytes::from(
             serde_json::to_vec(&Record::InProgress {
-                key: key.as_str().to_owned(),
-                fingerprint: fingerprint.clone(),
+                key: Cow::Borrowed(key.as_str()),
+                fingerprint: Cow::Borrowed(fingerprint),
                 token: format!("{:016x}", rand::random::<u64>()),
             })
             .map_err(|e| Error::new(ErrorKind::Serialize, e.to_string()))?,
@@ -435,7 +427,9 @@ impl Idempotency {
             Began::Found(found) => found,
         };
         let answer = match serde_json::from_slice::<Record>(&found) {
-            Ok(Record::InProgress { fingerprint: f, .. }) if &f == fingerprint => Begin::InProgress,
+            Ok(Record::InProgress { fingerprint: f, .. }) if *f == *fingerprint => {
+                Begin::InProgress
+            }
             Ok(Record::Completed {
                 fingerprint: f,
                 status,
@@ -444,9 +438,9 @@ impl Idempotency {
                 body_base64,
                 body_omitted,
                 ..
-            }) if &f == fingerprint => {
+            }) if *f == *fingerprint => {
                 let body = match (body, body_base64) {
-                    (Some(text), _) => Bytes::from(text),
+                    (Some(text), _) => Bytes::from(text.into_owned()),
                     (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
                         .decode(encoded)
                         .map(Bytes::from)
@@ -455,7 +449,7 @@ impl Idempotency {
                 };
                 Begin::Replay(StoredResponse {
                     status,
-                    headers,
+                    headers: headers.into_owned(),
                     body,
                     body_omitted,
                 })
@@ -510,7 +504,7 @@ impl Pending {
             (None, None)
         } else {
             match std::str::from_utf8(&response.body) {
-                Ok(text) => (Some(text.to_owned()), None),
+                Ok(text) => (Some(Cow::Borrowed(text)), None),
                 Err(_) => (
                     None,
                     Some(base64::engine::general_purpose::STANDARD.encode(&response.body)),
@@ -519,10 +513,10 @@ impl Pending {
         };
         let completed = Bytes::from(
             serde_json::to_vec(&Record::Completed {
-                key: self.key.as_str().to_owned(),
-                fingerprint: self.fingerprint.clone(),
+                key: Cow::Borrowed(self.key.as_str()),
+                fingerprint: Cow::Borrowed(&self.fingerprint),
                 status: response.status,
-                headers: response.headers.clone(),
+                headers: Cow::Borrowed(&response.headers),
                 body,
                 body_base64,
                 body_omitted: omit || response.body_omitted,

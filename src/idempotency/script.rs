@@ -8,7 +8,7 @@
 //! only the run that wrote the in-progress record can complete it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::key::Key;
-use crate::store::{MemoryLayer, Operation};
+use crate::store::{MemoryLayer, Operation, TwinTable};
 use crate::ttl::Ttl;
 
 /// The memory twin's records: until when each lives. Expired records are dropped whenever the
@@ -37,20 +37,8 @@ impl Table {
     }
 }
 
-#[derive(Default)]
-struct Twin {
-    table: Mutex<Table>,
-}
-
-impl Twin {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        // Every update is one insert: a panic cannot leave a record half-written.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-fn twin(memory: &MemoryLayer) -> Arc<Twin> {
-    memory.twin(|_| Twin::default())
+fn twin(memory: &MemoryLayer) -> Arc<TwinTable<Table>> {
+    memory.twin_table()
 }
 
 /// Starts a run unless a record exists: `KEYS[1]` the record, `ARGV[1]` the in-progress record,
@@ -78,12 +66,13 @@ return 1
 ";
 
 #[cfg(feature = "redis")]
-static SCRIPTS: std::sync::LazyLock<[redis::Script; 2]> = std::sync::LazyLock::new(|| {
-    [
-        redis::Script::new(BEGIN_SCRIPT),
-        redis::Script::new(COMPLETE_SCRIPT),
-    ]
-});
+static SCRIPTS: std::sync::LazyLock<(redis::Script, redis::Script)> =
+    std::sync::LazyLock::new(|| {
+        (
+            redis::Script::new(BEGIN_SCRIPT),
+            redis::Script::new(COMPLETE_SCRIPT),
+        )
+    });
 
 /// What [`BeginOp`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +99,7 @@ impl Operation for BeginOp<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<Began> {
-        let mut invocation = SCRIPTS[0].prepare_invoke();
+        let mut invocation = SCRIPTS.0.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .arg(self.in_progress.as_ref())
@@ -156,7 +145,7 @@ impl Operation for CompleteOp<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<bool> {
-        let mut invocation = SCRIPTS[1].prepare_invoke();
+        let mut invocation = SCRIPTS.1.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .arg(self.in_progress.as_ref())

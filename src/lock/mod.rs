@@ -68,7 +68,6 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::RngExt;
@@ -78,7 +77,7 @@ use tokio::task::JoinHandle;
 use crate::Cache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Ident, Key, KeyError, KeySpace, Scope};
-use crate::store::{Answered, OutageRule, Store};
+use crate::store::{Answered, OutageRule, Store, spawn_detached};
 use crate::ttl::Ttl;
 
 pub mod script;
@@ -279,13 +278,12 @@ impl fmt::Debug for Locks {
 
 /// Whether the holder still holds its lock, as far as it knows.
 struct Held {
-    lost: AtomicBool,
+    /// True once lost.
     signal: watch::Sender<bool>,
 }
 
 impl Held {
     fn lose(&self) {
-        self.lost.store(true, Ordering::SeqCst);
         self.signal.send_replace(true);
     }
 }
@@ -319,10 +317,7 @@ impl LockGuard {
             name,
             token,
             lease,
-            held: Arc::new(Held {
-                lost: AtomicBool::new(false),
-                signal,
-            }),
+            held: Arc::new(Held { signal }),
             watchdog: None,
             released: false,
             granted,
@@ -397,7 +392,7 @@ impl LockGuard {
     /// watchdog could not extend it in time). A holder that is not watched only learns it when
     /// it extends or releases; the database's token check is what protects the resource.
     pub fn is_lost(&self) -> bool {
-        self.held.lost.load(Ordering::SeqCst)
+        *self.held.signal.borrow()
     }
 
     /// Resolves the moment this holder knows it lost the lock: race the protected work against
@@ -461,12 +456,9 @@ impl Drop for LockGuard {
             return;
         }
         self.held.lose();
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime left: the lock ends with its lease.
-            return;
-        };
         let (locks, name, token) = (self.locks.clone(), self.name.clone(), self.token);
-        runtime.spawn(async move {
+        // Without a runtime (the process is shutting down) the lock ends with its lease.
+        spawn_detached(async move {
             if let Err(e) = locks.release_token(&name, token).await {
                 tracing::debug!(lock = %name.as_str(), error = %e, "lock not released; it ends with its lease");
             }

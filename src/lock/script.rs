@@ -9,14 +9,14 @@
 //! again above every token issued before, from the server's clock.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::Key;
-use crate::store::{MemoryLayer, Operation};
+use crate::store::{MemoryLayer, Operation, TwinTable, sibling_key};
 use crate::ttl::Ttl;
 
 /// Takes the lock if it is free and issues a token: `KEYS[1]` the lock, `KEYS[2]` its fence,
@@ -73,29 +73,29 @@ return 0
 /// issued (a token is at least the time it was issued, in microseconds).
 pub(super) const FENCE_TTL: Ttl = Ttl::MAX;
 
-/// The fence key of a lock key: in the same Redis Cluster slot. No key built by
-/// [`key`](crate::key) contains `~`, so it never names an entry.
+/// The fence key of a lock key: `{<lock key>}:~fence`, in the same Redis Cluster slot.
 pub(super) fn fence_key(lock: &Key) -> String {
-    format!("{{{}}}:~fence", lock.as_str())
+    sibling_key(lock, "fence")
+}
+
+/// The scripts, loaded once.
+#[cfg(feature = "redis")]
+struct Scripts {
+    acquire: redis::Script,
+    release: redis::Script,
+    extend: redis::Script,
 }
 
 #[cfg(feature = "redis")]
-static SCRIPTS: std::sync::LazyLock<[redis::Script; 3]> = std::sync::LazyLock::new(|| {
-    [
-        redis::Script::new(ACQUIRE_SCRIPT),
-        redis::Script::new(RELEASE_SCRIPT),
-        redis::Script::new(EXTEND_SCRIPT),
-    ]
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    acquire: redis::Script::new(ACQUIRE_SCRIPT),
+    release: redis::Script::new(RELEASE_SCRIPT),
+    extend: redis::Script::new(EXTEND_SCRIPT),
 });
 
 /// The memory twin: one table per memory layer, shared by every [`Locks`](super::Locks) on it.
 /// Bounded: whenever it has doubled, slots that hold nothing are dropped (the next token of a
 /// dropped name still exceeds the last one, since tokens are at least the clock).
-#[derive(Default)]
-pub(super) struct Twin {
-    table: Mutex<Table>,
-}
-
 #[derive(Default)]
 struct Table {
     slots: HashMap<String, Slot>,
@@ -108,13 +108,6 @@ struct Slot {
     holder: Option<(u64, Instant)>,
     /// The last token issued.
     last: u64,
-}
-
-impl Twin {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        // Every update is one assignment: a panic cannot leave a slot half-written.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 impl Table {
@@ -132,8 +125,8 @@ impl Table {
     }
 }
 
-fn twin(memory: &MemoryLayer) -> Arc<Twin> {
-    memory.twin(|_| Twin::default())
+fn twin(memory: &MemoryLayer) -> Arc<TwinTable<Table>> {
+    memory.twin_table()
 }
 
 /// Microseconds since the Unix epoch: the memory twin's token floor, as Redis's `TIME` is.
@@ -168,7 +161,7 @@ impl Operation for Acquire<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<Taken> {
-        let mut invocation = SCRIPTS[0].prepare_invoke();
+        let mut invocation = SCRIPTS.acquire.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .key(fence_key(self.key))
@@ -227,7 +220,7 @@ impl Operation for Release<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<bool> {
-        let mut invocation = SCRIPTS[1].prepare_invoke();
+        let mut invocation = SCRIPTS.release.prepare_invoke();
         invocation.key(self.key.as_str()).arg(self.token);
         redis.invoke::<i64>(&invocation).await.map(|n| n == 1)
     }
@@ -263,7 +256,7 @@ impl Operation for Extend<'_> {
 
     #[cfg(feature = "redis")]
     async fn on_redis(&self, redis: &crate::store::redis::RedisLayer) -> Result<bool> {
-        let mut invocation = SCRIPTS[2].prepare_invoke();
+        let mut invocation = SCRIPTS.extend.prepare_invoke();
         invocation
             .key(self.key.as_str())
             .arg(self.token)

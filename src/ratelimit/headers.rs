@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use super::limit::{Decision, Limit};
 
-fn seconds_up(d: Duration) -> u64 {
+/// Whole seconds, rounded up.
+pub(crate) fn seconds_up(d: Duration) -> u64 {
     let s = d.as_secs();
     if d.subsec_nanos() > 0 { s + 1 } else { s }
 }

@@ -88,7 +88,7 @@ pub enum LayerError {
 }
 
 /// Parses a rule's method: the standard methods in any case, or `*`.
-pub(crate) fn parse_method(method: &str) -> Result<Option<Method>, LayerError> {
+fn parse_method(method: &str) -> Result<Option<Method>, LayerError> {
     let trimmed = method.trim();
     if trimmed == "*" {
         return Ok(None);
@@ -110,6 +110,84 @@ pub(crate) fn parse_method(method: &str) -> Result<Option<Method>, LayerError> {
         .find(|m| m.as_str() == upper)
         .map(Some)
         .ok_or_else(|| LayerError::UnknownMethod(method.chars().take(32).collect()))
+}
+
+/// Routes matched by method and full path, first match wins: the rule table of this crate's
+/// axum layers.
+#[derive(Clone)]
+pub(crate) struct RouteTable<R> {
+    rules: Vec<RouteRule<R>>,
+}
+
+#[derive(Clone)]
+struct RouteRule<R> {
+    method: Option<Method>,
+    path: String,
+    prefix: bool,
+    route: R,
+}
+
+impl<R> RouteTable<R> {
+    pub(crate) fn new() -> RouteTable<R> {
+        RouteTable { rules: Vec::new() }
+    }
+
+    /// A rule for `method` (any case, or `*`) on `path` (a trailing `*` matches a prefix),
+    /// checked before it is added.
+    pub(crate) fn rule(
+        method: &str,
+        path: &str,
+        route: R,
+    ) -> Result<impl FnOnce(&mut RouteTable<R>), LayerError> {
+        let method = parse_method(method)?;
+        if !path.starts_with('/') {
+            return Err(LayerError::InvalidPath(path.chars().take(64).collect()));
+        }
+        let (path, prefix) = match path.strip_suffix('*') {
+            Some(p) => (p.to_owned(), true),
+            None => (path.to_owned(), false),
+        };
+        Ok(move |table: &mut RouteTable<R>| {
+            table.rules.push(RouteRule {
+                method,
+                path,
+                prefix,
+                route,
+            })
+        })
+    }
+
+    /// The route of the first rule that matches `req`; with `head_as_get`, a `GET` rule also
+    /// matches `HEAD`.
+    pub(crate) fn find<B>(&self, req: &Request<B>, head_as_get: bool) -> Option<&R> {
+        let path = full_uri(req).path();
+        let method = req.method();
+        self.rules
+            .iter()
+            .find(|r| {
+                r.method.as_ref().is_none_or(|m| {
+                    m == method || (head_as_get && *m == Method::GET && *method == Method::HEAD)
+                }) && if r.prefix {
+                    path.starts_with(&r.path)
+                } else {
+                    path == r.path
+                }
+            })
+            .map(|r| &r.route)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.rules.len()
+    }
+}
+
+/// The request's full URI, also inside a nested router (which strips its prefix from the URI
+/// it hands on, and keeps the original in axum's `OriginalUri`).
+pub(crate) fn full_uri<B>(req: &Request<B>) -> &http::Uri {
+    match req.extensions().get::<OriginalUri>() {
+        Some(OriginalUri(uri)) => uri,
+        None => req.uri(),
+    }
 }
 
 /// The authenticated user of a request, as a request extension. Insert it in the
@@ -251,16 +329,10 @@ pub fn client_ip(
         .unwrap_or(canonical(peer))
 }
 
-struct RouteRule {
-    method: Option<http::Method>,
-    path: String,
-    prefix: bool,
-    route: Route,
-}
-
+#[derive(Clone)]
 struct Shared {
     limiter: RateLimiter,
-    rules: Vec<RouteRule>,
+    rules: RouteTable<Route>,
     fallback: Option<Route>,
     trusted: Vec<IpNet>,
     header: ProxyHeader,
@@ -279,7 +351,7 @@ impl RateLimitLayer {
         RateLimitLayer {
             shared: Arc::new(Shared {
                 limiter,
-                rules: Vec::new(),
+                rules: RouteTable::new(),
                 fallback: None,
                 trusted: Vec::new(),
                 header: ProxyHeader::default(),
@@ -288,30 +360,7 @@ impl RateLimitLayer {
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Shared)) -> RateLimitLayer {
-        match Arc::get_mut(&mut self.shared) {
-            Some(shared) => f(shared),
-            None => {
-                let old = &*self.shared;
-                let mut shared = Shared {
-                    limiter: old.limiter.clone(),
-                    rules: old
-                        .rules
-                        .iter()
-                        .map(|r| RouteRule {
-                            method: r.method.clone(),
-                            path: r.path.clone(),
-                            prefix: r.prefix,
-                            route: r.route.clone(),
-                        })
-                        .collect(),
-                    fallback: old.fallback.clone(),
-                    trusted: old.trusted.clone(),
-                    header: old.header,
-                };
-                f(&mut shared);
-                self.shared = Arc::new(shared);
-            }
-        }
+        f(Arc::make_mut(&mut self.shared));
         self
     }
 
@@ -325,22 +374,8 @@ impl RateLimitLayer {
         path: &str,
         route: Route,
     ) -> Result<RateLimitLayer, LayerError> {
-        let method = parse_method(method)?;
-        if !path.starts_with('/') {
-            return Err(LayerError::InvalidPath(path.chars().take(64).collect()));
-        }
-        let (path, prefix) = match path.strip_suffix('*') {
-            Some(p) => (p.to_owned(), true),
-            None => (path.to_owned(), false),
-        };
-        Ok(self.edit(|s| {
-            s.rules.push(RouteRule {
-                method,
-                path,
-                prefix,
-                route,
-            })
-        }))
+        let add = RouteTable::rule(method, path, route)?;
+        Ok(self.edit(|s| add(&mut s.rules)))
     }
 
     /// The route for requests no rule matches (none by default: they are not limited).
@@ -396,26 +431,7 @@ impl<S> fmt::Debug for RateLimit<S> {
 
 impl Shared {
     fn route_for<B>(&self, req: &Request<B>) -> Option<&Route> {
-        // The full path, also inside a nested router (which strips its prefix from the URI).
-        let path = match req.extensions().get::<OriginalUri>() {
-            Some(OriginalUri(uri)) => uri.path(),
-            None => req.uri().path(),
-        };
-        let method = req.method();
-        self.rules
-            .iter()
-            .find(|r| {
-                r.method
-                    .as_ref()
-                    .is_none_or(|m| m == method || (*m == Method::GET && *method == Method::HEAD))
-                    && if r.prefix {
-                        path.starts_with(&r.path)
-                    } else {
-                        path == r.path
-                    }
-            })
-            .map(|r| &r.route)
-            .or(self.fallback.as_ref())
+        self.rules.find(req, true).or(self.fallback.as_ref())
     }
 
     /// Who is asking; `None` when the route counts per IP and the peer address is unknown.

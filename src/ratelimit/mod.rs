@@ -132,9 +132,7 @@ pub struct RateCheck {
 pub struct Route {
     name: Ident,
     layers: Vec<(LayerKind, Limit)>,
-    /// Each layer's quota segment in its key (see [`Limit::slug`]), built once.
-    slugs: Vec<String>,
-    /// Each layer's key after the id, `:<quota>:{<route>}`, built once for the memory path.
+    /// Each layer's key after the id, `:<quota>:{<route>}` (see [`Limit::slug`]), built once.
     suffixes: Vec<String>,
     outage: Outage,
 }
@@ -145,7 +143,6 @@ impl Route {
         Route {
             name,
             layers: Vec::new(),
-            slugs: Vec::new(),
             suffixes: Vec::new(),
             outage: Outage::default(),
         }
@@ -154,9 +151,8 @@ impl Route {
     fn with_layer(mut self, kind: LayerKind, limit: Limit) -> Route {
         if !self.layers.contains(&(kind, limit)) {
             self.layers.push((kind, limit));
-            let slug = limit.slug();
-            self.suffixes.push(format!(":{slug}:{{{}}}", self.name));
-            self.slugs.push(slug);
+            self.suffixes
+                .push(format!(":{}:{{{}}}", limit.slug(), self.name));
         }
         self
     }
@@ -376,10 +372,9 @@ impl RateLimiter {
 
     fn layer_key(&self, route: &Route, index: usize, id: &str) -> Result<Key, KeyError> {
         let (kind, _) = route.layers[index];
+        // The suffix is a context segment (the quota) and the route's hash tag.
         self.keyspace(kind)
-            .key_str(id)
-            .and_then(|k| k.with_context(&route.slugs[index]))
-            .and_then(|k| k.with_hash_tag(&route.name))
+            .key_with_suffix(id, &route.suffixes[index], 2)
     }
 
     fn keyspace(&self, kind: LayerKind) -> &KeySpace {

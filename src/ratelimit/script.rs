@@ -30,16 +30,79 @@ use crate::store::{MemoryLayer, Operation};
 // Every script returns four integers per layer: admitted (0/1), remaining, reset (us), retry
 // (us, -1 if none). Lua numbers are doubles: microsecond timestamps (~1.8e15) are exact, and
 // string.format('%d') writes them without the rounding of tostring.
+//
+// Each algorithm is written once, as a Lua function of the layer's key and parameters that
+// answers `ok, remaining, reset, retry, write` (the write to make if the check admits, or nil);
+// the general script and the one-layer scripts are put together from these pieces.
 
-/// The general script: every layer of one check, on Redis server time (microseconds). ARGV holds
-/// five values per layer: algorithm (1 fixed window, 2 sliding log, 3 sliding window, 4 GCRA),
-/// limit, window (us), burst, and a unique member for the log. Every layer is evaluated first;
-/// only if all admit are their states written, so a denied request counts nowhere.
-pub const RATE_LIMIT_SCRIPT: &str = r"
+/// Server time and the helpers every script uses.
+macro_rules! prelude {
+    () => {
+        r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function int(x) return string.format('%d', x) end
 local function ms(us) return int(math.ceil(us / 1000) + 1) end
+local function apply(wr)
+  if wr[1] == 'LOG' then
+    if wr[6] then redis.call('DEL', wr[2]) end
+    redis.call('ZADD', wr[2], wr[3], wr[4])
+    redis.call('PEXPIRE', wr[2], wr[5])
+  else
+    redis.call('SET', wr[2], wr[3], 'PX', wr[4])
+  end
+end
+"
+    };
+}
+
+/// Fixed window: the key holds `<window index>:<count>`.
+macro_rules! fixed_fn {
+    () => {
+        r"
+local function fixed(key, limit, w)
+  local idx, count = math.floor(now / w), 0
+  local v = redis.pcall('GET', key)
+  if type(v) == 'string' then
+    local si, sc = string.match(v, '^(%d+):(%d+)$')
+    if tonumber(si) == idx then count = tonumber(sc) end
+  end
+  local reset = (idx + 1) * w - now
+  if count < limit then
+    return 1, limit - count - 1, reset, -1, {'SET', key, int(idx) .. ':' .. int(count + 1), ms(reset)}
+  end
+  return 0, 0, reset, reset, nil
+end
+"
+    };
+}
+
+/// Sliding log: the key is a sorted set of admission times; another type there is replaced.
+macro_rules! log_fn {
+    () => {
+        r"
+local function log(key, limit, w, member)
+  local count, replace = 0, false
+  if type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', int(now - w))) == 'number' then
+    count = redis.call('ZCARD', key)
+  else
+    replace = true
+  end
+  if count < limit then
+    return 1, limit - count - 1, w, -1, {'LOG', key, int(now), member, ms(w), replace}
+  end
+  local oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
+  local newest = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
+  return 0, 0, math.max(newest + w - now, 1), math.max(oldest + w - now, 1), nil
+end
+"
+    };
+}
+
+/// Sliding window: the key holds `<window index>:<previous count>:<current count>`.
+macro_rules! sliding_fn {
+    () => {
+        r"
 local function sliding_retry(prev, cur, limit, w, elapsed)
   if cur < limit and prev > 0 then
     local room = limit * w - (cur + 1) * w
@@ -51,199 +114,143 @@ local function sliding_retry(prev, cur, limit, w, elapsed)
   local e_min = w - math.min(math.floor((limit - 1) * w / cur), w)
   return to_next + e_min
 end
+local function sliding(key, limit, w)
+  local idx, prev, cur = math.floor(now / w), 0, 0
+  local v = redis.pcall('GET', key)
+  if type(v) == 'string' then
+    local si, sp, sc = string.match(v, '^(%d+):(%d+):(%d+)$')
+    si = tonumber(si)
+    if si == idx then prev, cur = tonumber(sp), tonumber(sc)
+    elseif si == idx - 1 then prev = tonumber(sc) end
+  end
+  local elapsed = now - idx * w
+  local weighted = prev * (w - elapsed) + (cur + 1) * w
+  if weighted <= limit * w then
+    return 1, math.floor((limit * w - weighted) / w), (idx + 2) * w - now, -1,
+      {'SET', key, int(idx) .. ':' .. int(prev) .. ':' .. int(cur + 1), ms(2 * w)}
+  end
+  local retry = sliding_retry(prev, cur, limit, w, elapsed)
+  local reset = (idx + 1) * w - now
+  if cur > 0 then reset = reset + w end
+  return 0, 0, math.max(reset, retry), retry, nil
+end
+"
+    };
+}
+
+/// GCRA: the key holds the theoretical arrival time (us, to the nanosecond).
+macro_rules! gcra_fn {
+    () => {
+        r"
+local function gcra(key, tick, tau)
+  local tat = now
+  local v = redis.pcall('GET', key)
+  if type(v) == 'string' then tat = tonumber(v) or now end
+  -- Not a number, in the past, or later than any admission can have left it ('inf', '1e300'):
+  -- another client's value, read as an empty state.
+  if not (tat >= now) or tat > now + tau + tick then tat = now end
+  if tat - now > tau then
+    return 0, 0, tat - now, math.max(tat - tau - now, 1), nil
+  end
+  local nxt = tat + tick
+  local remaining = 0
+  if now + tau >= nxt then remaining = math.floor((now + tau - nxt) / tick) + 1 end
+  return 1, remaining, nxt - now, -1, {'SET', key, string.format('%.3f', nxt), ms(nxt - now)}
+end
+"
+    };
+}
+
+/// The end of a one-layer script: `ok, remaining, reset, retry, wr` are set.
+macro_rules! one_layer_tail {
+    () => {
+        r"
+if wr then apply(wr) end
+return {ok, remaining, math.ceil(reset), math.ceil(retry)}
+"
+    };
+}
+
+/// The general script: every layer of one check, on Redis server time (microseconds). ARGV holds
+/// five values per layer: algorithm (1 fixed window, 2 sliding log, 3 sliding window, 4 GCRA),
+/// limit, window (us), burst, and a unique member for the log. Every layer is evaluated first;
+/// only if all admit are their states written, so a denied request counts nowhere.
+pub const RATE_LIMIT_SCRIPT: &str = concat!(
+    prelude!(),
+    fixed_fn!(),
+    log_fn!(),
+    sliding_fn!(),
+    gcra_fn!(),
+    r"
 local out, writes, all = {}, {}, true
 for i = 1, #KEYS do
   local b = (i - 1) * 5
   local algo, limit, w = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local burst, member, key = tonumber(ARGV[b + 4]), ARGV[b + 5], KEYS[i]
-  local ok, remaining, reset, retry = 0, 0, 0, -1
+  local key = KEYS[i]
+  local ok, remaining, reset, retry, wr
   if algo == 1 then
-    local idx, count = math.floor(now / w), 0
-    local v = redis.pcall('GET', key)
-    if type(v) == 'string' then
-      local si, sc = string.match(v, '^(%d+):(%d+)$')
-      if tonumber(si) == idx then count = tonumber(sc) end
-    end
-    reset = (idx + 1) * w - now
-    if count < limit then
-      ok, remaining = 1, limit - count - 1
-      writes[i] = {'SET', key, int(idx) .. ':' .. int(count + 1), 'PX', ms(reset)}
-    else
-      retry = reset
-    end
+    ok, remaining, reset, retry, wr = fixed(key, limit, w)
   elseif algo == 2 then
-    local count = 0
-    if type(redis.pcall('ZREMRANGEBYSCORE', key, '-inf', int(now - w))) == 'number' then
-      count = redis.call('ZCARD', key)
-    else
-      writes[i] = {'DEL', key}
-    end
-    if count < limit then
-      ok, remaining, reset = 1, limit - count - 1, w
-      writes[i] = {'LOG', key, int(now), member, ms(w), writes[i] ~= nil}
-    else
-      local oldest = tonumber(redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')[2])
-      local newest = tonumber(redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')[2])
-      retry, reset = math.max(oldest + w - now, 1), math.max(newest + w - now, 1)
-    end
+    ok, remaining, reset, retry, wr = log(key, limit, w, ARGV[b + 5])
   elseif algo == 3 then
-    local idx, prev, cur = math.floor(now / w), 0, 0
-    local v = redis.pcall('GET', key)
-    if type(v) == 'string' then
-      local si, sp, sc = string.match(v, '^(%d+):(%d+):(%d+)$')
-      si = tonumber(si)
-      if si == idx then prev, cur = tonumber(sp), tonumber(sc)
-      elseif si == idx - 1 then prev = tonumber(sc) end
-    end
-    local elapsed = now - idx * w
-    local weighted = prev * (w - elapsed) + (cur + 1) * w
-    if weighted <= limit * w then
-      ok, remaining, reset = 1, math.floor((limit * w - weighted) / w), (idx + 2) * w - now
-      writes[i] = {'SET', key, int(idx) .. ':' .. int(prev) .. ':' .. int(cur + 1), 'PX', ms(2 * w)}
-    else
-      retry = sliding_retry(prev, cur, limit, w, elapsed)
-      if cur > 0 then reset = (idx + 2) * w - now else reset = (idx + 1) * w - now end
-      reset = math.max(reset, retry)
-    end
+    ok, remaining, reset, retry, wr = sliding(key, limit, w)
   else
     local tick = w / limit
-    local tau = tick * (burst - 1)
-    local tat = now
-    local v = redis.pcall('GET', key)
-    if type(v) == 'string' then tat = tonumber(v) or now end
-    -- Not a number, in the past, or later than any admission can have left it ('inf', '1e300'):
-    -- another client's value, read as an empty state.
-    if not (tat >= now) or tat > now + tau + tick then tat = now end
-    if tat - now > tau then
-      retry, reset = math.max(tat - tau - now, 1), tat - now
-    else
-      local nxt = tat + tick
-      ok, reset = 1, nxt - now
-      if now + tau >= nxt then remaining = math.floor((now + tau - nxt) / tick) + 1 end
-      writes[i] = {'SET', key, string.format('%.3f', nxt), 'PX', ms(nxt - now)}
-    end
+    ok, remaining, reset, retry, wr = gcra(key, tick, tick * (tonumber(ARGV[b + 4]) - 1))
   end
   if ok == 0 then all = false end
+  writes[i] = wr
   local n = #out
-  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = ok, remaining, math.ceil(reset), retry
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = ok, remaining, math.ceil(reset), math.ceil(retry)
 end
 if all then
   for i = 1, #KEYS do
-    local wr = writes[i]
-    if wr then
-      if wr[1] == 'LOG' then
-        if wr[6] then redis.call('DEL', wr[2]) end
-        redis.call('ZADD', wr[2], wr[3], wr[4])
-        redis.call('PEXPIRE', wr[2], wr[5])
-      else
-        redis.call('SET', wr[2], wr[3], 'PX', wr[5])
-      end
-    end
+    if writes[i] then apply(writes[i]) end
   end
 end
-for i = 1, #out do out[i] = math.ceil(out[i]) end
 return out
-";
+"
+);
 
-/// One fixed-window layer. ARGV: limit, window (us). The key holds `<window index>:<count>`.
-pub const FIXED_WINDOW_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000000 + t[2]
-local limit, w = tonumber(ARGV[1]), tonumber(ARGV[2])
-local idx = math.floor(now / w)
-local count = 0
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'string' then
-  local c = string.match(v, '^' .. string.format('%d', idx) .. ':(%d+)$')
-  if c then count = tonumber(c) end
-end
-local reset = (idx + 1) * w - now
-if count < limit then
-  redis.call('SET', KEYS[1], string.format('%d:%d', idx, count + 1), 'PX', math.floor(reset / 1000) + 2)
-  return {1, limit - count - 1, reset, -1}
-end
-return {0, 0, reset, reset}
-";
+/// One fixed-window layer. ARGV: limit, window (us).
+pub const FIXED_WINDOW_SCRIPT: &str = concat!(
+    prelude!(),
+    fixed_fn!(),
+    r"
+local ok, remaining, reset, retry, wr = fixed(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+",
+    one_layer_tail!()
+);
 
-/// One sliding-log layer. ARGV: limit, window (us), a unique member. The key is a sorted set of
-/// admission times.
-pub const SLIDING_LOG_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000000 + t[2]
-local limit, w = tonumber(ARGV[1]), tonumber(ARGV[2])
-local count = 0
-if type(redis.pcall('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now - w))) == 'number' then
-  count = redis.call('ZCARD', KEYS[1])
-else
-  redis.call('DEL', KEYS[1])
-end
-if count < limit then
-  redis.call('ZADD', KEYS[1], string.format('%d', now), ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.floor(w / 1000) + 2)
-  return {1, limit - count - 1, w, -1}
-end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]
-local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]
-return {0, 0, math.max(newest + w - now, 1), math.max(oldest + w - now, 1)}
-";
+/// One sliding-log layer. ARGV: limit, window (us), a unique member.
+pub const SLIDING_LOG_SCRIPT: &str = concat!(
+    prelude!(),
+    log_fn!(),
+    r"
+local ok, remaining, reset, retry, wr = log(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
+",
+    one_layer_tail!()
+);
 
-/// One sliding-window layer. ARGV: limit, window (us). The key holds
-/// `<window index>:<previous count>:<current count>`.
-pub const SLIDING_WINDOW_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000000 + t[2]
-local limit, w = tonumber(ARGV[1]), tonumber(ARGV[2])
-local idx = math.floor(now / w)
-local prev, cur = 0, 0
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'string' then
-  local si, sp, sc = string.match(v, '^(%d+):(%d+):(%d+)$')
-  si = tonumber(si)
-  if si == idx then prev, cur = tonumber(sp), tonumber(sc)
-  elseif si == idx - 1 then prev = tonumber(sc) end
-end
-local elapsed = now - idx * w
-local weighted = prev * (w - elapsed) + (cur + 1) * w
-if weighted <= limit * w then
-  redis.call('SET', KEYS[1], string.format('%d:%d:%d', idx, prev, cur + 1), 'PX', math.floor(w / 500) + 2)
-  return {1, math.floor((limit * w - weighted) / w), (idx + 2) * w - now, -1}
-end
-local retry
-if cur < limit and prev > 0 then
-  local e_min = w - math.min(math.floor((limit * w - (cur + 1) * w) / prev), w)
-  if e_min < w then retry = math.max(e_min, elapsed + 1) - elapsed end
-end
-if not retry then
-  retry = w - elapsed
-  if cur > 0 then retry = retry + w - math.min(math.floor((limit - 1) * w / cur), w) end
-end
-local reset = (idx + 1) * w - now
-if cur > 0 then reset = reset + w end
-return {0, 0, math.max(reset, retry), retry}
-";
+/// One sliding-window layer. ARGV: limit, window (us).
+pub const SLIDING_WINDOW_SCRIPT: &str = concat!(
+    prelude!(),
+    sliding_fn!(),
+    r"
+local ok, remaining, reset, retry, wr = sliding(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+",
+    one_layer_tail!()
+);
 
-/// One GCRA layer. ARGV: emission interval and burst tolerance (us). The key holds the
-/// theoretical arrival time (us, with a fractional part). A Lua number passed to redis.call is
-/// written with 17 significant digits, so the TAT keeps its sub-microsecond part; numbers in the
-/// reply are truncated to integers.
-pub const GCRA_SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000000 + t[2]
-local tick, tau = tonumber(ARGV[1]), tonumber(ARGV[2])
-local v = redis.pcall('GET', KEYS[1])
-local tat = type(v) == 'string' and tonumber(v) or now
--- Not a number, in the past, or later than any admission can have left it ('inf', '1e300'):
--- another client's value, read as an empty state.
-if not (tat >= now) or tat > now + tau + tick then tat = now end
-if tat - now > tau then
-  return {0, 0, tat - now, tat - tau - now}
-end
-local nxt = tat + tick
-redis.call('SET', KEYS[1], nxt, 'PX', math.floor((nxt - now) / 1000) + 2)
-local remaining = 0
-if now + tau >= nxt then remaining = math.floor((now + tau - nxt) / tick) + 1 end
-return {1, remaining, nxt - now, -1}
-";
+/// One GCRA layer. ARGV: emission interval and burst tolerance (us).
+pub const GCRA_SCRIPT: &str = concat!(
+    prelude!(),
+    gcra_fn!(),
+    r"
+local ok, remaining, reset, retry, wr = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+",
+    one_layer_tail!()
+);
 
 #[cfg(feature = "redis")]
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {

@@ -4,7 +4,7 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -65,6 +65,18 @@ pub enum MemoryUpdate {
         /// For how long.
         ttl: Ttl,
     },
+}
+
+/// A capability's twin table: state behind a mutex, shared by every user of one memory layer
+/// ([`MemoryLayer::twin_table`]).
+pub struct TwinTable<T>(Mutex<T>);
+
+impl<T> TwinTable<T> {
+    /// Locks the table. A panic while it was locked does not poison it: each capability changes
+    /// its table in single assignments, so a panic cannot leave it half-written.
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[derive(Clone)]
@@ -215,6 +227,12 @@ impl MemoryLayer {
         let twin = Arc::new(init(self));
         twins.insert(TypeId::of::<T>(), twin.clone());
         twin
+    }
+
+    /// The [`twin`](MemoryLayer::twin) state of a capability that keeps a table behind a
+    /// mutex (created empty on first use).
+    pub fn twin_table<T: Default + Send + 'static>(&self) -> Arc<TwinTable<T>> {
+        self.twin(|_| TwinTable(Mutex::new(T::default())))
     }
 
     /// Reads and changes the entry of `key` in one atomic step (moka's per-key compute), for

@@ -25,6 +25,7 @@ use crate::key::{Key, KeyPattern, Tag};
 use crate::ttl::Ttl;
 
 mod breaker;
+mod lease;
 pub mod memory;
 mod operation;
 #[cfg(feature = "redis")]
@@ -33,7 +34,8 @@ pub mod redis;
 mod resilient;
 
 pub use breaker::BreakerState;
-pub use memory::{MemoryEntry, MemoryLayer, MemoryUpdate};
+pub(crate) use lease::LeaseHold;
+pub use memory::{MemoryEntry, MemoryLayer, MemoryUpdate, TwinTable};
 pub use operation::{Answered, Backend, Operation, OutageRule};
 pub use resilient::{Invalidated, Source, Store, StoreStats};
 
@@ -94,8 +96,16 @@ pub fn is_lease(value: &[u8]) -> bool {
 /// `{<key>}:~lease`, or `<key>:~lease` when `key` already carries a hash tag. No key built by
 /// [`key`](crate::key) contains `~`, so it never names an entry.
 pub fn lease_key(key: &Key) -> String {
+    sibling_key(key, "lease")
+}
+
+/// A key beside `key` for a capability's own state (a lease, a lock's fence, a counter's update
+/// marks), in the same Redis Cluster hash slot: `{<key>}:~<suffix>`, or `<key>:~<suffix>` when
+/// `key` already carries a hash tag. No key built by [`key`](crate::key) contains `~`, so it
+/// never names an entry.
+pub fn sibling_key(key: &Key, suffix: &str) -> String {
     let text = key.as_str();
-    let mut out = String::with_capacity(text.len() + 10);
+    let mut out = String::with_capacity(text.len() + suffix.len() + 4);
     if text.contains('{') {
         out.push_str(text);
     } else {
@@ -103,8 +113,58 @@ pub fn lease_key(key: &Key) -> String {
         out.push_str(text);
         out.push('}');
     }
-    out.push_str(":~lease");
+    out.push_str(":~");
+    out.push_str(suffix);
     out
+}
+
+/// How long a tag index entry lives so that it outlives the value it points at: registered for
+/// the value's longest TTL plus the longest the write can take, the value's TTL is then cut to
+/// what is left of the index.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IndexWindow {
+    /// The TTL the index entry is registered with.
+    pub(crate) ttl: Ttl,
+    deadline: tokio::time::Instant,
+}
+
+impl IndexWindow {
+    /// An index entry registered now for `longest` plus `slack`.
+    pub(crate) fn starting_now(longest: Ttl, slack: Duration) -> IndexWindow {
+        let ttl = Ttl::new(longest.as_duration() + slack).unwrap_or(Ttl::MAX);
+        IndexWindow {
+            ttl,
+            deadline: tokio::time::Instant::now() + ttl.as_duration(),
+        }
+    }
+
+    /// `ttl` cut to what is left of the index; `None` once the index has expired (a value
+    /// written then could not be reached through its tags).
+    pub(crate) fn cut(&self, ttl: Ttl) -> Option<Ttl> {
+        Ttl::new(
+            self.deadline
+                .saturating_duration_since(tokio::time::Instant::now()),
+        )
+        .ok()
+        .map(|left| ttl.min(left))
+    }
+}
+
+/// A fresh lease or update token: random and never 0 (the memory layer's "no lease").
+pub(crate) fn new_token() -> u64 {
+    rand::random::<u64>() | 1
+}
+
+/// Runs `task` in the background on the current runtime; false when there is none (the process
+/// is shutting down), and then the task does not run.
+pub(crate) fn spawn_detached(task: impl std::future::Future<Output = ()> + Send + 'static) -> bool {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(task);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// What [`CacheLayer::get_or_lease`] found.

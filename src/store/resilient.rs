@@ -41,8 +41,8 @@ use bytes::Bytes;
 
 use super::breaker::{Admit, Breaker, BreakerState, Transition};
 use super::{
-    Answered, Backend, BackendKind, CacheLayer, Entry, Leased, MemoryLayer, Operation, OutageRule,
-    Remaining, TAG_CHUNK, TagChunk, TagCursor, TagMember, is_lease,
+    Answered, Backend, BackendKind, CacheLayer, Entry, IndexWindow, Leased, MemoryLayer, Operation,
+    OutageRule, Remaining, TAG_CHUNK, TagChunk, TagCursor, TagMember, is_lease,
 };
 use crate::clock::Clock;
 use crate::config::{Config, Fallback};
@@ -70,6 +70,22 @@ struct Pending {
     keys: HashMap<Key, u64>,
     tags: HashMap<Tag, u64>,
     generation: u64,
+}
+
+/// Removes the queued items that were applied and not queued again since (same generation);
+/// answers how many.
+fn forget_applied<T: std::hash::Hash + Eq>(
+    queued: &mut HashMap<T, u64>,
+    applied: &[(T, u64)],
+) -> u64 {
+    let mut removed = 0;
+    for (item, generation) in applied {
+        if queued.get(item) == Some(generation) {
+            queued.remove(item);
+            removed += 1;
+        }
+    }
+    removed
 }
 
 impl Pending {
@@ -514,13 +530,11 @@ impl Store {
         if self.inner.replaying.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let weak = Arc::downgrade(&self.inner);
+        if !super::spawn_detached(replay_in_background(weak)) {
             // No runtime to run it on: the breaker's probe applies the queue instead.
             self.inner.replaying.store(false, Ordering::Release);
-            return;
-        };
-        let weak = Arc::downgrade(&self.inner);
-        runtime.spawn(replay_in_background(weak));
+        }
     }
 
     /// Applies queued invalidations within one operation timeout, in chunks; each chunk leaves
@@ -539,26 +553,13 @@ impl Store {
             let batch: Vec<Key> = chunk.iter().map(|(k, _)| k.clone()).collect();
             match tokio::time::timeout_at(deadline, inner.primary.delete_many(&batch)).await {
                 Ok(Ok(_)) => {
-                    let mut p = self.lock_pending();
-                    for (key, generation) in chunk {
-                        if p.keys.get(key) == Some(generation) {
-                            p.keys.remove(key);
-                        }
-                    }
+                    forget_applied(&mut self.lock_pending().keys, chunk);
                 }
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
                 // An error about the data cannot be mended by retrying: those keys leave the
                 // queue (counted), or the replay would spin on them.
                 Ok(Err(e)) => {
-                    let mut p = self.lock_pending();
-                    let mut dropped = 0;
-                    for (key, generation) in chunk {
-                        if p.keys.get(key) == Some(generation) {
-                            p.keys.remove(key);
-                            dropped += 1;
-                        }
-                    }
-                    drop(p);
+                    let dropped = forget_applied(&mut self.lock_pending().keys, chunk);
                     inner
                         .counters
                         .data_errors
@@ -568,23 +569,15 @@ impl Store {
                 Err(_) => return Replay::Unfinished,
             }
         }
-        for (tag, generation) in &tags {
+        for one in tags.chunks(1) {
+            let tag = &one[0].0;
             // A tag's members leave its index as they are removed, so a replay cut short by the
             // deadline goes on where it stopped.
             match tokio::time::timeout_at(deadline, inner.primary.invalidate_tag(tag)).await {
-                Ok(Ok(_)) => {
-                    let mut p = self.lock_pending();
-                    if p.tags.get(tag) == Some(generation) {
-                        p.tags.remove(tag);
-                    }
-                }
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
-                // A data error cannot be applied by retrying; the index was repaired.
-                Ok(Err(_)) => {
-                    let mut p = self.lock_pending();
-                    if p.tags.get(tag) == Some(generation) {
-                        p.tags.remove(tag);
-                    }
+                // Applied, or a data error, which retrying cannot apply (the index was repaired).
+                Ok(_) => {
+                    forget_applied(&mut self.lock_pending().tags, one);
                 }
                 Err(_) => return Replay::Unfinished,
             }
@@ -855,21 +848,19 @@ impl Store {
         if !tags.is_empty() {
             // The index outlives the value: it is registered for the TTL plus the longest the
             // write can take, and the value's TTL is cut to what is left of it.
-            let registered = tokio::time::Instant::now();
-            let index_ttl = Ttl::new(ttl.as_duration() + self.inner.op_timeout).unwrap_or(Ttl::MAX);
+            let index = IndexWindow::starting_now(ttl, self.inner.op_timeout);
             match self
-                .attempt("tag add", self.inner.primary.tag_add(tags, key, index_ttl))
+                .attempt("tag add", self.inner.primary.tag_add(tags, key, index.ttl))
                 .await
             {
                 Outcome::Done(()) => {}
                 Outcome::Refused(e) => return Err(e),
                 Outcome::Unusable => return self.write_fallback(key, value, ttl, tags).await,
             }
-            let left = index_ttl.as_duration().saturating_sub(registered.elapsed());
-            match Ttl::new(left) {
-                Ok(left) => ttl = ttl.min(left),
+            match index.cut(ttl) {
+                Some(cut) => ttl = cut,
                 // The index has already expired: an entry written now could not be reached.
-                Err(_) => return Ok(()),
+                None => return Ok(()),
             }
         }
         match self

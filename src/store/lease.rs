@@ -1,0 +1,48 @@
+//! A lease a caller holds on a key (a cache load's, a counter recount's), given up if the caller
+//! ends without storing.
+
+use crate::key::Key;
+use crate::store::{Source, Store, spawn_detached};
+
+/// A lease held on `key` with `token` where it was granted (`source`). Dropped while still held
+/// (the load failed, its value cannot be cached, or the caller's future was dropped mid-load),
+/// it gives the lease up in the background, only if the key still holds this token.
+pub(crate) struct LeaseHold<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) key: &'a Key,
+    pub(crate) token: u64,
+    pub(crate) source: Source,
+    /// Still to give up on drop; the holder clears it once it stored (or released).
+    pub(crate) held: bool,
+}
+
+impl LeaseHold<'_> {
+    /// Gives the lease up now (a load that will store nothing), so that the next reader loads
+    /// at once.
+    pub(crate) async fn release(mut self) {
+        self.held = false;
+        release_quietly(self.store, self.key, self.token, self.source).await;
+    }
+}
+
+impl Drop for LeaseHold<'_> {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        let (store, key, token, source) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.token,
+            self.source,
+        );
+        // Without a runtime (the process is shutting down) the lease expires by its TTL.
+        spawn_detached(async move { release_quietly(&store, &key, token, source).await });
+    }
+}
+
+async fn release_quietly(store: &Store, key: &Key, token: u64, source: Source) {
+    if let Err(e) = store.release_lease_at(key, token, source).await {
+        tracing::debug!(key = %key, error = %e, "lease not released; it expires by its TTL");
+    }
+}
