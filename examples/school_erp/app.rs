@@ -516,12 +516,7 @@ async fn record_payment(
     headers: HeaderMap,
     Json(payment): Json<NewPayment>,
 ) -> Result<Json<PaymentReceipt>, ApiError> {
-    if caller.role.role != "admin" {
-        return Err(ApiError(
-            StatusCode::FORBIDDEN,
-            "only the bursar records payments",
-        ));
-    }
+    require_admin(&caller, "only the bursar records payments")?;
     if !(1..=100_000_000).contains(&payment.amount_cents) {
         return Err(ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -712,6 +707,14 @@ impl AppState {
     }
 }
 
+/// `403 Forbidden` (saying `why`) unless the caller is the admin.
+fn require_admin(caller: &Caller, why: &'static str) -> Result<(), ApiError> {
+    if caller.role.role != "admin" {
+        return Err(ApiError(StatusCode::FORBIDDEN, why));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Deserialize, Serialize)]
 pub struct Approval {
     pub request_id: i64,
@@ -728,9 +731,7 @@ async fn approve_request(
     Extension(caller): Extension<Caller>,
     Path(id): Path<i64>,
 ) -> Result<Json<Approval>, ApiError> {
-    if caller.role.role != "admin" {
-        return Err(ApiError(StatusCode::FORBIDDEN, "only the admin approves"));
-    }
+    require_admin(&caller, "only the admin approves")?;
     let name = state.locks.name(&REQUEST, id)?;
     // A second admin clicking meanwhile is told at once, not queued behind the first.
     let guard = match state.locks.acquire(&name, APPROVAL_LEASE).await {
@@ -845,9 +846,7 @@ async fn audit(
     Extension(caller): Extension<Caller>,
     Json(request): Json<AuditRequest>,
 ) -> Result<Json<Audit>, ApiError> {
-    if caller.role.role != "admin" {
-        return Err(ApiError(StatusCode::FORBIDDEN, "only the admin audits"));
-    }
+    require_admin(&caller, "only the admin audits")?;
     let mut audit = Audit {
         duplicate_payments: state
             .db

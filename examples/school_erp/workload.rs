@@ -452,40 +452,43 @@ impl Shared {
         }
     }
 
+    /// `POST /api/payments` as the bursar, under Idempotency-Key `key`.
+    async fn post_payment(
+        &self,
+        tally: &mut Tally,
+        student: i64,
+        amount: i64,
+        key: &str,
+    ) -> Option<(StatusCode, HeaderMap, Bytes)> {
+        let body = serde_json::to_vec(&NewPayment {
+            student_id: student,
+            amount_cents: amount,
+        })
+        .expect("serializes");
+        self.send_with(
+            tally,
+            Method::POST,
+            "/api/payments",
+            Some("a1"),
+            Some(body),
+            Some(key),
+        )
+        .await
+    }
+
     /// A payment under a fresh Idempotency-Key; now and then the client retries it: after the
     /// receipt (a replay), at the same time (one of the two runs, the other is a replay or a
     /// 409), or with another amount under the same key (422).
     async fn pay(&self, tally: &mut Tally, student: i64, amount: i64, key: &str, retry: f64) {
         tally.writes += 1;
-        let body = |amount: i64| {
-            serde_json::to_vec(&NewPayment {
-                student_id: student,
-                amount_cents: amount,
-            })
-            .expect("serializes")
-        };
         let path = "/api/payments";
         // Every extra request the retries send is taken from the budget.
         let concurrent = (0.10..0.20).contains(&retry) && self.take();
         let first = if concurrent {
             let mut other = Tally::default();
             let (a, b) = tokio::join!(
-                self.send_with(
-                    tally,
-                    Method::POST,
-                    path,
-                    Some("a1"),
-                    Some(body(amount)),
-                    Some(key)
-                ),
-                self.send_with(
-                    &mut other,
-                    Method::POST,
-                    path,
-                    Some("a1"),
-                    Some(body(amount)),
-                    Some(key)
-                ),
+                self.post_payment(tally, student, amount, key),
+                self.post_payment(&mut other, student, amount, key),
             );
             tally.payment_retries += 1;
             tally.merge(other);
@@ -509,17 +512,7 @@ impl Shared {
             }
             ran
         } else {
-            match self
-                .send_with(
-                    tally,
-                    Method::POST,
-                    path,
-                    Some("a1"),
-                    Some(body(amount)),
-                    Some(key),
-                )
-                .await
-            {
+            match self.post_payment(tally, student, amount, key).await {
                 Some((StatusCode::OK, _, body)) => Some(body),
                 Some((status, _, body)) => {
                     tally.fail(format!(
@@ -542,17 +535,7 @@ impl Shared {
         if retry < 0.10 && self.take() {
             // The client did not see the receipt and retries: the same receipt, replayed.
             tally.payment_retries += 1;
-            match self
-                .send_with(
-                    tally,
-                    Method::POST,
-                    path,
-                    Some("a1"),
-                    Some(body(amount)),
-                    Some(key),
-                )
-                .await
-            {
+            match self.post_payment(tally, student, amount, key).await {
                 Some((StatusCode::OK, headers, body))
                     if headers.contains_key("idempotent-replayed")
                         && serde_json::from_slice::<PaymentReceipt>(&body)
@@ -569,17 +552,7 @@ impl Shared {
         } else if (0.20..0.23).contains(&retry) && self.take() {
             // A client bug: the same key with another amount.
             tally.payment_retries += 1;
-            match self
-                .send_with(
-                    tally,
-                    Method::POST,
-                    path,
-                    Some("a1"),
-                    Some(body(amount + 1)),
-                    Some(key),
-                )
-                .await
-            {
+            match self.post_payment(tally, student, amount + 1, key).await {
                 Some((StatusCode::UNPROCESSABLE_ENTITY, _, _)) => tally.mismatches += 1,
                 Some((status, _, body)) => tally.fail(format!(
                     "POST {path} (other body): {status} {}",
