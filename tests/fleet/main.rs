@@ -56,6 +56,25 @@ fn an_invalidation_in_one_process_stops_a_load_in_another() {
     assert_eq!(a.request("get 5"), "value 101");
 }
 
+/// While one process loads a key (holding its lease), another process does not store over it:
+/// it loads and returns its own value, and stores nothing; the first load's value is stored.
+#[test]
+fn a_load_in_one_process_is_not_overwritten_by_another() {
+    let server = RedisServer::start();
+    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
+    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    let mut c = Node::spawn("c", &server.url(), NodeSettings::default());
+    assert_eq!(a.request("hold 6 100"), "holding");
+    assert_eq!(b.request("burst 6 1 1 200"), "loads 1 values 200");
+    assert_eq!(
+        c.request("get 6"),
+        "none",
+        "b stored nothing over a's lease"
+    );
+    assert_eq!(a.request("release 6"), "returned 100 refused 0");
+    assert_eq!(c.request("get 6"), "value 100", "a's load was stored");
+}
+
 /// An invalidation that could not reach Redis (the connection was cut, so the command never
 /// got there) is applied by its process in the background as soon as Redis answers again, with
 /// no traffic on that process and a breaker cool-down of a minute: the other processes stop

@@ -328,10 +328,11 @@ async fn randomized_plain_cache_aside_is_caught_serving_stale_data(backend: Back
 mod redis_only {
     use super::*;
 
-    /// Two app servers (two caches on one Redis): while one loads a key, the other does not
-    /// wait for it and does not store over it; it loads and returns its own value.
+    /// Two caches on one Redis (in one process; `tests/fleet` runs the same with two OS
+    /// processes): while one loads a key, the other does not store over it; it loads and
+    /// returns its own value.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn another_process_loading_the_key_is_not_overwritten() {
+    async fn another_cache_loading_the_key_is_not_overwritten() {
         let backend = Backend::redis().await;
         let a = cache_with_registry(backend.config()).await;
         let b = cache_with_registry(backend.config()).await;
@@ -361,9 +362,10 @@ mod redis_only {
         );
     }
 
-    /// An invalidation made by one app server stops a load running in another.
+    /// An invalidation made through one cache stops a load running in another (in one process;
+    /// `tests/fleet` runs the same with OS processes).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_invalidation_from_another_process_stops_the_stale_set() {
+    async fn an_invalidation_from_another_cache_stops_the_stale_set() {
         let backend = Backend::redis().await;
         let a = cache_with_registry(backend.config()).await;
         let b = cache_with_registry(backend.config()).await;
