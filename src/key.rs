@@ -654,6 +654,33 @@ impl KeySpace {
         })
     }
 
+    /// The keys of `ids`, each paired with its id: the input of
+    /// [`Cache::get_or_set_many`](crate::Cache::get_or_set_many). Fails on the first id that
+    /// cannot make a key, naming the problem; nothing is read or written then.
+    ///
+    /// ```
+    /// use speedlayer::key::{Ident, Namespace};
+    ///
+    /// let students = Namespace::root()
+    ///     .global()
+    ///     .keyspace(&Ident::from_static("school"), &Ident::from_static("student"));
+    /// let keys = students.keys([7, 8])?;
+    /// assert_eq!(keys[1].0, 8);
+    /// assert_eq!(keys[1].1.as_str(), "school:student:8");
+    /// # Ok::<(), speedlayer::key::KeyError>(())
+    /// ```
+    pub fn keys<Id: fmt::Display>(
+        &self,
+        ids: impl IntoIterator<Item = Id>,
+    ) -> Result<Vec<(Id, Key)>, KeyError> {
+        ids.into_iter()
+            .map(|id| {
+                let key = self.key(&id)?;
+                Ok((id, key))
+            })
+            .collect()
+    }
+
     /// The key of a text id: [`KeySpace::key`] without going through `Display`.
     pub fn key_str(&self, id: &str) -> Result<Key, KeyError> {
         let base = &self.inner.base;

@@ -96,7 +96,7 @@ pub mod ratelimit;
 pub mod store;
 pub mod ttl;
 
-pub use cache::{Cache, CacheStats};
+pub use cache::{Batch, BatchEntry, Cache, CacheStats};
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};
 pub use key::{Ident, Key, KeyPattern, KeySpace, Namespace, Scope, Tag};

@@ -70,6 +70,8 @@ pub(crate) struct Member<'a, T: Send + Sync + 'static> {
     flights: &'a Flights,
     key: FlightKey,
     pub(crate) flight: Arc<Flight<T>>,
+    /// This caller started the flight (it was not in the table).
+    pub(crate) created: bool,
 }
 
 impl Flights {
@@ -84,18 +86,19 @@ impl Flights {
         let existing = table
             .get(&flight_key)
             .and_then(|f| f.clone().downcast::<Flight<T>>().ok());
-        let flight = match existing {
-            Some(flight) => flight,
+        let (flight, created) = match existing {
+            Some(flight) => (flight, false),
             None => {
                 let flight = Flight::private();
                 table.insert(flight_key.clone(), flight.clone());
-                flight
+                (flight, true)
             }
         };
         Member {
             flights: self,
             key: flight_key,
             flight,
+            created,
         }
     }
 

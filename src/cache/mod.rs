@@ -24,7 +24,10 @@ use crate::store::{
 };
 use crate::ttl::{Ttl, TtlPolicy};
 
+mod batch;
 mod flight;
+
+pub use batch::{Batch, BatchEntry};
 
 use flight::{Flight, Flights};
 
@@ -343,6 +346,81 @@ impl Cache {
         let bytes = self.encode(value)?;
         let tags = self.tags_of(key, tags);
         self.inner.store.set_tagged(key, bytes, ttl, &tags).await
+    }
+
+    /// Stores several values as JSON, each for a TTL picked by `ttl` (jitter applied per entry),
+    /// with the tags the registry's rules give each key: one round trip for the tags (if any) and
+    /// one for the values. Like [`set`](Cache::set), it errors only when a value cannot be
+    /// encoded or is too large, and then nothing is written.
+    pub async fn set_many<T: Serialize>(
+        &self,
+        entries: &[(Key, T)],
+        ttl: impl Into<TtlPolicy>,
+    ) -> Result<()> {
+        let policy = ttl.into();
+        let mut encoded = Vec::with_capacity(entries.len());
+        let mut tags = Vec::new();
+        for (key, value) in entries {
+            encoded.push(crate::store::Entry {
+                key: key.clone(),
+                value: self.encode(value)?,
+                ttl: policy.pick(),
+            });
+            let own = self.tags_of(key, &[]);
+            if !own.is_empty() {
+                tags.push((key.clone(), own));
+            }
+        }
+        self.inner.store.set_many_tagged(&encoded, &tags).await
+    }
+
+    /// True when `key` holds a value: not absent, not a load in flight, and (on Redis) a string.
+    /// The value is not read, so one that would not decode as the type you expect still counts;
+    /// [`get`](Cache::get) treats that as a miss. False too when the backend cannot be asked and
+    /// no fallback holds the key.
+    pub async fn exists(&self, key: &Key) -> bool {
+        matches!(self.inner.store.peek(key).await, Ok(Some(_)))
+    }
+
+    /// How long the value under `key` still lives. [`Remaining::Missing`] when there is no value
+    /// (as for [`exists`](Cache::exists)) or the backend cannot be asked;
+    /// [`Remaining::NoExpiry`] only for a value another client wrote without a TTL.
+    ///
+    /// [`Remaining::Missing`]: crate::store::Remaining::Missing
+    /// [`Remaining::NoExpiry`]: crate::store::Remaining::NoExpiry
+    pub async fn remaining_ttl(&self, key: &Key) -> crate::store::Remaining {
+        match self.inner.store.peek(key).await {
+            Ok(Some(remaining)) => remaining,
+            Ok(None) => crate::store::Remaining::Missing,
+            Err(e) => {
+                tracing::debug!(key = %key, error = %e, "remaining TTL unknown; reading as missing");
+                crate::store::Remaining::Missing
+            }
+        }
+    }
+
+    /// Gives the live value under `key` a new TTL picked by `ttl`, counted from now (a sliding
+    /// expiry: a draft refreshed on each save, a session on each request). Nothing happens when
+    /// there is no value, or a load of the key is in flight. The key is registered again in the
+    /// tags the registry's rules give it, for the new TTL, so they keep reaching it; an entry
+    /// written with explicit tags must be touched with [`touch_tagged`](Cache::touch_tagged).
+    /// True when the TTL was set; false also when the backend cannot be asked.
+    pub async fn touch(&self, key: &Key, ttl: impl Into<TtlPolicy>) -> bool {
+        self.touch_tagged(key, ttl, &[]).await
+    }
+
+    /// [`touch`](Cache::touch) for an entry written with explicit tags: they (and the
+    /// registry's) are registered for the new TTL before it is set.
+    pub async fn touch_tagged(&self, key: &Key, ttl: impl Into<TtlPolicy>, tags: &[Tag]) -> bool {
+        let ttl = ttl.into().pick();
+        let tags = self.tags_of(key, tags);
+        match self.inner.store.touch_tagged(key, ttl, &tags).await {
+            Ok(touched) => touched,
+            Err(e) => {
+                tracing::debug!(key = %key, error = %e, "touch failed");
+                false
+            }
+        }
     }
 
     /// Removes `key`. True when an entry was removed; false when there was none, or when the

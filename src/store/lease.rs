@@ -46,3 +46,58 @@ async fn release_quietly(store: &Store, key: &Key, token: u64, source: Source) {
         tracing::debug!(key = %key, error = %e, "lease not released; it expires by its TTL");
     }
 }
+
+/// The leases a batch load holds, each where it was granted. Dropped while some are still held
+/// (the load failed or the caller's future was dropped mid-load), it gives those up in the
+/// background, in one call per store.
+pub(crate) struct BatchLeases<'a> {
+    pub(crate) store: &'a Store,
+    /// Key, token, where granted, still held.
+    pub(crate) held: Vec<(Key, u64, Source, bool)>,
+}
+
+impl BatchLeases<'_> {
+    /// The leases still held, grouped by where they were granted; marks them given up.
+    fn take_held(&mut self) -> Vec<(Source, Vec<(Key, u64)>)> {
+        let mut groups: Vec<(Source, Vec<(Key, u64)>)> = Vec::new();
+        for (key, token, source, held) in &mut self.held {
+            if !*held {
+                continue;
+            }
+            *held = false;
+            match groups.iter_mut().find(|(s, _)| s == source) {
+                Some((_, list)) => list.push((key.clone(), *token)),
+                None => groups.push((*source, vec![(key.clone(), *token)])),
+            }
+        }
+        groups
+    }
+
+    /// Gives up every lease still held now.
+    pub(crate) async fn release_all(&mut self) {
+        for (source, leases) in self.take_held() {
+            release_many_quietly(self.store, &leases, source).await;
+        }
+    }
+}
+
+impl Drop for BatchLeases<'_> {
+    fn drop(&mut self) {
+        let groups = self.take_held();
+        if groups.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        spawn_detached(async move {
+            for (source, leases) in groups {
+                release_many_quietly(&store, &leases, source).await;
+            }
+        });
+    }
+}
+
+async fn release_many_quietly(store: &Store, leases: &[(Key, u64)], source: Source) {
+    if let Err(e) = store.release_leases_at(leases, source).await {
+        tracing::debug!(error = %e, leases = leases.len(), "leases not released; they expire by their TTL");
+    }
+}

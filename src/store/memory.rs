@@ -416,6 +416,42 @@ impl CacheLayer for MemoryLayer {
         })
     }
 
+    async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {
+        let now = Instant::now();
+        Ok(match self.cache.get(key.as_str()).await {
+            Some(s) if s.live(now) && s.lease == 0 && !s.value.is_empty() => {
+                Some(Remaining::Expires(s.expires_at - now))
+            }
+            _ => None,
+        })
+    }
+
+    async fn touch(&self, key: &Key, ttl: Ttl) -> Result<bool> {
+        let result = self
+            .cache
+            .entry(key.as_str().to_owned())
+            .and_compute_with(|current| {
+                let now = Instant::now();
+                let op = match current {
+                    Some(entry)
+                        if entry.value().live(now)
+                            && entry.value().lease == 0
+                            && !entry.value().value.is_empty() =>
+                    {
+                        Op::Put(Stored {
+                            value: entry.value().value.clone(),
+                            expires_at: now + ttl.as_duration(),
+                            lease: 0,
+                        })
+                    }
+                    _ => Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+        Ok(matches!(result, CompResult::ReplacedWith(_)))
+    }
+
     async fn set_if_absent(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<bool> {
         let expires_at = Self::deadline(ttl);
         let result = self

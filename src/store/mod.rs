@@ -34,7 +34,7 @@ pub mod redis;
 mod resilient;
 
 pub use breaker::BreakerState;
-pub(crate) use lease::LeaseHold;
+pub(crate) use lease::{BatchLeases, LeaseHold};
 pub use memory::{MemoryEntry, MemoryLayer, MemoryUpdate, TwinTable};
 pub use operation::{Answered, Backend, Operation, OutageRule};
 pub use resilient::{Invalidated, Source, Store, StoreStats};
@@ -167,6 +167,32 @@ pub(crate) fn spawn_detached(task: impl std::future::Future<Output = ()> + Send 
     }
 }
 
+/// One key of [`CacheLayer::get_or_lease_many`]: the key, the caller's lease token for it, and
+/// the value the caller could not use (see [`CacheLayer::get_or_lease`]).
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseRequest<'a> {
+    /// The key to read or lease.
+    pub key: &'a Key,
+    /// The token the lease is taken with.
+    pub token: u64,
+    /// A value found earlier that did not decode, replaced if the key still holds it.
+    pub replace: Option<&'a [u8]>,
+}
+
+/// One entry of [`CacheLayer::set_leased_many`]: stored only if `key` still holds the lease of
+/// `token`.
+#[derive(Clone, Debug)]
+pub struct LeasedEntry {
+    /// Where.
+    pub key: Key,
+    /// The lease token the key must still hold.
+    pub token: u64,
+    /// What (opaque bytes).
+    pub value: Bytes,
+    /// For how long.
+    pub ttl: Ttl,
+}
+
 /// What [`CacheLayer::get_or_lease`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Leased {
@@ -282,6 +308,65 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// cancelled), so that the next reader loads at once instead of waiting out the lease TTL.
     /// True when the lease was released.
     async fn release_lease(&self, key: &Key, token: u64) -> Result<bool>;
+
+    /// [`get_or_lease`](CacheLayer::get_or_lease) for several keys, in order, each under its own
+    /// lease. One round trip on Redis (a pipeline); the default calls `get_or_lease` per key.
+    async fn get_or_lease_many(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        lease_ttl: Ttl,
+    ) -> Result<Vec<Leased>> {
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            out.push(
+                self.get_or_lease(r.key, r.token, lease_ttl, r.replace)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// [`set_leased`](CacheLayer::set_leased) for several entries, in order: for each, whether it
+    /// was stored. One round trip on Redis; the default calls `set_leased` per entry.
+    async fn set_leased_many(&self, entries: &[LeasedEntry]) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            out.push(
+                self.set_leased(&e.key, e.token, e.value.clone(), e.ttl)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// [`release_lease`](CacheLayer::release_lease) for several `(key, token)` pairs; returns how
+    /// many were released. One round trip on Redis; the default calls `release_lease` per pair.
+    async fn release_leases(&self, leases: &[(Key, u64)]) -> Result<u64> {
+        let mut released = 0;
+        for (key, token) in leases {
+            released += u64::from(self.release_lease(key, *token).await?);
+        }
+        Ok(released)
+    }
+
+    /// [`tag_add`](CacheLayer::tag_add) for several members, each with its own tags, all for
+    /// `ttl`. One round trip on Redis; the default calls `tag_add` per member.
+    async fn tag_add_many(&self, members: &[(Key, Vec<Tag>)], ttl: Ttl) -> Result<()> {
+        for (member, tags) in members {
+            self.tag_add(tags, member, ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// How long the value under `key` still lives, or `None` when there is no value to read: the
+    /// key is absent, holds a lease (a load in flight), or (on Redis) holds another type than a
+    /// string. Reads no value.
+    async fn peek(&self, key: &Key) -> Result<Option<Remaining>>;
+
+    /// Sets the TTL of the value under `key` to `ttl`, counted from now, if there is a value (as
+    /// [`peek`](CacheLayer::peek) sees it): a lease or another client's key of another type is
+    /// left alone. True when the TTL was set.
+    async fn touch(&self, key: &Key, ttl: Ttl) -> Result<bool>;
 
     /// Records `member` in the index of each tag, for at least `ttl` (the member's lifetime).
     /// Members whose lifetime has passed are pruned from an index as it is written, so an index

@@ -30,8 +30,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, RedisError, Script};
 
 use super::{
-    Backend, BackendKind, CacheLayer, Entry, Leased, Remaining, TagChunk, TagCursor, TagMember,
-    lease_key,
+    Backend, BackendKind, CacheLayer, Entry, LeaseRequest, Leased, LeasedEntry, Remaining,
+    TagChunk, TagCursor, TagMember, lease_key,
 };
 use crate::config::{RedisConfig, Transport};
 use crate::error::{Error, ErrorKind, Result};
@@ -67,6 +67,21 @@ end
 redis.call('SET', KEYS[1], '', 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 1
+";
+
+// How long a value still lives: -2 when there is none to read (absent, another type than a
+// string, or a lease ''), -1 without expiry, else milliseconds.
+const PEEK_SCRIPT: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then return -2 end
+if redis.call('STRLEN', KEYS[1]) == 0 then return -2 end
+return redis.call('PTTL', KEYS[1])
+";
+
+// Sets a value's TTL, only if it is a value (a string other than a lease ''): 1 when set.
+const TOUCH_SCRIPT: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' then return 0 end
+if redis.call('STRLEN', KEYS[1]) == 0 then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[1])
 ";
 
 // Stores the loaded value only if the key still holds the lease and the lease is the caller's.
@@ -187,6 +202,8 @@ pub struct RedisLayer {
     set_leased: Script,
     release_lease: Script,
     tag_forget: Script,
+    peek: Script,
+    touch: Script,
 }
 
 impl RedisLayer {
@@ -242,6 +259,8 @@ impl RedisLayer {
             set_leased: Script::new(SET_LEASED_SCRIPT),
             release_lease: Script::new(RELEASE_LEASE_SCRIPT),
             tag_forget: Script::new(TAG_FORGET_SCRIPT),
+            peek: Script::new(PEEK_SCRIPT),
+            touch: Script::new(TOUCH_SCRIPT),
         })
     }
 
@@ -493,6 +512,115 @@ impl CacheLayer for RedisLayer {
         self.invoke::<i64>(&invocation)
             .await
             .map(|released| released == 1)
+    }
+
+    // The batch forms below are pipelines of EVAL (not EVALSHA: a pipeline then needs no
+    // NOSCRIPT handling; the server compiles each script once and keeps it by its hash).
+
+    async fn get_or_lease_many(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        lease_ttl: Ttl,
+    ) -> Result<Vec<Leased>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for r in requests {
+            let cmd = pipe
+                .cmd("EVAL")
+                .arg(GET_OR_LEASE_SCRIPT)
+                .arg(2)
+                .arg(r.key.as_str())
+                .arg(lease_key(r.key))
+                .arg(r.token)
+                .arg(lease_ttl.as_millis());
+            if let Some(replace) = r.replace {
+                cmd.arg(replace);
+            }
+        }
+        let replies: Vec<redis::Value> = self.query_pipeline(&pipe).await?;
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                redis::Value::BulkString(bytes) => Leased::Value(Bytes::from(bytes)),
+                redis::Value::Int(1) => Leased::Granted,
+                _ => Leased::Denied,
+            })
+            .collect())
+    }
+
+    async fn set_leased_many(&self, entries: &[LeasedEntry]) -> Result<Vec<bool>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("EVAL")
+                .arg(SET_LEASED_SCRIPT)
+                .arg(2)
+                .arg(e.key.as_str())
+                .arg(lease_key(&e.key))
+                .arg(e.token)
+                .arg(e.value.as_ref())
+                .arg(e.ttl.as_millis());
+        }
+        let stored: Vec<i64> = self.query_pipeline(&pipe).await?;
+        Ok(stored.into_iter().map(|n| n == 1).collect())
+    }
+
+    async fn release_leases(&self, leases: &[(Key, u64)]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for (key, token) in leases {
+            pipe.cmd("EVAL")
+                .arg(RELEASE_LEASE_SCRIPT)
+                .arg(2)
+                .arg(key.as_str())
+                .arg(lease_key(key))
+                .arg(*token);
+        }
+        let released: Vec<i64> = self.query_pipeline(&pipe).await?;
+        Ok(released.into_iter().filter(|n| *n == 1).count() as u64)
+    }
+
+    async fn tag_add_many(&self, members: &[(Key, Vec<Tag>)], ttl: Ttl) -> Result<()> {
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (member, tags) in members {
+            for tag in tags {
+                any = true;
+                pipe.cmd("EVAL")
+                    .arg(TAG_ADD_SCRIPT)
+                    .arg(1)
+                    .arg(tag.as_str())
+                    .arg(member.as_str())
+                    .arg(ttl.as_millis())
+                    .ignore();
+            }
+        }
+        if !any {
+            return Ok(());
+        }
+        self.query_pipeline::<()>(&pipe).await
+    }
+
+    async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {
+        let mut invocation = self.peek.prepare_invoke();
+        invocation.key(key.as_str());
+        Ok(match self.invoke::<i64>(&invocation).await? {
+            -2 => None,
+            -1 => Some(Remaining::NoExpiry),
+            ms => Some(Remaining::Expires(Duration::from_millis(ms.max(0) as u64))),
+        })
+    }
+
+    async fn touch(&self, key: &Key, ttl: Ttl) -> Result<bool> {
+        let mut invocation = self.touch.prepare_invoke();
+        invocation.key(key.as_str()).arg(ttl.as_millis());
+        self.invoke::<i64>(&invocation).await.map(|n| n == 1)
     }
 
     async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {

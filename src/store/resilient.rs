@@ -41,8 +41,9 @@ use bytes::Bytes;
 
 use super::breaker::{Admit, Breaker, BreakerState, Transition};
 use super::{
-    Answered, Backend, BackendKind, CacheLayer, Entry, IndexWindow, Leased, MemoryLayer, Operation,
-    OutageRule, Remaining, TAG_CHUNK, TagChunk, TagCursor, TagMember, is_lease,
+    Answered, Backend, BackendKind, CacheLayer, Entry, IndexWindow, LeaseRequest, Leased,
+    LeasedEntry, MemoryLayer, Operation, OutageRule, Remaining, TAG_CHUNK, TagChunk, TagCursor,
+    TagMember, is_lease,
 };
 use crate::clock::Clock;
 use crate::config::{Config, Fallback};
@@ -840,6 +841,149 @@ impl Store {
         }
     }
 
+    /// [`get_many`](CacheLayer::get_many) for the typed cache, saying who answered. Leases (loads
+    /// in flight) read as `None`.
+    pub async fn get_many_with_source(&self, keys: &[Key]) -> Result<(Vec<Option<Bytes>>, Source)> {
+        let (values, source) = match self
+            .attempt("MGET", self.inner.primary.get_many(keys))
+            .await
+        {
+            Outcome::Done(v) => (v, Source::Primary),
+            Outcome::Refused(e) => return Err(e),
+            Outcome::Unusable => match self.outage_fallback() {
+                Some(f) => (f.get_many(keys).await?, Source::Fallback),
+                None => (vec![None; keys.len()], Source::Nothing),
+            },
+        };
+        let values = values
+            .into_iter()
+            .map(|v| v.filter(|v| !is_lease(v)))
+            .collect();
+        Ok((values, source))
+    }
+
+    /// [`CacheLayer::get_or_lease_many`], saying who answered (one answer for the whole batch).
+    /// With `skip_primary` only the fallback is asked.
+    pub async fn get_or_lease_many_with_source(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        lease_ttl: Ttl,
+        skip_primary: bool,
+    ) -> Result<(Vec<Leased>, Source)> {
+        if !(skip_primary && self.inner.remote) {
+            match self
+                .attempt(
+                    "GET (lease, pipeline)",
+                    self.inner.primary.get_or_lease_many(requests, lease_ttl),
+                )
+                .await
+            {
+                Outcome::Done(leased) => return Ok((leased, Source::Primary)),
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => {}
+            }
+        } else {
+            self.inner
+                .counters
+                .fallbacks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        match self.outage_fallback() {
+            Some(f) => Ok((
+                f.get_or_lease_many(requests, self.fallback_ttl(lease_ttl))
+                    .await?,
+                Source::Fallback,
+            )),
+            None => Ok((vec![Leased::Denied; requests.len()], Source::Nothing)),
+        }
+    }
+
+    /// [`CacheLayer::set_leased_many`] where the leases were granted (`source`): only that store
+    /// is written. Nothing is stored when it is unusable.
+    pub async fn set_leased_many_at(
+        &self,
+        entries: &[LeasedEntry],
+        source: Source,
+    ) -> Result<Vec<bool>> {
+        match source {
+            Source::Primary => match self
+                .attempt(
+                    "SET (leased, pipeline)",
+                    self.inner.primary.set_leased_many(entries),
+                )
+                .await
+            {
+                Outcome::Done(stored) => Ok(stored),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Unusable => Ok(vec![false; entries.len()]),
+            },
+            Source::Fallback => match self.outage_fallback() {
+                Some(f) => {
+                    let capped: Vec<LeasedEntry> = entries
+                        .iter()
+                        .map(|e| LeasedEntry {
+                            ttl: self.fallback_ttl(e.ttl),
+                            ..e.clone()
+                        })
+                        .collect();
+                    f.set_leased_many(&capped).await
+                }
+                None => Ok(vec![false; entries.len()]),
+            },
+            Source::Nothing => Ok(vec![false; entries.len()]),
+        }
+    }
+
+    /// [`CacheLayer::release_leases`] where the leases were granted (`source`).
+    pub async fn release_leases_at(&self, leases: &[(Key, u64)], source: Source) -> Result<u64> {
+        match source {
+            Source::Primary => match self
+                .attempt(
+                    "release leases",
+                    self.inner.primary.release_leases(leases),
+                )
+                .await
+            {
+                Outcome::Done(released) => Ok(released),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Unusable => Ok(0),
+            },
+            Source::Fallback => match &self.inner.fallback {
+                Some(f) => f.release_leases(leases).await,
+                None => Ok(0),
+            },
+            Source::Nothing => Ok(0),
+        }
+    }
+
+    /// Records each member in its tags where its lease was granted (`source`). An error means
+    /// none of the entries may be cached: they could not all be indexed.
+    pub async fn tag_add_many_at(
+        &self,
+        members: &[(Key, Vec<Tag>)],
+        ttl: Ttl,
+        source: Source,
+    ) -> Result<()> {
+        match source {
+            Source::Primary => match self
+                .attempt(
+                    "tag add (pipeline)",
+                    self.inner.primary.tag_add_many(members, ttl),
+                )
+                .await
+            {
+                Outcome::Done(()) => Ok(()),
+                Outcome::Refused(e) => Err(e),
+                Outcome::Unusable => Err(self.unavailable("tag_add")),
+            },
+            Source::Fallback => match self.outage_fallback() {
+                Some(f) => f.tag_add_many(members, ttl).await,
+                None => Err(self.unavailable("tag_add")),
+            },
+            Source::Nothing => Err(self.unavailable("tag_add")),
+        }
+    }
+
     /// Stores `value` with `tags`: the tags are recorded first, then the value, so that no entry
     /// exists that its tags cannot reach. During an outage both go to the fallback; after a
     /// failure while the breaker is still closed, nothing is written.
@@ -871,6 +1015,100 @@ impl Store {
             Outcome::Refused(e) => Err(e),
             Outcome::Unusable => self.write_fallback(key, value, ttl, tags).await,
         }
+    }
+
+    /// Stores several entries, with the tags of each (`tags`, by key; entries without tags may be
+    /// left out): all tags are recorded first, in one call, then all values, in one call, so that
+    /// no entry exists that its tags cannot reach. During an outage both go to the fallback; after
+    /// a failure while the breaker is still closed, nothing is written.
+    pub async fn set_many_tagged(&self, entries: &[Entry], tags: &[(Key, Vec<Tag>)]) -> Result<()> {
+        let tags: Vec<(Key, Vec<Tag>)> = tags
+            .iter()
+            .filter(|(_, t)| !t.is_empty())
+            .cloned()
+            .collect();
+        let mut entries = entries.to_vec();
+        if !tags.is_empty() {
+            let longest = entries.iter().map(|e| e.ttl).max().unwrap_or(Ttl::MIN);
+            let index = IndexWindow::starting_now(longest, self.inner.op_timeout);
+            match self
+                .attempt(
+                    "tag add (pipeline)",
+                    self.inner.primary.tag_add_many(&tags, index.ttl),
+                )
+                .await
+            {
+                Outcome::Done(()) => {}
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => return self.write_many_fallback(&entries, &tags).await,
+            }
+            let mut expired = Vec::new();
+            for (i, entry) in entries.iter_mut().enumerate() {
+                if tags.iter().any(|(k, _)| *k == entry.key) {
+                    match index.cut(entry.ttl) {
+                        Some(cut) => entry.ttl = cut,
+                        None => expired.push(i),
+                    }
+                }
+            }
+            // An entry whose index already expired could not be reached: not written.
+            for i in expired.into_iter().rev() {
+                entries.remove(i);
+            }
+        }
+        match self
+            .attempt("SET (pipeline)", self.inner.primary.set_many(&entries))
+            .await
+        {
+            Outcome::Done(()) => Ok(()),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => self.write_many_fallback(&entries, &tags).await,
+        }
+    }
+
+    async fn write_many_fallback(&self, entries: &[Entry], tags: &[(Key, Vec<Tag>)]) -> Result<()> {
+        for e in entries {
+            let own: &[Tag] = tags
+                .iter()
+                .find(|(k, _)| *k == e.key)
+                .map(|(_, t)| t.as_slice())
+                .unwrap_or(&[]);
+            self.write_fallback(&e.key, e.value.clone(), e.ttl, own)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`CacheLayer::touch`] that first registers `key` in `tags` for the new TTL (so that the
+    /// longer-lived entry stays reachable through them). False when there is no value, or when
+    /// the tags could not be recorded (the TTL is then left as it was).
+    pub async fn touch_tagged(&self, key: &Key, ttl: Ttl, tags: &[Tag]) -> Result<bool> {
+        let mut ttl = ttl;
+        if !tags.is_empty() {
+            let index = IndexWindow::starting_now(ttl, self.inner.op_timeout);
+            match self
+                .attempt("tag add", self.inner.primary.tag_add(tags, key, index.ttl))
+                .await
+            {
+                Outcome::Done(()) => {}
+                Outcome::Refused(e) => return Err(e),
+                Outcome::Unusable => {
+                    return match self.outage_fallback() {
+                        Some(f) => {
+                            let ttl = self.fallback_ttl(ttl);
+                            f.tag_add(tags, key, ttl).await?;
+                            f.touch(key, ttl).await
+                        }
+                        None => Ok(false),
+                    };
+                }
+            }
+            match index.cut(ttl) {
+                Some(cut) => ttl = cut,
+                None => return Ok(false),
+            }
+        }
+        self.touch(key, ttl).await
     }
 
     /// A TTL as the fallback keeps it: at most `fallback_max_ttl`.
@@ -1154,6 +1392,31 @@ impl CacheLayer for Store {
             Outcome::Unusable => match self.outage_fallback() {
                 Some(f) => f.remaining_ttl(key).await,
                 None => Err(self.unavailable("remaining_ttl")),
+            },
+        }
+    }
+
+    async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {
+        match self.attempt("PTTL (value)", self.inner.primary.peek(key)).await {
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => match self.outage_fallback() {
+                Some(f) => f.peek(key).await,
+                None => Err(self.unavailable("peek")),
+            },
+        }
+    }
+
+    async fn touch(&self, key: &Key, ttl: Ttl) -> Result<bool> {
+        match self
+            .attempt("PEXPIRE (value)", self.inner.primary.touch(key, ttl))
+            .await
+        {
+            Outcome::Done(v) => Ok(v),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => match self.outage_fallback() {
+                Some(f) => f.touch(key, self.fallback_ttl(ttl)).await,
+                None => Err(self.unavailable("touch")),
             },
         }
     }

@@ -1,0 +1,704 @@
+//! Get-or-set for many keys: one read for all of them, one loader call for the misses, one
+//! write for what was loaded, each key under its own lease.
+//!
+//! A batch follows the rules of a single [`get_or_set`](Cache::get_or_set), key by key:
+//!
+//! - **Reads.** All keys are read in one round trip (`MGET`). On a warm cache that is the whole
+//!   call.
+//! - **Leases.** The misses are leased in one round trip (a pipeline of the single-key lease
+//!   script): a key deleted, written or tag-invalidated while the loader runs is returned but not
+//!   stored. A key another process is loading is waited for (up to [`Config::lease_wait`]) and,
+//!   if its value does not come, loaded here without being cached.
+//! - **One loader call.** The loader gets the ids of the keys still missing, all at once (a
+//!   `WHERE id = ANY($1)` query), and returns the rows it found as a map.
+//! - **Absent rows.** An id the loader does not return is cached as JSON `null` for the negative
+//!   TTL, as [`get_or_set_optional`](Cache::get_or_set_optional) does (both read and write the
+//!   same entries), so a missing id does not reach the database on every page.
+//! - **In-process sharing.** A key already being loaded in this process (by another batch or a
+//!   single-key call for the same type) is not loaded again: the batch waits for that load while
+//!   it loads the rest, so unrelated keys are never serialised behind it.
+//! - **Errors.** A loader error fails only the keys that loader call was for; keys found in the
+//!   cache, or served by another caller's load, are still returned. See [`Batch`].
+//!
+//! [`Config::lease_wait`]: crate::config::Config::lease_wait
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use super::flight::{Flight, Flights};
+use super::{Cache, Flown, Fresh};
+use crate::key::{Key, Tag};
+use crate::store::{BatchLeases, IndexWindow, LeaseRequest, Leased, LeasedEntry, Source};
+use crate::ttl::{Ttl, TtlPolicy};
+
+/// One key's answer in a [`Batch`]: the row (`None` when the loader did not return it, now or
+/// when it was cached as absent), or the error of the loader call that was to fetch it.
+pub type BatchEntry<T, E> = Result<Option<T>, Arc<E>>;
+
+/// What [`Cache::get_or_set_many`] returns: one answer per key given, in the order given.
+///
+/// - `Ok(Some(row))`: found in the cache or loaded.
+/// - `Ok(None)`: the loader did not return this id (now, or within the negative TTL).
+/// - `Err(e)`: the loader call that was to fetch this key failed; nothing was cached for it.
+///   Other keys of the same batch are unaffected: those found in the cache are still `Ok`.
+///
+/// An id given twice gets the same answer twice.
+#[derive(Debug, Clone)]
+pub struct Batch<Id, T, E> {
+    entries: Vec<(Id, BatchEntry<T, E>)>,
+}
+
+impl<Id, T, E> Batch<Id, T, E> {
+    /// Number of answers (the number of keys given).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True for a batch of no keys.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every id with its answer, in the order given.
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, &BatchEntry<T, E>)> {
+        self.entries.iter().map(|(id, r)| (id, r))
+    }
+
+    /// The rows found (cached or loaded), with their ids, in the order given.
+    pub fn found(&self) -> impl Iterator<Item = (&Id, &T)> {
+        self.entries
+            .iter()
+            .filter_map(|(id, r)| r.as_ref().ok()?.as_ref().map(|v| (id, v)))
+    }
+
+    /// The ids whose loader call failed, with its error.
+    pub fn errors(&self) -> impl Iterator<Item = (&Id, &Arc<E>)> {
+        self.entries
+            .iter()
+            .filter_map(|(id, r)| r.as_ref().err().map(|e| (id, e)))
+    }
+
+    /// True when no key failed.
+    pub fn is_complete(&self) -> bool {
+        self.entries.iter().all(|(_, r)| r.is_ok())
+    }
+
+    /// The answers, in the order given.
+    pub fn into_entries(self) -> Vec<(Id, BatchEntry<T, E>)> {
+        self.entries
+    }
+}
+
+impl<Id: PartialEq, T, E> Batch<Id, T, E> {
+    /// The answer for `id`, if it was in the batch.
+    pub fn get(&self, id: &Id) -> Option<&BatchEntry<T, E>> {
+        self.entries.iter().find(|(i, _)| i == id).map(|(_, r)| r)
+    }
+}
+
+impl<Id: Eq + Hash, T, E> Batch<Id, T, E> {
+    /// The rows found, by id, or the first loader error: for pages that are all-or-nothing.
+    pub fn into_map(self) -> Result<HashMap<Id, T>, Arc<E>> {
+        let mut out = HashMap::with_capacity(self.entries.len());
+        for (id, r) in self.entries {
+            if let Some(v) = r? {
+                out.insert(id, v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One key a batch loads itself.
+struct Lead<'k, Id, V, E> {
+    /// Index among the batch's distinct keys.
+    at: usize,
+    id: Id,
+    key: &'k Key,
+    /// What the first read found and could not decode.
+    undecodable: Option<Bytes>,
+    flight: Arc<Flight<Flown<V, E>>>,
+    /// Where the result goes for the callers waiting on this flight.
+    publish: Option<oneshot::Sender<Result<(V, Fresh), Arc<E>>>>,
+}
+
+/// How a batch's key stands after the lease step.
+enum Step<V> {
+    /// Lease asked, no answer yet (another process holds it).
+    Pending,
+    /// This batch holds the lease, granted there; `guard` is its place in the lease guard.
+    Leased { source: Source, guard: usize },
+    /// Another load stored a value between the read and the lease.
+    Found(V),
+    /// Loaded without caching.
+    Uncached,
+}
+
+/// The settings of one batch call.
+struct Plan<'a, Id> {
+    policy: &'a TtlPolicy,
+    negative_ttl: Ttl,
+    longest: Ttl,
+    tags_for: &'a (dyn Fn(&Id) -> Vec<Tag> + Send + Sync),
+    first_read: Source,
+}
+
+impl Cache {
+    /// [`get_or_set_optional`](Cache::get_or_set_optional) for many keys at once, with one
+    /// loader call for all the misses (see [`batch`](crate::cache) rules above and [`Batch`]
+    /// for the shape of the answer).
+    ///
+    /// `keys` pairs each id with its key (build them with [`KeySpace::keys`]); the loader gets
+    /// the ids whose keys missed and returns the rows it found. Rows are cached for `ttl`
+    /// (jitter applied), ids the loader did not return as absent for `negative_ttl`. Rows the
+    /// loader returns for ids it was not asked for are ignored.
+    ///
+    /// The loader is called once, or not at all on a warm cache; a second call happens only for
+    /// keys whose shared load in another caller of this process produced nothing this caller may
+    /// use (that caller was cancelled, or an invalidation may have overtaken its value), so it
+    /// is `FnMut`.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use serde::{Deserialize, Serialize};
+    /// use speedlayer::key::{Ident, Namespace};
+    /// use speedlayer::ttl::Ttl;
+    /// use speedlayer::Cache;
+    ///
+    /// #[derive(Clone, Serialize, Deserialize, PartialEq, Debug)]
+    /// struct Student { name: String }
+    ///
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache = Cache::memory();
+    /// let students = Namespace::root().global()
+    ///     .keyspace(&Ident::from_static("school"), &Ident::from_static("student"));
+    /// let keys = students.keys([1_i64, 2, 3])?;
+    ///
+    /// let batch = cache
+    ///     .get_or_set_many(&keys, Ttl::seconds(300), Ttl::seconds(30), |ids: Vec<i64>| async move {
+    ///         // SELECT id, name FROM students WHERE id = ANY($1): id 3 does not exist.
+    ///         Ok::<_, std::io::Error>(
+    ///             ids.into_iter()
+    ///                 .filter(|id| *id != 3)
+    ///                 .map(|id| (id, Student { name: format!("student {id}") }))
+    ///                 .collect::<HashMap<_, _>>(),
+    ///         )
+    ///     })
+    ///     .await;
+    /// assert_eq!(batch.found().count(), 2);
+    /// assert!(matches!(batch.get(&3), Some(Ok(None))));
+    /// # Ok::<(), speedlayer::Error>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// [`KeySpace::keys`]: crate::key::KeySpace::keys
+    pub async fn get_or_set_many<Id, T, E, F, Fut>(
+        &self,
+        keys: &[(Id, Key)],
+        ttl: impl Into<TtlPolicy>,
+        negative_ttl: Ttl,
+        loader: F,
+    ) -> Batch<Id, T, E>
+    where
+        Id: Clone + Eq + Hash + Send + Sync,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<Id>) -> Fut,
+        Fut: Future<Output = Result<HashMap<Id, T>, E>>,
+    {
+        self.get_or_set_many_tagged(keys, ttl, negative_ttl, |_| Vec::new(), loader)
+            .await
+    }
+
+    /// [`get_or_set_many`](Cache::get_or_set_many) with tags per entry: `tags_for(id)` gives the
+    /// tags of that id's entry (added to those the registry's rules give its key).
+    pub async fn get_or_set_many_tagged<Id, T, E, F, Fut, G>(
+        &self,
+        keys: &[(Id, Key)],
+        ttl: impl Into<TtlPolicy>,
+        negative_ttl: Ttl,
+        tags_for: G,
+        mut loader: F,
+    ) -> Batch<Id, T, E>
+    where
+        Id: Clone + Eq + Hash + Send + Sync,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<Id>) -> Fut,
+        Fut: Future<Output = Result<HashMap<Id, T>, E>>,
+        G: Fn(&Id) -> Vec<Tag> + Send + Sync,
+    {
+        let c = &self.inner.counters;
+        let policy = ttl.into();
+        // The distinct keys, and for each key given, which of them it is.
+        let mut distinct: Vec<usize> = Vec::with_capacity(keys.len());
+        let mut slot_of: Vec<usize> = Vec::with_capacity(keys.len());
+        {
+            let mut seen: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
+            for (i, (_, key)) in keys.iter().enumerate() {
+                let slot = *seen.entry(key.as_str()).or_insert_with(|| {
+                    distinct.push(i);
+                    distinct.len() - 1
+                });
+                slot_of.push(slot);
+            }
+        }
+        let unique: Vec<Key> = distinct.iter().map(|&i| keys[i].1.clone()).collect();
+        let mut answers: Vec<Option<BatchEntry<T, E>>> = (0..unique.len()).map(|_| None).collect();
+
+        // 1. One read for every key.
+        let (found, first_read) = match self.inner.store.get_many_with_source(&unique).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!(error = %e, "batch read failed; treating it as misses");
+                (vec![None; unique.len()], Source::Nothing)
+            }
+        };
+        let mut misses: Vec<(usize, Option<Bytes>)> = Vec::new();
+        for (at, bytes) in found.into_iter().enumerate() {
+            match bytes {
+                Some(bytes) => match serde_json::from_slice::<Option<T>>(&bytes) {
+                    Ok(v) => {
+                        c.hits.fetch_add(1, Ordering::Relaxed);
+                        answers[at] = Some(Ok(v));
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %unique[at], error = %e, "cached value does not decode; replacing it");
+                        c.decode_failures.fetch_add(1, Ordering::Relaxed);
+                        misses.push((at, Some(bytes)));
+                    }
+                },
+                None => misses.push((at, None)),
+            }
+        }
+
+        if !misses.is_empty() {
+            let plan = Plan {
+                policy: &policy,
+                negative_ttl,
+                longest: policy.ttl().max(negative_ttl),
+                tags_for: &tags_for,
+                first_read,
+            };
+            let id_of = |at: usize| keys[distinct[at]].0.clone();
+
+            // 2. Join this process's loads of the missing keys: lead the new ones, wait for the
+            // others, both at once (two batches leading each other's keys never wait on each
+            // other).
+            let members: Vec<_> = misses
+                .iter()
+                .map(|(at, _)| {
+                    self.inner
+                        .flights
+                        .join::<Flown<Option<T>, E>>(unique[*at].as_str())
+                })
+                .collect();
+            let mut leads = Vec::new();
+            let mut inits = Vec::new();
+            let mut waits = Vec::new();
+            for ((at, undecodable), member) in misses.iter().zip(&members) {
+                if member.created {
+                    let (tx, rx) = oneshot::channel();
+                    inits.push(
+                        member
+                            .flight
+                            .cell
+                            .get_or_init(move || async move { rx.await.ok() }),
+                    );
+                    leads.push(Lead {
+                        at: *at,
+                        id: id_of(*at),
+                        key: &unique[*at],
+                        undecodable: undecodable.clone(),
+                        flight: member.flight.clone(),
+                        publish: Some(tx),
+                    });
+                } else {
+                    let before_observation = member.flight.before_observation();
+                    let before_loading = member.flight.before_loading();
+                    waits.push(async move {
+                        let flown = member.flight.cell.get_or_init(|| async { None }).await;
+                        (*at, flown.clone(), before_observation, before_loading)
+                    });
+                }
+            }
+            let (_, waited, led) = tokio::join!(
+                join_all(inits),
+                join_all(waits),
+                self.lead_batch(leads, &plan, &mut loader)
+            );
+            drop(members);
+            for (at, result) in led {
+                answers[at] = Some(self.count_led(result));
+            }
+            // 3. Keys whose shared load gave nothing usable here: loaded by this caller.
+            let mut again = Vec::new();
+            for (at, flown, before_observation, before_loading) in waited {
+                match flown {
+                    Some(Ok((v, fresh)))
+                        if match fresh {
+                            Fresh::Stored => true,
+                            Fresh::Found => before_observation,
+                            Fresh::Unknown => before_loading,
+                        } =>
+                    {
+                        c.coalesced.fetch_add(1, Ordering::Relaxed);
+                        answers[at] = Some(Ok(v));
+                    }
+                    Some(Err(e)) => {
+                        c.coalesced.fetch_add(1, Ordering::Relaxed);
+                        answers[at] = Some(Err(e));
+                    }
+                    _ => again.push(at),
+                }
+            }
+            if !again.is_empty() {
+                let undecodable: HashMap<usize, Option<Bytes>> = misses.into_iter().collect();
+                let leads = again
+                    .into_iter()
+                    .map(|at| Lead {
+                        at,
+                        id: id_of(at),
+                        key: &unique[at],
+                        undecodable: undecodable.get(&at).cloned().flatten(),
+                        flight: Flight::private(),
+                        publish: None,
+                    })
+                    .collect();
+                for (at, result) in self.lead_batch(leads, &plan, &mut loader).await {
+                    answers[at] = Some(self.count_led(result));
+                }
+            }
+        }
+
+        let entries = keys
+            .iter()
+            .zip(slot_of)
+            .map(|((id, _), slot)| {
+                let answer = answers[slot]
+                    .clone()
+                    .unwrap_or_else(|| unreachable!("every distinct key is answered"));
+                (id.clone(), answer)
+            })
+            .collect();
+        Batch { entries }
+    }
+
+    /// Counts a key this caller loaded (or found while leasing) and returns its answer.
+    fn count_led<V, E>(&self, result: Result<(V, Fresh), Arc<E>>) -> Result<V, Arc<E>> {
+        let c = &self.inner.counters;
+        let counter = match &result {
+            Ok((_, Fresh::Found)) => &c.hits,
+            _ => &c.misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result.map(|(v, _)| v)
+    }
+
+    /// Leads the loads of `leads`: leases them in one call, records their tags in one call,
+    /// loads them in one loader call, stores them in one call, and publishes each result to the
+    /// callers waiting on its flight.
+    async fn lead_batch<Id, T, E, F, Fut>(
+        &self,
+        mut leads: Vec<Lead<'_, Id, Option<T>, E>>,
+        plan: &Plan<'_, Id>,
+        loader: &mut F,
+    ) -> Vec<(usize, Result<(Option<T>, Fresh), Arc<E>>)>
+    where
+        Id: Clone + Eq + Hash + Send + Sync,
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<Id>) -> Fut,
+        Fut: Future<Output = Result<HashMap<Id, T>, E>>,
+    {
+        if leads.is_empty() {
+            return Vec::new();
+        }
+        let inner = &*self.inner;
+        let tokens: Vec<u64> = leads.iter().map(|_| crate::store::new_token()).collect();
+        let mut steps: Vec<Step<Option<T>>> = leads.iter().map(|_| Step::Pending).collect();
+        let mut guard = BatchLeases {
+            store: &inner.store,
+            held: Vec::new(),
+        };
+        for lead in &leads {
+            lead.flight.observe();
+        }
+
+        // Lease every key in one call; wait a little for keys another process is loading.
+        let skip_primary = plan.first_read != Source::Primary;
+        let waited_since = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            let pending: Vec<usize> = (0..leads.len())
+                .filter(|&i| matches!(steps[i], Step::Pending))
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            let requests: Vec<LeaseRequest<'_>> = pending
+                .iter()
+                .map(|&i| LeaseRequest {
+                    key: leads[i].key,
+                    token: tokens[i],
+                    replace: leads[i].undecodable.as_deref(),
+                })
+                .collect();
+            let leased = inner
+                .store
+                .get_or_lease_many_with_source(&requests, inner.lease_ttl, skip_primary)
+                .await;
+            let (leased, source) = match leased {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no leases; the batch will not be cached");
+                    for &i in &pending {
+                        steps[i] = Step::Uncached;
+                    }
+                    break;
+                }
+            };
+            let mut waiting = 0;
+            for (&i, answer) in pending.iter().zip(leased) {
+                steps[i] = match answer {
+                    Leased::Value(bytes) => match serde_json::from_slice::<Option<T>>(&bytes) {
+                        Ok(v) => Step::Found(v),
+                        Err(_) => {
+                            self.discard(leads[i].key);
+                            Step::Uncached
+                        }
+                    },
+                    Leased::Granted => {
+                        guard
+                            .held
+                            .push((leads[i].key.clone(), tokens[i], source, true));
+                        Step::Leased {
+                            source,
+                            guard: guard.held.len() - 1,
+                        }
+                    }
+                    Leased::Denied if source != Source::Nothing => {
+                        waiting += 1;
+                        Step::Pending
+                    }
+                    Leased::Denied => {
+                        inner.counters.leases_denied.fetch_add(1, Ordering::Relaxed);
+                        Step::Uncached
+                    }
+                };
+            }
+            if waiting == 0 {
+                break;
+            }
+            if waited_since.elapsed() + backoff > inner.lease_wait {
+                for step in &mut steps {
+                    if matches!(step, Step::Pending) {
+                        *step = Step::Uncached;
+                    }
+                }
+                inner
+                    .counters
+                    .leases_denied
+                    .fetch_add(waiting, Ordering::Relaxed);
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(16));
+        }
+
+        let mut out: Vec<(usize, Result<(Option<T>, Fresh), Arc<E>>)> =
+            Vec::with_capacity(leads.len());
+        // Values another load stored meanwhile: no loading for those.
+        for (i, lead) in leads.iter_mut().enumerate() {
+            if let Step::Found(v) = &steps[i] {
+                publish(&inner.flights, lead, Ok((v.clone(), Fresh::Found)));
+                out.push((lead.at, Ok((v.clone(), Fresh::Found))));
+            }
+        }
+
+        // Tags, before any value exists that they must reach; per store the leases came from.
+        let mut window = None;
+        let mut tagged = vec![false; leads.len()];
+        let mut by_source: Vec<(Source, Vec<usize>)> = Vec::new();
+        for (i, lead) in leads.iter().enumerate() {
+            if let Step::Leased { source, .. } = steps[i] {
+                let explicit = (plan.tags_for)(&lead.id);
+                if !self.tags_of(lead.key, &explicit).is_empty() {
+                    tagged[i] = true;
+                    match by_source.iter_mut().find(|(s, _)| *s == source) {
+                        Some((_, list)) => list.push(i),
+                        None => by_source.push((source, vec![i])),
+                    }
+                }
+            }
+        }
+        if !by_source.is_empty() {
+            let index = IndexWindow::starting_now(plan.longest, inner.lease_ttl.as_duration());
+            window = Some(index);
+            for (source, members) in by_source {
+                let list: Vec<(Key, Vec<Tag>)> = members
+                    .iter()
+                    .map(|&i| {
+                        let explicit = (plan.tags_for)(&leads[i].id);
+                        (leads[i].key.clone(), self.tags_of(leads[i].key, &explicit))
+                    })
+                    .collect();
+                if let Err(e) = inner.store.tag_add_many_at(&list, index.ttl, source).await {
+                    tracing::debug!(error = %e, "tags not recorded; these entries will not be cached");
+                    let mut release = Vec::new();
+                    for &i in &members {
+                        if let Step::Leased { guard: g, .. } = steps[i] {
+                            guard.held[g].3 = false;
+                            release.push((leads[i].key.clone(), tokens[i]));
+                        }
+                        steps[i] = Step::Uncached;
+                    }
+                    if let Err(e) = inner.store.release_leases_at(&release, source).await {
+                        tracing::debug!(error = %e, "leases not released; they expire by their TTL");
+                    }
+                }
+            }
+        }
+
+        // One loader call for everything still missing.
+        let to_load: Vec<usize> = (0..leads.len())
+            .filter(|&i| !matches!(steps[i], Step::Found(_)))
+            .collect();
+        if to_load.is_empty() {
+            return out;
+        }
+        for &i in &to_load {
+            leads[i].flight.start_loading();
+        }
+        inner.counters.loader_calls.fetch_add(1, Ordering::Relaxed);
+        let ids: Vec<Id> = to_load.iter().map(|&i| leads[i].id.clone()).collect();
+        let loaded = loader(ids)
+            .instrument(tracing::debug_span!("speedlayer.load_many", keys = to_load.len()))
+            .await;
+        let mut rows = match loaded {
+            Ok(rows) => rows,
+            Err(e) => {
+                inner.counters.loader_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(keys = to_load.len(), "batch loader failed; nothing cached");
+                guard.release_all().await;
+                let e = Arc::new(e);
+                for &i in &to_load {
+                    publish(&inner.flights, &mut leads[i], Err(e.clone()));
+                    out.push((leads[i].at, Err(e.clone())));
+                }
+                return out;
+            }
+        };
+        let values: Vec<Option<T>> = to_load
+            .iter()
+            .map(|&i| rows.remove(&leads[i].id))
+            .collect();
+
+        // Store what this batch holds leases for, per store, in one call each.
+        let mut fresh = vec![Fresh::Unknown; leads.len()];
+        let mut writes: Vec<(Source, Vec<(usize, LeasedEntry)>)> = Vec::new();
+        let mut uncacheable = Vec::new();
+        for (&i, value) in to_load.iter().zip(&values) {
+            let Step::Leased { source, guard: g } = steps[i] else {
+                continue;
+            };
+            // Nobody may join once the value is about to be stored (see `lease_and_load`).
+            inner.flights.retire(leads[i].key.as_str(), &leads[i].flight);
+            let mut ttl = match value {
+                Some(_) => plan.policy.pick(),
+                None => plan.negative_ttl,
+            };
+            if let (true, Some(index)) = (tagged[i], window) {
+                ttl = index.cut(ttl).unwrap_or(Ttl::MIN);
+            }
+            match self.encode(value) {
+                Ok(bytes) => {
+                    let entry = LeasedEntry {
+                        key: leads[i].key.clone(),
+                        token: tokens[i],
+                        value: bytes,
+                        ttl,
+                    };
+                    match writes.iter_mut().find(|(s, _)| *s == source) {
+                        Some((_, list)) => list.push((i, entry)),
+                        None => writes.push((source, vec![(i, entry)])),
+                    }
+                }
+                Err(e) => {
+                    inner.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %leads[i].key, error = %e, "loaded value not cached");
+                    guard.held[g].3 = false;
+                    uncacheable.push((source, (leads[i].key.clone(), tokens[i])));
+                }
+            }
+        }
+        for (source, list) in writes {
+            let entries: Vec<LeasedEntry> = list.iter().map(|(_, e)| e.clone()).collect();
+            let stored = inner.store.set_leased_many_at(&entries, source).await;
+            for (n, (i, _)) in list.iter().enumerate() {
+                // Stored or refused, the lease is spent either way.
+                if let Step::Leased { guard: g, .. } = steps[*i] {
+                    guard.held[g].3 = false;
+                }
+                match &stored {
+                    Ok(flags) if flags.get(n) == Some(&true) => fresh[*i] = Fresh::Stored,
+                    Ok(_) => {
+                        inner
+                            .counters
+                            .stale_sets_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            key = %leads[*i].key,
+                            "the key was invalidated or written during the load; value not cached"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::debug!(key = %leads[*i].key, error = %e, "cache fill failed")
+                    }
+                }
+            }
+        }
+        for (source, lease) in uncacheable {
+            if let Err(e) = inner
+                .store
+                .release_leases_at(std::slice::from_ref(&lease), source)
+                .await
+            {
+                tracing::debug!(error = %e, "lease not released; it expires by its TTL");
+            }
+        }
+        for (&i, value) in to_load.iter().zip(values) {
+            publish(&inner.flights, &mut leads[i], Ok((value.clone(), fresh[i])));
+            out.push((leads[i].at, Ok((value, fresh[i]))));
+        }
+        out
+    }
+}
+
+/// Hands a load's result to the callers of this process waiting on its flight, and takes the
+/// flight out of the table (nobody may join a load whose result is known).
+fn publish<Id, V, E>(
+    flights: &Flights,
+    lead: &mut Lead<'_, Id, V, E>,
+    result: Result<(V, Fresh), Arc<E>>,
+) where
+    V: Send + Sync + 'static,
+    E: Send + Sync + 'static,
+{
+    flights.retire(lead.key.as_str(), &lead.flight);
+    if let Some(tx) = lead.publish.take() {
+        // Nobody listening: the flight was taken over by another caller's load.
+        let _ = tx.send(result);
+    }
+}
