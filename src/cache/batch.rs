@@ -54,9 +54,17 @@ pub type BatchEntry<T, E> = Result<Option<T>, Arc<E>>;
 ///   Other keys of the same batch are unaffected: those found in the cache are still `Ok`.
 ///
 /// An id given twice gets the same answer twice.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Batch<Id, T, E> {
     entries: Vec<(Id, BatchEntry<T, E>)>,
+}
+
+impl<Id: Clone, T: Clone, E> Clone for Batch<Id, T, E> {
+    fn clone(&self) -> Self {
+        Batch {
+            entries: self.entries.clone(),
+        }
+    }
 }
 
 impl<Id, T, E> Batch<Id, T, E> {

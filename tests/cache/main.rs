@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod batch;
 mod behaviour;
 mod leases;
 
@@ -31,6 +32,7 @@ macro_rules! cache_suite {
 
 /// Every behaviour of the suite, whichever file it is written in.
 mod suite {
+    pub use crate::batch::*;
     pub use crate::behaviour::*;
     pub use crate::leases::*;
 }
@@ -54,6 +56,15 @@ cache_suite!(
     cancelled_load_releases_its_lease,
     callers_served_by_another_load_count_as_coalesced,
     callers_share_a_load_that_cannot_be_cached,
+    a_batch_loads_only_the_misses_in_one_call,
+    absent_rows_are_cached_for_the_negative_ttl,
+    overlapping_batches_load_each_key_once,
+    an_invalidation_during_the_batch_load_is_not_stored,
+    a_loader_error_fails_only_the_keys_it_was_for,
+    undecodable_entries_and_duplicate_ids,
+    batches_across_app_servers_share_leases,
+    set_many_exists_remaining_ttl_and_touch,
+    touch_keeps_the_entry_reachable_by_its_tags,
 );
 
 mod redis_only {
