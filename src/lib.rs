@@ -69,7 +69,10 @@
 //!   [`Operation`](store::Operation) / [`OutageRule`](store::OutageRule), through which a
 //!   capability runs its own atomic step. The store knows no capability.
 //! - Capabilities, each a folder owning its Redis scripts and memory twin:
-//!   - [`cache`]: the typed [`Cache`] with get-or-set, single-flight loading and leases.
+//!   - [`cache`]: the typed [`Cache`] with get-or-set (one key, or many with one loader call),
+//!     single-flight loading and leases.
+//!   - [`query`]: keys for filtered queries: declared dimensions, normalised values, a tag per
+//!     family.
 //!   - [`invalidation`]: write events ([`Invalidates`](invalidation::Invalidates)), tags and tag
 //!     rules.
 //!   - [`ratelimit`]: fixed window, sliding log, sliding window and GCRA limits per route and
@@ -92,6 +95,7 @@ pub mod idempotency;
 pub mod invalidation;
 pub mod key;
 pub mod lock;
+pub mod query;
 pub mod ratelimit;
 pub mod store;
 pub mod ttl;

@@ -183,3 +183,157 @@ proptest! {
         }
     }
 }
+
+mod query_keys {
+    use proptest::prelude::*;
+    use proptest::test_runner::FileFailurePersistence;
+    use speedlayer::key::{Ident, MAX_KEY_LEN, Namespace};
+    use speedlayer::query::{Dimension, QueryShape};
+
+    fn shape() -> QueryShape {
+        let space = Namespace::with_prefix(Ident::from_static("prod"))
+            .tenant("north-school")
+            .unwrap()
+            .keyspace(
+                &Ident::from_static("reports"),
+                &Ident::from_static("students"),
+            );
+        QueryShape::builder(&space)
+            .dimension(Dimension::text("org").required())
+            .dimension(Dimension::text("term").case_fold())
+            .dimension(Dimension::integer("grade", 1..=12))
+            .dimension(Dimension::page_size("limit", 1..=100, 20))
+            .dimension(Dimension::search("q"))
+            .ignore("_")
+            .build()
+            .unwrap()
+    }
+
+    /// A query in normal form: values as the shape keeps them (trimmed, lower case where folded,
+    /// in bounds, search text single-spaced and lower case), dense in separator characters.
+    #[derive(Clone, Debug, PartialEq)]
+    struct Normal {
+        org: String,
+        term: Option<String>,
+        grade: Option<i64>,
+        limit: i64,
+        q: Option<String>,
+    }
+
+    fn word() -> impl Strategy<Value = String> {
+        "[a-zé&=%#?+ 0-9]{1,12}"
+            .prop_map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+            .prop_filter("not blank", |s| !s.is_empty())
+    }
+
+    fn normal() -> impl Strategy<Value = Normal> {
+        (
+            "[A-Za-z0-9&=%#.: -]{1,20}".prop_map(|s| s.trim().to_owned()),
+            proptest::option::of(word()),
+            proptest::option::of(1i64..=12),
+            1i64..=100,
+            proptest::option::of(prop_oneof![
+                word(),
+                "[a-z ]{60,200}"
+                    .prop_map(|s| { s.split_whitespace().collect::<Vec<_>>().join(" ") })
+            ]),
+        )
+            .prop_filter("org not blank", |(org, ..)| !org.is_empty())
+            .prop_filter("q not blank", |(.., q)| q.as_deref() != Some(""))
+            .prop_map(|(org, term, grade, limit, q)| Normal {
+                org,
+                term,
+                grade,
+                limit,
+                q,
+            })
+    }
+
+    fn params(n: &Normal) -> Vec<(String, String)> {
+        let mut p = vec![
+            ("org".to_owned(), n.org.clone()),
+            ("limit".to_owned(), n.limit.to_string()),
+        ];
+        if let Some(t) = &n.term {
+            p.push(("term".into(), t.clone()));
+        }
+        if let Some(g) = n.grade {
+            p.push(("grade".into(), g.to_string()));
+        }
+        if let Some(q) = &n.q {
+            p.push(("q".into(), q.clone()));
+        }
+        p
+    }
+
+    /// The same query written another way: parameters shuffled, padded with whitespace, folded
+    /// values in other cases, search text with other spacing and case, a default page size left
+    /// out, an out-of-range page size clamped, an ignored parameter added.
+    fn rewrite(n: &Normal, seed: u64) -> Vec<(String, String)> {
+        let mut p = params(n);
+        let upper = seed & 1 == 1;
+        for (name, value) in &mut p {
+            match name.as_str() {
+                "org" | "grade" => *value = format!("  {value}\t"),
+                "term" if upper => *value = format!(" {} ", value.to_uppercase()),
+                "q" => {
+                    let spaced = value.replace(' ', "  \t ");
+                    *value = format!(" {} ", if upper { spaced.to_uppercase() } else { spaced });
+                }
+                "limit" if n.limit == 100 && seed & 2 == 2 => *value = "100000".into(),
+                "limit" if n.limit == 1 && seed & 2 == 2 => *value = "-3".into(),
+                _ => {}
+            }
+        }
+        if n.limit == 20 && seed & 4 == 4 {
+            p.retain(|(name, _)| name != "limit");
+        }
+        if seed & 8 == 8 {
+            p.push(("_".into(), seed.to_string()));
+        }
+        let len = p.len();
+        p.rotate_left((seed as usize) % len);
+        if seed & 16 == 16 {
+            p.reverse();
+        }
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn equivalent_queries_give_one_key(n in normal(), seed in any::<u64>()) {
+            let s = shape();
+            let a = s.key(params(&n)).unwrap();
+            let b = s.key(rewrite(&n, seed)).unwrap();
+            prop_assert_eq!(a.key(), b.key());
+            prop_assert_eq!(a.tag(), b.tag());
+            prop_assert!(a.key().as_str().len() <= MAX_KEY_LEN);
+        }
+
+        #[test]
+        fn different_queries_never_collide(a in normal(), b in normal()) {
+            // Search text is compared as the shape folds it.
+            prop_assume!(a != b);
+            let s = shape();
+            let ka = s.key(params(&a)).unwrap();
+            let kb = s.key(params(&b)).unwrap();
+            prop_assert_ne!(ka.key(), kb.key(), "{:?} and {:?}", a, b);
+        }
+
+        #[test]
+        fn any_input_is_a_key_or_a_clear_error(
+            pairs in proptest::collection::vec(("[a-z_]{1,6}", any::<String>()), 0..8)
+        ) {
+            // No panic, and every key is bounded.
+            if let Ok(k) = shape().key(pairs) {
+                prop_assert!(k.key().as_str().len() <= MAX_KEY_LEN);
+            }
+        }
+    }
+}

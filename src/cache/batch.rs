@@ -592,7 +592,10 @@ impl Cache {
         inner.counters.loader_calls.fetch_add(1, Ordering::Relaxed);
         let ids: Vec<Id> = to_load.iter().map(|&i| leads[i].id.clone()).collect();
         let loaded = loader(ids)
-            .instrument(tracing::debug_span!("speedlayer.load_many", keys = to_load.len()))
+            .instrument(tracing::debug_span!(
+                "speedlayer.load_many",
+                keys = to_load.len()
+            ))
             .await;
         let mut rows = match loaded {
             Ok(rows) => rows,
@@ -608,10 +611,7 @@ impl Cache {
                 return out;
             }
         };
-        let values: Vec<Option<T>> = to_load
-            .iter()
-            .map(|&i| rows.remove(&leads[i].id))
-            .collect();
+        let values: Vec<Option<T>> = to_load.iter().map(|&i| rows.remove(&leads[i].id)).collect();
 
         // Store what this batch holds leases for, per store, in one call each.
         let mut fresh = vec![Fresh::Unknown; leads.len()];
@@ -622,7 +622,9 @@ impl Cache {
                 continue;
             };
             // Nobody may join once the value is about to be stored (see `lease_and_load`).
-            inner.flights.retire(leads[i].key.as_str(), &leads[i].flight);
+            inner
+                .flights
+                .retire(leads[i].key.as_str(), &leads[i].flight);
             let mut ttl = match value {
                 Some(_) => plan.policy.pick(),
                 None => plan.negative_ttl,

@@ -938,10 +938,7 @@ impl Store {
     pub async fn release_leases_at(&self, leases: &[(Key, u64)], source: Source) -> Result<u64> {
         match source {
             Source::Primary => match self
-                .attempt(
-                    "release leases",
-                    self.inner.primary.release_leases(leases),
-                )
+                .attempt("release leases", self.inner.primary.release_leases(leases))
                 .await
             {
                 Outcome::Done(released) => Ok(released),
@@ -1397,7 +1394,10 @@ impl CacheLayer for Store {
     }
 
     async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {
-        match self.attempt("PTTL (value)", self.inner.primary.peek(key)).await {
+        match self
+            .attempt("PTTL (value)", self.inner.primary.peek(key))
+            .await
+        {
             Outcome::Done(v) => Ok(v),
             Outcome::Refused(e) => Err(e),
             Outcome::Unusable => match self.outage_fallback() {

@@ -129,7 +129,10 @@ pub async fn absent_rows_are_cached_for_the_negative_ttl(backend: &Backend) {
         .await;
     assert_eq!(batch.found().count(), 6);
     for id in 6..10 {
-        assert!(matches!(batch.get(&id), Some(Ok(None))), "id {id} is absent");
+        assert!(
+            matches!(batch.get(&id), Some(Ok(None))),
+            "id {id} is absent"
+        );
     }
     let again = cache
         .get_or_set_many(&keys(0..10), MINUTE, short, table(&calls, 6))
@@ -143,7 +146,10 @@ pub async fn absent_rows_are_cached_for_the_negative_ttl(backend: &Backend) {
         })
         .await
         .unwrap();
-    assert_eq!(single, None, "the batch's absent entry answers the single-key call");
+    assert_eq!(
+        single, None,
+        "the batch's absent entry answers the single-key call"
+    );
 
     tokio::time::sleep(Duration::from_millis(700)).await;
     cache
@@ -172,7 +178,9 @@ pub async fn overlapping_batches_load_each_key_once(backend: &Backend) {
                     calls.record(&ids);
                     async move {
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok::<_, std::io::Error>(ids.into_iter().map(|id| (id, student(id))).collect())
+                        Ok::<_, std::io::Error>(
+                            ids.into_iter().map(|id| (id, student(id))).collect(),
+                        )
                     }
                 })
                 .await;
@@ -216,7 +224,9 @@ pub async fn overlapping_batches_load_each_key_once(backend: &Backend) {
                     let release = release.clone();
                     async move {
                         release.notified().await;
-                        Ok::<_, std::io::Error>(ids.into_iter().map(|id| (id, student(id))).collect())
+                        Ok::<_, std::io::Error>(
+                            ids.into_iter().map(|id| (id, student(id))).collect(),
+                        )
                     }
                 })
                 .await
@@ -260,7 +270,10 @@ pub async fn an_invalidation_during_the_batch_load_is_not_stored(backend: &Backe
     };
     assert_eq!(batch.found().count(), 6, "every caller still gets its rows");
     for id in [0, 1, 3, 5] {
-        assert!(!cache.exists(&key(id)).await, "key {id} was invalidated during the load");
+        assert!(
+            !cache.exists(&key(id)).await,
+            "key {id} was invalidated during the load"
+        );
     }
     for id in [2, 4] {
         assert_eq!(cache.get::<Student>(&key(id)).await, Some(student(id)));
@@ -326,7 +339,11 @@ pub async fn undecodable_entries_and_duplicate_ids(backend: &Backend) {
     assert_eq!(asked, BTreeSet::from([1, 3, 4]), "each distinct id once");
     let ids: Vec<u32> = batch.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, vec![1, 3, 4, 3, 1], "answers in the order given");
-    assert!(batch.iter().all(|(id, a)| a.as_ref().unwrap() == &Some(student(*id))));
+    assert!(
+        batch
+            .iter()
+            .all(|(id, a)| a.as_ref().unwrap() == &Some(student(*id)))
+    );
     assert_eq!(cache.stats().decode_failures, 2);
     assert_eq!(cache.get::<Student>(&key(3)).await, Some(student(3)));
 
@@ -368,7 +385,10 @@ pub async fn batches_across_app_servers_share_leases(backend: &Backend) {
     assert!(batch.is_complete());
     assert_eq!(batch.get(&5).unwrap().as_ref().unwrap(), &Some(student(5)));
     let asked: BTreeSet<u32> = calls.calls().concat().into_iter().collect();
-    assert!(!asked.contains(&5), "key 5 was loaded by the other app server: {asked:?}");
+    assert!(
+        !asked.contains(&5),
+        "key 5 was loaded by the other app server: {asked:?}"
+    );
     assert_eq!(second.stats().leases_denied, 0);
 
     // A batch dropped mid-load.
@@ -461,13 +481,21 @@ pub async fn set_many_exists_remaining_ttl_and_touch(backend: &Backend) {
     assert!(!cache.touch(&key(7), Ttl::seconds(3_600)).await);
     release.notify_one();
     assert_eq!(load.await.unwrap(), student(7));
-    assert!(cache.exists(&key(7)).await, "the lease survived the touch attempt");
+    assert!(
+        cache.exists(&key(7)).await,
+        "the lease survived the touch attempt"
+    );
 
     // Too large: an error, and nothing written.
-    let small = Cache::new(backend.config().max_value_bytes(64)).await.unwrap();
+    let small = Cache::new(backend.config().max_value_bytes(64))
+        .await
+        .unwrap();
     let big = vec![(key(50), "x".repeat(100)), (key(51), "y".to_owned())];
     assert!(small.set_many(&big, MINUTE).await.is_err());
-    assert!(!small.exists(&key(51)).await, "nothing of a refused batch is written");
+    assert!(
+        !small.exists(&key(51)).await,
+        "nothing of a refused batch is written"
+    );
 }
 
 /// A touched entry stays reachable through its tags after its first TTL (and its tag index's)
@@ -479,7 +507,12 @@ pub async fn touch_keeps_the_entry_reachable_by_its_tags(backend: &Backend) {
         .tag(&Ident::from_static("class"), 9)
         .unwrap();
     cache
-        .set_tagged(&key(1), &student(1), Ttl::seconds(1), std::slice::from_ref(&tag))
+        .set_tagged(
+            &key(1),
+            &student(1),
+            Ttl::seconds(1),
+            std::slice::from_ref(&tag),
+        )
         .await
         .unwrap();
     assert!(
@@ -489,7 +522,10 @@ pub async fn touch_keeps_the_entry_reachable_by_its_tags(backend: &Backend) {
     );
     // Past the first TTL plus the index's slack (the 2 s operation timeout).
     tokio::time::sleep(Duration::from_millis(3_500)).await;
-    assert!(cache.exists(&key(1)).await, "the touch kept the entry alive");
+    assert!(
+        cache.exists(&key(1)).await,
+        "the touch kept the entry alive"
+    );
     assert_eq!(cache.invalidate_tag(&tag).await.unwrap(), 1);
     assert!(!cache.exists(&key(1)).await, "the tag still reaches it");
 }
