@@ -15,6 +15,7 @@ use criterion::Criterion;
 #[allow(unused_imports)]
 mod support;
 
+mod batch;
 mod common;
 mod coordination;
 mod hit;
@@ -121,6 +122,9 @@ fn main() {
     }
     if any_selected(ratelimit::IDS) {
         ratelimit::benches(&mut c, &server);
+    }
+    if any_selected(batch::IDS) {
+        batch::benches(&mut c, &server);
     }
     if any_selected(coordination::IDS) {
         coordination::benches(&mut c, &server);

@@ -58,6 +58,14 @@ pub fn print_ratios() {
             "throughput",
             0.0,
         ),
+        ("batch", "get_or_set_many_50", "raw_mget_50", "time", 1.2),
+        (
+            "batch",
+            "get_or_set_many_50",
+            "sequential_get_or_set_50",
+            "time",
+            0.0,
+        ),
         (
             "invalidate",
             "tag100/keyspace_1m",

@@ -5,6 +5,7 @@
 //! takes from a verified session or token). Authorization runs on the user's role, read through
 //! the cache (`auth:role:{userId}`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -30,8 +31,8 @@ use speedlayer::ratelimit::{Identity, Limit, Outage, RateLimiter, Route};
 use speedlayer::ttl::{Jitter, Ttl, TtlPolicy};
 
 use crate::db::{
-    Attendance, ClassOverview, Db, DbResult, FeeSummary, ProfileUpdate, RoleRecord, SchoolTotals,
-    StudentProfile,
+    Attendance, ClassOverview, Db, DbResult, FeeSummary, ProfileUpdate, RoleRecord, RosterEntry,
+    SchoolTotals, StudentProfile,
 };
 
 pub const DASHBOARD: Ident = Ident::from_static("dashboard");
@@ -50,6 +51,8 @@ pub const PAYMENTS: Ident = Ident::from_static("payments");
 pub const REQUEST: Ident = Ident::from_static("request");
 pub const NOTIFICATIONS: Ident = Ident::from_static("notifications");
 pub const COUNT: Ident = Ident::from_static("count");
+pub const SCHOOL: Ident = Ident::from_static("school");
+pub const STUDENT: Ident = Ident::from_static("student");
 
 /// How long an unread-notifications counter lives without an update.
 const BADGE_TTL: Ttl = Ttl::hours(24);
@@ -81,6 +84,12 @@ pub struct Metrics {
     pub lock_unavailable: AtomicU64,
     /// Notifications written (each one counted in its user's badge).
     pub notifications: AtomicU64,
+    /// Student profiles asked for through `get_or_set_many` (rosters, dashboards).
+    pub batch_rows_read: AtomicU64,
+    /// Of those, the rows the database was asked for.
+    pub batch_rows_loaded: AtomicU64,
+    /// Database queries made by those batches (one per batch that missed).
+    pub batch_loads: AtomicU64,
 }
 
 /// Shared state of the handlers.
@@ -370,11 +379,45 @@ pub enum Dashboard {
 }
 
 impl AppState {
+    /// Students' profiles, `school:student:{id}`, read through the cache as one batch: one read
+    /// for all of them and one database query for those not cached (a teacher's roster of 30, a
+    /// parent's children). Each entry carries its student's tag, so a profile update drops it.
+    async fn profiles(&self, ids: &[i64]) -> DbResult<HashMap<i64, StudentProfile>> {
+        let ns = self.cache.namespace();
+        let keys = ns
+            .global()
+            .keyspace(&SCHOOL, &STUDENT)
+            .keys(ids.iter().copied())
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+        let batch = self
+            .cache
+            .get_or_set_many_tagged(
+                &keys,
+                self.dashboard_ttl.clone(),
+                Ttl::seconds(30),
+                |id: &i64| shows_student(ns, *id).into_iter().collect(),
+                |missing: Vec<i64>| async move {
+                    self.metrics.batch_loads.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .batch_rows_loaded
+                        .fetch_add(missing.len() as u64, Ordering::Relaxed);
+                    self.db.students(&missing).await
+                },
+            )
+            .await;
+        self.metrics
+            .batch_rows_read
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        batch
+            .into_map()
+            .map_err(|e| sqlx::Error::Protocol(format!("loading profiles failed: {e}")))
+    }
+
     async fn student_view(
         &self,
         student_id: i64,
     ) -> DbResult<Option<(StudentProfile, Attendance, FeeSummary)>> {
-        let Some(profile) = self.db.student(student_id).await? else {
+        let Some(profile) = self.profiles(&[student_id]).await?.remove(&student_id) else {
             return Ok(None);
         };
         let attendance = self.db.attendance(student_id).await?;
@@ -403,11 +446,30 @@ impl AppState {
                     attendance,
                     fees,
                 }),
-            "teacher" => self
-                .db
-                .class_of_teacher(role.ref_id)
-                .await?
-                .map(|class| Dashboard::Teacher { class }),
+            "teacher" => match self.db.class_of_teacher(role.ref_id).await? {
+                Some(class) => {
+                    let profiles = self.profiles(&class.student_ids).await?;
+                    let roster = class
+                        .student_ids
+                        .iter()
+                        .filter_map(|id| profiles.get(id))
+                        .map(|p| RosterEntry {
+                            student_id: p.id,
+                            name: p.name.clone(),
+                            version: p.version,
+                        })
+                        .collect();
+                    Some(Dashboard::Teacher {
+                        class: ClassOverview {
+                            class_id: class.class_id,
+                            class_name: class.class_name,
+                            teacher_name: class.teacher_name,
+                            roster,
+                        },
+                    })
+                }
+                None => None,
+            },
             "admin" => Some(Dashboard::Admin {
                 totals: self.db.totals().await?,
             }),
@@ -982,6 +1044,24 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "school_erp_cache_loads_total",
         "Cacheable reads that went to the database.",
         load(&m.cache_loads),
+    );
+    put(
+        "counter",
+        "school_erp_batch_rows_read_total",
+        "Student profiles read through get_or_set_many (rosters, dashboards).",
+        load(&m.batch_rows_read),
+    );
+    put(
+        "counter",
+        "school_erp_batch_rows_loaded_total",
+        "Of those, the rows the database was asked for.",
+        load(&m.batch_rows_loaded),
+    );
+    put(
+        "counter",
+        "school_erp_batch_loads_total",
+        "Database queries made by those batches (one per batch that missed).",
+        load(&m.batch_loads),
     );
     put(
         "counter",

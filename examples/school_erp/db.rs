@@ -3,6 +3,7 @@
 //! driver; only the seeded schema's auto-increment column differs. Every query is counted, so the
 //! report can show what the cache saved.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -107,6 +108,15 @@ pub struct ClassOverview {
     pub class_name: String,
     pub teacher_name: String,
     pub roster: Vec<RosterEntry>,
+}
+
+/// A class and the ids of its active students.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassMembers {
+    pub class_id: i64,
+    pub class_name: String,
+    pub teacher_name: String,
+    pub student_ids: Vec<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -444,28 +454,6 @@ impl Db {
         }))
     }
 
-    /// A student's profile with class and teacher. One query.
-    pub async fn student(&self, student_id: i64) -> DbResult<Option<StudentProfile>> {
-        self.count();
-        let row = sqlx::query(
-            "SELECT s.name, s.phone, c.id, c.name, t.name, s.version \
-             FROM erp_students s JOIN erp_classes c ON c.id = s.class_id \
-             JOIN erp_teachers t ON t.id = c.teacher_id WHERE s.id = $1",
-        )
-        .bind(student_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|r| StudentProfile {
-            id: student_id,
-            name: r.get(0),
-            phone: r.get(1),
-            class_id: r.get(2),
-            class_name: r.get(3),
-            teacher_name: r.get(4),
-            version: r.get(5),
-        }))
-    }
-
     /// A student's attendance. One query.
     pub async fn attendance(&self, student_id: i64) -> DbResult<Attendance> {
         self.count();
@@ -482,8 +470,47 @@ impl Db {
         })
     }
 
-    /// The class a teacher teaches, with its roster. Two queries.
-    pub async fn class_of_teacher(&self, teacher_id: i64) -> DbResult<Option<ClassOverview>> {
+    /// The profiles of `ids` that exist, by id: one query (`WHERE s.id IN (...)`) for a whole
+    /// page, whatever its size.
+    pub async fn students(&self, ids: &[i64]) -> DbResult<HashMap<i64, StudentProfile>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.count();
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT s.id, s.name, s.phone, c.id, c.name, t.name, s.version \
+             FROM erp_students s JOIN erp_classes c ON c.id = s.class_id \
+             JOIN erp_teachers t ON t.id = c.teacher_id WHERE s.id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for id in ids {
+            query = query.bind(*id);
+        }
+        Ok(query
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r: &AnyRow| {
+                let id: i64 = r.get(0);
+                let profile = StudentProfile {
+                    id,
+                    name: r.get(1),
+                    phone: r.get(2),
+                    class_id: r.get(3),
+                    class_name: r.get(4),
+                    teacher_name: r.get(5),
+                    version: r.get(6),
+                };
+                (id, profile)
+            })
+            .collect())
+    }
+
+    /// The class a teacher teaches and the ids of its active students (the roster's rows are
+    /// read through the cache, see `AppState::profiles`). Two queries.
+    pub async fn class_of_teacher(&self, teacher_id: i64) -> DbResult<Option<ClassMembers>> {
         self.count();
         let Some(class) = sqlx::query(
             "SELECT c.id, c.name, t.name FROM erp_classes c \
@@ -497,24 +524,20 @@ impl Db {
         };
         let class_id: i64 = class.get(0);
         self.count();
-        let roster = sqlx::query(
-            "SELECT id, name, version FROM erp_students WHERE class_id = $1 AND active = 1 ORDER BY id",
+        let student_ids = sqlx::query(
+            "SELECT id FROM erp_students WHERE class_id = $1 AND active = 1 ORDER BY id",
         )
         .bind(class_id)
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r: &AnyRow| RosterEntry {
-            student_id: r.get(0),
-            name: r.get(1),
-            version: r.get(2),
-        })
+        .map(|r: &AnyRow| r.get(0))
         .collect();
-        Ok(Some(ClassOverview {
+        Ok(Some(ClassMembers {
             class_id,
             class_name: class.get(1),
             teacher_name: class.get(2),
-            roster,
+            student_ids,
         }))
     }
 

@@ -118,6 +118,9 @@ pub struct Detail {
     pub badge_reads: u64,
     pub counters_checked: u64,
     pub notifications: u64,
+    pub batch_rows_read: u64,
+    pub batch_rows_loaded: u64,
+    pub batch_loads: u64,
 }
 
 impl Report {
@@ -167,6 +170,10 @@ impl Report {
         println!(
             "cache           {} hits, {} coalesced, {} misses; {} loads refused a stale store after a write",
             d.cache_hits, d.cache_coalesced, d.cache_misses, d.stale_sets_refused
+        );
+        println!(
+            "batches         {} profile rows read with get_or_set_many (rosters, dashboards); {} loaded in {} queries",
+            d.batch_rows_read, d.batch_rows_loaded, d.batch_loads
         );
         println!(
             "cache backend   {} errors ({} timeouts); {} loads not cached behind another's lease",
@@ -882,6 +889,9 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             cache_loads,
             role_checks: delta("school_erp_role_checks_total"),
             role_loads: delta("school_erp_role_loads_total"),
+            batch_rows_read: delta("school_erp_batch_rows_read_total"),
+            batch_rows_loaded: delta("school_erp_batch_rows_loaded_total"),
+            batch_loads: delta("school_erp_batch_loads_total"),
             cache_hits: delta("speedlayer_cache_hits_total"),
             cache_coalesced: delta("speedlayer_cache_coalesced_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),

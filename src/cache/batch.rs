@@ -390,13 +390,23 @@ impl Cache {
             }
         }
 
+        // Each answer is moved to its last use and cloned only for an id given twice.
+        let mut uses = vec![0usize; answers.len()];
+        for &slot in &slot_of {
+            uses[slot] += 1;
+        }
         let entries = keys
             .iter()
             .zip(slot_of)
             .map(|((id, _), slot)| {
-                let answer = answers[slot]
-                    .clone()
-                    .unwrap_or_else(|| unreachable!("every distinct key is answered"));
+                uses[slot] -= 1;
+                let answer = if uses[slot] == 0 {
+                    answers[slot].take()
+                } else {
+                    answers[slot].clone()
+                };
+                let answer =
+                    answer.unwrap_or_else(|| unreachable!("every distinct key is answered"));
                 (id.clone(), answer)
             })
             .collect();

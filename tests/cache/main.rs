@@ -116,4 +116,55 @@ mod redis_only {
             "a wrong type is not a backend failure"
         );
     }
+
+    /// Another client's keys of other types inside a batch are loaded over (the batch's lease
+    /// replaces them), and `exists`, `remaining_ttl` and `touch` treat them as no value and leave
+    /// them alone; a value another client wrote without a TTL reads as `NoExpiry`.
+    #[tokio::test]
+    async fn foreign_types_in_batches_and_the_typed_helpers() {
+        use speedlayer::store::Remaining;
+        use std::collections::HashMap;
+
+        let backend = Backend::redis().await;
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let mut raw = backend.server().unwrap().raw().await;
+        let _: () = raw.hset(key(1).as_str(), "id", "1").await.unwrap();
+        let _: () = raw.lpush(key(2).as_str(), "x").await.unwrap();
+        let _: () = raw.set(key(3).as_str(), r#"{"id":3}"#).await.unwrap();
+
+        assert!(!cache.exists(&key(1)).await);
+        assert_eq!(cache.remaining_ttl(&key(2)).await, Remaining::Missing);
+        assert!(!cache.touch(&key(1), Ttl::seconds(60)).await);
+        let ttl: i64 = raw.pttl(key(1).as_str()).await.unwrap();
+        assert_eq!(ttl, -1, "another client's hash is left as it was");
+        assert!(cache.exists(&key(3)).await);
+        assert_eq!(cache.remaining_ttl(&key(3)).await, Remaining::NoExpiry);
+
+        let ids: Vec<(u32, speedlayer::Key)> = (1..=4).map(|id| (id, key(id))).collect();
+        let batch = cache
+            .get_or_set_many(
+                &ids,
+                Ttl::seconds(60),
+                Ttl::seconds(5),
+                |ids: Vec<u32>| async move {
+                    Ok::<_, std::io::Error>(
+                        ids.into_iter()
+                            .map(|id| (id, Row { id }))
+                            .collect::<HashMap<_, _>>(),
+                    )
+                },
+            )
+            .await;
+        assert!(batch.is_complete());
+        for id in 1..=4 {
+            assert_eq!(batch.get(&id).unwrap().as_ref().unwrap(), &Some(Row { id }));
+        }
+        for id in [1, 2, 4] {
+            let stored: String = raw.get(key(id).as_str()).await.unwrap();
+            assert_eq!(stored, format!(r#"{{"id":{id}}}"#));
+        }
+        let s = cache.stats();
+        assert_eq!((s.hits, s.misses, s.loader_calls), (1, 3, 1));
+        assert_eq!(s.errors, 0, "a wrong type is not a backend failure");
+    }
 }
