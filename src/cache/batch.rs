@@ -128,6 +128,9 @@ impl<Id: Eq + Hash, T, E> Batch<Id, T, E> {
     }
 }
 
+/// A load's result as its leader knows it: the value and its freshness, or the loader's error.
+type Loaded<V, E> = Result<(V, Fresh), Arc<E>>;
+
 /// One key a batch loads itself.
 struct Lead<'k, Id, V, E> {
     /// Index among the batch's distinct keys.
@@ -138,7 +141,7 @@ struct Lead<'k, Id, V, E> {
     undecodable: Option<Bytes>,
     flight: Arc<Flight<Flown<V, E>>>,
     /// Where the result goes for the callers waiting on this flight.
-    publish: Option<oneshot::Sender<Result<(V, Fresh), Arc<E>>>>,
+    publish: Option<oneshot::Sender<Loaded<V, E>>>,
 }
 
 /// How a batch's key stands after the lease step.
@@ -414,7 +417,7 @@ impl Cache {
     }
 
     /// Counts a key this caller loaded (or found while leasing) and returns its answer.
-    fn count_led<V, E>(&self, result: Result<(V, Fresh), Arc<E>>) -> Result<V, Arc<E>> {
+    fn count_led<V, E>(&self, result: Loaded<V, E>) -> Result<V, Arc<E>> {
         let c = &self.inner.counters;
         let counter = match &result {
             Ok((_, Fresh::Found)) => &c.hits,
@@ -432,7 +435,7 @@ impl Cache {
         mut leads: Vec<Lead<'_, Id, Option<T>, E>>,
         plan: &Plan<'_, Id>,
         loader: &mut F,
-    ) -> Vec<(usize, Result<(Option<T>, Fresh), Arc<E>>)>
+    ) -> Vec<(usize, Loaded<Option<T>, E>)>
     where
         Id: Clone + Eq + Hash + Send + Sync,
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -535,8 +538,7 @@ impl Cache {
             backoff = (backoff * 2).min(Duration::from_millis(16));
         }
 
-        let mut out: Vec<(usize, Result<(Option<T>, Fresh), Arc<E>>)> =
-            Vec::with_capacity(leads.len());
+        let mut out: Vec<(usize, Loaded<Option<T>, E>)> = Vec::with_capacity(leads.len());
         // Values another load stored meanwhile: no loading for those.
         for (i, lead) in leads.iter_mut().enumerate() {
             if let Step::Found(v) = &steps[i] {
@@ -708,11 +710,8 @@ impl Cache {
 
 /// Hands a load's result to the callers of this process waiting on its flight, and takes the
 /// flight out of the table (nobody may join a load whose result is known).
-fn publish<Id, V, E>(
-    flights: &Flights,
-    lead: &mut Lead<'_, Id, V, E>,
-    result: Result<(V, Fresh), Arc<E>>,
-) where
+fn publish<Id, V, E>(flights: &Flights, lead: &mut Lead<'_, Id, V, E>, result: Loaded<V, E>)
+where
     V: Send + Sync + 'static,
     E: Send + Sync + 'static,
 {
