@@ -5,7 +5,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use speedlayer::key::{Ident, Namespace};
 use speedlayer::store::{CacheLayer, Remaining, Store};
 use speedlayer::ttl::Ttl;
@@ -17,18 +16,7 @@ use crate::support::{Backend, key};
 const MINUTE: Ttl = Ttl::seconds(60);
 const NEGATIVE: Ttl = Ttl::seconds(30);
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Student {
-    id: u32,
-    name: String,
-}
-
-fn student(id: u32) -> Student {
-    Student {
-        id,
-        name: format!("student {id}"),
-    }
-}
+use crate::behaviour::{Student, student};
 
 fn keys(ids: impl IntoIterator<Item = u32>) -> Vec<(u32, Key)> {
     ids.into_iter().map(|id| (id, key(id))).collect()

@@ -14,12 +14,12 @@ use tokio::sync::Barrier;
 use crate::support::{Backend, key};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Student {
+pub struct Student {
     id: u32,
     name: String,
 }
 
-fn student(id: u32) -> Student {
+pub fn student(id: u32) -> Student {
     Student {
         id,
         name: format!("student {id}"),
