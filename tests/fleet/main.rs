@@ -352,3 +352,37 @@ fn duplicate_payments_over_two_processes_run_once() {
     let other = format!("idem-burst pay-7f3a 3 {{\"student\":7,\"amount_cents\":1}} {db}");
     assert_eq!(number_after(&a.request(&other), "mismatches"), 3);
 }
+
+/// Three processes read overlapping pages with `get_or_set_many`, four callers each, at once:
+/// every row of the 50 is loaded once across the fleet (the leases of one process's batch hold
+/// the others off until its values are stored), and every answer is right.
+#[test]
+fn overlapping_batches_across_processes_load_each_row_once() {
+    let server = RedisServer::start();
+    let settings = NodeSettings {
+        lease_wait_ms: 5_000,
+        ..NodeSettings::default()
+    };
+    let mut a = Node::spawn("a", &server.url(), settings);
+    let mut b = Node::spawn("b", &server.url(), settings);
+    let mut c = Node::spawn("c", &server.url(), settings);
+    let (na, nb, nc) = (
+        a.send("batch 1000 1030 4 30"),
+        b.send("batch 1015 1045 4 30"),
+        c.send("batch 1025 1050 4 30"),
+    );
+    let (ra, rb, rc) = (a.wait(na), b.wait(nb), c.wait(nc));
+    for reply in [&ra, &rb, &rc] {
+        assert!(reply.ends_with("right true"), "{reply}");
+    }
+    let rows: u64 = [&ra, &rb, &rc]
+        .iter()
+        .map(|r| number_after(r, "rows"))
+        .sum();
+    assert_eq!(
+        rows, 50,
+        "each row loaded once across the fleet: {ra} / {rb} / {rc}"
+    );
+    assert_eq!(a.request("get 1049"), "value 10490");
+    assert_eq!(c.request("get 1000"), "value 10000");
+}

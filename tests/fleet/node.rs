@@ -148,6 +148,51 @@ impl Node {
                     values.join(",")
                 ))
             }
+            "batch" => {
+                // `callers` tasks of this process read ids `from..to` with one batch each; every
+                // loaded row is counted, and every answer must be id × 10.
+                let (from, to, callers, loader_ms) =
+                    (arg(args, 0)?, arg(args, 1)?, arg(args, 2)?, arg(args, 3)?);
+                let keys = self.items.keys(from..to).map_err(|e| e.to_string())?;
+                let rows = Arc::new(AtomicUsize::new(0));
+                let start = Arc::new(tokio::sync::Barrier::new(callers as usize));
+                let mut tasks = Vec::new();
+                for _ in 0..callers {
+                    let (cache, keys, rows, start) = (
+                        self.cache.clone(),
+                        keys.clone(),
+                        rows.clone(),
+                        start.clone(),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        start.wait().await;
+                        let batch = cache
+                            .get_or_set_many(&keys, MINUTE, MINUTE, |ids: Vec<u64>| {
+                                rows.fetch_add(ids.len(), Ordering::SeqCst);
+                                async move {
+                                    tokio::time::sleep(Duration::from_millis(loader_ms)).await;
+                                    Ok::<_, std::io::Error>(
+                                        ids.into_iter()
+                                            .map(|id| (id, id * 10))
+                                            .collect::<HashMap<u64, u64>>(),
+                                    )
+                                }
+                            })
+                            .await;
+                        batch
+                            .iter()
+                            .all(|(id, answer)| matches!(answer, Ok(Some(v)) if *v == id * 10))
+                    }));
+                }
+                let mut right = true;
+                for t in tasks {
+                    right &= t.await.map_err(|e| e.to_string())?;
+                }
+                Ok(format!(
+                    "rows {} right {right}",
+                    rows.load(Ordering::SeqCst)
+                ))
+            }
             "cancel" => {
                 let k = key(0)?;
                 let started = Arc::new(Notify::new());
