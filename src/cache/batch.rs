@@ -1,26 +1,6 @@
 //! Get-or-set for many keys: one read for all of them, one loader call for the misses, one
-//! write for what was loaded, each key under its own lease.
-//!
-//! A batch follows the rules of a single [`get_or_set`](Cache::get_or_set), key by key:
-//!
-//! - **Reads.** All keys are read in one round trip (`MGET`). On a warm cache that is the whole
-//!   call.
-//! - **Leases.** The misses are leased in one round trip (a pipeline of the single-key lease
-//!   script): a key deleted, written or tag-invalidated while the loader runs is returned but not
-//!   stored. A key another process is loading is waited for (up to [`Config::lease_wait`]) and,
-//!   if its value does not come, loaded here without being cached.
-//! - **One loader call.** The loader gets the ids of the keys still missing, all at once (a
-//!   `WHERE id = ANY($1)` query), and returns the rows it found as a map.
-//! - **Absent rows.** An id the loader does not return is cached as JSON `null` for the negative
-//!   TTL, as [`get_or_set_optional`](Cache::get_or_set_optional) does (both read and write the
-//!   same entries), so a missing id does not reach the database on every page.
-//! - **In-process sharing.** A key already being loaded in this process (by another batch or a
-//!   single-key call for the same type) is not loaded again: the batch waits for that load while
-//!   it loads the rest, so unrelated keys are never serialised behind it.
-//! - **Errors.** A loader error fails only the keys that loader call was for; keys found in the
-//!   cache, or served by another caller's load, are still returned. See [`Batch`].
-//!
-//! [`Config::lease_wait`]: crate::config::Config::lease_wait
+//! write for what was loaded, each key under its own lease (see [`Cache::get_or_set_many`]).
+//! The rules are those of a single [`get_or_set`](Cache::get_or_set), key by key.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -167,8 +147,21 @@ struct Plan<'a, Id> {
 
 impl Cache {
     /// [`get_or_set_optional`](Cache::get_or_set_optional) for many keys at once, with one
-    /// loader call for all the misses (see [`batch`](crate::cache) rules above and [`Batch`]
-    /// for the shape of the answer).
+    /// loader call for all the misses; see [`Batch`] for the shape of the answer.
+    ///
+    /// - **Round trips.** All keys are read in one (`MGET`); on a warm cache that is the whole
+    ///   call. The misses are then leased in one (a pipeline of the single-key lease script),
+    ///   their tags recorded in one (if any), and the loaded rows stored in one, each key under
+    ///   its own lease: a key deleted, written or tag-invalidated while the loader runs is
+    ///   returned but not stored.
+    /// - **Another process's load.** A key another process is loading is waited for (up to
+    ///   [`Config::lease_wait`](crate::Config::lease_wait)) and, if its value does not come,
+    ///   loaded with the rest without being cached.
+    /// - **This process's loads.** A key another caller of this process is loading (a batch, or
+    ///   `get_or_set_optional` of the same types) is not loaded again: the batch waits for that
+    ///   load while it loads the rest, so unrelated keys never queue behind it.
+    /// - **Outages.** With the backend unusable, the call waits on it at most once (the read),
+    ///   then loads everything and keeps it in the fallback, if any, as a single key does.
     ///
     /// `keys` pairs each id with its key (build them with [`KeySpace::keys`]); the loader gets
     /// the ids whose keys missed and returns the rows it found. Rows are cached for `ttl`

@@ -80,9 +80,10 @@ pub struct CacheStats {
     /// database query of their own, but not by the store.
     pub coalesced: u64,
     /// Reads that found nothing usable: a `get` that missed, or a `get_or_set` caller that ran
-    /// its own loader.
+    /// its own loader (a batch counts each key it loaded).
     pub misses: u64,
-    /// Loader calls made by `get_or_set` (one per key per flight, not one per caller).
+    /// Loader calls made by `get_or_set` (one per key per flight, not one per caller) and by
+    /// `get_or_set_many` (one per batch that missed, whatever its number of keys).
     pub loader_calls: u64,
     /// Loader calls that returned an error (never cached).
     pub loader_errors: u64,

@@ -517,3 +517,68 @@ pub async fn touch_keeps_the_entry_reachable_by_its_tags(backend: &Backend) {
     assert_eq!(cache.invalidate_tag(&tag).await.unwrap(), 1);
     assert!(!cache.exists(&key(1)).await, "the tag still reaches it");
 }
+
+/// A batch whose leader in this process is cancelled mid-load: the batches that were waiting on
+/// its keys load them themselves, with one more loader call for just those keys.
+pub async fn a_cancelled_batch_is_taken_over_by_the_batches_waiting_on_it(backend: &Backend) {
+    let cache = Cache::new(backend.config()).await.unwrap();
+    let started = Arc::new(Notify::new());
+    let leader = {
+        let (cache, started) = (cache.clone(), started.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_set_many(&keys(0..10), MINUTE, NEGATIVE, |_ids: Vec<u32>| {
+                    let started = started.clone();
+                    async move {
+                        started.notify_one();
+                        std::future::pending::<()>().await;
+                        Ok::<HashMap<u32, Student>, std::io::Error>(HashMap::new())
+                    }
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    let calls = Calls::default();
+    let first_call = Arc::new(Notify::new());
+    let follower = {
+        let (cache, calls, first_call) = (cache.clone(), calls.clone(), first_call.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_set_many(&keys(5..15), MINUTE, NEGATIVE, |ids: Vec<u32>| {
+                    calls.record(&ids);
+                    first_call.notify_one();
+                    std::future::ready(Ok::<_, std::io::Error>(
+                        ids.into_iter()
+                            .map(|id| (id, student(id)))
+                            .collect::<HashMap<_, _>>(),
+                    ))
+                })
+                .await
+        })
+    };
+    // The follower has joined the leader's loads of 5..10 and loaded its own keys.
+    first_call.notified().await;
+    leader.abort();
+    let batch = tokio::time::timeout(Duration::from_secs(10), follower)
+        .await
+        .expect("the follower must not hang")
+        .unwrap();
+    assert!(batch.is_complete());
+    for id in 5..15 {
+        assert_eq!(
+            batch.get(&id).unwrap().as_ref().unwrap(),
+            &Some(student(id))
+        );
+    }
+    let asked: Vec<BTreeSet<u32>> = calls
+        .calls()
+        .into_iter()
+        .map(|c| c.into_iter().collect())
+        .collect();
+    assert_eq!(asked, vec![(10..15).collect(), (5..10).collect()]);
+    assert!(
+        cache.exists(&key(7)).await,
+        "the taken-over keys are cached"
+    );
+}

@@ -65,6 +65,7 @@ cache_suite!(
     batches_across_app_servers_share_leases,
     set_many_exists_remaining_ttl_and_touch,
     touch_keeps_the_entry_reachable_by_its_tags,
+    a_cancelled_batch_is_taken_over_by_the_batches_waiting_on_it,
 );
 
 mod redis_only {

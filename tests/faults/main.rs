@@ -630,3 +630,67 @@ mod outage_rules {
         server.thaw();
     }
 }
+
+/// A batch with Redis frozen: every row comes from the one loader call, the call waits on Redis
+/// at most once (the read; the leases then go to the fallback), and once the breaker is open the
+/// fallback answers the next page without a loader call. After the thaw, Redis serves again and
+/// nothing written to the fallback reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_redis_frozen_answers_from_its_loader() {
+    use std::collections::HashMap;
+
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port()).failure_threshold(1))
+        .await
+        .unwrap();
+    let page: Vec<(u32, Key)> = (0..20).map(|id| (id, key(format!("page-{id}")))).collect();
+    let loads = Arc::new(AtomicU64::new(0));
+    let loader = |ids: Vec<u32>| {
+        loads.fetch_add(1, Ordering::SeqCst);
+        async move {
+            Ok::<_, std::io::Error>(
+                ids.into_iter()
+                    .map(|id| (id, id * 2))
+                    .collect::<HashMap<_, _>>(),
+            )
+        }
+    };
+    server.freeze();
+    let started = Instant::now();
+    let first = cache.get_or_set_many(&page, MINUTE, MINUTE, loader).await;
+    let waited = started.elapsed();
+    eprintln!("a batch of 20 with Redis frozen answered in {waited:?}");
+    assert!(first.is_complete());
+    assert_eq!(first.found().count(), 20);
+    assert!(
+        first
+            .iter()
+            .all(|(id, v)| v.as_ref().unwrap() == &Some(id * 2))
+    );
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert!(
+        waited < OP_TIMEOUT * 2 + SLACK,
+        "the batch waited on the frozen server more than once: {waited:?}"
+    );
+    assert_eq!(cache.stats().breaker, BreakerState::Open);
+
+    let second = cache.get_or_set_many(&page, MINUTE, MINUTE, loader).await;
+    assert_eq!(second.found().count(), 20);
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "the fallback holds the page the first batch loaded"
+    );
+
+    server.thaw();
+    time_until_redis_serves(&cache, Duration::from_secs(10)).await;
+    assert!(
+        !cache.exists(&page[0].1).await,
+        "Redis never had the page written during the outage"
+    );
+    let third = cache.get_or_set_many(&page, MINUTE, MINUTE, loader).await;
+    assert!(third.is_complete());
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+    assert!(cache.exists(&page[0].1).await, "stored in Redis again");
+}
