@@ -13,10 +13,9 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use super::flight::{Flight, Flights};
+use super::flight::{Flight, Flights, OutsideLeader};
 use super::{Cache, Flown, Fresh};
 use crate::key::{Key, Tag};
 use crate::store::{BatchLeases, IndexWindow, LeaseRequest, Leased, LeasedEntry, Source};
@@ -112,7 +111,7 @@ impl<Id: Eq + Hash, T, E> Batch<Id, T, E> {
 type Loaded<V, E> = Result<(V, Fresh), Arc<E>>;
 
 /// One key a batch loads itself.
-struct Lead<'k, Id, V, E> {
+struct Lead<'k, Id, V: Send + Sync + 'static, E: Send + Sync + 'static> {
     /// Index among the batch's distinct keys.
     at: usize,
     id: Id,
@@ -120,8 +119,8 @@ struct Lead<'k, Id, V, E> {
     /// What the first read found and could not decode.
     undecodable: Option<Bytes>,
     flight: Arc<Flight<Flown<V, E>>>,
-    /// Where the result goes for the callers waiting on this flight.
-    publish: Option<oneshot::Sender<Loaded<V, E>>>,
+    /// This batch's hold on the flight, through which the callers waiting on it get the result.
+    leader: Option<OutsideLeader<'k, Flown<V, E>>>,
 }
 
 /// How a batch's key stands after the lease step.
@@ -150,7 +149,8 @@ impl Cache {
     /// loader call for all the misses; see [`Batch`] for the shape of the answer.
     ///
     /// - **Round trips.** All keys are read in one (`MGET`); on a warm cache that is the whole
-    ///   call. The misses are then leased in one (a pipeline of the single-key lease script),
+    ///   call. The misses are then leased in one (one script, atomic for the batch, so two
+    ///   batches never interleave their leases and hold each other up),
     ///   their tags recorded in one (if any), and the loaded rows stored in one, each key under
     ///   its own lease: a key deleted, written or tag-invalidated while the loader runs is
     ///   returned but not stored.
@@ -263,7 +263,15 @@ impl Cache {
 
         // 1. One read for every key.
         let (found, first_read) = match self.inner.store.get_many_with_source(&unique).await {
-            Ok(found) => found,
+            Ok((found, source)) if found.len() == unique.len() => (found, source),
+            Ok((found, _)) => {
+                tracing::warn!(
+                    asked = unique.len(),
+                    answered = found.len(),
+                    "the backend answered a batch read with the wrong number of values; treating it as misses"
+                );
+                (vec![None; unique.len()], Source::Nothing)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "batch read failed; treating it as misses");
                 (vec![None; unique.len()], Source::Nothing)
@@ -300,48 +308,38 @@ impl Cache {
             // 2. Join this process's loads of the missing keys: lead the new ones, wait for the
             // others, both at once (two batches leading each other's keys never wait on each
             // other).
-            let members: Vec<_> = misses
-                .iter()
-                .map(|(at, _)| {
-                    self.inner
-                        .flights
-                        .join::<Flown<Option<T>, E>>(unique[*at].as_str())
-                })
-                .collect();
+            let mut members = Vec::with_capacity(misses.len());
             let mut leads = Vec::new();
-            let mut inits = Vec::new();
-            let mut waits = Vec::new();
-            for ((at, undecodable), member) in misses.iter().zip(&members) {
-                if member.created {
-                    let (tx, rx) = oneshot::channel();
-                    inits.push(
-                        member
-                            .flight
-                            .cell
-                            .get_or_init(move || async move { rx.await.ok() }),
-                    );
-                    leads.push(Lead {
+            for (at, undecodable) in &misses {
+                let (member, leader) = self
+                    .inner
+                    .flights
+                    .join_outside::<Flown<Option<T>, E>>(unique[*at].as_str());
+                match leader {
+                    Some(leader) => leads.push(Lead {
                         at: *at,
                         id: id_of(*at),
                         key: &unique[*at],
                         undecodable: undecodable.clone(),
                         flight: member.flight.clone(),
-                        publish: Some(tx),
-                    });
-                } else {
-                    let before_observation = member.flight.before_observation();
-                    let before_loading = member.flight.before_loading();
-                    waits.push(async move {
-                        let flown = member.flight.cell.get_or_init(|| async { None }).await;
-                        (*at, flown.clone(), before_observation, before_loading)
-                    });
+                        leader: Some(leader),
+                    }),
+                    None => members.push((*at, member)),
                 }
             }
-            let (_, waited, led) = tokio::join!(
-                join_all(inits),
-                join_all(waits),
-                self.lead_batch(leads, &plan, &mut loader)
-            );
+            let waits = members.iter().map(|(at, member)| {
+                let before_observation = member.flight.before_observation();
+                let before_loading = member.flight.before_loading();
+                async move {
+                    member.flight.outside_leader_done().await;
+                    // A leader that left without a result (cancelled) leaves the cell free:
+                    // `None` sends this key to this caller's own load below.
+                    let flown = member.flight.cell.get_or_init(|| async { None }).await;
+                    (*at, flown.clone(), before_observation, before_loading)
+                }
+            });
+            let (waited, led) =
+                tokio::join!(join_all(waits), self.lead_batch(leads, &plan, &mut loader));
             drop(members);
             for (at, result) in led {
                 answers[at] = Some(self.count_led(result));
@@ -377,7 +375,7 @@ impl Cache {
                         key: &unique[at],
                         undecodable: undecodable.get(&at).cloned().flatten(),
                         flight: Flight::private(),
-                        publish: None,
+                        leader: None,
                     })
                     .collect();
                 for (at, result) in self.lead_batch(leads, &plan, &mut loader).await {
@@ -479,6 +477,11 @@ impl Cache {
                     tracing::debug!(error = %e, "no leases; the batch will not be cached");
                     for &i in &pending {
                         steps[i] = Step::Uncached;
+                        // The script may have leased some keys before it failed: given up
+                        // (compare-and-delete) when the batch ends.
+                        guard
+                            .held
+                            .push((leads[i].key.clone(), tokens[i], Source::Primary, true));
                     }
                     break;
                 }
@@ -572,14 +575,11 @@ impl Cache {
                     let mut release = Vec::new();
                     for &i in &members {
                         if let Step::Leased { guard: g, .. } = steps[i] {
-                            guard.held[g].3 = false;
-                            release.push((leads[i].key.clone(), tokens[i]));
+                            release.push(g);
                         }
                         steps[i] = Step::Uncached;
                     }
-                    if let Err(e) = inner.store.release_leases_at(&release, source).await {
-                        tracing::debug!(error = %e, "leases not released; they expire by their TTL");
-                    }
+                    guard.release(&release).await;
                 }
             }
         }
@@ -602,7 +602,7 @@ impl Cache {
                 keys = to_load.len()
             ))
             .await;
-        let mut rows = match loaded {
+        let rows = match loaded {
             Ok(rows) => rows,
             Err(e) => {
                 inner.counters.loader_errors.fetch_add(1, Ordering::Relaxed);
@@ -616,7 +616,11 @@ impl Cache {
                 return out;
             }
         };
-        let values: Vec<Option<T>> = to_load.iter().map(|&i| rows.remove(&leads[i].id)).collect();
+        // `get`, not `remove`: two keys of one batch may carry the same id.
+        let values: Vec<Option<T>> = to_load
+            .iter()
+            .map(|&i| rows.get(&leads[i].id).cloned())
+            .collect();
 
         // Store what this batch holds leases for, per store, in one call each.
         let mut fresh = vec![Fresh::Unknown; leads.len()];
@@ -653,8 +657,7 @@ impl Cache {
                 Err(e) => {
                     inner.counters.uncacheable.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(key = %leads[i].key, error = %e, "loaded value not cached");
-                    guard.held[g].3 = false;
-                    uncacheable.push((source, (leads[i].key.clone(), tokens[i])));
+                    uncacheable.push(g);
                 }
             }
         }
@@ -684,15 +687,7 @@ impl Cache {
                 }
             }
         }
-        for (source, lease) in uncacheable {
-            if let Err(e) = inner
-                .store
-                .release_leases_at(std::slice::from_ref(&lease), source)
-                .await
-            {
-                tracing::debug!(error = %e, "lease not released; it expires by its TTL");
-            }
-        }
+        guard.release(&uncacheable).await;
         for (&i, value) in to_load.iter().zip(values) {
             publish(&inner.flights, &mut leads[i], Ok((value.clone(), fresh[i])));
             out.push((leads[i].at, Ok((value, fresh[i]))));
@@ -709,8 +704,7 @@ where
     E: Send + Sync + 'static,
 {
     flights.retire(lead.key.as_str(), &lead.flight);
-    if let Some(tx) = lead.publish.take() {
-        // Nobody listening: the flight was taken over by another caller's load.
-        let _ = tx.send(result);
+    if let Some(leader) = lead.leader.take() {
+        leader.publish(Some(result));
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 
 type FlightKey = (String, TypeId);
 
@@ -25,6 +25,11 @@ pub(crate) struct Flight<T> {
     /// Set by the leader just before its loader runs: a value loaded then is current for the
     /// members that had joined, whether or not it could be stored.
     loading: AtomicBool,
+    /// True while a leader that does not run the cell's initializer (a batch, which loads many
+    /// flights with one loader call) owns the flight: members wait for it to publish or leave
+    /// before they touch the cell.
+    led_outside: AtomicBool,
+    left: Notify,
 }
 
 impl<T> Flight<T> {
@@ -34,6 +39,8 @@ impl<T> Flight<T> {
             cell: OnceCell::new(),
             observing: AtomicBool::new(false),
             loading: AtomicBool::new(false),
+            led_outside: AtomicBool::new(false),
+            left: Notify::new(),
         })
     }
 
@@ -56,6 +63,61 @@ impl<T> Flight<T> {
     pub(crate) fn before_loading(&self) -> bool {
         !self.loading.load(Ordering::SeqCst)
     }
+
+    /// Waits while an outside leader owns the flight: once it returns, the cell holds that
+    /// leader's result, or the leader left without one (cancelled) and the cell is free for the
+    /// next member's initializer.
+    pub(crate) async fn outside_leader_done(&self) {
+        loop {
+            let left = self.left.notified();
+            tokio::pin!(left);
+            left.as_mut().enable();
+            if !self.led_outside.load(Ordering::SeqCst) {
+                return;
+            }
+            left.await;
+        }
+    }
+}
+
+/// The hold of an outside leader on a flight it created: it publishes the result without
+/// running the cell's initializer, and leaving (publishing, or being dropped when its caller is
+/// cancelled) lets the members go on. A flight it leaves is taken out of the table once it has a
+/// result or no member is left.
+pub(crate) struct OutsideLeader<'a, T: Send + Sync + 'static> {
+    flights: &'a Flights,
+    key: FlightKey,
+    pub(crate) flight: Arc<Flight<T>>,
+}
+
+impl<T: Send + Sync + 'static> OutsideLeader<'_, T> {
+    /// Publishes `value` to the members (if no member's initializer got there first) and takes
+    /// the flight out of the table: nobody may join a load whose result is known.
+    pub(crate) fn publish(&self, value: T) {
+        // The cell is free: members wait for this leader before they initialize it.
+        let _ = self.flight.cell.set(value);
+        self.leave();
+    }
+
+    fn leave(&self) {
+        if self.flight.led_outside.swap(false, Ordering::SeqCst) {
+            self.flight.left.notify_waiters();
+        }
+        let mut table = self.flights.lock();
+        let ours = table
+            .get(&self.key)
+            .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(&self.flight)));
+        // strong_count: the table's reference and ours; any more are members still waiting.
+        if ours && (self.flight.cell.initialized() || Arc::strong_count(&self.flight) <= 2) {
+            table.remove(&self.key);
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Drop for OutsideLeader<'_, T> {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 #[derive(Default)]
@@ -70,8 +132,6 @@ pub(crate) struct Member<'a, T: Send + Sync + 'static> {
     flights: &'a Flights,
     key: FlightKey,
     pub(crate) flight: Arc<Flight<T>>,
-    /// This caller started the flight (it was not in the table).
-    pub(crate) created: bool,
 }
 
 impl Flights {
@@ -86,20 +146,55 @@ impl Flights {
         let existing = table
             .get(&flight_key)
             .and_then(|f| f.clone().downcast::<Flight<T>>().ok());
-        let (flight, created) = match existing {
-            Some(flight) => (flight, false),
+        let flight = match existing {
+            Some(flight) => flight,
             None => {
                 let flight = Flight::private();
                 table.insert(flight_key.clone(), flight.clone());
-                (flight, true)
+                flight
             }
         };
         Member {
             flights: self,
             key: flight_key,
             flight,
-            created,
         }
+    }
+
+    /// [`join`](Flights::join) for a leader that does not run the cell's initializer: a flight
+    /// this call creates is marked as led outside before anyone else can see it, and comes with
+    /// the leader's hold.
+    pub(crate) fn join_outside<T: Send + Sync + 'static>(
+        &self,
+        key: &str,
+    ) -> (Member<'_, T>, Option<OutsideLeader<'_, T>>) {
+        let flight_key = (key.to_owned(), TypeId::of::<T>());
+        let mut table = self.lock();
+        let existing = table
+            .get(&flight_key)
+            .and_then(|f| f.clone().downcast::<Flight<T>>().ok());
+        let (flight, leader) = match existing {
+            Some(flight) => (flight, None),
+            None => {
+                let flight = Flight::private();
+                flight.led_outside.store(true, Ordering::SeqCst);
+                table.insert(flight_key.clone(), flight.clone());
+                let leader = OutsideLeader {
+                    flights: self,
+                    key: flight_key.clone(),
+                    flight: flight.clone(),
+                };
+                (flight, Some(leader))
+            }
+        };
+        (
+            Member {
+                flights: self,
+                key: flight_key,
+                flight,
+            },
+            leader,
+        )
     }
 
     /// Takes `flight` out of the table (if it is still the one there): later callers start a

@@ -75,9 +75,10 @@ pub struct CacheStats {
     /// Reads answered by a value found in the store (the backend or, during an outage, the
     /// fallback), without a loader call of their own.
     pub hits: u64,
-    /// `get_or_set` callers that found nothing and received the value of a load another caller
-    /// in this process ran for them (a stampede shared by single-flight): served without a
-    /// database query of their own, but not by the store.
+    /// `get_or_set` callers (and keys of a `get_or_set_many` batch) that found nothing and
+    /// received the value of a load another caller in this process ran for them (a stampede
+    /// shared by single-flight): served without a database query of their own, but not by the
+    /// store.
     pub coalesced: u64,
     /// Reads that found nothing usable: a `get` that missed, or a `get_or_set` caller that ran
     /// its own loader (a batch counts each key it loaded).
@@ -120,7 +121,7 @@ pub struct CacheStats {
 
 impl CacheStats {
     /// Reads counted: every `get` and `get_or_set` call is exactly one of a hit, a coalesced
-    /// call or a miss (and `get_many` counts each key).
+    /// call or a miss (`get_many` counts each key, `get_or_set_many` each distinct key).
     pub fn reads(&self) -> u64 {
         self.hits + self.coalesced + self.misses
     }
@@ -639,6 +640,8 @@ impl Cache {
             };
             let joined_before_observation = flight.before_observation();
             let joined_before_loading = flight.before_loading();
+            // A batch leading this key publishes without running the cell's initializer.
+            flight.outside_leader_done().await;
             let mut led = false;
             let outcome = flight
                 .cell

@@ -69,6 +69,9 @@ pub const DEFAULT_TEXT_LEN: usize = 64;
 /// Free text longer than this (in bytes, once normalised) is hashed by default.
 pub const DEFAULT_SEARCH_HASH_OVER: usize = 48;
 
+/// Longest escaped `tag_by` value kept as it is in a tag; longer ones are hashed.
+const TAG_VALUE_MAX: usize = 160;
+
 /// Longest free text accepted before hashing, in bytes: a guard against a request that sends
 /// megabytes as a search.
 pub const MAX_SEARCH_LEN: usize = 4_096;
@@ -276,7 +279,11 @@ impl Dimension {
                             i64::MAX
                         }
                     }
-                    Err(_) => return Err(self.invalid(format!("{trimmed:?} is not an integer"))),
+                    Err(_) => {
+                        return Err(
+                            self.invalid(format!("{:?} is not an integer", truncate(trimmed)))
+                        );
+                    }
                 };
                 let (lo, hi) = (*range.start(), *range.end());
                 if n < lo || n > hi {
@@ -291,7 +298,9 @@ impl Dimension {
             Rule::OneOf(values) => {
                 let folded = trimmed.to_lowercase();
                 if !values.contains(&folded) {
-                    return Err(self.invalid(format!("{trimmed:?} is not one of {values:?}")));
+                    return Err(
+                        self.invalid(format!("{:?} is not one of {values:?}", truncate(trimmed)))
+                    );
                 }
                 folded
             }
@@ -571,6 +580,12 @@ impl QueryShape {
 
     fn tag_of(&self, value: Option<&str>) -> Result<Tag, QueryError> {
         let text = match value {
+            // A value too long for a tag segment is named by its hash. A value written as
+            // such a hash would only share its tag: an invalidation then drops the pages of
+            // both, never too few.
+            Some(v) if crate::key::escape(v).len() > TAG_VALUE_MAX => {
+                format!("{}=h-{}", self.family, hex(&Sha256::digest(v.as_bytes())))
+            }
             Some(v) => format!("{}={v}", self.family),
             None => self.family.clone(),
         };
@@ -706,5 +721,10 @@ mod tests {
             QueryError::Missing("org".into())
         );
         assert_eq!(a.tag().as_str(), "~tag:query:r.x%3Dnorth");
+        // A long value, heavy in escaped characters, still makes a bounded tag.
+        let long = "%é".repeat(32);
+        let k = s.key([("org", long.as_str()), ("q", "x")]).unwrap();
+        assert_eq!(k.tag(), &s.tag_for(&long).unwrap());
+        assert!(k.tag().as_str().len() < 200);
     }
 }

@@ -73,6 +73,28 @@ impl BatchLeases<'_> {
         groups
     }
 
+    /// Gives up the leases at `which` (indices into `held`) now. They count as held until the
+    /// release returned, so that a caller dropped meanwhile still gives them up on drop.
+    pub(crate) async fn release(&mut self, which: &[usize]) {
+        let mut groups: Vec<(Source, Vec<(Key, u64)>)> = Vec::new();
+        for &i in which {
+            let (key, token, source, held) = &self.held[i];
+            if !*held {
+                continue;
+            }
+            match groups.iter_mut().find(|(s, _)| s == source) {
+                Some((_, list)) => list.push((key.clone(), *token)),
+                None => groups.push((*source, vec![(key.clone(), *token)])),
+            }
+        }
+        for (source, leases) in &groups {
+            release_many_quietly(self.store, leases, *source).await;
+        }
+        for &i in which {
+            self.held[i].3 = false;
+        }
+    }
+
     /// Gives up every lease still held now.
     pub(crate) async fn release_all(&mut self) {
         for (source, leases) in self.take_held() {

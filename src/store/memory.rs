@@ -14,7 +14,8 @@ use moka::future::Cache as MokaCache;
 use moka::ops::compute::{CompResult, Op};
 
 use super::{
-    Backend, BackendKind, CacheLayer, Entry, Leased, Remaining, TagChunk, TagCursor, TagMember,
+    Backend, BackendKind, CacheLayer, Entry, LeaseRequest, Leased, Remaining, TagChunk, TagCursor,
+    TagMember,
 };
 use crate::clock::Clock;
 use crate::error::{Error, ErrorKind, Result};
@@ -140,6 +141,9 @@ pub struct MemoryLayer {
     tags: Arc<Mutex<TagTable>>,
     twins: Arc<Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
     clock: Arc<dyn Clock>,
+    /// Held while a batch takes its leases, so that batches never interleave theirs (as the
+    /// Redis script makes them atomic).
+    batch_leases: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct TagMemberState {
@@ -189,6 +193,7 @@ impl MemoryLayer {
             tags: Arc::new(Mutex::new(TagTable::default())),
             twins: Arc::new(Mutex::new(HashMap::new())),
             clock,
+            batch_leases: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -414,6 +419,22 @@ impl CacheLayer for MemoryLayer {
             Some(s) if s.live(now) => Remaining::Expires(s.expires_at - now),
             _ => Remaining::Missing,
         })
+    }
+
+    async fn get_or_lease_many(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        lease_ttl: Ttl,
+    ) -> Result<Vec<Leased>> {
+        let _one_batch_at_a_time = self.batch_leases.lock().await;
+        let mut out = Vec::with_capacity(requests.len());
+        for r in requests {
+            out.push(
+                self.get_or_lease(r.key, r.token, lease_ttl, r.replace)
+                    .await?,
+            );
+        }
+        Ok(out)
     }
 
     async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {

@@ -310,7 +310,8 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     async fn release_lease(&self, key: &Key, token: u64) -> Result<bool>;
 
     /// [`get_or_lease`](CacheLayer::get_or_lease) for several keys, in order, each under its own
-    /// lease. One round trip on Redis (a pipeline); the default calls `get_or_lease` per key.
+    /// lease. On Redis one script, atomic for the whole batch (two batches never interleave their
+    /// leases); the default calls `get_or_lease` per key.
     async fn get_or_lease_many(
         &self,
         requests: &[LeaseRequest<'_>],

@@ -50,24 +50,53 @@ return redis.call('GET', KEYS[1])
 ";
 
 // Reads the key; when it is absent, takes the lease in the same atomic step: the key holds ''
-// and KEYS[2] (the lease key, same slot) the caller's token, both for the lease TTL. Returns the
-// value, 0 (another live lease) or 1 (granted). A value equal to ARGV[3] (one the caller could
-// not decode), a key of another type than string, and an '' that is not a live lease (no token
-// beside it, or no TTL: another client wrote it) count as absent and are replaced.
-const GET_OR_LEASE_SCRIPT: &str = r"
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'string' then
-  local value = redis.call('GET', KEYS[1])
-  if value == '' then
-    if redis.call('PTTL', KEYS[1]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-  elseif ARGV[3] == nil or value ~= ARGV[3] then
-    return value
+// and the lease key (same slot) the caller's token, both for the lease TTL. Returns the value, 0
+// (another live lease) or 1 (granted). A value equal to `replace` (one the caller could not
+// decode), a key of another type than string, and an '' that is not a live lease (no token beside
+// it, or no TTL: another client wrote it) count as absent and are replaced.
+macro_rules! lease_fn {
+    () => {
+        r"
+local function lease(key, lease_key, token, ttl, replace)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'string' then
+    local value = redis.call('GET', key)
+    if value == '' then
+      if redis.call('PTTL', key) > 0 and redis.call('EXISTS', lease_key) == 1 then return 0 end
+    elseif replace == nil or value ~= replace then
+      return value
+    end
   end
+  redis.call('SET', key, '', 'PX', ttl)
+  redis.call('SET', lease_key, token, 'PX', ttl)
+  return 1
 end
-redis.call('SET', KEYS[1], '', 'PX', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return 1
-";
+"
+    };
+}
+
+// One key: KEYS = key, lease key; ARGV = token, lease TTL, [replace].
+const GET_OR_LEASE_SCRIPT: &str = concat!(
+    lease_fn!(),
+    "return lease(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])\n"
+);
+
+// Many keys in one atomic step, so that two batches never interleave their leases (one could
+// otherwise hold a key the other waits for while it waits for one the other holds). KEYS = key,
+// lease key pairs; ARGV = lease TTL, then per key: token, has-replace ('0'/'1'), replace.
+const GET_OR_LEASE_MANY_SCRIPT: &str = concat!(
+    lease_fn!(),
+    r"
+local out = {}
+for n = 1, #KEYS / 2 do
+  local a = 1 + (n - 1) * 3
+  local replace = nil
+  if ARGV[a + 2] == '1' then replace = ARGV[a + 3] end
+  out[n] = lease(KEYS[2 * n - 1], KEYS[2 * n], ARGV[a + 1], ARGV[1], replace)
+end
+return out
+"
+);
 
 // How long a value still lives: -2 when there is none to read (absent, another type than a
 // string, or a lease ''), -1 without expiry, else milliseconds.
@@ -199,6 +228,7 @@ pub struct RedisLayer {
     config: RedisConfig,
     increment: Script,
     get_or_lease: Script,
+    get_or_lease_many: Script,
     set_leased: Script,
     release_lease: Script,
     tag_forget: Script,
@@ -256,6 +286,7 @@ impl RedisLayer {
             config: config.clone(),
             increment: Script::new(INCREMENT_SCRIPT),
             get_or_lease: Script::new(GET_OR_LEASE_SCRIPT),
+            get_or_lease_many: Script::new(GET_OR_LEASE_MANY_SCRIPT),
             set_leased: Script::new(SET_LEASED_SCRIPT),
             release_lease: Script::new(RELEASE_LEASE_SCRIPT),
             tag_forget: Script::new(TAG_FORGET_SCRIPT),
@@ -514,8 +545,9 @@ impl CacheLayer for RedisLayer {
             .map(|released| released == 1)
     }
 
-    // The batch forms below are pipelines of EVAL (not EVALSHA: a pipeline then needs no
-    // NOSCRIPT handling; the server compiles each script once and keeps it by its hash).
+    // The batch forms below (but the lease, one script) are pipelines of EVAL (not EVALSHA: a
+    // pipeline then needs no NOSCRIPT handling; the server compiles each script once and keeps
+    // it by its hash).
 
     async fn get_or_lease_many(
         &self,
@@ -525,21 +557,27 @@ impl CacheLayer for RedisLayer {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut invocation = self.get_or_lease_many.prepare_invoke();
+        invocation.arg(lease_ttl.as_millis());
         for r in requests {
-            let cmd = pipe
-                .cmd("EVAL")
-                .arg(GET_OR_LEASE_SCRIPT)
-                .arg(2)
-                .arg(r.key.as_str())
-                .arg(lease_key(r.key))
-                .arg(r.token)
-                .arg(lease_ttl.as_millis());
-            if let Some(replace) = r.replace {
-                cmd.arg(replace);
-            }
+            invocation.key(r.key.as_str()).key(lease_key(r.key));
+            invocation.arg(r.token);
+            match r.replace {
+                Some(replace) => invocation.arg("1").arg(replace),
+                None => invocation.arg("0").arg(""),
+            };
         }
-        let replies: Vec<redis::Value> = self.query_pipeline(&pipe).await?;
+        let replies: Vec<redis::Value> = self.invoke(&invocation).await?;
+        if replies.len() != requests.len() {
+            return Err(Error::new(
+                ErrorKind::Script,
+                format!(
+                    "the batch lease script answered {} values for {} keys",
+                    replies.len(),
+                    requests.len()
+                ),
+            ));
+        }
         Ok(replies
             .into_iter()
             .map(|reply| match reply {

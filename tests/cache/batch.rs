@@ -582,3 +582,68 @@ pub async fn a_cancelled_batch_is_taken_over_by_the_batches_waiting_on_it(backen
         "the taken-over keys are cached"
     );
 }
+
+/// Two app servers reading overlapping pages at once, in opposite orders, round after round:
+/// their leases never interleave (the batch lease is one atomic step), so neither waits out the
+/// lease wait for a key the other holds while it holds one the other wants, and every key is
+/// loaded once.
+pub async fn overlapping_batches_of_two_app_servers_never_hold_each_other_up(backend: &Backend) {
+    let (store, config) = shared_store(backend).await;
+    let servers = [
+        Cache::from_store(store.clone(), &config),
+        Cache::from_store(store.clone(), &config),
+    ];
+    let calls = Calls::default();
+    for round in 0..20u32 {
+        let base = 1_000 + round * 100;
+        let start = Arc::new(Barrier::new(2));
+        let mut tasks = Vec::new();
+        for (n, cache) in servers.iter().enumerate() {
+            let ids: Vec<u32> = if n == 0 {
+                (base..base + 40).collect()
+            } else {
+                (base + 10..base + 50).rev().collect()
+            };
+            let (cache, calls, start) = (cache.clone(), calls.clone(), start.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                cache
+                    .get_or_set_many(&keys(ids), MINUTE, NEGATIVE, |ids: Vec<u32>| {
+                        calls.record(&ids);
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            Ok::<_, std::io::Error>(
+                                ids.into_iter()
+                                    .map(|id| (id, student(id)))
+                                    .collect::<HashMap<_, _>>(),
+                            )
+                        }
+                    })
+                    .await
+                    .is_complete()
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+    }
+    let loads = calls.loads();
+    assert_eq!(loads.len(), 20 * 50);
+    assert!(loads.values().all(|n| *n == 1), "a key was loaded twice");
+    for cache in &servers {
+        assert_eq!(cache.stats().leases_denied, 0);
+    }
+}
+
+/// Two keys of one batch with the same id both get the row (neither is cached as absent).
+pub async fn one_id_under_two_keys_gets_its_row_twice(backend: &Backend) {
+    let cache = Cache::new(backend.config()).await.unwrap();
+    let pairs = vec![(1u32, key(1)), (1u32, key("one"))];
+    let calls = Calls::default();
+    let batch = cache
+        .get_or_set_many(&pairs, MINUTE, NEGATIVE, table(&calls, 100))
+        .await;
+    assert_eq!(calls.calls(), vec![vec![1, 1]]);
+    assert_eq!(batch.found().count(), 2);
+    assert_eq!(cache.get::<Student>(&key("one")).await, Some(student(1)));
+}

@@ -66,6 +66,8 @@ cache_suite!(
     set_many_exists_remaining_ttl_and_touch,
     touch_keeps_the_entry_reachable_by_its_tags,
     a_cancelled_batch_is_taken_over_by_the_batches_waiting_on_it,
+    overlapping_batches_of_two_app_servers_never_hold_each_other_up,
+    one_id_under_two_keys_gets_its_row_twice,
 );
 
 mod redis_only {
