@@ -119,7 +119,27 @@ pub enum KeyError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// A key in a domain the namespace declares never cached ([`Namespace::never_cache`]).
+    #[error(
+        "the domain {domain:?} is declared never cached: its data is read from the database on          every request, and no cache key can be built in it (coordination state about it, such          as an idempotency record or a lock, lives in speedlayer's own domains and stays allowed)"
+    )]
+    NeverCached {
+        /// The domain.
+        domain: String,
+    },
+    /// A domain speedlayer keeps its own coordination state in cannot be declared never cached.
+    #[error(
+        "the domain {domain:?} holds speedlayer's coordination state and cannot be declared never cached"
+    )]
+    ReservedDomain {
+        /// The domain.
+        domain: String,
+    },
 }
+
+/// Domains that hold speedlayer's own coordination state (idempotency records, locks, rate-limit
+/// counters): never declared never-cached.
+pub const COORDINATION_DOMAINS: &[&str] = &["idem", "lock", "rate"];
 
 /// A validated identifier: a deployment prefix, a domain or an entity.
 ///
@@ -385,19 +405,58 @@ fn push_escaped_display(
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Namespace {
     prefix: Option<Ident>,
+    /// Domains whose data is never cached.
+    never_cached: Vec<Ident>,
 }
 
 impl Namespace {
     /// A namespace without prefix: keys start with their domain.
     pub fn root() -> Namespace {
-        Namespace { prefix: None }
+        Namespace::default()
     }
 
     /// A namespace whose keys all start with `prefix:`.
     pub fn with_prefix(prefix: Ident) -> Namespace {
         Namespace {
             prefix: Some(prefix),
+            never_cached: Vec::new(),
         }
+    }
+
+    /// Declares domains whose data must never be cached (payments, marks, exam results, audit
+    /// logs): every key built in them, in every scope of this namespace, is refused with
+    /// [`KeyError::NeverCached`]. Coordination state about them stays allowed: idempotency
+    /// records, locks and rate limits live in speedlayer's own domains
+    /// ([`COORDINATION_DOMAINS`]), which cannot be declared here. Give this namespace to
+    /// [`Config::namespace`](crate::Config::namespace) and build keys from
+    /// [`Cache::namespace`](crate::Cache::namespace).
+    ///
+    /// ```
+    /// use speedlayer::key::{Ident, KeyError, Namespace};
+    ///
+    /// const PAYMENTS: Ident = Ident::from_static("payments");
+    /// let ns = Namespace::root().never_cache(&[PAYMENTS])?;
+    /// let refused = ns.global().key(&PAYMENTS, &Ident::from_static("receipt"), 7);
+    /// assert!(matches!(refused, Err(KeyError::NeverCached { .. })));
+    /// # Ok::<(), KeyError>(())
+    /// ```
+    pub fn never_cache(mut self, domains: &[Ident]) -> Result<Namespace, KeyError> {
+        for domain in domains {
+            if COORDINATION_DOMAINS.contains(&domain.as_str()) {
+                return Err(KeyError::ReservedDomain {
+                    domain: domain.as_str().to_owned(),
+                });
+            }
+            if !self.never_cached.contains(domain) {
+                self.never_cached.push(domain.clone());
+            }
+        }
+        Ok(self)
+    }
+
+    /// True when `domain` is declared never cached.
+    pub fn is_never_cached(&self, domain: &Ident) -> bool {
+        self.never_cached.contains(domain)
     }
 
     /// The prefix, if any.
@@ -416,6 +475,7 @@ impl Namespace {
             inner: Arc::new(ScopeInner {
                 has_prefix: self.prefix.is_some(),
                 has_tenant: false,
+                never_cached: self.never_cached.clone(),
                 base,
             }),
         }
@@ -436,6 +496,7 @@ impl Namespace {
             inner: Arc::new(ScopeInner {
                 has_prefix: self.prefix.is_some(),
                 has_tenant: true,
+                never_cached: self.never_cached.clone(),
                 base,
             }),
         })
@@ -454,6 +515,8 @@ pub struct Scope {
 struct ScopeInner {
     has_prefix: bool,
     has_tenant: bool,
+    /// The namespace's never-cached domains.
+    never_cached: Vec<Ident>,
     /// `prefix:@tenant:` (each part only when present), ready to be followed by a domain.
     base: String,
 }
@@ -483,10 +546,16 @@ impl Scope {
         base.push(':');
         base.push_str(entity.as_str());
         base.push(':');
+        let refused = self
+            .inner
+            .never_cached
+            .contains(domain)
+            .then(|| domain.as_str().to_owned());
         KeySpace {
             inner: Arc::new(KeySpaceInner {
                 scope: self.clone(),
                 base,
+                refused,
             }),
         }
     }
@@ -597,6 +666,8 @@ struct KeySpaceInner {
     scope: Scope,
     /// `prefix:@tenant:domain:entity:`.
     base: String,
+    /// The domain, when it is declared never cached: no key can be built.
+    refused: Option<String>,
 }
 
 impl fmt::Debug for KeySpace {
@@ -608,6 +679,7 @@ impl fmt::Debug for KeySpace {
 impl KeySpace {
     /// The key of `id` in this keyspace.
     pub fn key(&self, id: impl fmt::Display) -> Result<Key, KeyError> {
+        self.check_cacheable()?;
         let base = &self.inner.base;
         let mut full = String::with_capacity(base.len() + 24);
         full.push_str(base);
@@ -629,6 +701,7 @@ impl KeySpace {
         suffix: &str,
         out: &mut String,
     ) -> Result<(), KeyError> {
+        self.check_cacheable()?;
         out.clear();
         out.push_str(&self.inner.base);
         push_escaped_id(out, id)?;
@@ -683,6 +756,7 @@ impl KeySpace {
 
     /// The key of a text id: [`KeySpace::key`] without going through `Display`.
     pub fn key_str(&self, id: &str) -> Result<Key, KeyError> {
+        self.check_cacheable()?;
         let base = &self.inner.base;
         let mut full = String::with_capacity(base.len() + id.len() + 24);
         full.push_str(base);
@@ -713,6 +787,15 @@ impl KeySpace {
     /// The scope this keyspace belongs to.
     pub fn scope(&self) -> &Scope {
         &self.inner.scope
+    }
+
+    fn check_cacheable(&self) -> Result<(), KeyError> {
+        match &self.inner.refused {
+            Some(domain) => Err(KeyError::NeverCached {
+                domain: domain.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
