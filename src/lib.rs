@@ -80,6 +80,8 @@
 //!   - [`lock`]: locks with fencing tokens, failing closed.
 //!   - [`counter`]: live counters that recount from the database and never drift for long.
 //!   - [`idempotency`]: idempotency keys for retried requests, with a tower layer for axum.
+//!   - [`revocation`]: a token blacklist kept until each token's own expiry, with an explicit
+//!     answer for "unknown".
 
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -97,6 +99,7 @@ pub mod key;
 pub mod lock;
 pub mod query;
 pub mod ratelimit;
+pub mod revocation;
 pub mod store;
 pub mod ttl;
 

@@ -694,3 +694,40 @@ async fn a_batch_with_redis_frozen_answers_from_its_loader() {
     assert_eq!(loads.load(Ordering::SeqCst), 2);
     assert!(cache.exists(&page[0].1).await, "stored in Redis again");
 }
+
+/// Token revocations with Redis frozen: a check is `Unknown` within the operation timeout, never
+/// "not revoked"; the deployment's choice decides (deny by default); a revocation that cannot be
+/// recorded is an error. Once Redis is back, the revocation made before the freeze holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_checks_with_redis_frozen_are_unknown_within_the_timeout() {
+    use speedlayer::revocation::{OnUnknown, Revocation, Revocations};
+    use std::time::SystemTime;
+
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port())).await.unwrap();
+    let deny = Revocations::new(&cache);
+    let allow = Revocations::new(&cache).on_unknown(OnUnknown::Allow);
+    let expiry = SystemTime::now() + Duration::from_secs(900);
+    assert!(deny.revoke("jti-1", expiry).await.unwrap());
+
+    server.freeze();
+    let started = Instant::now();
+    assert_eq!(deny.check("jti-1").await, Revocation::Unknown);
+    let waited = started.elapsed();
+    eprintln!("revocation check with Redis frozen answered Unknown in {waited:?}");
+    assert!(waited < OP_TIMEOUT + SLACK, "waited {waited:?}");
+    assert_eq!(deny.check("jti-2").await, Revocation::Unknown);
+    assert!(!deny.allows("jti-2").await, "unknown means deny by default");
+    assert!(
+        allow.allows("jti-2").await,
+        "unless the deployment chose allow"
+    );
+    let refused = deny.revoke("jti-3", expiry).await.unwrap_err();
+    assert!(refused.is_unavailable(), "{refused}");
+
+    server.thaw();
+    time_until_redis_serves(&cache, Duration::from_secs(10)).await;
+    assert_eq!(deny.check("jti-1").await, Revocation::Revoked);
+    assert_eq!(deny.check("jti-3").await, Revocation::NotRevoked);
+}

@@ -386,3 +386,18 @@ fn overlapping_batches_across_processes_load_each_row_once() {
     assert_eq!(a.request("get 1049"), "value 10490");
     assert_eq!(c.request("get 1000"), "value 10000");
 }
+
+/// A token revoked through one process is refused by the two others at once (their next check,
+/// no waiting, no message between them).
+#[test]
+fn a_revoked_token_is_refused_by_every_process_at_once() {
+    let server = RedisServer::start();
+    let mut api = Node::spawn("api", &server.url(), NodeSettings::default());
+    let mut websocket = Node::spawn("websocket", &server.url(), NodeSettings::default());
+    let mut worker = Node::spawn("worker", &server.url(), NodeSettings::default());
+    assert_eq!(websocket.request("revoked 7"), "NotRevoked");
+    assert_eq!(api.request("revoke 7 900"), "revoked true");
+    assert_eq!(websocket.request("revoked 7"), "Revoked");
+    assert_eq!(worker.request("revoked 7"), "Revoked");
+    assert_eq!(worker.request("revoked 8"), "NotRevoked");
+}

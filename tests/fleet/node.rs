@@ -44,6 +44,7 @@ use speedlayer::counter::{Counted, Counters};
 use speedlayer::idempotency::{Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse};
 use speedlayer::key::{Ident, KeySpace, Namespace};
 use speedlayer::lock::{Acquire, LockGuard, Locks};
+use speedlayer::revocation::Revocations;
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, Config};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -88,6 +89,7 @@ struct Node {
     locks: Locks,
     guards: Mutex<HashMap<u64, LockGuard>>,
     raw: redis::aio::ConnectionManager,
+    revocations: Revocations,
 }
 
 fn arg(args: &[&str], i: usize) -> Result<u64, String> {
@@ -192,6 +194,20 @@ impl Node {
                     "rows {} right {right}",
                     rows.load(Ordering::SeqCst)
                 ))
+            }
+            "revoke" => {
+                let expires = std::time::SystemTime::now() + Duration::from_secs(arg(args, 1)?);
+                let jti = format!("jti-{}", arg(args, 0)?);
+                let stored = self
+                    .revocations
+                    .revoke(&jti, expires)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(format!("revoked {stored}"))
+            }
+            "revoked" => {
+                let jti = format!("jti-{}", arg(args, 0)?);
+                Ok(format!("{:?}", self.revocations.check(&jti).await))
             }
             "cancel" => {
                 let k = key(0)?;
@@ -491,6 +507,7 @@ async fn main() {
     .await
     .expect("a raw connection for the shared record");
     let node = Arc::new(Node {
+        revocations: Revocations::new(&cache),
         idempotency: Idempotency::new(&cache),
         counters: Counters::new(&cache),
         counts: Namespace::root()

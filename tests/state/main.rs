@@ -6,3 +6,4 @@
 mod support;
 
 mod never_cached;
+mod revocation;
