@@ -267,6 +267,11 @@ impl Cache {
         &self.inner.store
     }
 
+    /// How long a load's lease lives ([`Config::lease_ttl`]).
+    pub(crate) fn lease_ttl(&self) -> Ttl {
+        self.inner.lease_ttl
+    }
+
     /// The value under `key`, or `None` when it is absent, does not decode as `T` (then it is
     /// deleted and counted), or cannot be read because the backend is unusable and the fallback
     /// holds nothing.

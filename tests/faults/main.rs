@@ -731,3 +731,55 @@ async fn revocation_checks_with_redis_frozen_are_unknown_within_the_timeout() {
     assert_eq!(deny.check("jti-1").await, Revocation::Revoked);
     assert_eq!(deny.check("jti-3").await, Revocation::NotRevoked);
 }
+
+/// The session index with Redis frozen: a token whose copy is not in the fallback is `Unknown`
+/// within the operation timeout, never `Absent`, and the database is not asked behind the
+/// caller's back; once Redis is back the copy made before the freeze is a hit again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lookups_with_redis_frozen_are_unknown_not_absent() {
+    use speedlayer::session::{SessionLookup, SessionRecord, Sessions};
+    use std::time::SystemTime;
+
+    let _serial = SERIAL.lock().await;
+    let mut server = RedisServer::start();
+    let cache = Cache::new(config_at(server.port())).await.unwrap();
+    let sessions = Sessions::new(&cache, Ttl::minutes(15));
+    let queries = Arc::new(AtomicU64::new(0));
+    let lookup = |token: &'static str| {
+        let (sessions, queries) = (sessions.clone(), queries.clone());
+        async move {
+            sessions
+                .get(token, || async {
+                    queries.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(Some(SessionRecord {
+                        user_id: "u1".to_owned(),
+                        expires_at: SystemTime::now() + Duration::from_secs(3600),
+                        data: 1u8,
+                    }))
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert!(matches!(lookup("warm").await, SessionLookup::Present(_)));
+    server.freeze();
+    let started = Instant::now();
+    assert_eq!(lookup("warm").await, SessionLookup::Unknown);
+    let waited = started.elapsed();
+    eprintln!("session lookup with Redis frozen answered Unknown in {waited:?}");
+    assert!(waited < OP_TIMEOUT + SLACK, "waited {waited:?}");
+    assert_eq!(lookup("cold").await, SessionLookup::Unknown);
+    assert_eq!(
+        queries.load(Ordering::SeqCst),
+        1,
+        "unknown is the caller's to resolve"
+    );
+    server.thaw();
+    time_until_redis_serves(&cache, Duration::from_secs(10)).await;
+    assert!(matches!(lookup("warm").await, SessionLookup::Present(_)));
+    assert_eq!(
+        queries.load(Ordering::SeqCst),
+        1,
+        "the copy made before the freeze"
+    );
+}

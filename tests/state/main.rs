@@ -7,3 +7,4 @@ mod support;
 
 mod never_cached;
 mod revocation;
+mod session;
