@@ -138,8 +138,9 @@ pub enum KeyError {
 }
 
 /// Domains that hold speedlayer's own coordination state (idempotency records, locks, rate-limit
-/// counters, token revocations, the session index): never declared never-cached.
-pub const COORDINATION_DOMAINS: &[&str] = &["idem", "lock", "rate", "revoked", "session"];
+/// counters, token revocations, the session index, presence): never declared never-cached.
+pub const COORDINATION_DOMAINS: &[&str] =
+    &["idem", "lock", "presence", "rate", "revoked", "session"];
 
 /// A validated identifier: a deployment prefix, a domain or an entity.
 ///

@@ -80,6 +80,8 @@
 //!   - [`lock`]: locks with fencing tokens, failing closed.
 //!   - [`counter`]: live counters that recount from the database and never drift for long.
 //!   - [`idempotency`]: idempotency keys for retried requests, with a tower layer for axum.
+//!   - [`scratch`]: temporary data that reaches its sink: hashes flushed crash-safely to the
+//!     database, form drafts, presence and typing.
 //!   - [`session`]: a read-through session index, revocable per session or per user.
 //!   - [`revocation`]: a token blacklist kept until each token's own expiry, with an explicit
 //!     answer for "unknown".
@@ -101,6 +103,7 @@ pub mod lock;
 pub mod query;
 pub mod ratelimit;
 pub mod revocation;
+pub mod scratch;
 pub mod session;
 pub mod store;
 pub mod ttl;

@@ -7,4 +7,5 @@ mod support;
 
 mod never_cached;
 mod revocation;
+mod scratch;
 mod session;
