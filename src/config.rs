@@ -423,6 +423,7 @@ pub struct Config {
     namespace: Namespace,
     lease_ttl: Ttl,
     lease_wait: Duration,
+    switched_off: Vec<crate::switch::Capability>,
 }
 
 impl Config {
@@ -441,6 +442,7 @@ impl Config {
             namespace: Namespace::root(),
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_wait: DEFAULT_LEASE_WAIT,
+            switched_off: Vec::new(),
         }
     }
 
@@ -463,6 +465,16 @@ impl Config {
     /// Like [`Config::from_env`], reading variables through `lookup` (for tests and for
     /// configuration systems other than the process environment).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut off = Vec::new();
+        if let Some(list) = lookup("SPEEDLAYER_OFF") {
+            for name in list.split(',').filter(|n| !n.trim().is_empty()) {
+                off.push(crate::switch::Capability::parse(name)?);
+            }
+        }
+        Ok(Config::backend_from_lookup(lookup)?.switched_off(&off))
+    }
+
+    fn backend_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         if let Some(url) = get("REDIS_URL") {
             return Ok(Config::redis(RedisConfig::from_url(url.trim())?));
@@ -597,6 +609,13 @@ impl Config {
         self
     }
 
+    /// Capabilities switched off at start (see [`switch`](crate::switch); from the environment:
+    /// `SPEEDLAYER_OFF`). Flip them at run time with [`Store::switches`](crate::store::Store::switches).
+    pub fn switched_off(mut self, off: &[crate::switch::Capability]) -> Config {
+        self.switched_off = off.to_vec();
+        self
+    }
+
     /// The clock of the breaker and log throttling (default [`SystemClock`]).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Config {
         self.clock = clock;
@@ -639,6 +658,10 @@ impl Config {
     pub(crate) fn get_lease_wait(&self) -> Duration {
         self.lease_wait
     }
+
+    pub(crate) fn get_switched_off(&self) -> &[crate::switch::Capability] {
+        &self.switched_off
+    }
 }
 
 impl fmt::Debug for Config {
@@ -655,6 +678,7 @@ impl fmt::Debug for Config {
             .field("namespace", &self.namespace)
             .field("lease_ttl", &self.lease_ttl)
             .field("lease_wait", &self.lease_wait)
+            .field("switched_off", &self.switched_off)
             .finish_non_exhaustive()
     }
 }

@@ -63,6 +63,7 @@
 //!   - [`clock`]: the time source of breakers and throttles, with a fake clock for tests.
 //!   - [`error`]: the crate's [`Error`].
 //!   - [`config`]: configuration from the environment, secrets kept out of output.
+//!   - [`switch`]: rollout switches, one per capability, with documented off-states.
 //! - [`store`]: the storage core. The [`CacheLayer`](store::CacheLayer) trait (bytes with
 //!   mandatory TTLs, leases, tag indexes), the memory and Redis backends, the resilience wrapper
 //!   [`Store`](store::Store) (timeouts, breaker, fallback, failure logs, counters), and
@@ -106,6 +107,7 @@ pub mod revocation;
 pub mod scratch;
 pub mod session;
 pub mod store;
+pub mod switch;
 pub mod ttl;
 
 pub use cache::{Batch, BatchEntry, Cache, CacheStats};

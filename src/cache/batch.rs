@@ -260,6 +260,27 @@ impl Cache {
         }
         let unique: Vec<Key> = distinct.iter().map(|&i| keys[i].1.clone()).collect();
         let mut answers: Vec<Option<BatchEntry<T, E>>> = (0..unique.len()).map(|_| None).collect();
+        if !self.is_on() && !unique.is_empty() {
+            // Switched off: one loader call for every key, nothing stored.
+            c.misses.fetch_add(unique.len() as u64, Ordering::Relaxed);
+            c.loader_calls.fetch_add(1, Ordering::Relaxed);
+            let ids: Vec<Id> = distinct.iter().map(|&i| keys[i].0.clone()).collect();
+            let answer: Vec<BatchEntry<T, E>> = match loader(ids).await {
+                Ok(rows) => distinct
+                    .iter()
+                    .map(|&i| Ok(rows.get(&keys[i].0).cloned()))
+                    .collect(),
+                Err(e) => {
+                    c.loader_errors.fetch_add(1, Ordering::Relaxed);
+                    let e = Arc::new(e);
+                    distinct.iter().map(|_| Err(e.clone())).collect()
+                }
+            };
+            for (slot, a) in answer.into_iter().enumerate() {
+                answers[slot] = Some(a);
+            }
+            return assemble(keys, slot_of, answers);
+        }
 
         // 1. One read for every key.
         let (found, first_read) = match self.inner.store.get_many_with_source(&unique).await {
@@ -384,27 +405,7 @@ impl Cache {
             }
         }
 
-        // Each answer is moved to its last use and cloned only for an id given twice.
-        let mut uses = vec![0usize; answers.len()];
-        for &slot in &slot_of {
-            uses[slot] += 1;
-        }
-        let entries = keys
-            .iter()
-            .zip(slot_of)
-            .map(|((id, _), slot)| {
-                uses[slot] -= 1;
-                let answer = if uses[slot] == 0 {
-                    answers[slot].take()
-                } else {
-                    answers[slot].clone()
-                };
-                let answer =
-                    answer.unwrap_or_else(|| unreachable!("every distinct key is answered"));
-                (id.clone(), answer)
-            })
-            .collect();
-        Batch { entries }
+        assemble(keys, slot_of, answers)
     }
 
     /// Counts a key this caller loaded (or found while leasing) and returns its answer.
@@ -694,6 +695,34 @@ impl Cache {
         }
         out
     }
+}
+
+/// The batch's answers in the order the keys were given: each answer is moved to its last use
+/// and cloned only for an id given twice.
+fn assemble<Id: Clone, T: Clone, E>(
+    keys: &[(Id, Key)],
+    slot_of: Vec<usize>,
+    mut answers: Vec<Option<BatchEntry<T, E>>>,
+) -> Batch<Id, T, E> {
+    let mut uses = vec![0usize; answers.len()];
+    for &slot in &slot_of {
+        uses[slot] += 1;
+    }
+    let entries = keys
+        .iter()
+        .zip(slot_of)
+        .map(|((id, _), slot)| {
+            uses[slot] -= 1;
+            let answer = if uses[slot] == 0 {
+                answers[slot].take()
+            } else {
+                answers[slot].clone()
+            };
+            let answer = answer.unwrap_or_else(|| unreachable!("every distinct key is answered"));
+            (id.clone(), answer)
+        })
+        .collect();
+    Batch { entries }
 }
 
 /// Hands a load's result to the callers of this process waiting on its flight, and takes the

@@ -262,6 +262,16 @@ impl Cache {
         &self.inner.namespace
     }
 
+    /// The rollout switches of this cache's store, shared by every capability built on it (see
+    /// [`switch`](crate::switch)).
+    pub fn switches(&self) -> &crate::switch::Switches {
+        self.inner.store.switches()
+    }
+
+    fn is_on(&self) -> bool {
+        self.inner.store.is_on(crate::switch::Capability::Cache)
+    }
+
     /// The store underneath, for byte-level operations (`set_if_absent`, `increment`).
     pub fn store(&self) -> &Store {
         &self.inner.store
@@ -276,6 +286,10 @@ impl Cache {
     /// deleted and counted), or cannot be read because the backend is unusable and the fallback
     /// holds nothing.
     pub async fn get<T: DeserializeOwned>(&self, key: &Key) -> Option<T> {
+        if !self.is_on() {
+            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         match self.read(key).await {
             Read::Hit(v) => Some(v),
             Read::Miss(_, undecodable) => {
@@ -292,6 +306,10 @@ impl Cache {
     /// deleted and read as `None`.
     pub async fn get_many<T: DeserializeOwned>(&self, keys: &[Key]) -> Vec<Option<T>> {
         let c = &self.inner.counters;
+        if !self.is_on() {
+            c.misses.fetch_add(keys.len() as u64, Ordering::Relaxed);
+            return keys.iter().map(|_| None).collect();
+        }
         let raw = match self.inner.store.get_many(keys).await {
             Ok(raw) => raw,
             Err(e) => {
@@ -351,6 +369,12 @@ impl Cache {
         tags: &[Tag],
     ) -> Result<()> {
         let bytes = self.encode(value)?;
+        if !self.is_on() {
+            // Switched off: the write becomes a delete, so that no older value is left for the
+            // instances (or the moment) where the cache is on.
+            self.delete(key).await;
+            return Ok(());
+        }
         let tags = self.tags_of(key, tags);
         self.inner.store.set_tagged(key, bytes, ttl, &tags).await
     }
@@ -378,6 +402,13 @@ impl Cache {
                 tags.push((key.clone(), own));
             }
         }
+        if !self.is_on() {
+            let keys: Vec<Key> = entries.iter().map(|(k, _)| k.clone()).collect();
+            if let Err(e) = self.inner.store.delete_many(&keys).await {
+                tracing::debug!(error = %e, "delete (cache switched off) failed");
+            }
+            return Ok(());
+        }
         self.inner.store.set_many_tagged(&encoded, &tags).await
     }
 
@@ -386,6 +417,9 @@ impl Cache {
     /// [`get`](Cache::get) treats that as a miss. False too when the backend cannot be asked and
     /// no fallback holds the key.
     pub async fn exists(&self, key: &Key) -> bool {
+        if !self.is_on() {
+            return false;
+        }
         matches!(self.inner.store.peek(key).await, Ok(Some(_)))
     }
 
@@ -396,6 +430,9 @@ impl Cache {
     /// [`Remaining::Missing`]: crate::store::Remaining::Missing
     /// [`Remaining::NoExpiry`]: crate::store::Remaining::NoExpiry
     pub async fn remaining_ttl(&self, key: &Key) -> crate::store::Remaining {
+        if !self.is_on() {
+            return crate::store::Remaining::Missing;
+        }
         match self.inner.store.peek(key).await {
             Ok(Some(remaining)) => remaining,
             Ok(None) => crate::store::Remaining::Missing,
@@ -420,6 +457,9 @@ impl Cache {
     /// registry's) are registered for the new TTL before it is set.
     pub async fn touch_tagged(&self, key: &Key, ttl: impl Into<TtlPolicy>, tags: &[Tag]) -> bool {
         let ttl = ttl.into().pick();
+        if !self.is_on() {
+            return false;
+        }
         let tags = self.tags_of(key, tags);
         match self.inner.store.touch_tagged(key, ttl, &tags).await {
             Ok(touched) => touched,
@@ -626,6 +666,16 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
+        if !self.is_on() {
+            // Switched off: the loader answers, nothing is stored.
+            let c = &self.inner.counters;
+            c.misses.fetch_add(1, Ordering::Relaxed);
+            c.loader_calls.fetch_add(1, Ordering::Relaxed);
+            return loader().await.map_err(|e| {
+                c.loader_errors.fetch_add(1, Ordering::Relaxed);
+                Arc::new(e)
+            });
+        }
         let (source, undecodable) = match self.read::<V>(key).await {
             Read::Hit(v) => return Ok(v),
             Read::Miss(source, undecodable) => (source, undecodable),

@@ -68,6 +68,7 @@ use crate::Cache;
 use crate::config::DEFAULT_LEASE_TTL;
 use crate::key::Key;
 use crate::store::{Answered, LeaseHold, OutageRule, Source, Store, new_token, spawn_detached};
+use crate::switch::Capability;
 use crate::ttl::Ttl;
 
 pub mod script;
@@ -294,6 +295,17 @@ impl Counters {
     /// the delta through the returned [`CounterUpdate`] after the write. One round trip.
     pub async fn begin(&self, key: &Key) -> CounterUpdate {
         let token = new_token();
+        if !self.store.is_on(Capability::Counters) {
+            // Switched off: nothing is marked; the add then deletes the counter, so that it is
+            // recounted once counters are back on.
+            return CounterUpdate {
+                store: self.store.clone(),
+                key: key.clone(),
+                token,
+                begun: false,
+                done: false,
+            };
+        }
         let op = BeginOp {
             key,
             token,
@@ -348,6 +360,9 @@ impl Counters {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<i64, E>>,
     {
+        if !self.store.is_on(Capability::Counters) {
+            return loader().await;
+        }
         self.recount(key, ttl, loader, false)
             .await
             .map(|reconciled| reconciled.count)

@@ -387,6 +387,10 @@ impl Idempotency {
         fingerprint: &Fingerprint,
     ) -> Result<Begin> {
         let record_key = self.record_key(route, client, key)?;
+        if !self.store.is_on(crate::switch::Capability::Idempotency) {
+            // Switched off: the route's outage rule decides.
+            return Ok(Begin::Unavailable);
+        }
         let in_progress = Bytes::from(
             serde_json::to_vec(&Record::InProgress {
                 key: Cow::Borrowed(key.as_str()),

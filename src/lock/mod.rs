@@ -191,6 +191,10 @@ impl Locks {
 
     /// Tries once to take `name` for `lease`. One round trip.
     pub async fn acquire(&self, name: &LockName, lease: Ttl) -> Acquire {
+        if !self.store.is_on(crate::switch::Capability::Locks) {
+            // Switched off: a lock never fails open.
+            return Acquire::Unavailable;
+        }
         let op = script::Acquire {
             key: &name.key,
             lease,

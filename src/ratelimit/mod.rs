@@ -251,6 +251,9 @@ pub enum ServedBy {
     FailOpen,
     /// Nobody: the backend is unusable and the route fails closed.
     FailClosed,
+    /// Nobody: rate limiting is switched off ([`switch`](crate::switch)); every request is
+    /// admitted.
+    SwitchedOff,
 }
 
 /// The answer to a check.
@@ -391,6 +394,13 @@ impl RateLimiter {
     /// counted under a shared `invalid` id of that layer, so that hostile input is limited
     /// rather than unlimited.
     pub async fn check(&self, route: &Route, who: &Identity) -> Verdict {
+        if !self.store.is_on(crate::switch::Capability::RateLimit) {
+            return Verdict {
+                allowed: true,
+                layers: Vec::new(),
+                served_by: ServedBy::SwitchedOff,
+            };
+        }
         if let (Some(local), [(kind, limit)]) = (&self.local, route.layers.as_slice()) {
             return self.check_one_locally(local, route, *kind, limit, who);
         }

@@ -164,6 +164,9 @@ impl Revocations {
     /// the operation timeout), never [`Revocation::NotRevoked`]. An id that cannot have been
     /// revoked (empty) is not revoked.
     pub async fn check(&self, jti: &str) -> Revocation {
+        if !self.store.is_on(crate::switch::Capability::Revocations) {
+            return Revocation::Unknown;
+        }
         let Ok(key) = self.key_of(jti) else {
             return Revocation::NotRevoked;
         };

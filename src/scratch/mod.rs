@@ -216,6 +216,17 @@ pub struct ScratchHash {
     key: Key,
 }
 
+fn switched_off(store: &Store) -> Result<()> {
+    if store.is_on(crate::switch::Capability::Scratch) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Unavailable,
+            "scratch state is switched off: write to the database directly",
+        ))
+    }
+}
+
 fn unavailable(what: &str) -> Error {
     Error::new(
         ErrorKind::Unavailable,
@@ -237,6 +248,7 @@ impl ScratchHash {
 
     /// Writes several fields in one step.
     pub async fn mark_many(&self, fields: &[(String, String)]) -> Result<()> {
+        switched_off(&self.scratch.store)?;
         if fields.is_empty() {
             return Ok(());
         }
@@ -257,6 +269,7 @@ impl ScratchHash {
     /// Every field written and not yet flushed (a batch being flushed included; a newer mark of
     /// the same field wins).
     pub async fn read(&self) -> Result<BTreeMap<String, String>> {
+        switched_off(&self.scratch.store)?;
         match self
             .scratch
             .store
@@ -291,6 +304,7 @@ impl ScratchHash {
         &self,
         sink: &S,
     ) -> std::result::Result<Flushed, FlushError<S::Error>> {
+        switched_off(&self.scratch.store)?;
         let mut done = Flushed::default();
         // A leftover batch, then the current hash: at most two rounds per call.
         for _ in 0..2 {

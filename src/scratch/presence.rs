@@ -114,6 +114,7 @@ impl Presence {
     }
 
     async fn run<O: Operation>(&self, op: &O) -> Result<O::Output> {
+        super::switched_off(&self.store)?;
         match self.store.run(op, OutageRule::FailClosed).await? {
             Answered::Backend(v) | Answered::Fallback(v) => Ok(v),
             Answered::Open | Answered::Closed => Err(Error::new(

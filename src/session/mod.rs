@@ -162,6 +162,16 @@ impl Sessions {
     {
         let key = self.key_of(token).map_err(SessionError::Index)?;
         let store = self.store();
+        if !store.is_on(crate::switch::Capability::Sessions) {
+            // Switched off: the database answers every lookup.
+            let loaded = loader().await.map_err(SessionError::Loader)?;
+            return Ok(match loaded {
+                Some(record) if record.expires_at > SystemTime::now() => {
+                    SessionLookup::Present(record)
+                }
+                _ => SessionLookup::Absent,
+            });
+        }
         let (found, source) = match store.get_with_source(&key).await {
             Ok(found) => found,
             // Another client's type at the key: a miss, replaced by the lease.

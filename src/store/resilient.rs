@@ -245,6 +245,7 @@ struct Inner {
     pending: Mutex<Pending>,
     has_pending: AtomicBool,
     replaying: AtomicBool,
+    switches: Arc<crate::switch::Switches>,
 }
 
 /// A [`CacheLayer`] with the resilience rules applied; what capabilities talk to.
@@ -349,8 +350,19 @@ impl Store {
                 pending: Mutex::new(Pending::default()),
                 has_pending: AtomicBool::new(false),
                 replaying: AtomicBool::new(false),
+                switches: Arc::new(crate::switch::Switches::with_off(config.get_switched_off())),
             }),
         }
+    }
+
+    /// The rollout switches every capability on this store obeys (see [`switch`](crate::switch)).
+    pub fn switches(&self) -> &crate::switch::Switches {
+        &self.inner.switches
+    }
+
+    /// True when `capability` is switched on.
+    pub(crate) fn is_on(&self, capability: crate::switch::Capability) -> bool {
+        self.inner.switches.is_on(capability)
     }
 
     /// The breaker's state.

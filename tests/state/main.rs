@@ -9,3 +9,4 @@ mod never_cached;
 mod revocation;
 mod scratch;
 mod session;
+mod switches;
