@@ -401,3 +401,19 @@ fn a_revoked_token_is_refused_by_every_process_at_once() {
     assert_eq!(worker.request("revoked 7"), "Revoked");
     assert_eq!(worker.request("revoked 8"), "NotRevoked");
 }
+
+/// Presence shared by the servers of a fleet: the API and the websocket server each record a
+/// heartbeat, a third process lists both; a member whose heartbeats stopped drops out for all.
+#[test]
+fn presence_is_shared_by_every_process() {
+    let server = RedisServer::start();
+    let mut api = Node::spawn("api", &server.url(), NodeSettings::default());
+    let mut websocket = Node::spawn("websocket", &server.url(), NodeSettings::default());
+    let mut reader = Node::spawn("reader", &server.url(), NodeSettings::default());
+    assert_eq!(api.request("presence-beat 7 1 30000"), "ok");
+    assert_eq!(websocket.request("presence-beat 7 2 400"), "ok");
+    assert_eq!(reader.request("presence-list 7"), "online m1,m2");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert_eq!(reader.request("presence-list 7"), "online m1");
+    assert_eq!(api.request("presence-list 7"), "online m1");
+}

@@ -45,6 +45,7 @@ use speedlayer::idempotency::{Begin, Fingerprint, Idempotency, IdempotencyKey, S
 use speedlayer::key::{Ident, KeySpace, Namespace};
 use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::revocation::Revocations;
+use speedlayer::scratch::{Presence, Scratch};
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, Config};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -90,6 +91,7 @@ struct Node {
     guards: Mutex<HashMap<u64, LockGuard>>,
     raw: redis::aio::ConnectionManager,
     revocations: Revocations,
+    presence: Presence,
 }
 
 fn arg(args: &[&str], i: usize) -> Result<u64, String> {
@@ -208,6 +210,27 @@ impl Node {
             "revoked" => {
                 let jti = format!("jti-{}", arg(args, 0)?);
                 Ok(format!("{:?}", self.revocations.check(&jti).await))
+            }
+            "presence-beat" => {
+                // presence-beat <room> <member> <ms>
+                let room = format!("class-{}", arg(args, 0)?);
+                let member = format!("m{}", arg(args, 1)?);
+                let ttl = Ttl::from_millis(arg(args, 2)?).map_err(|e| e.to_string())?;
+                self.presence
+                    .heartbeat(&room, &member, ttl)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok("ok".to_owned())
+            }
+            "presence-list" => {
+                let room = format!("class-{}", arg(args, 0)?);
+                let mut online = self
+                    .presence
+                    .online(&room)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                online.sort();
+                Ok(format!("online {}", online.join(",")))
             }
             "cancel" => {
                 let k = key(0)?;
@@ -508,6 +531,7 @@ async fn main() {
     .expect("a raw connection for the shared record");
     let node = Arc::new(Node {
         revocations: Revocations::new(&cache),
+        presence: Presence::new(&Scratch::new(&cache)),
         idempotency: Idempotency::new(&cache),
         counters: Counters::new(&cache),
         counts: Namespace::root()
