@@ -28,6 +28,10 @@ use speedlayer::key::{Ident, Key, KeyError, Namespace, Tag};
 use speedlayer::lock::{Acquire, Locks};
 use speedlayer::ratelimit::layer::AuthenticatedUser;
 use speedlayer::ratelimit::{Identity, Limit, Outage, RateLimiter, Route};
+use speedlayer::revocation::Revocations;
+use speedlayer::scratch::{FlushBatch, FlushError, Presence, Scratch, Sink};
+use speedlayer::session::{SessionLookup, SessionRecord, Sessions};
+use speedlayer::switch::Capability;
 use speedlayer::ttl::{Jitter, Ttl, TtlPolicy};
 
 use crate::db::{
@@ -52,6 +56,12 @@ pub const REQUEST: Ident = Ident::from_static("request");
 pub const NOTIFICATIONS: Ident = Ident::from_static("notifications");
 pub const COUNT: Ident = Ident::from_static("count");
 pub const SCHOOL: Ident = Ident::from_static("school");
+pub const ATTENDANCE: Ident = Ident::from_static("attendance");
+pub const CLASS: Ident = Ident::from_static("class");
+/// The day the workload marks: one roll call per class.
+pub const TODAY: &str = "2026-11-30";
+/// How long a login session lasts.
+const SESSION_LIFETIME: Duration = Duration::from_secs(8 * 3600);
 pub const STUDENT: Ident = Ident::from_static("student");
 
 /// How long an unread-notifications counter lives without an update.
@@ -90,6 +100,17 @@ pub struct Metrics {
     pub batch_rows_loaded: AtomicU64,
     /// Database queries made by those batches (one per batch that missed).
     pub batch_loads: AtomicU64,
+    /// Sessions created by a login, and ended by a logout.
+    pub sessions_created: AtomicU64,
+    pub sessions_ended: AtomicU64,
+    /// Requests refused for a revoked (logged-out) token.
+    pub revoked_tokens_refused: AtomicU64,
+    /// Roll-call marks written to the day's scratch hash.
+    pub roll_marks: AtomicU64,
+    /// Calls of the roll-call sink, those that failed on purpose, and batches applied.
+    pub roll_sink_calls: AtomicU64,
+    pub roll_sink_failures: AtomicU64,
+    pub roll_batches_applied: AtomicU64,
 }
 
 /// Shared state of the handlers.
@@ -105,6 +126,14 @@ pub struct AppState {
     dashboard_ttl: TtlPolicy,
     fees_ttl: TtlPolicy,
     role_ttl: TtlPolicy,
+    sessions: Sessions,
+    revocations: Revocations,
+    scratch: Scratch,
+    presence: Presence,
+    /// Every n-th roll-call sink call fails on purpose (0: never).
+    roll_sink_fail_every: AtomicU64,
+    /// Classes with marks today: the end-of-day flush goes through them.
+    marked_classes: std::sync::Mutex<std::collections::BTreeSet<i64>>,
 }
 
 impl AppState {
@@ -122,8 +151,15 @@ impl AppState {
             )
             // With Redis unusable, the in-memory insurance limiter applies the same quota.
             .on_outage(Outage::Insurance);
+        let scratch = Scratch::new(&cache);
         AppState {
             db,
+            sessions: Sessions::new(&cache, Ttl::minutes(15)),
+            revocations: Revocations::new(&cache),
+            presence: Presence::new(&scratch),
+            scratch,
+            roll_sink_fail_every: AtomicU64::new(0),
+            marked_classes: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             idempotency: Idempotency::new(&cache),
             locks: Locks::new(&cache),
             counters: Counters::new(&cache),
@@ -160,6 +196,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/notifications/count", get(unread_count))
         .route("/api/notifications/read", post(read_notifications))
         .route("/api/admin/audit", post(audit))
+        .route("/api/auth/logout", post(logout))
+        .route("/api/attendance/{class_id}/mark", post(mark_attendance))
+        .route("/api/attendance/{class_id}/submit", post(submit_attendance))
+        .route("/api/classes/{class_id}/heartbeat", post(heartbeat))
+        .route("/api/classes/{class_id}/online", get(online))
+        .route("/api/admin/switch", post(switch))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
@@ -173,6 +215,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 impl AppState {
+    /// Makes every `n`-th call of the roll-call sink fail (0: never), to show that a failed
+    /// database write loses no mark.
+    pub fn fail_roll_sink_every(&self, n: u64) {
+        self.roll_sink_fail_every.store(n, Ordering::Relaxed);
+    }
+
     /// Drops every cached copy of school data (dashboards, fee summaries, roles): the database
     /// was just created and seeded, so anything a shared Redis still holds from an earlier run
     /// is not a copy of it. Maintenance, run once at start; returns the entries removed.
@@ -333,12 +381,23 @@ async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let user_id = headers
-        .get("x-user-id")
+    let bearer = headers
+        .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| plausible_user_id(v))
-        .ok_or(ApiError(StatusCode::UNAUTHORIZED, "missing X-User-Id"))?
-        .to_owned();
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let user_id = match &bearer {
+        Some(token) => state.user_of_token(token).await?,
+        None => headers
+            .get("x-user-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| plausible_user_id(v))
+            .ok_or(ApiError(StatusCode::UNAUTHORIZED, "missing X-User-Id"))?
+            .to_owned(),
+    };
+    if let Some(token) = bearer {
+        request.extensions_mut().insert(Bearer(token));
+    }
     let role = state
         .role_of(&user_id)
         .await?
@@ -741,7 +800,30 @@ async fn login(
         .check_password(&login.user_id, &login.password)
         .await
     {
-        Ok(true) => (headers, Json(serde_json::json!({ "token": login.user_id }))).into_response(),
+        Ok(true) => {
+            let token = format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            );
+            let expires_ms = unix_ms(std::time::SystemTime::now() + SESSION_LIFETIME);
+            if let Err(e) = state
+                .db
+                .create_session(&token_hash(&token), &login.user_id, expires_ms)
+                .await
+            {
+                return db_error(&e).into_response();
+            }
+            state
+                .metrics
+                .sessions_created
+                .fetch_add(1, Ordering::Relaxed);
+            (
+                headers,
+                Json(serde_json::json!({ "token": token, "user_id": login.user_id })),
+            )
+                .into_response()
+        }
         Ok(false) => refused(headers),
         Err(e) => db_error(&e).into_response(),
     }
@@ -899,6 +981,12 @@ pub struct Audit {
     pub counters_checked: u64,
     /// Badges that held another figure than the database's (each is repaired).
     pub counters_drifted: u64,
+    /// Roll call, after the end-of-day flush: marks applied, students marked, students marked
+    /// more than once, and classes whose marks could not be flushed.
+    pub roll_marks_applied: i64,
+    pub roll_students_marked: i64,
+    pub roll_students_doubled: i64,
+    pub roll_classes_unflushed: u64,
 }
 
 /// `POST /api/admin/audit` (admin): the facts the workload checks at the end. Reconciles the
@@ -922,6 +1010,12 @@ async fn audit(
             .map_err(|e| db_error(&e))?,
         ..Audit::default()
     };
+    // The scheduled end-of-day flush, then what the database holds.
+    audit.roll_classes_unflushed = state.end_of_day_flush().await as u64;
+    let (applied, marked, doubled) = state.db.roll_audit().await.map_err(|e| db_error(&e))?;
+    audit.roll_marks_applied = applied;
+    audit.roll_students_marked = marked;
+    audit.roll_students_doubled = doubled;
     for user in request
         .users
         .iter()
@@ -940,6 +1034,349 @@ async fn audit(
         }
     }
     Ok(Json(audit))
+}
+
+// ---- sessions, roll call, presence, switches ---------------------------------------------
+
+/// The bearer token of an authenticated request, when it came with one.
+#[derive(Clone)]
+struct Bearer(String);
+
+fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl AppState {
+    /// The user of a bearer token: refused when the token was revoked (logged out), else read
+    /// through the session index; the database answers when the index is unknown (Redis
+    /// unusable).
+    async fn user_of_token(&self, token: &str) -> Result<String, ApiError> {
+        let hash = token_hash(token);
+        if !self.revocations.allows(&hash).await {
+            self.metrics
+                .revoked_tokens_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError(StatusCode::UNAUTHORIZED, "token revoked"));
+        }
+        let from_db = || async {
+            Ok::<_, sqlx::Error>(self.db.session(&hash).await?.map(|(user_id, expires_ms)| {
+                SessionRecord {
+                    user_id,
+                    expires_at: std::time::UNIX_EPOCH
+                        + Duration::from_millis(expires_ms.max(0) as u64),
+                    data: (),
+                }
+            }))
+        };
+        let found = self
+            .sessions
+            .get(token, from_db)
+            .await
+            .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "sessions unavailable"))?;
+        let record = match found {
+            SessionLookup::Present(record) => Some(record),
+            SessionLookup::Absent => None,
+            // The index cannot be read: the database is the authority.
+            SessionLookup::Unknown => from_db()
+                .await
+                .map_err(|e| db_error(&e))?
+                .filter(|r| r.expires_at > std::time::SystemTime::now()),
+        };
+        record
+            .map(|r| r.user_id)
+            .ok_or(ApiError(StatusCode::UNAUTHORIZED, "no such session"))
+    }
+}
+
+/// `POST /api/auth/logout` (bearer): ends the session in the database, drops its copy in the
+/// session index, and revokes the token on every instance until it would have expired.
+async fn logout(
+    State(state): State<Arc<AppState>>,
+    bearer: Option<Extension<Bearer>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(Extension(Bearer(token))) = bearer else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "log out with the bearer token",
+        ));
+    };
+    let hash = token_hash(&token);
+    let expires = state
+        .db
+        .session(&hash)
+        .await
+        .map_err(|e| db_error(&e))?
+        .map_or(
+            std::time::SystemTime::now() + SESSION_LIFETIME,
+            |(_, ms)| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+        );
+    state
+        .db
+        .delete_session(&hash)
+        .await
+        .map_err(|e| db_error(&e))?;
+    let _ = state.sessions.revoke(&token).await;
+    state
+        .revocations
+        .revoke(&hash, expires)
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "logout not recorded; retry",
+            )
+        })?;
+    state.metrics.sessions_ended.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(serde_json::json!({ "logged_out": true })))
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct RollMark {
+    pub student_id: i64,
+    pub status: String,
+}
+
+fn roll_key(ns: &Namespace, class_id: i64) -> Result<Key, KeyError> {
+    ns.global()
+        .key(&ATTENDANCE, &CLASS, class_id)?
+        .with_context(TODAY)
+}
+
+fn require_teacher_of(caller: &Caller, class_id: i64) -> Result<(), ApiError> {
+    // A teacher's ref_id is the class they teach.
+    if caller.role.role == "teacher" && caller.role.ref_id == class_id {
+        Ok(())
+    } else {
+        Err(ApiError(StatusCode::FORBIDDEN, "not your class"))
+    }
+}
+
+/// `POST /api/attendance/{classId}/mark` (the class teacher): one mark into the day's scratch
+/// hash, `attendance:class:{classId}:{day}`, written field by field by every teacher and server.
+async fn mark_attendance(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(class_id): Path<i64>,
+    Json(mark): Json<RollMark>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_teacher_of(&caller, class_id)?;
+    if !matches!(mark.status.as_str(), "present" | "absent" | "late") {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "status: present, absent or late",
+        ));
+    }
+    let key = roll_key(state.cache.namespace(), class_id)?;
+    state
+        .scratch
+        .hash(key)
+        .mark(&mark.student_id.to_string(), &mark.status)
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "marks cannot be kept now; retry",
+            )
+        })?;
+    state
+        .marked_classes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(class_id);
+    state.metrics.roll_marks.fetch_add(1, Ordering::Relaxed);
+    Ok(Json(serde_json::json!({ "marked": true })))
+}
+
+/// The roll call's sink: one database transaction per batch, applied at most once per batch id.
+/// Every n-th call fails on purpose when the state says so.
+struct RollSink<'a> {
+    state: &'a AppState,
+    class_id: i64,
+}
+
+impl Sink for RollSink<'_> {
+    type Error = std::io::Error;
+
+    async fn write(&self, batch: &FlushBatch) -> Result<(), std::io::Error> {
+        let m = &self.state.metrics;
+        let call = m.roll_sink_calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let every = self.state.roll_sink_fail_every.load(Ordering::Relaxed);
+        if every > 0 && call.is_multiple_of(every) {
+            m.roll_sink_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(std::io::Error::other(
+                "the roll-call write failed (on purpose)",
+            ));
+        }
+        let marks: Vec<(i64, String)> = batch
+            .fields
+            .iter()
+            .filter_map(|(student, status)| Some((student.parse().ok()?, status.clone())))
+            .collect();
+        let applied = self
+            .state
+            .db
+            .apply_roll_batch(&batch.id, self.class_id, &marks)
+            .await
+            .map_err(std::io::Error::other)?;
+        if applied {
+            m.roll_batches_applied.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl AppState {
+    /// Flushes one class's roll call to the database.
+    async fn flush_roll(&self, class_id: i64) -> Result<speedlayer::scratch::Flushed, ApiError> {
+        let key = roll_key(self.cache.namespace(), class_id)?;
+        let sink = RollSink {
+            state: self,
+            class_id,
+        };
+        match self.scratch.hash(key).flush(&sink).await {
+            Ok(flushed) => Ok(flushed),
+            Err(FlushError::Sink(_)) => Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database write failed; the marks are kept for the next submit",
+            )),
+            Err(FlushError::Store(_)) => Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the marks cannot be reached now; retry",
+            )),
+        }
+    }
+
+    /// The end-of-day flush: every class with marks, retried through failed database writes
+    /// (bounded). Returns the classes that still hold marks.
+    pub async fn end_of_day_flush(&self) -> usize {
+        let classes: Vec<i64> = self
+            .marked_classes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let mut left = 0;
+        for class_id in classes {
+            let mut done = false;
+            for _ in 0..20 {
+                match self.flush_roll(class_id).await {
+                    Ok(flushed) if !flushed.busy => {
+                        done = true;
+                        break;
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            if !done {
+                left += 1;
+            }
+        }
+        left
+    }
+}
+
+/// `POST /api/attendance/{classId}/submit` (the class teacher): the day's marks to the database.
+/// 503 when the database write failed: the marks stay in Redis for the next submit or the
+/// end-of-day flush.
+async fn submit_attendance(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(class_id): Path<i64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_teacher_of(&caller, class_id)?;
+    let flushed = state.flush_roll(class_id).await?;
+    Ok(Json(serde_json::json!({
+        "batches": flushed.batches,
+        "marks": flushed.fields,
+        "busy": flushed.busy,
+    })))
+}
+
+/// `POST /api/classes/{classId}/heartbeat`: the caller is in the class's room for 30 s.
+async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Path(class_id): Path<i64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .presence
+        .heartbeat(
+            &format!("class-{class_id}"),
+            &caller.user_id,
+            Ttl::seconds(30),
+        )
+        .await
+        .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "presence unavailable"))?;
+    Ok(Json(serde_json::json!({ "ok": true })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct OnlineQuery {
+    /// The list the client already shows (comma-separated): wait until it changes.
+    #[serde(default)]
+    pub known: String,
+    /// How long to wait for a change, at most 2000 ms.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct Online {
+    pub online: Vec<String>,
+}
+
+/// `GET /api/classes/{classId}/online?known=..&wait_ms=..`: who is in the class's room, as a
+/// long poll: answers once the list differs from `known`, or after `wait_ms`.
+async fn online(
+    State(state): State<Arc<AppState>>,
+    Path(class_id): Path<i64>,
+    axum::extract::Query(query): axum::extract::Query<OnlineQuery>,
+) -> Result<Json<Online>, ApiError> {
+    let room = format!("class-{class_id}");
+    let until = tokio::time::Instant::now() + Duration::from_millis(query.wait_ms.min(2_000));
+    loop {
+        let mut online = state
+            .presence
+            .online(&room)
+            .await
+            .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "presence unavailable"))?;
+        online.sort();
+        if online.join(",") != query.known || tokio::time::Instant::now() >= until {
+            return Ok(Json(Online { online }));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+pub struct SwitchRequest {
+    pub capability: String,
+    pub on: bool,
+}
+
+/// `POST /api/admin/switch` (admin): flips a speedlayer capability on or off at run time.
+async fn switch(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<SwitchRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_admin(&caller, "only the admin flips switches")?;
+    let capability = Capability::parse(&request.capability)
+        .map_err(|_| ApiError(StatusCode::UNPROCESSABLE_ENTITY, "unknown capability"))?;
+    state.cache.switches().set(capability, request.on);
+    Ok(Json(
+        serde_json::json!({ "capability": capability.name(), "on": request.on }),
+    ))
 }
 
 // ---- metrics -----------------------------------------------------------------------------
@@ -1045,6 +1482,45 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "Cacheable reads that went to the database.",
         load(&m.cache_loads),
     );
+    for (name, help, value) in [
+        (
+            "school_erp_sessions_created_total",
+            "Sessions created by a login.",
+            &m.sessions_created,
+        ),
+        (
+            "school_erp_sessions_ended_total",
+            "Sessions ended by a logout.",
+            &m.sessions_ended,
+        ),
+        (
+            "school_erp_revoked_tokens_refused_total",
+            "Requests refused for a revoked (logged-out) token.",
+            &m.revoked_tokens_refused,
+        ),
+        (
+            "school_erp_roll_marks_total",
+            "Roll-call marks kept in the day's scratch hash.",
+            &m.roll_marks,
+        ),
+        (
+            "school_erp_roll_sink_calls_total",
+            "Calls of the roll-call sink.",
+            &m.roll_sink_calls,
+        ),
+        (
+            "school_erp_roll_sink_failures_total",
+            "Roll-call sink calls that failed on purpose.",
+            &m.roll_sink_failures,
+        ),
+        (
+            "school_erp_roll_batches_applied_total",
+            "Roll-call batches applied to the database.",
+            &m.roll_batches_applied,
+        ),
+    ] {
+        put("counter", name, help, load(value));
+    }
     put(
         "counter",
         "school_erp_batch_rows_read_total",

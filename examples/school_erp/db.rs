@@ -240,6 +240,9 @@ impl Db {
             DbKind::Postgres => "BIGSERIAL PRIMARY KEY",
         };
         let statements = [
+            "DROP TABLE IF EXISTS erp_sessions".to_owned(),
+            "DROP TABLE IF EXISTS erp_roll_marks".to_owned(),
+            "DROP TABLE IF EXISTS erp_flushed_batches".to_owned(),
             "DROP TABLE IF EXISTS erp_notifications".to_owned(),
             "DROP TABLE IF EXISTS erp_requests".to_owned(),
             "DROP TABLE IF EXISTS erp_attendance".to_owned(),
@@ -268,6 +271,14 @@ impl Db {
             "CREATE INDEX erp_notifications_user ON erp_notifications (user_id, unread)".to_owned(),
             "CREATE TABLE erp_attendance (student_id BIGINT NOT NULL, day BIGINT NOT NULL, present BIGINT NOT NULL, PRIMARY KEY (student_id, day))".to_owned(),
             "CREATE INDEX erp_payments_student ON erp_payments (student_id)".to_owned(),
+            // Sessions: the authority the session index reads through (a token's SHA-256, never
+            // the token).
+            "CREATE TABLE erp_sessions (token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, expires_ms BIGINT NOT NULL)".to_owned(),
+            // Today's roll call as teachers submit it: one row per mark applied, so that a mark
+            // applied twice would show; and the scratch batches already applied, so that a
+            // batch delivered again is applied once.
+            "CREATE TABLE erp_roll_marks (class_id BIGINT NOT NULL, student_id BIGINT NOT NULL, status TEXT NOT NULL, batch_id TEXT NOT NULL)".to_owned(),
+            "CREATE TABLE erp_flushed_batches (id TEXT PRIMARY KEY)".to_owned(),
             "CREATE INDEX erp_students_class ON erp_students (class_id)".to_owned(),
             "CREATE INDEX erp_parents_student ON erp_parents (student_id)".to_owned(),
         ];
@@ -590,6 +601,91 @@ impl Db {
         .fetch_one(&self.pool)
         .await?;
         Ok(Some(row.get(0)))
+    }
+
+    /// Records a session. One query.
+    pub async fn create_session(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        expires_ms: i64,
+    ) -> DbResult<()> {
+        self.count();
+        sqlx::query(
+            "INSERT INTO erp_sessions (token_hash, user_id, expires_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(expires_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The session of a token hash: its user and expiry (Unix ms). One query.
+    pub async fn session(&self, token_hash: &str) -> DbResult<Option<(String, i64)>> {
+        self.count();
+        let row = sqlx::query("SELECT user_id, expires_ms FROM erp_sessions WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Ends a session; true when there was one. One query.
+    pub async fn delete_session(&self, token_hash: &str) -> DbResult<bool> {
+        self.count();
+        let done = sqlx::query("DELETE FROM erp_sessions WHERE token_hash = $1")
+            .bind(token_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Applies a batch of roll-call marks in one transaction, unless its id was applied before
+    /// (then nothing, and `false`): a batch delivered twice is applied once.
+    pub async fn apply_roll_batch(
+        &self,
+        batch_id: &str,
+        class_id: i64,
+        marks: &[(i64, String)],
+    ) -> DbResult<bool> {
+        self.count();
+        let mut tx = self.pool.begin().await?;
+        let fresh =
+            sqlx::query("INSERT INTO erp_flushed_batches (id) VALUES ($1) ON CONFLICT DO NOTHING")
+                .bind(batch_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                > 0;
+        if fresh {
+            for (student, status) in marks {
+                sqlx::query("INSERT INTO erp_roll_marks (class_id, student_id, status, batch_id) VALUES ($1, $2, $3, $4)")
+                    .bind(class_id)
+                    .bind(*student)
+                    .bind(status.as_str())
+                    .bind(batch_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(fresh)
+    }
+
+    /// The roll call as the database holds it: marks applied, students marked, and students
+    /// marked more than once. One query.
+    pub async fn roll_audit(&self) -> DbResult<(i64, i64, i64)> {
+        self.count();
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT), CAST(COUNT(*) AS BIGINT), \
+             CAST(COALESCE(SUM(CASE WHEN n > 1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
+             FROM (SELECT COUNT(*) AS n FROM erp_roll_marks GROUP BY class_id, student_id) per_student",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get(0), row.get(1), row.get(2)))
     }
 
     /// Updates a student's profile; `None` for an unknown student. One query.

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! The workload run prints a readable report and, last, one JSON line. It exits 0 when every
-//! request succeeded and no read was stale, 1 otherwise, and 2 on bad arguments or setup.
+//! request succeeded, no read was stale, no payment or attendance mark was doubled or lost and no
+//! logged-out token was accepted; 1 otherwise, and 2 on bad arguments or setup.
 
 mod app;
 mod db;
@@ -160,6 +161,8 @@ async fn run(args: Args) -> Result<i32, String> {
         started.elapsed().as_secs_f64()
     );
     let state = Arc::new(AppState::new(db, cache));
+    // The roll-call sink fails on purpose every fourth call: no mark may be lost or doubled.
+    state.fail_roll_sink_every(4);
     match state.forget_cached_copies().await {
         Ok(0) => {}
         Ok(n) => println!("removed {n} cached entries left by an earlier run"),
@@ -207,6 +210,9 @@ async fn run(args: Args) -> Result<i32, String> {
             && report.stale_reads == 0
             && report.duplicate_payments == 0
             && report.drifted_counters == 0
+            && report.attendance_lost == 0
+            && report.attendance_doubled == 0
+            && report.logged_out_accepted == 0
         {
             0
         } else {

@@ -25,8 +25,8 @@ use rand_distr::{Distribution, Geometric, Zipf};
 use serde::Serialize;
 
 use crate::app::{
-    Approval, Audit, AuditRequest, Badge, Dashboard, LOGIN_LIMIT, Login, NewPayment,
-    PaymentReceipt, ProfileReceipt,
+    Approval, Audit, AuditRequest, Badge, Dashboard, LOGIN_LIMIT, Login, NewPayment, Online,
+    PaymentReceipt, ProfileReceipt, RollMark, SwitchRequest,
 };
 use crate::db::{FeeSummary, ProfileUpdate};
 
@@ -81,6 +81,12 @@ pub struct Report {
     pub duplicate_payments: i64,
     /// Unread-notification badges that differed from the database at the end (must be 0).
     pub drifted_counters: u64,
+    /// Roll-call marks sent (answered 200) that are not in the database after the end-of-day
+    /// flush, and students whose mark is in it more than once (both must be 0).
+    pub attendance_lost: u64,
+    pub attendance_doubled: u64,
+    /// Requests with a logged-out token that were answered (must be 0).
+    pub logged_out_accepted: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     #[serde(skip)]
@@ -121,6 +127,18 @@ pub struct Detail {
     pub batch_rows_read: u64,
     pub batch_rows_loaded: u64,
     pub batch_loads: u64,
+    pub logouts: u64,
+    pub logged_out_refused: u64,
+    pub roll_marks_sent: u64,
+    pub roll_marks_applied: i64,
+    pub roll_submits: u64,
+    pub roll_submits_deferred: u64,
+    pub roll_sink_failures: u64,
+    pub roll_classes_unflushed: u64,
+    pub presence_polls: u64,
+    pub presence_seen: u64,
+    /// When the cache was switched off and on again, in seconds from the start (if it was).
+    pub cache_switched: Option<(f64, f64)>,
 }
 
 impl Report {
@@ -203,6 +221,36 @@ impl Report {
             "badges          {} reads, {} notifications; {} counters checked, {} differed from the database",
             d.badge_reads, d.notifications, d.counters_checked, self.drifted_counters
         );
+        println!(
+            "sessions        {} logged out; their tokens then refused {} times, accepted {} times",
+            d.logouts, d.logged_out_refused, self.logged_out_accepted
+        );
+        println!(
+            "roll call       {} marks sent into the day's scratch hashes, {} in the database after the end-of-day flush; {} submits ({} deferred by a failed database write), {} sink failures on purpose",
+            d.roll_marks_sent,
+            d.roll_marks_applied,
+            d.roll_submits,
+            d.roll_submits_deferred,
+            d.roll_sink_failures
+        );
+        println!(
+            "attendance lost {:>8}   (marks sent but not in the database; {} classes left unflushed)",
+            self.attendance_lost, d.roll_classes_unflushed
+        );
+        println!(
+            "attendance doubled {:>5}   (students marked more than once in the database)",
+            self.attendance_doubled
+        );
+        println!(
+            "presence        {} long polls, the teacher seen online in {}",
+            d.presence_polls, d.presence_seen
+        );
+        match d.cache_switched {
+            Some((off, on)) => println!(
+                "switch          cache switched off at {off:.2} s and on at {on:.2} s under load (every read went to the database meanwhile)"
+            ),
+            None => println!("switch          cache not switched (the run ended first)"),
+        }
         println!("failed requests {:>8}", self.failed_requests);
         for failure in &d.first_failures {
             println!("  {failure}");
@@ -257,6 +305,14 @@ struct Tally {
     already_approved: u64,
     lock_contention: u64,
     badge_reads: u64,
+    logouts: u64,
+    logged_out_refused: u64,
+    logged_out_accepted: u64,
+    roll_marks_sent: u64,
+    roll_submits: u64,
+    roll_submits_deferred: u64,
+    presence_polls: u64,
+    presence_seen: u64,
     latencies_us: Vec<u32>,
     failures: Vec<String>,
 }
@@ -279,6 +335,14 @@ impl Tally {
         self.already_approved += other.already_approved;
         self.lock_contention += other.lock_contention;
         self.badge_reads += other.badge_reads;
+        self.logouts += other.logouts;
+        self.logged_out_refused += other.logged_out_refused;
+        self.logged_out_accepted += other.logged_out_accepted;
+        self.roll_marks_sent += other.roll_marks_sent;
+        self.roll_submits += other.roll_submits;
+        self.roll_submits_deferred += other.roll_submits_deferred;
+        self.presence_polls += other.presence_polls;
+        self.presence_seen += other.presence_seen;
         self.latencies_us.extend(other.latencies_us);
         for f in other.failures {
             if self.failures.len() < 5 {
@@ -653,7 +717,16 @@ impl Shared {
                 .send(tally, Method::POST, "/api/auth/login", None, Some(body))
                 .await
             {
-                Some((StatusCode::OK, _)) => tally.logins_admitted += 1,
+                Some((StatusCode::OK, body)) => {
+                    tally.logins_admitted += 1;
+                    let token = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["token"].as_str().map(str::to_owned));
+                    match token {
+                        Some(token) => self.session_round(tally, &token).await,
+                        None => tally.fail("POST /api/auth/login: no token".into()),
+                    }
+                }
                 Some((StatusCode::TOO_MANY_REQUESTS, _)) => tally.rate_limited += 1,
                 Some((status, body)) => tally.fail(format!(
                     "POST /api/auth/login: {status} {}",
@@ -664,11 +737,141 @@ impl Shared {
         }
     }
 
+    /// A session's life: a request with its token, the logout, and the same token again, which
+    /// every instance must refuse at once.
+    async fn session_round(&self, tally: &mut Tally, token: &str) {
+        let user = format!("bearer:{token}");
+        if !self.take() {
+            return;
+        }
+        tally.reads += 1;
+        self.call::<Dashboard>(tally, Method::GET, "/api/dashboard/student/s1", &user, None)
+            .await;
+        if !self.take() {
+            return;
+        }
+        tally.writes += 1;
+        if self
+            .call::<serde_json::Value>(tally, Method::POST, "/api/auth/logout", &user, None)
+            .await
+            .is_none()
+        {
+            return;
+        }
+        tally.logouts += 1;
+        if !self.take() {
+            return;
+        }
+        match self
+            .send(
+                tally,
+                Method::GET,
+                "/api/dashboard/student/s1",
+                Some(&user),
+                None,
+            )
+            .await
+        {
+            Some((StatusCode::UNAUTHORIZED, _)) => tally.logged_out_refused += 1,
+            Some((status, _)) => {
+                tally.logged_out_accepted += 1;
+                tally.fail(format!("a logged-out token was answered {status}"));
+            }
+            None => {}
+        }
+    }
+
+    /// Teachers take the roll call of the first classes: every student marked once, into the
+    /// day's scratch hash; a heartbeat in the class room, a long poll of who is online; some
+    /// classes submitted (the database write fails on purpose now and then: the marks stay for
+    /// the next submit or the end-of-day flush), the rest left to the end-of-day flush.
+    async fn roll_call(&self, tally: &mut Tally) {
+        let w = &self.workload;
+        let classes = w.teachers.min(40);
+        for class in 1..=classes {
+            let teacher = format!("t{class}");
+            if !self.take() {
+                return;
+            }
+            let path = format!("/api/classes/{class}/heartbeat");
+            tally.writes += 1;
+            self.call::<serde_json::Value>(tally, Method::POST, &path, &teacher, None)
+                .await;
+            if !self.take() {
+                return;
+            }
+            tally.reads += 1;
+            tally.presence_polls += 1;
+            let path = format!("/api/classes/{class}/online?wait_ms=200");
+            if let Some(online) = self
+                .call::<Online>(tally, Method::GET, &path, &teacher, None)
+                .await
+                && online.online.contains(&teacher)
+            {
+                tally.presence_seen += 1;
+            }
+            let students: Vec<i64> = (0..)
+                .map(|i| class + i * w.teachers)
+                .take_while(|s| *s <= w.students)
+                .collect();
+            for (n, student) in students.iter().enumerate() {
+                if !self.take() {
+                    return;
+                }
+                let status = if (student + n as i64) % 9 == 0 {
+                    "absent"
+                } else {
+                    "present"
+                };
+                let body = serde_json::to_vec(&RollMark {
+                    student_id: *student,
+                    status: status.into(),
+                })
+                .expect("serializes");
+                let path = format!("/api/attendance/{class}/mark");
+                tally.writes += 1;
+                if self
+                    .call::<serde_json::Value>(tally, Method::POST, &path, &teacher, Some(body))
+                    .await
+                    .is_some()
+                {
+                    tally.roll_marks_sent += 1;
+                }
+                // Two thirds of the classes submit halfway, and again at the end.
+                if class % 3 != 0 && (n + 1 == students.len() / 2 || n + 1 == students.len()) {
+                    if !self.take() {
+                        return;
+                    }
+                    let path = format!("/api/attendance/{class}/submit");
+                    tally.writes += 1;
+                    tally.roll_submits += 1;
+                    match self
+                        .send(tally, Method::POST, &path, Some(&teacher), None)
+                        .await
+                    {
+                        Some((StatusCode::OK, _)) => {}
+                        Some((StatusCode::SERVICE_UNAVAILABLE, _)) => {
+                            tally.roll_submits_deferred += 1
+                        }
+                        Some((status, body)) => tally.fail(format!(
+                            "POST {path}: {status} {}",
+                            String::from_utf8_lossy(&body)
+                        )),
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+
     async fn virtual_user(self: Arc<Self>, index: usize) -> Tally {
         let w = &self.workload;
         let mut tally = Tally::default();
         if index == 0 {
             self.login_burst(&mut tally).await;
+        }
+        if index == 1 || (index == 0 && w.concurrency < 2) {
+            self.roll_call(&mut tally).await;
         }
         let mut rng =
             StdRng::seed_from_u64(w.seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
@@ -753,7 +956,11 @@ async fn exchange(
         .uri(format!("{base}{path}"))
         .header("content-type", "application/json");
     if let Some(user) = user {
-        request = request.header("x-user-id", user);
+        // "bearer:<token>" authenticates with a session token instead of a user id.
+        request = match user.strip_prefix("bearer:") {
+            Some(token) => request.header("authorization", format!("Bearer {token}")),
+            None => request.header("x-user-id", user),
+        };
     }
     if let Some(key) = idempotency_key {
         request = request.header("idempotency-key", key);
@@ -789,6 +996,61 @@ async fn admin_payments(client: &HttpClient, base: &str) -> Result<i64, String> 
             "the admin dashboard answered {status}: {}",
             String::from_utf8_lossy(&body)
         )),
+    }
+}
+
+/// Switches the cache off when a third of the request budget is spent, and on again 0.5 % of the
+/// budget later (every read then goes to the database, so a longer window would only lower the
+/// share of reads saved), through the admin endpoint: no request may fail meanwhile, and none may
+/// read stale.
+async fn flip_cache_switch(shared: Arc<Shared>, started: Instant) -> (Option<(f64, f64)>, Tally) {
+    let mut tally = Tally::default();
+    let total = shared.workload.requests;
+    let spent = |s: &Shared| total.saturating_sub(s.budget.load(Ordering::SeqCst));
+    let mut off_at = None;
+    loop {
+        let over = Instant::now() >= shared.deadline || spent(&shared) >= total;
+        let flip = |on: bool| {
+            serde_json::to_vec(&SwitchRequest {
+                capability: "cache".into(),
+                on,
+            })
+            .expect("serializes")
+        };
+        match off_at {
+            None if over => return (None, tally),
+            None if spent(&shared) >= total / 3 => {
+                if !shared.take() {
+                    return (None, tally);
+                }
+                shared
+                    .call::<serde_json::Value>(
+                        &mut tally,
+                        Method::POST,
+                        "/api/admin/switch",
+                        "a1",
+                        Some(flip(false)),
+                    )
+                    .await;
+                off_at = Some(started.elapsed().as_secs_f64());
+            }
+            Some(off) if over || spent(&shared) >= total / 3 + (total / 200).max(1) => {
+                // Switched back on even when the run is over (no budget taken then).
+                let _ = shared.take();
+                shared
+                    .call::<serde_json::Value>(
+                        &mut tally,
+                        Method::POST,
+                        "/api/admin/switch",
+                        "a1",
+                        Some(flip(true)),
+                    )
+                    .await;
+                return (Some((off, started.elapsed().as_secs_f64())), tally);
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -839,6 +1101,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         workload: workload.clone(),
         badge_users: Mutex::new(HashSet::new()),
     });
+    let flipper = tokio::spawn(flip_cache_switch(shared.clone(), started));
     let tasks: Vec<_> = (0..workload.concurrency.max(1))
         .map(|i| tokio::spawn(shared.clone().virtual_user(i)))
         .collect();
@@ -850,6 +1113,10 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         );
     }
     let elapsed = started.elapsed();
+    let (cache_switched, flip_tally) = flipper
+        .await
+        .map_err(|e| format!("the switch flipper panicked: {e}"))?;
+    tally.merge(flip_tally);
     let users: Vec<String> = shared
         .badge_users
         .lock()
@@ -878,6 +1145,11 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         rate_limited: tally.rate_limited,
         duplicate_payments: audit.duplicate_payments,
         drifted_counters: audit.counters_drifted,
+        attendance_lost: tally
+            .roll_marks_sent
+            .saturating_sub(audit.roll_students_marked.max(0) as u64),
+        attendance_doubled: audit.roll_students_doubled.max(0) as u64,
+        logged_out_accepted: tally.logged_out_accepted,
         p50_ms: percentile_ms(&tally.latencies_us, 0.50),
         p99_ms: percentile_ms(&tally.latencies_us, 0.99),
         detail: Detail {
@@ -892,6 +1164,17 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             batch_rows_read: delta("school_erp_batch_rows_read_total"),
             batch_rows_loaded: delta("school_erp_batch_rows_loaded_total"),
             batch_loads: delta("school_erp_batch_loads_total"),
+            logouts: tally.logouts,
+            logged_out_refused: tally.logged_out_refused,
+            roll_marks_sent: tally.roll_marks_sent,
+            roll_marks_applied: audit.roll_marks_applied,
+            roll_submits: tally.roll_submits,
+            roll_submits_deferred: tally.roll_submits_deferred,
+            roll_sink_failures: delta("school_erp_roll_sink_failures_total"),
+            roll_classes_unflushed: audit.roll_classes_unflushed,
+            presence_polls: tally.presence_polls,
+            presence_seen: tally.presence_seen,
+            cache_switched,
             cache_hits: delta("speedlayer_cache_hits_total"),
             cache_coalesced: delta("speedlayer_cache_coalesced_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),

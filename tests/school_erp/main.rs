@@ -43,6 +43,7 @@ async fn run(database_url: Option<&str>, cache: Cache) -> Report {
         .await
         .expect("database opens and seeds");
     let state = Arc::new(AppState::new(db, cache));
+    state.fail_roll_sink_every(4);
     state.forget_cached_copies().await.expect("sweep");
     let service = app::start(state, SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -123,6 +124,46 @@ fn missed_targets(report: &Report) -> Vec<String> {
             "logins: {} admitted, {} limited",
             report.detail.logins_admitted, report.rate_limited
         ),
+    );
+    // Short-lived state: sessions, roll call, presence, a switch flipped under load.
+    check(
+        report.attendance_lost == 0 && report.attendance_doubled == 0,
+        format!(
+            "attendance: {} lost, {} doubled",
+            report.attendance_lost, report.attendance_doubled
+        ),
+    );
+    check(
+        report.detail.roll_marks_sent > 0
+            && report.detail.roll_sink_failures > 0
+            && report.detail.roll_marks_applied == report.detail.roll_marks_sent as i64,
+        format!(
+            "roll call: {} sent, {} applied, {} sink failures",
+            report.detail.roll_marks_sent,
+            report.detail.roll_marks_applied,
+            report.detail.roll_sink_failures
+        ),
+    );
+    check(
+        report.logged_out_accepted == 0
+            && report.detail.logouts > 0
+            && report.detail.logged_out_refused == report.detail.logouts,
+        format!(
+            "sessions: {} logouts, {} refused after, {} accepted after",
+            report.detail.logouts, report.detail.logged_out_refused, report.logged_out_accepted
+        ),
+    );
+    check(
+        report.detail.presence_polls > 0
+            && report.detail.presence_seen == report.detail.presence_polls,
+        format!(
+            "presence: {} polls, teacher seen in {}",
+            report.detail.presence_polls, report.detail.presence_seen
+        ),
+    );
+    check(
+        report.detail.cache_switched.is_some(),
+        "the cache switch was not flipped".into(),
     );
     check(
         report.db_hits_saved_pct >= 95.0,
