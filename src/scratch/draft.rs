@@ -16,7 +16,8 @@ const PROGRESS: Ident = Ident::from_static("progress");
 ///
 /// A draft is convenience, not a fact: while Redis is unusable a save goes to the process's
 /// fallback (or nowhere) and still returns `Ok`, so keep the form in the browser too. A draft
-/// that no longer decodes (the form changed between deploys) loads as `None`.
+/// that no longer decodes (the form changed between deploys) loads as `None` and is removed, as
+/// every value of the typed cache that does not decode.
 ///
 /// ```
 /// use serde::{Deserialize, Serialize};

@@ -111,7 +111,7 @@ pub async fn a_batch_loads_only_the_misses_in_one_call(backend: &Backend) {
 pub async fn absent_rows_are_cached_for_the_negative_ttl(backend: &Backend) {
     let cache = Cache::new(backend.config()).await.unwrap();
     let calls = Calls::default();
-    let short = Ttl::from_millis(400).unwrap();
+    let short = Ttl::from_millis(1_000).unwrap();
     let batch = cache
         .get_or_set_many(&keys(0..10), MINUTE, short, table(&calls, 6))
         .await;
@@ -139,7 +139,7 @@ pub async fn absent_rows_are_cached_for_the_negative_ttl(backend: &Backend) {
         "the batch's absent entry answers the single-key call"
     );
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     cache
         .get_or_set_many(&keys(0..10), MINUTE, short, table(&calls, 6))
         .await;

@@ -411,9 +411,57 @@ fn presence_is_shared_by_every_process() {
     let mut websocket = Node::spawn("websocket", &server.url(), NodeSettings::default());
     let mut reader = Node::spawn("reader", &server.url(), NodeSettings::default());
     assert_eq!(api.request("presence-beat 7 1 30000"), "ok");
-    assert_eq!(websocket.request("presence-beat 7 2 400"), "ok");
+    assert_eq!(websocket.request("presence-beat 7 2 1000"), "ok");
     assert_eq!(reader.request("presence-list 7"), "online m1,m2");
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
     assert_eq!(reader.request("presence-list 7"), "online m1");
     assert_eq!(api.request("presence-list 7"), "online m1");
+}
+
+/// The session index across processes: a copy loaded by one is a hit in another; revoking the
+/// user's sessions in a third (after deleting them in the database) reaches both at once.
+#[test]
+fn a_users_sessions_revoked_in_one_process_are_gone_in_the_others() {
+    let server = RedisServer::start();
+    let database = RedisServer::start();
+    let db = database.url();
+    let client = database.client();
+    let mut conn = client.get_connection().unwrap();
+    let _: () = redis::cmd("MSET")
+        .arg("session:1")
+        .arg("u1")
+        .arg("session:2")
+        .arg("u1")
+        .query(&mut conn)
+        .unwrap();
+    let mut api = Node::spawn("api", &server.url(), NodeSettings::default());
+    let mut websocket = Node::spawn("websocket", &server.url(), NodeSettings::default());
+    let mut admin = Node::spawn("admin", &server.url(), NodeSettings::default());
+    assert_eq!(
+        api.request(&format!("session-get 1 {db}")),
+        "present u1 loads 1"
+    );
+    assert_eq!(
+        websocket.request(&format!("session-get 1 {db}")),
+        "present u1 loads 0"
+    );
+    assert_eq!(
+        websocket.request(&format!("session-get 2 {db}")),
+        "present u1 loads 1"
+    );
+    // The administrator locks the account: the database first, then the index.
+    let _: () = redis::cmd("DEL")
+        .arg("session:1")
+        .arg("session:2")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(admin.request("session-revoke-user 1"), "dropped 2");
+    assert_eq!(
+        api.request(&format!("session-get 1 {db}")),
+        "absent loads 2"
+    );
+    assert_eq!(
+        websocket.request(&format!("session-get 2 {db}")),
+        "absent loads 2"
+    );
 }

@@ -46,6 +46,7 @@ use speedlayer::key::{Ident, KeySpace, Namespace};
 use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::revocation::Revocations;
 use speedlayer::scratch::{Presence, Scratch};
+use speedlayer::session::{SessionLookup, SessionRecord, Sessions};
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, Config};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -92,6 +93,8 @@ struct Node {
     raw: redis::aio::ConnectionManager,
     revocations: Revocations,
     presence: Presence,
+    sessions: Sessions,
+    session_loads: AtomicUsize,
 }
 
 fn arg(args: &[&str], i: usize) -> Result<u64, String> {
@@ -231,6 +234,44 @@ impl Node {
                     .map_err(|e| e.to_string())?;
                 online.sort();
                 Ok(format!("online {}", online.join(",")))
+            }
+            "session-get" => {
+                // session-get <n> <database url>: the session of token tok-<n>, read through
+                // the index from the stand-in sessions table (`session:<n>` holds the user).
+                let n = arg(args, 0)?;
+                let db = database(args.get(1).ok_or("missing the database url")?).await?;
+                let loads = &self.session_loads;
+                let found = self
+                    .sessions
+                    .get(&format!("tok-{n}"), || async {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        let user: Option<String> = redis::cmd("GET")
+                            .arg(format!("session:{n}"))
+                            .query_async(&mut db.clone())
+                            .await?;
+                        Ok::<_, redis::RedisError>(user.map(|user_id| SessionRecord {
+                            user_id,
+                            expires_at: std::time::SystemTime::now() + Duration::from_secs(3600),
+                            data: (),
+                        }))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let loads = loads.load(Ordering::SeqCst);
+                Ok(match found {
+                    SessionLookup::Present(s) => format!("present {} loads {loads}", s.user_id),
+                    SessionLookup::Absent => format!("absent loads {loads}"),
+                    SessionLookup::Unknown => format!("unknown loads {loads}"),
+                })
+            }
+            "session-revoke-user" => {
+                let user = format!("u{}", arg(args, 0)?);
+                let dropped = self
+                    .sessions
+                    .revoke_user(&user)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(format!("dropped {dropped}"))
             }
             "cancel" => {
                 let k = key(0)?;
@@ -531,6 +572,8 @@ async fn main() {
     .expect("a raw connection for the shared record");
     let node = Arc::new(Node {
         revocations: Revocations::new(&cache),
+        sessions: Sessions::new(&cache, Ttl::minutes(15)),
+        session_loads: AtomicUsize::new(0),
         presence: Presence::new(&Scratch::new(&cache)),
         idempotency: Idempotency::new(&cache),
         counters: Counters::new(&cache),
