@@ -1010,48 +1010,36 @@ async fn flip_cache_switch(shared: Arc<Shared>, started: Instant) -> (Option<(f6
     let mut off_at = None;
     loop {
         let over = Instant::now() >= shared.deadline || spent(&shared) >= total;
-        let flip = |on: bool| {
-            serde_json::to_vec(&SwitchRequest {
-                capability: "cache".into(),
-                on,
-            })
-            .expect("serializes")
-        };
         match off_at {
             None if over => return (None, tally),
             None if spent(&shared) >= total / 3 => {
                 if !shared.take() {
                     return (None, tally);
                 }
-                shared
-                    .call::<serde_json::Value>(
-                        &mut tally,
-                        Method::POST,
-                        "/api/admin/switch",
-                        "a1",
-                        Some(flip(false)),
-                    )
-                    .await;
+                switch_cache(&shared, &mut tally, false).await;
                 off_at = Some(started.elapsed().as_secs_f64());
             }
             Some(off) if over || spent(&shared) >= total / 3 + (total / 200).max(1) => {
                 // Switched back on even when the run is over (no budget taken then).
                 let _ = shared.take();
-                shared
-                    .call::<serde_json::Value>(
-                        &mut tally,
-                        Method::POST,
-                        "/api/admin/switch",
-                        "a1",
-                        Some(flip(true)),
-                    )
-                    .await;
+                switch_cache(&shared, &mut tally, true).await;
                 return (Some((off, started.elapsed().as_secs_f64())), tally);
             }
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+async fn switch_cache(shared: &Shared, tally: &mut Tally, on: bool) {
+    let body = serde_json::to_vec(&SwitchRequest {
+        capability: "cache".into(),
+        on,
+    })
+    .expect("serializes");
+    shared
+        .call::<serde_json::Value>(tally, Method::POST, "/api/admin/switch", "a1", Some(body))
+        .await;
 }
 
 /// Reads the service's counters from `/metrics`.

@@ -141,24 +141,7 @@ impl Flights {
     }
 
     pub(crate) fn join<T: Send + Sync + 'static>(&self, key: &str) -> Member<'_, T> {
-        let flight_key = (key.to_owned(), TypeId::of::<T>());
-        let mut table = self.lock();
-        let existing = table
-            .get(&flight_key)
-            .and_then(|f| f.clone().downcast::<Flight<T>>().ok());
-        let flight = match existing {
-            Some(flight) => flight,
-            None => {
-                let flight = Flight::private();
-                table.insert(flight_key.clone(), flight.clone());
-                flight
-            }
-        };
-        Member {
-            flights: self,
-            key: flight_key,
-            flight,
-        }
+        self.join_as(key, false).0
     }
 
     /// [`join`](Flights::join) for a leader that does not run the cell's initializer: a flight
@@ -167,6 +150,14 @@ impl Flights {
     pub(crate) fn join_outside<T: Send + Sync + 'static>(
         &self,
         key: &str,
+    ) -> (Member<'_, T>, Option<OutsideLeader<'_, T>>) {
+        self.join_as(key, true)
+    }
+
+    fn join_as<T: Send + Sync + 'static>(
+        &self,
+        key: &str,
+        outside: bool,
     ) -> (Member<'_, T>, Option<OutsideLeader<'_, T>>) {
         let flight_key = (key.to_owned(), TypeId::of::<T>());
         let mut table = self.lock();
@@ -177,14 +168,14 @@ impl Flights {
             Some(flight) => (flight, None),
             None => {
                 let flight = Flight::private();
-                flight.led_outside.store(true, Ordering::SeqCst);
+                flight.led_outside.store(outside, Ordering::SeqCst);
                 table.insert(flight_key.clone(), flight.clone());
-                let leader = OutsideLeader {
+                let leader = outside.then(|| OutsideLeader {
                     flights: self,
                     key: flight_key.clone(),
                     flight: flight.clone(),
-                };
-                (flight, Some(leader))
+                });
+                (flight, leader)
             }
         };
         (

@@ -427,14 +427,7 @@ impl CacheLayer for MemoryLayer {
         lease_ttl: Ttl,
     ) -> Result<Vec<Leased>> {
         let _one_batch_at_a_time = self.batch_leases.lock().await;
-        let mut out = Vec::with_capacity(requests.len());
-        for r in requests {
-            out.push(
-                self.get_or_lease(r.key, r.token, lease_ttl, r.replace)
-                    .await?,
-            );
-        }
-        Ok(out)
+        super::lease_each(self, requests, lease_ttl).await
     }
 
     async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {

@@ -150,6 +150,23 @@ impl IndexWindow {
     }
 }
 
+/// [`CacheLayer::get_or_lease`] for each request, in order.
+pub(crate) async fn lease_each<L: CacheLayer + ?Sized>(
+    layer: &L,
+    requests: &[LeaseRequest<'_>],
+    lease_ttl: Ttl,
+) -> Result<Vec<Leased>> {
+    let mut out = Vec::with_capacity(requests.len());
+    for r in requests {
+        out.push(
+            layer
+                .get_or_lease(r.key, r.token, lease_ttl, r.replace)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
 /// A fresh lease or update token: random and never 0 (the memory layer's "no lease").
 pub(crate) fn new_token() -> u64 {
     rand::random::<u64>() | 1
@@ -317,14 +334,7 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
         requests: &[LeaseRequest<'_>],
         lease_ttl: Ttl,
     ) -> Result<Vec<Leased>> {
-        let mut out = Vec::with_capacity(requests.len());
-        for r in requests {
-            out.push(
-                self.get_or_lease(r.key, r.token, lease_ttl, r.replace)
-                    .await?,
-            );
-        }
-        Ok(out)
+        lease_each(self, requests, lease_ttl).await
     }
 
     /// [`set_leased`](CacheLayer::set_leased) for several entries, in order: for each, whether it
