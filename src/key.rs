@@ -121,7 +121,9 @@ pub enum KeyError {
     },
     /// A key in a domain the namespace declares never cached ([`Namespace::never_cache`]).
     #[error(
-        "the domain {domain:?} is declared never cached: its data is read from the database on          every request, and no cache key can be built in it (coordination state about it, such          as an idempotency record or a lock, lives in speedlayer's own domains and stays allowed)"
+        "the domain {domain:?} is declared never cached: its data is read from the database on \
+         every request, and no cache key can be built in it (coordination state about it, such \
+         as an idempotency record or a lock, lives in speedlayer's own domains and stays allowed)"
     )]
     NeverCached {
         /// The domain.
@@ -138,9 +140,11 @@ pub enum KeyError {
 }
 
 /// Domains that hold speedlayer's own coordination state (idempotency records, locks, rate-limit
-/// counters, token revocations, the session index, presence): never declared never-cached.
-pub const COORDINATION_DOMAINS: &[&str] =
-    &["idem", "lock", "presence", "rate", "revoked", "session"];
+/// counters, token revocations, the session index, presence, drafts): never declared
+/// never-cached.
+pub const COORDINATION_DOMAINS: &[&str] = &[
+    "form", "idem", "lock", "presence", "rate", "revoked", "session",
+];
 
 /// A validated identifier: a deployment prefix, a domain or an entity.
 ///
@@ -458,6 +462,13 @@ impl Namespace {
     /// True when `domain` is declared never cached.
     pub fn is_never_cached(&self, domain: &Ident) -> bool {
         self.never_cached.contains(domain)
+    }
+
+    /// True when `key` lies in a domain this namespace declares never cached (a key built from
+    /// another namespace, which the cache then refuses too).
+    pub fn refuses(&self, key: &Key) -> bool {
+        !self.never_cached.is_empty()
+            && self.never_cached.iter().any(|d| d.as_str() == key.domain())
     }
 
     /// The prefix, if any.

@@ -11,11 +11,11 @@
 //! | [`Cache`](Capability::Cache) | every read goes to the loader (`get` misses, `get_or_set` and `get_or_set_many` call the loader and store nothing); `set` and `set_many` delete instead of writing, and deletes and invalidations still run, so no older value is left for instances where the cache is on, or for when it is back on |
 //! | [`RateLimit`](Capability::RateLimit) | every request is admitted ([`ServedBy::SwitchedOff`](crate::ratelimit::ServedBy::SwitchedOff)) |
 //! | [`Sessions`](Capability::Sessions) | every lookup asks the loader (the database); revocations still run |
-//! | [`Revocations`](Capability::Revocations) | checks answer `Unknown`, so the deployment's [`OnUnknown`](crate::revocation::OnUnknown) decides; revocations are still recorded |
+//! | [`Revocations`](Capability::Revocations) | `check` answers `Unknown` and `allows` accepts every token (the blacklist is not consulted); revocations are still recorded, so they apply again once it is back on |
 //! | [`Locks`](Capability::Locks) | acquisitions answer `Unavailable` (a lock never fails open) |
 //! | [`Idempotency`](Capability::Idempotency) | `begin` answers `Unavailable`: each route's outage rule decides |
 //! | [`Counters`](Capability::Counters) | reads ask the loader (the database); updates count nothing |
-//! | [`Scratch`](Capability::Scratch) | marks, reads and flushes are refused (`ErrorKind::Unavailable`): write to the database directly |
+//! | [`Scratch`](Capability::Scratch) | marks, reads, flushes, presence and draft saves are refused (`ErrorKind::Unavailable`; a draft loads as `None`): write to the database directly |
 //!
 //! From the environment: `SPEEDLAYER_OFF=cache,ratelimit` (names as in the table, lower case,
 //! comma-separated) turns those off at start; an unknown name is a configuration error.

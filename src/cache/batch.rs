@@ -260,8 +260,9 @@ impl Cache {
         }
         let unique: Vec<Key> = distinct.iter().map(|&i| keys[i].1.clone()).collect();
         let mut answers: Vec<Option<BatchEntry<T, E>>> = (0..unique.len()).map(|_| None).collect();
-        if !self.is_on() && !unique.is_empty() {
-            // Switched off: one loader call for every key, nothing stored.
+        if !unique.is_empty() && (!self.is_on() || unique.iter().any(|k| !self.caches(k))) {
+            // Switched off (or a never-cached domain among the keys): one loader call for
+            // every key, nothing stored.
             c.misses.fetch_add(unique.len() as u64, Ordering::Relaxed);
             c.loader_calls.fetch_add(1, Ordering::Relaxed);
             let ids: Vec<Id> = distinct.iter().map(|&i| keys[i].0.clone()).collect();

@@ -272,6 +272,20 @@ impl Cache {
         self.inner.store.is_on(crate::switch::Capability::Cache)
     }
 
+    /// True when `key` may be cached: the cache is switched on and the key's domain is not
+    /// declared never cached by this cache's namespace (a key built from another namespace is
+    /// checked here too).
+    fn caches(&self, key: &Key) -> bool {
+        if self.inner.namespace.refuses(key) {
+            tracing::error!(
+                domain = key.domain(),
+                "a key in a never-cached domain reached the cache; it is read from the loader and never stored"
+            );
+            return false;
+        }
+        self.is_on()
+    }
+
     /// The store underneath, for byte-level operations (`set_if_absent`, `increment`).
     pub fn store(&self) -> &Store {
         &self.inner.store
@@ -286,7 +300,7 @@ impl Cache {
     /// deleted and counted), or cannot be read because the backend is unusable and the fallback
     /// holds nothing.
     pub async fn get<T: DeserializeOwned>(&self, key: &Key) -> Option<T> {
-        if !self.is_on() {
+        if !self.caches(key) {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -306,7 +320,7 @@ impl Cache {
     /// deleted and read as `None`.
     pub async fn get_many<T: DeserializeOwned>(&self, keys: &[Key]) -> Vec<Option<T>> {
         let c = &self.inner.counters;
-        if !self.is_on() {
+        if !self.is_on() || keys.iter().any(|k| !self.caches(k)) {
             c.misses.fetch_add(keys.len() as u64, Ordering::Relaxed);
             return keys.iter().map(|_| None).collect();
         }
@@ -369,6 +383,15 @@ impl Cache {
         tags: &[Tag],
     ) -> Result<()> {
         let bytes = self.encode(value)?;
+        if self.inner.namespace.refuses(key) {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                format!(
+                    "the domain {:?} is declared never cached: nothing is stored in it",
+                    key.domain()
+                ),
+            ));
+        }
         if !self.is_on() {
             // Switched off: the write becomes a delete, so that no older value is left for the
             // instances (or the moment) where the cache is on.
@@ -402,6 +425,18 @@ impl Cache {
                 tags.push((key.clone(), own));
             }
         }
+        if let Some((key, _)) = entries
+            .iter()
+            .find(|(k, _)| self.inner.namespace.refuses(k))
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                format!(
+                    "the domain {:?} is declared never cached: nothing is stored in it",
+                    key.domain()
+                ),
+            ));
+        }
         if !self.is_on() {
             let keys: Vec<Key> = entries.iter().map(|(k, _)| k.clone()).collect();
             if let Err(e) = self.inner.store.delete_many(&keys).await {
@@ -417,7 +452,7 @@ impl Cache {
     /// [`get`](Cache::get) treats that as a miss. False too when the backend cannot be asked and
     /// no fallback holds the key.
     pub async fn exists(&self, key: &Key) -> bool {
-        if !self.is_on() {
+        if !self.caches(key) {
             return false;
         }
         matches!(self.inner.store.peek(key).await, Ok(Some(_)))
@@ -430,7 +465,7 @@ impl Cache {
     /// [`Remaining::Missing`]: crate::store::Remaining::Missing
     /// [`Remaining::NoExpiry`]: crate::store::Remaining::NoExpiry
     pub async fn remaining_ttl(&self, key: &Key) -> crate::store::Remaining {
-        if !self.is_on() {
+        if !self.caches(key) {
             return crate::store::Remaining::Missing;
         }
         match self.inner.store.peek(key).await {
@@ -457,7 +492,7 @@ impl Cache {
     /// registry's) are registered for the new TTL before it is set.
     pub async fn touch_tagged(&self, key: &Key, ttl: impl Into<TtlPolicy>, tags: &[Tag]) -> bool {
         let ttl = ttl.into().pick();
-        if !self.is_on() {
+        if !self.caches(key) {
             return false;
         }
         let tags = self.tags_of(key, tags);
@@ -666,8 +701,8 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
-        if !self.is_on() {
-            // Switched off: the loader answers, nothing is stored.
+        if !self.caches(key) {
+            // Switched off (or a never-cached domain): the loader answers, nothing is stored.
             let c = &self.inner.counters;
             c.misses.fetch_add(1, Ordering::Relaxed);
             c.loader_calls.fetch_add(1, Ordering::Relaxed);

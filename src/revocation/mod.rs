@@ -51,6 +51,10 @@ mod script;
 
 use script::{CheckOp, RevokeOp};
 
+/// Writes a marker (`1`) under a key for a TTL, on the backend or nowhere: the session index's
+/// revoked-user marker.
+pub(crate) use script::RevokeOp as MarkOp;
+
 const REVOKED: Ident = Ident::from_static("revoked");
 const TOKEN: Ident = Ident::from_static("token");
 
@@ -188,6 +192,10 @@ impl Revocations {
     /// Whether to accept the token `jti`: not revoked, or unknown under [`OnUnknown::Allow`].
     /// The first unknown answer logs which choice this deployment made.
     pub async fn allows(&self, jti: &str) -> bool {
+        if !self.store.is_on(crate::switch::Capability::Revocations) {
+            // Switched off: tokens are not checked, and accepted.
+            return true;
+        }
         match self.check(jti).await {
             Revocation::Revoked => false,
             Revocation::NotRevoked => true,

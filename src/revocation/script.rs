@@ -37,9 +37,9 @@ pub const CHECK_SCRIPT: &str = r"
 return redis.call('EXISTS', KEYS[1])
 ";
 
-pub(super) struct RevokeOp<'a> {
-    pub(super) key: &'a Key,
-    pub(super) ttl: Ttl,
+pub(crate) struct RevokeOp<'a> {
+    pub(crate) key: &'a Key,
+    pub(crate) ttl: Ttl,
 }
 
 #[async_trait]

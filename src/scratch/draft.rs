@@ -72,12 +72,21 @@ impl Drafts {
         progress: &T,
     ) -> Result<()> {
         let key = self.key_of(user, form)?;
+        if !self.cache.store().is_on(crate::switch::Capability::Scratch) {
+            return Err(crate::Error::new(
+                crate::ErrorKind::Unavailable,
+                "drafts are switched off (scratch): the draft was not saved",
+            ));
+        }
         self.cache.set(&key, progress, self.ttl).await
     }
 
     /// The saved progress, if any.
     pub async fn load<T: DeserializeOwned>(&self, user: &str, form: &str) -> Result<Option<T>> {
         let key = self.key_of(user, form)?;
+        if !self.cache.store().is_on(crate::switch::Capability::Scratch) {
+            return Ok(None);
+        }
         Ok(self.cache.get(&key).await)
     }
 

@@ -14,8 +14,9 @@
 //! Flushing is crash-safe, and a mark reaches the database exactly once:
 //!
 //! 1. The hash is moved aside in one atomic step (`RENAME` to `{<key>}:~flushing`, same hash
-//!    slot) and becomes a **batch** with an id. Marks written from then on go to a new hash:
-//!    nothing written during a flush is lost.
+//!    slot) and becomes a **batch** with an id, kept inside it (field `~batch`: fields starting
+//!    with `~` are reserved), so that the batch and its id cannot be separated. Marks written
+//!    from then on go to a new hash: nothing written during a flush is lost.
 //! 2. The batch is handed to the sink with its id.
 //! 3. Only after the sink succeeded is the batch removed. A sink that fails, or a flush that
 //!    crashes or is cancelled at any point, leaves the batch, with the same id, to the next
@@ -34,7 +35,10 @@
 //! batch-id check then absorbs.
 //!
 //! The hash carries a TTL as a safety net ([`Scratch::safety_ttl`], 48 h by default, set by its
-//! first mark): data nobody flushed does not stay forever. Marks, reads and flushes log a
+//! first mark): data nobody flushed does not stay forever. A batch gets the same TTL again each
+//! time a flush picks it up, so one that a sink keeps refusing lives as long as flushes keep
+//! trying. Field names and values are text; bytes that are not UTF-8 (another client's) reach
+//! the sink with U+FFFD in their place. Marks, reads and flushes log a
 //! warning when the hash has less than [`Scratch::warn_below`] left unflushed.
 //!
 //! **Outage rule**: fail closed. With Redis unusable a mark is an error (write it to the
@@ -252,6 +256,18 @@ impl ScratchHash {
         if fields.is_empty() {
             return Ok(());
         }
+        if let Some((field, _)) = fields
+            .iter()
+            .find(|(f, _)| f.starts_with(script::RESERVED_FIELD_PREFIX))
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                format!(
+                    "scratch field {:?}: fields starting with '~' are reserved",
+                    field.chars().take(32).collect::<String>()
+                ),
+            ));
+        }
         let op = Mark {
             key: &self.key,
             fields,
@@ -286,6 +302,7 @@ impl ScratchHash {
 
     /// How long the hash lives if nobody flushes it (`None` when it holds nothing).
     pub async fn remaining_ttl(&self) -> Result<Option<Duration>> {
+        switched_off(&self.scratch.store)?;
         match self
             .scratch
             .store

@@ -1,8 +1,9 @@
 //! The scratch hash's atomic steps as store operations: its Redis scripts and its memory twin.
 //!
-//! On Redis a scratch hash is up to four keys in one hash slot: the hash itself (`<key>`), the
-//! batch being flushed (`{<key>}:~flushing`, a hash moved aside by `RENAME`), that batch's id
-//! (`{<key>}:~flush-batch`) and the claim of the flusher working on it (`{<key>}:~flush-claim`).
+//! On Redis a scratch hash is up to three keys in one hash slot: the hash itself (`<key>`), the
+//! batch being flushed (`{<key>}:~flushing`, a hash moved aside by `RENAME`, which carries its
+//! own id in the field `~batch`) and the claim of the flusher working on it
+//! (`{<key>}:~flush-claim`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock};
@@ -58,7 +59,7 @@ return redis.call('PTTL', KEYS[1])
 
 /// Everything written: the batch being flushed (`KEYS[2]`), overwritten by the hash (`KEYS[1]`,
 /// newer). Answers `{ttl of the hash (ms), field, value, ...}`; keys of another type read as
-/// empty.
+/// empty, and the batch's own id field (`~batch`) is left out.
 pub const READ_SCRIPT: &str = r"
 local out = {-2}
 local seen = {}
@@ -66,12 +67,14 @@ local function add(key)
   if redis.call('TYPE', key)['ok'] ~= 'hash' then return end
   local all = redis.call('HGETALL', key)
   for i = 1, #all, 2 do
-    if seen[all[i]] then
-      out[seen[all[i]] + 1] = all[i + 1]
-    else
-      out[#out + 1] = all[i]
-      out[#out + 1] = all[i + 1]
-      seen[all[i]] = #out - 1
+    if all[i] ~= '~batch' then
+      if seen[all[i]] then
+        out[seen[all[i]] + 1] = all[i + 1]
+      else
+        out[#out + 1] = all[i]
+        out[#out + 1] = all[i + 1]
+        seen[all[i]] = #out - 1
+      end
     end
   end
 end
@@ -81,49 +84,56 @@ out[1] = redis.call('PTTL', KEYS[1])
 return out
 ";
 
-/// Starts a flush. `KEYS`: the hash, the batch aside, the batch id, the claim. `ARGV`: the
-/// flusher's token, the claim TTL (ms), a new batch id, the batch's TTL (ms). Another live
-/// claim: `{'busy'}`. A batch left by a failed or crashed flush is handed out again, with its
-/// id: `{'batch', id, 1, field, value, ...}`. Otherwise the hash is moved aside in one step
-/// (`RENAME`: marks written from then on go to a new hash) and becomes the batch:
-/// `{'batch', id, 0, ...}`. Nothing to flush: `{'empty'}`.
+/// Starts a flush. `KEYS`: the hash, the batch aside, the claim. `ARGV`: the flusher's token,
+/// the claim TTL (ms), a new batch id, the batch's TTL (ms). Another live claim: `{'busy'}`. A
+/// batch left by a failed or crashed flush is handed out again, with its id (kept inside the
+/// batch, field `~batch`, so that the two cannot be separated): `{'batch', id, 1, field, value,
+/// ...}`. Otherwise the hash is moved aside in one step (`RENAME`: marks written from then on go
+/// to a new hash) and becomes the batch: `{'batch', id, 0, ...}`. Nothing to flush: `{'empty'}`.
+/// Every start gives the batch its TTL again: a batch a sink keeps refusing lives as long as
+/// flushes keep trying.
 pub const BEGIN_SCRIPT: &str = r"
-if not redis.call('SET', KEYS[4], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'busy'} end
+if not redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'busy'} end
 local leftover = 1
 if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then
   leftover = 0
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2])
   local kind = redis.call('TYPE', KEYS[1])['ok']
   if kind ~= 'hash' then
-    redis.call('DEL', KEYS[4])
+    redis.call('DEL', KEYS[3])
     if kind == 'none' then return {'empty'} end
     return redis.error_reply('WRONGTYPE the scratch key holds another type')
   end
   redis.call('RENAME', KEYS[1], KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+  redis.call('HSET', KEYS[2], '~batch', ARGV[3])
 end
-local id = redis.call('GET', KEYS[3])
+local id = redis.call('HGET', KEYS[2], '~batch')
 if not id then
   id = ARGV[3]
-  redis.call('SET', KEYS[3], id, 'PX', ARGV[4])
+  redis.call('HSET', KEYS[2], '~batch', id)
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 local out = {'batch', id, leftover}
 local all = redis.call('HGETALL', KEYS[2])
-for i = 1, #all do out[#out + 1] = all[i] end
+for i = 1, #all, 2 do
+  if all[i] ~= '~batch' then
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+  end
+end
 return out
 ";
 
-/// Ends a flush whose sink succeeded: removes the batch (`KEYS[1]`, `KEYS[2]`) if it is still
-/// the one delivered (`ARGV[2]`, its id), and the claim (`KEYS[3]`) if it is still the
-/// flusher's (`ARGV[1]`). Answers 1 when the batch was removed.
+/// Ends a flush whose sink succeeded: removes the batch (`KEYS[1]`) if it is still the one
+/// delivered (`ARGV[2]`, its id), and the claim (`KEYS[2]`) if it is still the flusher's
+/// (`ARGV[1]`). Answers 1 when the batch was removed.
 pub const COMMIT_SCRIPT: &str = r"
 local done = 0
-if redis.call('GET', KEYS[2]) == ARGV[2] then
-  redis.call('DEL', KEYS[1], KEYS[2])
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' and redis.call('HGET', KEYS[1], '~batch') == ARGV[2] then
+  redis.call('DEL', KEYS[1])
   done = 1
 end
-if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return done
 ";
 
@@ -134,12 +144,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// Fields starting with this are the scratch hash's own (the batch id); marks cannot use them.
+pub const RESERVED_FIELD_PREFIX: char = '~';
+
 fn aside_key(key: &Key) -> String {
     sibling_key(key, "flushing")
-}
-
-fn batch_key(key: &Key) -> String {
-    sibling_key(key, "flush-batch")
 }
 
 fn claim_key(key: &Key) -> String {
@@ -201,6 +210,18 @@ fn with_slot<R>(memory: &MemoryLayer, key: &Key, f: impl FnOnce(&mut Slot, Insta
 
 fn remaining(ms: i64) -> Option<Duration> {
     (ms >= 0).then(|| Duration::from_millis(ms as u64))
+}
+
+/// A reply item as text. Bytes that are not UTF-8 (another client's binary value) are replaced
+/// (U+FFFD) rather than refused, so that they cannot block a batch.
+#[cfg(feature = "redis")]
+fn lossy_text(v: redis::Value) -> Result<String> {
+    match v {
+        redis::Value::BulkString(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        redis::Value::SimpleString(s) => Ok(s),
+        redis::Value::Int(n) => Ok(n.to_string()),
+        _ => Err(unexpected()),
+    }
 }
 
 fn unexpected() -> Error {
@@ -276,9 +297,7 @@ impl Operation for Read<'_> {
             Some(redis::Value::Int(ms)) => remaining(ms),
             _ => return Err(unexpected()),
         };
-        let texts: Vec<String> = items
-            .map(|v| redis::FromRedisValue::from_redis_value(v).map_err(|_| unexpected()))
-            .collect::<Result<_>>()?;
+        let texts: Vec<String> = items.map(lossy_text).collect::<Result<_>>()?;
         let fields = texts
             .chunks_exact(2)
             .map(|p| (p[0].clone(), p[1].clone()))
@@ -342,16 +361,13 @@ impl Operation for Begin<'_> {
         invocation
             .key(self.key.as_str())
             .key(aside_key(self.key))
-            .key(batch_key(self.key))
             .key(claim_key(self.key))
             .arg(self.token)
             .arg(self.claim.as_millis())
             .arg(self.batch_id)
             .arg(self.batch_ttl.as_millis());
         let reply: Vec<redis::Value> = redis.invoke(&invocation).await?;
-        let text = |v: redis::Value| -> Result<String> {
-            redis::FromRedisValue::from_redis_value(v).map_err(|_| unexpected())
-        };
+        let text = lossy_text;
         let mut items = reply.into_iter();
         let head = text(items.next().ok_or_else(unexpected)?)?;
         match head.as_str() {
@@ -392,6 +408,9 @@ impl Operation for Begin<'_> {
                 ));
             }
             slot.claim = Some((self.token, now + self.claim.as_duration()));
+            if let Some((_, _, until)) = slot.aside.as_mut() {
+                *until = now + self.batch_ttl.as_duration();
+            }
             let (fields, id, _) = slot.aside.as_ref().expect("set above");
             Begun::Batch {
                 id: id.clone(),
@@ -422,7 +441,6 @@ impl Operation for Commit<'_> {
         let mut invocation = SCRIPTS.commit.prepare_invoke();
         invocation
             .key(aside_key(self.key))
-            .key(batch_key(self.key))
             .key(claim_key(self.key))
             .arg(self.token)
             .arg(self.batch_id);

@@ -6,9 +6,10 @@
 //!   folded into absent, so the caller decides (query the database itself, or refuse).
 //! - **Read-through.** On a miss the caller's loader reads the database. The copy lives for
 //!   `min(session expiry - now, cap)`; a hit still checks the stored expiry, so a copy never
-//!   outlives its session. A session the database does not know is remembered as absent for a
-//!   few seconds (`negative_ttl`), so a flood of bad tokens does not reach the database. A copy
-//!   that does not decode (another deploy's format, another client's value) is a miss.
+//!   outlives its session. A token the database does not know is remembered as absent for a
+//!   few seconds (`negative_ttl`), so the same bad token repeated does not reach the database
+//!   each time (distinct random tokens still do: rate-limit them). A copy that does not decode
+//!   (another deploy's format, another client's value) is a miss.
 //! - **Revocation.** [`Sessions::revoke`] drops one session's copy, [`Sessions::revoke_user`]
 //!   every copy of a user's sessions (a tag per user: an index that cannot drift), for every
 //!   instance at once. Revoke in the database first, then here. A load that read the database
@@ -284,6 +285,12 @@ impl Sessions {
         ttl: Ttl,
     ) {
         let store = self.store();
+        if hold.source != Source::Primary {
+            // Granted by this process's fallback during an outage: a revocation made on another
+            // instance could not reach it, so no copy is kept there.
+            hold.release().await;
+            return;
+        }
         let copy = Copy {
             user: record.user_id.clone(),
             exp: unix_ms(record.expires_at),
@@ -350,24 +357,40 @@ impl Sessions {
     /// Drops the copies of every session of `user_id` on every instance (after they were deleted
     /// in the database), and keeps loads that read the database before that from storing theirs:
     /// for as long as a copy can live, copies of this user's sessions are read from the database
-    /// and not kept. Returns how many copies were dropped; while Redis is unusable the drop is
-    /// queued (as for [`revoke`](Sessions::revoke)).
+    /// and not kept. Returns how many copies were dropped. While Redis is unusable the drop is
+    /// queued (as for [`revoke`](Sessions::revoke)) and this returns
+    /// [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable): call it again once Redis
+    /// answers.
     pub async fn revoke_user(&self, user_id: &str) -> Result<u64> {
         let marker = self.revoked_users.key_str(user_id)?;
         let lasts = Ttl::new(self.cap.as_duration() + self.cache.lease_ttl().as_duration())
             .unwrap_or(Ttl::MAX);
-        if let Err(e) = self
-            .store()
-            .set(&marker, Bytes::from_static(b"1"), lasts)
-            .await
-        {
-            tracing::warn!(error = %e, "user revocation marker not written");
-        }
         let tag = self.user_tag(user_id)?;
+        // The marker goes to Redis or nowhere (never to this process's fallback alone, where
+        // the other instances' loads could not see it).
+        let op = crate::revocation::MarkOp {
+            key: &marker,
+            ttl: lasts,
+        };
+        let marked = matches!(
+            self.store()
+                .run(&op, crate::store::OutageRule::FailClosed)
+                .await,
+            Ok(crate::store::Answered::Backend(()))
+        );
+        // The copies are dropped (or the drop queued for Redis) either way.
         let done = self
             .store()
             .invalidate(&[], std::slice::from_ref(&tag))
             .await?;
+        if !marked {
+            return Err(crate::Error::new(
+                crate::ErrorKind::Unavailable,
+                "the user's session copies were dropped (or the drop queued until Redis answers), \
+                 but loads in flight on other instances cannot be told: call revoke_user again \
+                 once Redis answers",
+            ));
+        }
         Ok(done.tag_entries_removed)
     }
 }
@@ -377,7 +400,8 @@ fn read_copy<S: DeserializeOwned>(bytes: &[u8]) -> Option<SessionLookup<S>> {
     match serde_json::from_slice::<Option<Copy<S>>>(bytes) {
         Ok(None) => Some(SessionLookup::Absent),
         Ok(Some(copy)) => {
-            let expires_at = UNIX_EPOCH + Duration::from_millis(copy.exp);
+            // An expiry no clock can hold (another client's JSON) is a copy to replace.
+            let expires_at = UNIX_EPOCH.checked_add(Duration::from_millis(copy.exp))?;
             if expires_at <= SystemTime::now() {
                 Some(SessionLookup::Absent)
             } else {

@@ -734,7 +734,8 @@ async fn revocation_checks_with_redis_frozen_are_unknown_within_the_timeout() {
 
 /// The session index with Redis frozen: a token whose copy is not in the fallback is `Unknown`
 /// within the operation timeout, never `Absent`, and the database is not asked behind the
-/// caller's back; once Redis is back the copy made before the freeze is a hit again.
+/// caller's back; revoking a user then is an error (loads elsewhere cannot be told) but its drop
+/// is queued, and applied before Redis serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_lookups_with_redis_frozen_are_unknown_not_absent() {
     use speedlayer::session::{SessionLookup, SessionRecord, Sessions};
@@ -774,12 +775,22 @@ async fn session_lookups_with_redis_frozen_are_unknown_not_absent() {
         1,
         "unknown is the caller's to resolve"
     );
+    // Revoking a user cannot reach the other instances' loads now: an error, not a silent Ok.
+    assert!(
+        sessions
+            .revoke_user("u1")
+            .await
+            .unwrap_err()
+            .is_unavailable()
+    );
     server.thaw();
     time_until_redis_serves(&cache, Duration::from_secs(10)).await;
+    // The drop queued during the freeze was applied before Redis served again: the copy made
+    // before the freeze is gone, and the database answers.
     assert!(matches!(lookup("warm").await, SessionLookup::Present(_)));
     assert_eq!(
         queries.load(Ordering::SeqCst),
-        1,
-        "the copy made before the freeze"
+        2,
+        "the queued revocation was applied"
     );
 }

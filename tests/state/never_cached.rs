@@ -49,6 +49,32 @@ async fn building_a_cache_key_in_a_never_cached_domain_is_refused(backend: Backe
     assert_eq!(cache.get::<i32>(&fees).await, Some(1));
     assert!(!ns.is_never_cached(&FEES));
     assert!(ns.is_never_cached(&PAYMENTS));
+
+    // A key built from another namespace, without the declaration, is refused by the cache too:
+    // written never, read from the loader every time.
+    let smuggled = Namespace::with_prefix(Ident::from_static("prod"))
+        .global()
+        .key(&PAYMENTS, &RECEIPT, 7)
+        .unwrap();
+    assert_eq!(
+        cache
+            .set(&smuggled, &1, Ttl::seconds(60))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidKey
+    );
+    for _ in 0..2 {
+        let loaded = cache
+            .get_or_set(&smuggled, Ttl::seconds(60), || async {
+                Ok::<_, std::io::Error>(5)
+            })
+            .await
+            .unwrap();
+        assert_eq!(loaded, 5);
+    }
+    assert_eq!(cache.stats().loader_calls, 2, "never stored");
+    assert_eq!(cache.get::<i32>(&smuggled).await, None);
 }
 
 async fn coordination_state_about_a_never_cached_domain_stays_allowed(backend: Backend) {

@@ -303,3 +303,28 @@ async fn another_clients_key_at_a_scratch_hash_is_a_clear_error() {
     assert_eq!(kept, "node's value");
     crate::support::assert_healthy(&cache).await;
 }
+
+/// A field with the reserved prefix is refused; another client's bytes that are not UTF-8 reach
+/// the sink replaced, and do not block the batch.
+#[tokio::test]
+async fn reserved_fields_are_refused_and_binary_values_do_not_block_a_flush() {
+    use ::redis::AsyncCommands;
+    let backend = Backend::redis().await;
+    let cache = Cache::new(backend.config()).await.unwrap();
+    let hash = Scratch::new(&cache).hash(day_key(12));
+    assert_eq!(
+        hash.mark("~batch", "x").await.unwrap_err().kind(),
+        speedlayer::ErrorKind::InvalidKey
+    );
+    hash.mark("s1", "present").await.unwrap();
+    let mut raw = backend.server().unwrap().raw().await;
+    let _: () = raw
+        .hset(hash.key().as_str(), "s2", &[0xff_u8, 0xfe, b'x'][..])
+        .await
+        .unwrap();
+    let db = Db::default();
+    let flushed = hash.flush(&db).await.unwrap();
+    assert_eq!((flushed.batches, flushed.fields), (1, 2));
+    assert!(hash.read().await.unwrap().is_empty());
+    crate::support::assert_healthy(&cache).await;
+}

@@ -254,6 +254,7 @@ async fn each_off_state_is_the_documented_one(backend: Backend) {
         .unwrap();
     s.set(Capability::Revocations, false);
     assert_eq!(revocations.check("jti-9").await, Revocation::Unknown);
+    assert!(revocations.allows("jti-9").await, "not consulted while off");
     s.set(Capability::Revocations, true);
     assert_eq!(revocations.check("jti-9").await, Revocation::Revoked);
 
@@ -263,8 +264,14 @@ async fn each_off_state_is_the_documented_one(backend: Backend) {
         hash.mark("a", "b").await.unwrap_err().kind(),
         ErrorKind::Unavailable
     );
+    let drafts = speedlayer::scratch::Drafts::new(&cache);
+    assert_eq!(
+        drafts.save("u1", "f1", &1).await.unwrap_err().kind(),
+        ErrorKind::Unavailable
+    );
     s.set(Capability::Scratch, true);
     hash.mark("a", "b").await.unwrap();
+    drafts.save("u1", "f1", &1).await.unwrap();
 }
 
 both_backends!(
