@@ -272,6 +272,18 @@ pub fn escape(raw: &str) -> String {
     out
 }
 
+/// The lowercase hex of the first `bytes` bytes (at most 32) of `data`'s SHA-256: how ids too
+/// long or too secret for a key (a session token, a long search text) are named in one.
+pub(crate) fn sha256_hex(data: &[u8], bytes: usize) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(data);
+    let mut out = String::with_capacity(bytes * 2);
+    for b in &digest[..bytes.min(digest.len())] {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 /// Reverses [`escape`]. Returns `None` for text that [`escape`] cannot have produced.
 pub fn unescape(escaped: &str) -> Option<String> {
     let bytes = escaped.as_bytes();

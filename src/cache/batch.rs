@@ -107,6 +107,9 @@ impl<Id: Eq + Hash, T, E> Batch<Id, T, E> {
     }
 }
 
+/// Keys with the tags to record for them.
+type TagMembers = Vec<(Key, Vec<Tag>)>;
+
 /// A load's result as its leader knows it: the value and its freshness, or the loader's error.
 type Loaded<V, E> = Result<(V, Fresh), Arc<E>>;
 
@@ -548,15 +551,20 @@ impl Cache {
         // Tags, before any value exists that they must reach; per store the leases came from.
         let mut window = None;
         let mut tagged = vec![false; leads.len()];
-        let mut by_source: Vec<(Source, Vec<usize>)> = Vec::new();
+        // Per store the leases came from: the tagged keys, with their tags (computed once).
+        let mut by_source: Vec<(Source, Vec<usize>, TagMembers)> = Vec::new();
         for (i, lead) in leads.iter().enumerate() {
             if let Step::Leased { source, .. } = steps[i] {
-                let explicit = (plan.tags_for)(&lead.id);
-                if !self.tags_of(lead.key, &explicit).is_empty() {
+                let tags = self.tags_of(lead.key, &(plan.tags_for)(&lead.id));
+                if !tags.is_empty() {
                     tagged[i] = true;
-                    match by_source.iter_mut().find(|(s, _)| *s == source) {
-                        Some((_, list)) => list.push(i),
-                        None => by_source.push((source, vec![i])),
+                    let member = (lead.key.clone(), tags);
+                    match by_source.iter_mut().find(|(s, _, _)| *s == source) {
+                        Some((_, at, list)) => {
+                            at.push(i);
+                            list.push(member);
+                        }
+                        None => by_source.push((source, vec![i], vec![member])),
                     }
                 }
             }
@@ -564,14 +572,7 @@ impl Cache {
         if !by_source.is_empty() {
             let index = IndexWindow::starting_now(plan.longest, inner.lease_ttl.as_duration());
             window = Some(index);
-            for (source, members) in by_source {
-                let list: Vec<(Key, Vec<Tag>)> = members
-                    .iter()
-                    .map(|&i| {
-                        let explicit = (plan.tags_for)(&leads[i].id);
-                        (leads[i].key.clone(), self.tags_of(leads[i].key, &explicit))
-                    })
-                    .collect();
+            for (source, members, list) in by_source {
                 if let Err(e) = inner.store.tag_add_many_at(&list, index.ttl, source).await {
                     tracing::debug!(error = %e, "tags not recorded; these entries will not be cached");
                     let mut release = Vec::new();

@@ -55,13 +55,10 @@
 //! # Ok::<(), speedlayer::Error>(())
 //! ```
 
-use std::fmt::Write as _;
 use std::ops::RangeInclusive;
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, ErrorKind};
-use crate::key::{Ident, Key, KeyError, KeySpace, MAX_SEGMENT_LEN, Tag};
+use crate::key::{Ident, Key, KeyError, KeySpace, MAX_SEGMENT_LEN, Tag, sha256_hex};
 
 /// Longest text value of a [`Dimension::text`] by default, in characters.
 pub const DEFAULT_TEXT_LEN: usize = 64;
@@ -317,7 +314,7 @@ impl Dimension {
                 }
                 if text.len() > *hash_over {
                     // '#' never starts a value kept as text: it is escaped there.
-                    format!("#{}", hex(&Sha256::digest(text.as_bytes())[..16]))
+                    format!("#{}", sha256_hex(text.as_bytes(), 16))
                 } else {
                     escape_value(&text)
                 }
@@ -349,14 +346,6 @@ fn escape_value(value: &str) -> String {
             '#' => out.push_str("%23"),
             c => out.push(c),
         }
-    }
-    out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
     }
     out
 }
@@ -549,7 +538,7 @@ impl QueryShape {
             // Too long for a key: keyed by its hash (no canonical form starts with "h-").
             _ => self
                 .space
-                .key_str(&format!("h-{}", hex(&Sha256::digest(canonical.as_bytes()))))?,
+                .key_str(&format!("h-{}", sha256_hex(canonical.as_bytes(), 32)))?,
         };
         let tag = match self.tag_by {
             Some(at) => self.tag_of(values[at].as_deref())?,
@@ -584,7 +573,7 @@ impl QueryShape {
             // such a hash would only share its tag: an invalidation then drops the pages of
             // both, never too few.
             Some(v) if crate::key::escape(v).len() > TAG_VALUE_MAX => {
-                format!("{}=h-{}", self.family, hex(&Sha256::digest(v.as_bytes())))
+                format!("{}=h-{}", self.family, sha256_hex(v.as_bytes(), 32))
             }
             Some(v) => format!("{}={v}", self.family),
             None => self.family.clone(),

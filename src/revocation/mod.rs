@@ -39,8 +39,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-
 use crate::Cache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Ident, Key, KeyError, KeySpace, Scope};
@@ -121,8 +119,7 @@ impl Revocations {
     pub fn key_of(&self, jti: &str) -> Result<Key> {
         match self.keys.key_str(jti) {
             Err(KeyError::SegmentTooLong { .. }) | Err(KeyError::KeyTooLong { .. }) => {
-                let digest = Sha256::digest(jti.as_bytes());
-                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                let hex = crate::key::sha256_hex(jti.as_bytes(), 32);
                 Ok(self.keys.key_str(&format!("h-{hex}"))?)
             }
             other => Ok(other?),

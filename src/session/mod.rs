@@ -50,7 +50,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::Cache;
 use crate::error::{ErrorKind, Result};
@@ -138,9 +137,9 @@ impl Sessions {
 
     /// The index key of `token`: never the token itself.
     pub fn key_of(&self, token: &str) -> Result<Key> {
-        let digest = Sha256::digest(token.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        Ok(self.tokens.key_str(&hex)?)
+        Ok(self
+            .tokens
+            .key_str(&crate::key::sha256_hex(token.as_bytes(), 16))?)
     }
 
     /// The tag every copy of `user_id`'s sessions carries.
