@@ -465,3 +465,42 @@ fn a_users_sessions_revoked_in_one_process_are_gone_in_the_others() {
         "absent loads 2"
     );
 }
+
+/// The roll call across a fleet: two processes mark 500 students each into one scratch hash
+/// while a third flushes it again and again through a sink that fails every third call; every
+/// mark reaches the (stand-in) database exactly once, and nothing is left in Redis.
+#[test]
+fn marks_from_two_processes_reach_the_database_once_through_a_failing_sink() {
+    let server = RedisServer::start();
+    let database = RedisServer::start();
+    let db = database.url();
+    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
+    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    let mut flusher = Node::spawn("flusher", &server.url(), NodeSettings::default());
+    let (na, nb) = (a.send("roll-mark 1 0 500"), b.send("roll-mark 1 500 1000"));
+    let mut failures = 0;
+    for _ in 0..30 {
+        if flusher.request(&format!("roll-flush 1 {db} 3")) == "sink failed" {
+            failures += 1;
+        }
+    }
+    assert_eq!(a.wait(na), "marked 500");
+    assert_eq!(b.wait(nb), "marked 500");
+    let mut last = String::new();
+    for _ in 0..20 {
+        last = flusher.request(&format!("roll-flush 1 {db} 0"));
+        if last == "flushed 0 0" {
+            break;
+        }
+    }
+    assert_eq!(last, "flushed 0 0", "everything flushed");
+    assert!(failures > 0, "the sink failed on the way");
+    let mut conn = database.client().get_connection().unwrap();
+    let applied: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg("applied")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(applied.len(), 1_000, "every mark reached the database");
+    let doubled: Vec<_> = applied.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(doubled.is_empty(), "marks applied twice: {doubled:?}");
+}

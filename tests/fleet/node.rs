@@ -45,7 +45,7 @@ use speedlayer::idempotency::{Begin, Fingerprint, Idempotency, IdempotencyKey, S
 use speedlayer::key::{Ident, KeySpace, Namespace};
 use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::revocation::Revocations;
-use speedlayer::scratch::{Presence, Scratch};
+use speedlayer::scratch::{FlushBatch, FlushError, Presence, Scratch, ScratchHash, Sink};
 use speedlayer::session::{SessionLookup, SessionRecord, Sessions};
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, Config};
@@ -95,6 +95,8 @@ struct Node {
     presence: Presence,
     sessions: Sessions,
     session_loads: AtomicUsize,
+    scratch: Scratch,
+    sink_calls: AtomicUsize,
 }
 
 fn arg(args: &[&str], i: usize) -> Result<u64, String> {
@@ -104,7 +106,52 @@ fn arg(args: &[&str], i: usize) -> Result<u64, String> {
         .map_err(|e| format!("argument {i}: {e}"))
 }
 
+/// The roll call's stand-in database (a second Redis): a batch id is applied once (`SET NX` on
+/// `batch:<id>`, as a unique constraint would), each applied mark counted in the hash `applied`.
+struct RollSink<'a> {
+    db: redis::aio::ConnectionManager,
+    fail_every: usize,
+    calls: &'a AtomicUsize,
+}
+
+impl Sink for RollSink<'_> {
+    type Error = redis::RedisError;
+
+    async fn write(&self, batch: &FlushBatch) -> Result<(), redis::RedisError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.fail_every > 0 && n.is_multiple_of(self.fail_every) {
+            return Err(redis::RedisError::from(std::io::Error::other(
+                "the database refused the write",
+            )));
+        }
+        let mut db = self.db.clone();
+        // One transaction: the batch id and its marks, or nothing.
+        let script = redis::Script::new(
+            r"
+if redis.call('SET', KEYS[1], '1', 'NX') then
+  for i = 1, #ARGV do redis.call('HINCRBY', KEYS[2], ARGV[i], 1) end
+end
+return 1
+",
+        );
+        let mut invocation = script.prepare_invoke();
+        invocation.key(format!("batch:{}", batch.id)).key("applied");
+        for (field, _) in &batch.fields {
+            invocation.arg(field);
+        }
+        invocation.invoke_async::<i64>(&mut db).await.map(|_| ())
+    }
+}
+
 impl Node {
+    fn roll_hash(&self, class: u64) -> Result<ScratchHash, String> {
+        let key = self
+            .items
+            .key(format!("roll-{class}"))
+            .map_err(|e| e.to_string())?;
+        Ok(self.scratch.hash(key))
+    }
+
     async fn handle(self: Arc<Self>, command: &str, args: &[&str]) -> Result<String, String> {
         let key = |i: usize| -> Result<speedlayer::Key, String> {
             self.items.key(arg(args, i)?).map_err(|e| e.to_string())
@@ -263,6 +310,37 @@ impl Node {
                     SessionLookup::Absent => format!("absent loads {loads}"),
                     SessionLookup::Unknown => format!("unknown loads {loads}"),
                 })
+            }
+            "roll-mark" => {
+                // roll-mark <class> <from> <to>: marks fields from..to of the class's hash.
+                let (class, from, to) = (arg(args, 0)?, arg(args, 1)?, arg(args, 2)?);
+                let hash = self.roll_hash(class)?;
+                for field in from..to {
+                    hash.mark(&format!("s{field}"), "present")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if field % 20 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Ok(format!("marked {}", to - from))
+            }
+            "roll-flush" => {
+                // roll-flush <class> <database url> <fail every n-th sink call of this process>
+                let class = arg(args, 0)?;
+                let db = database(args.get(1).ok_or("missing the database url")?).await?;
+                let fail_every = arg(args, 2)? as usize;
+                let sink = RollSink {
+                    db,
+                    fail_every,
+                    calls: &self.sink_calls,
+                };
+                match self.roll_hash(class)?.flush(&sink).await {
+                    Ok(f) if f.busy => Ok("busy".to_owned()),
+                    Ok(f) => Ok(format!("flushed {} {}", f.batches, f.fields)),
+                    Err(FlushError::Sink(_)) => Ok("sink failed".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                }
             }
             "session-revoke-user" => {
                 let user = format!("u{}", arg(args, 0)?);
@@ -574,6 +652,8 @@ async fn main() {
         revocations: Revocations::new(&cache),
         sessions: Sessions::new(&cache, Ttl::minutes(15)),
         session_loads: AtomicUsize::new(0),
+        scratch: Scratch::new(&cache).claim_ttl(Ttl::seconds(5)),
+        sink_calls: AtomicUsize::new(0),
         presence: Presence::new(&Scratch::new(&cache)),
         idempotency: Idempotency::new(&cache),
         counters: Counters::new(&cache),

@@ -328,3 +328,30 @@ async fn reserved_fields_are_refused_and_binary_values_do_not_block_a_flush() {
     assert!(hash.read().await.unwrap().is_empty());
     crate::support::assert_healthy(&cache).await;
 }
+
+/// Another client's key of another type where a presence room lives: the room reads as empty,
+/// a heartbeat replaces it, and the backend stays healthy.
+#[tokio::test]
+async fn another_clients_key_at_a_presence_room_is_replaced() {
+    use ::redis::AsyncCommands;
+    let backend = Backend::redis().await;
+    let cache = Cache::new(backend.config()).await.unwrap();
+    let presence = Presence::new(&Scratch::new(&cache));
+    let mut raw = backend.server().unwrap().raw().await;
+    let _: () = raw
+        .set("presence:room:class-9", "node's value")
+        .await
+        .unwrap();
+    assert!(presence.online("class-9").await.unwrap().is_empty());
+    presence
+        .heartbeat("class-9", "t9", Ttl::seconds(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        presence.online("class-9").await.unwrap(),
+        vec!["t9".to_owned()]
+    );
+    let ttl: i64 = raw.pttl("presence:room:class-9").await.unwrap();
+    assert!(ttl > 0);
+    crate::support::assert_healthy(&cache).await;
+}
