@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
-use super::flight::{Flight, Flights, OutsideLeader};
+use super::flight::{Flight, OutsideLeader};
 use super::{Cache, Flown, Fresh};
 use crate::key::{Key, Tag};
 use crate::store::{BatchLeases, IndexWindow, LeaseRequest, Leased, LeasedEntry, Source};
@@ -543,7 +543,7 @@ impl Cache {
         // Values another load stored meanwhile: no loading for those.
         for (i, lead) in leads.iter_mut().enumerate() {
             if let Step::Found(v) = &steps[i] {
-                publish(&inner.flights, lead, Ok((v.clone(), Fresh::Found)));
+                publish(lead, Ok((v.clone(), Fresh::Found)));
                 out.push((lead.at, Ok((v.clone(), Fresh::Found))));
             }
         }
@@ -613,7 +613,7 @@ impl Cache {
                 guard.release_all().await;
                 let e = Arc::new(e);
                 for &i in &to_load {
-                    publish(&inner.flights, &mut leads[i], Err(e.clone()));
+                    publish(&mut leads[i], Err(e.clone()));
                     out.push((leads[i].at, Err(e.clone())));
                 }
                 return out;
@@ -692,7 +692,7 @@ impl Cache {
         }
         guard.release(&uncacheable).await;
         for (&i, value) in to_load.iter().zip(values) {
-            publish(&inner.flights, &mut leads[i], Ok((value.clone(), fresh[i])));
+            publish(&mut leads[i], Ok((value.clone(), fresh[i])));
             out.push((leads[i].at, Ok((value, fresh[i]))));
         }
         out
@@ -729,12 +729,13 @@ fn assemble<Id: Clone, T: Clone, E>(
 
 /// Hands a load's result to the callers of this process waiting on its flight, and takes the
 /// flight out of the table (nobody may join a load whose result is known).
-fn publish<Id, V, E>(flights: &Flights, lead: &mut Lead<'_, Id, V, E>, result: Loaded<V, E>)
+fn publish<Id, V, E>(lead: &mut Lead<'_, Id, V, E>, result: Loaded<V, E>)
 where
     V: Send + Sync + 'static,
     E: Send + Sync + 'static,
 {
-    flights.retire(lead.key.as_str(), &lead.flight);
+    // Publishing fills the cell, and a leader that leaves a filled flight takes it out of the
+    // table; a lead without a leader has a private flight, never in the table.
     if let Some(leader) = lead.leader.take() {
         leader.publish(Some(result));
     }

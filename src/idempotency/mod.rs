@@ -368,7 +368,7 @@ impl Idempotency {
         } else {
             client
         };
-        let digest = format!("{:x}", Sha256::digest(key.as_str().as_bytes()));
+        let digest = crate::key::sha256_hex(key.as_str().as_bytes(), 32);
         Ok(self
             .scope
             .keyspace(&IDEM, route)

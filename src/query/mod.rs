@@ -58,7 +58,7 @@
 use std::ops::RangeInclusive;
 
 use crate::error::{Error, ErrorKind};
-use crate::key::{Ident, Key, KeyError, KeySpace, MAX_SEGMENT_LEN, Tag, sha256_hex};
+use crate::key::{Ident, Key, KeyError, KeySpace, Tag, sha256_hex};
 
 /// Longest text value of a [`Dimension::text`] by default, in characters.
 pub const DEFAULT_TEXT_LEN: usize = 64;
@@ -534,7 +534,8 @@ impl QueryShape {
             canonical.push('_');
         }
         let key = match self.space.key_str(&canonical) {
-            Ok(key) if crate::key::escape(&canonical).len() <= MAX_SEGMENT_LEN => key,
+            // `key_str` refuses an escaped id longer than a key segment.
+            Ok(key) => key,
             // Too long for a key: keyed by its hash (no canonical form starts with "h-").
             _ => self
                 .space

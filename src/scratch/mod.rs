@@ -94,7 +94,7 @@ use std::time::Duration;
 use crate::Cache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, Scope};
-use crate::store::{Answered, OutageRule, Store};
+use crate::store::{Answered, Operation, OutageRule, Store};
 use crate::ttl::Ttl;
 
 mod draft;
@@ -231,6 +231,15 @@ fn switched_off(store: &Store) -> Result<()> {
     }
 }
 
+/// Runs a scratch operation, failing closed: an error when the backend is unusable.
+pub(super) async fn run<O: Operation>(store: &Store, op: &O, what: &str) -> Result<O::Output> {
+    store
+        .run(op, OutageRule::FailClosed)
+        .await?
+        .value()
+        .ok_or_else(|| unavailable(what))
+}
+
 fn unavailable(what: &str) -> Error {
     Error::new(
         ErrorKind::Unavailable,
@@ -273,45 +282,35 @@ impl ScratchHash {
             fields,
             safety: self.scratch.safety,
         };
-        match self.scratch.store.run(&op, OutageRule::FailClosed).await? {
-            Answered::Backend(left) | Answered::Fallback(left) => {
-                self.warn_if_expiring(left);
-                Ok(())
-            }
-            Answered::Open | Answered::Closed => Err(unavailable("scratch mark")),
-        }
+        let left = run(&self.scratch.store, &op, "scratch mark").await?;
+        self.warn_if_expiring(left);
+        Ok(())
     }
 
     /// Every field written and not yet flushed (a batch being flushed included; a newer mark of
     /// the same field wins).
     pub async fn read(&self) -> Result<BTreeMap<String, String>> {
         switched_off(&self.scratch.store)?;
-        match self
-            .scratch
-            .store
-            .run(&Read { key: &self.key }, OutageRule::FailClosed)
-            .await?
-        {
-            Answered::Backend((left, fields)) | Answered::Fallback((left, fields)) => {
-                self.warn_if_expiring(left);
-                Ok(fields)
-            }
-            Answered::Open | Answered::Closed => Err(unavailable("scratch read")),
-        }
+        let (left, fields) = run(
+            &self.scratch.store,
+            &Read { key: &self.key },
+            "scratch read",
+        )
+        .await?;
+        self.warn_if_expiring(left);
+        Ok(fields)
     }
 
     /// How long the hash lives if nobody flushes it (`None` when it holds nothing).
     pub async fn remaining_ttl(&self) -> Result<Option<Duration>> {
         switched_off(&self.scratch.store)?;
-        match self
-            .scratch
-            .store
-            .run(&Read { key: &self.key }, OutageRule::FailClosed)
-            .await?
-        {
-            Answered::Backend((left, _)) | Answered::Fallback((left, _)) => Ok(left),
-            Answered::Open | Answered::Closed => Err(unavailable("scratch read")),
-        }
+        let (left, _) = run(
+            &self.scratch.store,
+            &Read { key: &self.key },
+            "scratch read",
+        )
+        .await?;
+        Ok(left)
     }
 
     /// Delivers what was written to `sink` (see the [module](self)): a batch a failed or crashed
@@ -338,17 +337,7 @@ impl ScratchHash {
                 batch_id: &batch_id,
                 batch_ttl: self.scratch.safety,
             };
-            let begun = match self
-                .scratch
-                .store
-                .run(&begin, OutageRule::FailClosed)
-                .await?
-            {
-                Answered::Backend(b) | Answered::Fallback(b) => b,
-                Answered::Open | Answered::Closed => {
-                    return Err(FlushError::Store(unavailable("scratch flush")));
-                }
-            };
+            let begun = run(&self.scratch.store, &begin, "scratch flush").await?;
             let (id, leftover, fields) = match begun {
                 Begun::Busy => {
                     done.busy = true;

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::Scratch;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::key::{Ident, Key, KeySpace};
-use crate::store::{Answered, MemoryLayer, Operation, OutageRule, Store, TwinTable, sibling_key};
+use crate::store::{MemoryLayer, Operation, Store, TwinTable, sibling_key};
 use crate::ttl::Ttl;
 
 const PRESENCE: Ident = Ident::from_static("presence");
@@ -115,13 +115,7 @@ impl Presence {
 
     async fn run<O: Operation>(&self, op: &O) -> Result<O::Output> {
         super::switched_off(&self.store)?;
-        match self.store.run(op, OutageRule::FailClosed).await? {
-            Answered::Backend(v) | Answered::Fallback(v) => Ok(v),
-            Answered::Open | Answered::Closed => Err(Error::new(
-                ErrorKind::Unavailable,
-                "presence: the backend is unusable",
-            )),
-        }
+        super::run(&self.store, op, "presence").await
     }
 
     /// `member` is in `room` for `ttl` from now (send one every `ttl / 2` or so).

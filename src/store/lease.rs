@@ -57,27 +57,10 @@ pub(crate) struct BatchLeases<'a> {
 }
 
 impl BatchLeases<'_> {
-    /// The leases still held, grouped by where they were granted; marks them given up.
-    fn take_held(&mut self) -> Vec<(Source, Vec<(Key, u64)>)> {
+    /// The leases at `which` that are still held, grouped by where they were granted.
+    fn grouped(&self, which: impl Iterator<Item = usize>) -> Vec<(Source, Vec<(Key, u64)>)> {
         let mut groups: Vec<(Source, Vec<(Key, u64)>)> = Vec::new();
-        for (key, token, source, held) in &mut self.held {
-            if !*held {
-                continue;
-            }
-            *held = false;
-            match groups.iter_mut().find(|(s, _)| s == source) {
-                Some((_, list)) => list.push((key.clone(), *token)),
-                None => groups.push((*source, vec![(key.clone(), *token)])),
-            }
-        }
-        groups
-    }
-
-    /// Gives up the leases at `which` (indices into `held`) now. They count as held until the
-    /// release returned, so that a caller dropped meanwhile still gives them up on drop.
-    pub(crate) async fn release(&mut self, which: &[usize]) {
-        let mut groups: Vec<(Source, Vec<(Key, u64)>)> = Vec::new();
-        for &i in which {
+        for i in which {
             let (key, token, source, held) = &self.held[i];
             if !*held {
                 continue;
@@ -87,6 +70,22 @@ impl BatchLeases<'_> {
                 None => groups.push((*source, vec![(key.clone(), *token)])),
             }
         }
+        groups
+    }
+
+    /// The leases still held, grouped by where they were granted; marks them given up.
+    fn take_held(&mut self) -> Vec<(Source, Vec<(Key, u64)>)> {
+        let groups = self.grouped(0..self.held.len());
+        for entry in &mut self.held {
+            entry.3 = false;
+        }
+        groups
+    }
+
+    /// Gives up the leases at `which` (indices into `held`) now. They count as held until the
+    /// release returned, so that a caller dropped meanwhile still gives them up on drop.
+    pub(crate) async fn release(&mut self, which: &[usize]) {
+        let groups = self.grouped(which.iter().copied());
         for (source, leases) in &groups {
             release_many_quietly(self.store, leases, *source).await;
         }
