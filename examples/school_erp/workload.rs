@@ -112,6 +112,8 @@ pub struct Detail {
     pub leases_denied: u64,
     pub max_ms: f64,
     pub first_failures: Vec<String>,
+    /// The first stale reads: what was read, what it showed, when.
+    pub first_stale: Vec<String>,
     pub payments: u64,
     pub payment_retries: u64,
     pub replays: u64,
@@ -255,6 +257,9 @@ impl Report {
         for failure in &d.first_failures {
             println!("  {failure}");
         }
+        for stale in &d.first_stale {
+            println!("  stale: {stale}");
+        }
     }
 }
 
@@ -315,6 +320,7 @@ struct Tally {
     presence_seen: u64,
     latencies_us: Vec<u32>,
     failures: Vec<String>,
+    stale_seen: Vec<String>,
 }
 
 impl Tally {
@@ -349,6 +355,18 @@ impl Tally {
                 self.failures.push(f);
             }
         }
+        for f in other.stale_seen {
+            if self.stale_seen.len() < 10 {
+                self.stale_seen.push(f);
+            }
+        }
+    }
+
+    fn stale(&mut self, what: String) {
+        self.stale += 1;
+        if self.stale_seen.len() < 10 {
+            self.stale_seen.push(what);
+        }
     }
 
     fn fail(&mut self, what: String) {
@@ -368,6 +386,7 @@ struct Shared {
     client: HttpClient,
     base: String,
     budget: AtomicU64,
+    started: Instant,
     deadline: Instant,
     confirmed: Confirmed,
     workload: Workload,
@@ -475,7 +494,12 @@ impl Shared {
             .await
             && (summary.paid_cents < paid || summary.profile_version < version)
         {
-            tally.stale += 1;
+            tally.stale(format!(
+                "GET {path} at {:.3} s: paid {} version {}, while {paid} and version {version} were confirmed",
+                self.started.elapsed().as_secs_f64(),
+                summary.paid_cents,
+                summary.profile_version
+            ));
         }
     }
 
@@ -506,20 +530,37 @@ impl Shared {
                 child: profile,
                 fees,
                 ..
-            } => fees.paid_cents < paid || profile.version < version,
-            Dashboard::Teacher { class } => roster_versions.iter().any(|(s, v)| {
-                class
-                    .roster
-                    .iter()
-                    .find(|e| e.student_id == *s)
-                    .is_none_or(|e| e.version < *v)
+            } => (fees.paid_cents < paid || profile.version < version).then(|| {
+                format!(
+                    "paid {} version {}, while {paid} and version {version} were confirmed",
+                    fees.paid_cents, profile.version
+                )
+            }),
+            Dashboard::Teacher { class } => roster_versions.iter().find_map(|(s, v)| {
+                match class.roster.iter().find(|e| e.student_id == *s) {
+                    None => Some(format!("student {s} missing from the roster")),
+                    Some(e) if e.version < *v => Some(format!(
+                        "student {s} at version {}, while version {v} was confirmed",
+                        e.version
+                    )),
+                    Some(_) => None,
+                }
             }),
             Dashboard::Admin { totals } => {
-                totals.payments < self.confirmed.baseline_payments + payments
+                let confirmed = self.confirmed.baseline_payments + payments;
+                (totals.payments < confirmed).then(|| {
+                    format!(
+                        "{} payments, while {confirmed} were confirmed",
+                        totals.payments
+                    )
+                })
             }
         };
-        if stale {
-            tally.stale += 1;
+        if let Some(what) = stale {
+            tally.stale(format!(
+                "GET {path} at {:.3} s: {what}",
+                self.started.elapsed().as_secs_f64()
+            ));
         }
     }
 
@@ -1084,6 +1125,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         client: client.clone(),
         base: base.clone(),
         budget: AtomicU64::new(workload.requests),
+        started,
         deadline: started + workload.duration,
         confirmed: Confirmed::new(workload.students, baseline_payments),
         workload: workload.clone(),
@@ -1175,6 +1217,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
                 .last()
                 .map_or(0.0, |m| f64::from(*m) / 1_000.0),
             first_failures: tally.failures,
+            first_stale: tally.stale_seen,
             payments: tally.payments,
             payment_retries: tally.payment_retries,
             replays: tally.replays,

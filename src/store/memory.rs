@@ -727,27 +727,6 @@ impl CacheLayer for MemoryLayer {
         Ok(forgotten)
     }
 
-    async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        // In process memory the index is taken whole, in one step: a member registered after
-        // this goes into a new index, and its load began after the invalidation.
-        let members = {
-            let mut table = self.lock_tags();
-            let set = table.tags.remove(tag.as_str()).unwrap_or_default();
-            table.members -= set.members.len();
-            set.members
-        };
-        let now = Instant::now();
-        let mut removed = 0;
-        // A member past its lifetime is not an entry of this tag any more (its key may hold a
-        // newer, untagged value).
-        for (member, _) in members.into_iter().filter(|(_, s)| s.until > now) {
-            if self.remove_key(&member).await {
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
     async fn sweep(&self, pattern: &KeyPattern, _batch: usize, max_removed: u64) -> Result<u64> {
         let victims: Vec<String> = self
             .cache

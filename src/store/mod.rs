@@ -260,6 +260,10 @@ pub struct TagChunk {
 /// Members read per chunk when a tag is invalidated.
 pub const TAG_CHUNK: usize = 500;
 
+/// The most passes [`Store::invalidate`] makes over an event's keys and tags: enough for
+/// entries built from cached entries that are themselves built from cached entries.
+pub const INVALIDATION_PASSES: usize = 3;
+
 /// A byte store with mandatory TTLs.
 ///
 /// Object-safe: `Arc<dyn CacheLayer>` works. Every write takes a [`Ttl`]; there is no other way to

@@ -41,9 +41,9 @@ use bytes::Bytes;
 
 use super::breaker::{Admit, Breaker, BreakerState, Transition};
 use super::{
-    Answered, Backend, BackendKind, CacheLayer, Entry, IndexWindow, LeaseRequest, Leased,
-    LeasedEntry, MemoryLayer, Operation, OutageRule, Remaining, TAG_CHUNK, TagChunk, TagCursor,
-    TagMember, is_lease,
+    Answered, Backend, BackendKind, CacheLayer, Entry, INVALIDATION_PASSES, IndexWindow,
+    LeaseRequest, Leased, LeasedEntry, MemoryLayer, Operation, OutageRule, Remaining, TAG_CHUNK,
+    TagChunk, TagCursor, TagMember, is_lease,
 };
 use crate::clock::Clock;
 use crate::config::{Config, Fallback};
@@ -615,7 +615,33 @@ impl Store {
     /// An error about the data of one target (another client's value where a tag index lives)
     /// does not stop the others: every target is attempted, and the first such error is
     /// returned at the end.
+    ///
+    /// Entries built from other cached entries (a dashboard whose loader reads cached profiles)
+    /// are covered too. Such an entry can be registered while the invalidation runs, after its
+    /// tag was read and before the entry it was built from was removed, and so hold the old
+    /// data without being listed. So when a pass removed anything, the keys and tags are passed
+    /// over again: the second pass removes what the first let through (the indexes then list
+    /// only entries registered since), up to [`INVALIDATION_PASSES`] passes in all, which covers
+    /// entries built from cached entries that are themselves built from cached entries. A pass
+    /// that removes nothing ends it; usually that is the second, one more read per tag.
     pub async fn invalidate(&self, keys: &[Key], tags: &[Tag]) -> Result<Invalidated> {
+        let mut done = self.invalidate_pass(keys, tags).await?;
+        let mut last = done.keys_removed + done.tag_entries_removed;
+        for _ in 1..INVALIDATION_PASSES {
+            if last == 0 || done.deferred {
+                break;
+            }
+            let again = self.invalidate_pass(keys, tags).await?;
+            last = again.keys_removed + again.tag_entries_removed;
+            done.keys_removed += again.keys_removed;
+            done.tag_entries_removed += again.tag_entries_removed;
+            done.deferred |= again.deferred;
+        }
+        Ok(done)
+    }
+
+    /// One pass of [`invalidate`](Store::invalidate) over every key and tag.
+    async fn invalidate_pass(&self, keys: &[Key], tags: &[Tag]) -> Result<Invalidated> {
         let mut done = Invalidated::default();
         let mut first_error = None;
         if !keys.is_empty() {
@@ -1537,9 +1563,9 @@ impl CacheLayer for Store {
     }
 
     async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        self.invalidate_one_tag(tag)
+        self.invalidate(&[], std::slice::from_ref(tag))
             .await
-            .map(|(removed, _)| removed)
+            .map(|done| done.tag_entries_removed)
     }
 
     async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64> {

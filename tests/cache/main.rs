@@ -6,6 +6,7 @@ mod support;
 mod batch;
 mod behaviour;
 mod leases;
+mod races;
 
 macro_rules! cache_suite {
     ($($test:ident),* $(,)?) => {
@@ -35,6 +36,7 @@ mod suite {
     pub use crate::batch::*;
     pub use crate::behaviour::*;
     pub use crate::leases::*;
+    pub use crate::races::*;
 }
 
 cache_suite!(
@@ -68,6 +70,9 @@ cache_suite!(
     a_cancelled_batch_is_taken_over_by_the_batches_waiting_on_it,
     overlapping_batches_of_two_app_servers_never_hold_each_other_up,
     one_id_under_two_keys_gets_its_row_twice,
+    nested_loads_racing_writes_never_serve_older_rows,
+    an_entry_built_from_a_cached_entry_during_its_invalidation_is_removed_too,
+    concurrent_invalidations_of_one_tag_each_remove_its_entries,
 );
 
 mod redis_only {

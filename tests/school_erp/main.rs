@@ -87,7 +87,10 @@ fn missed_targets(report: &Report) -> Vec<String> {
     );
     check(
         report.stale_reads == 0,
-        format!("{} stale reads", report.stale_reads),
+        format!(
+            "{} stale reads, the first: {:?}",
+            report.stale_reads, report.detail.first_stale
+        ),
     );
     check(report.detail.writes > 0, "no writes".into());
     check(
