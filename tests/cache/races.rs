@@ -183,7 +183,7 @@ pub async fn nested_loads_racing_writes_never_serve_older_rows(backend: &Backend
             tokio::spawn(async move {
                 for _ in 0..OPS_PER_TASK {
                     let choice = rand::random::<u64>();
-                    if choice % 8 == 0 {
+                    if choice.is_multiple_of(8) {
                         world.write((choice / 8) as u32 % ROWS).await;
                     } else {
                         world.read(choice / 8).await;
@@ -210,13 +210,16 @@ pub async fn nested_loads_racing_writes_never_serve_older_rows(backend: &Backend
     assert!(s.hits > 0 && s.loader_calls > 0, "{s:?}");
 }
 
+/// The key whose removal is held up, the signal that it was reached, and the one that lets it go.
+type HeldRemoval = (Key, Arc<Notify>, Arc<Notify>);
+
 /// A layer that passes every call to a store, except that the removal of one chosen key can be
 /// held up: an invalidation is stopped between reading a tag's index and removing its entries.
 #[derive(Debug)]
 struct Gated {
     inner: speedlayer::store::Store,
     /// The key whose next removal waits; reached, and let go.
-    armed: std::sync::Mutex<Option<(Key, Arc<Notify>, Arc<Notify>)>>,
+    armed: std::sync::Mutex<Option<HeldRemoval>>,
 }
 
 use speedlayer::Result as SlResult;
