@@ -45,24 +45,18 @@ fn scope() -> speedlayer::key::Scope {
     Namespace::root().global()
 }
 
-fn row_key(id: u32) -> Key {
+fn key_in(domain: &'static str, entity: &'static str, id: impl std::fmt::Display) -> Key {
     scope()
-        .key(
-            &Ident::from_static("row"),
-            &Ident::from_static("profile"),
-            id,
-        )
+        .key(&Ident::from_static(domain), &Ident::from_static(entity), id)
         .unwrap()
 }
 
+fn row_key(id: u32) -> Key {
+    key_in("row", "profile", id)
+}
+
 fn view_key(name: &str) -> Key {
-    scope()
-        .key(
-            &Ident::from_static("view"),
-            &Ident::from_static("page"),
-            name,
-        )
-        .unwrap()
+    key_in("view", "page", name)
 }
 
 fn row_tag(id: u32) -> Tag {
