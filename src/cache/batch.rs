@@ -7,7 +7,6 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -16,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use super::flight::{Flight, OutsideLeader};
-use super::{Cache, Flown, Fresh};
+use super::{Cache, Flown, Fresh, LeaseWait};
 use crate::key::{Key, Tag};
 use crate::store::{BatchLeases, IndexWindow, LeaseRequest, Leased, LeasedEntry, Source};
 use crate::ttl::{Ttl, TtlPolicy};
@@ -263,7 +262,7 @@ impl Cache {
         }
         let unique: Vec<Key> = distinct.iter().map(|&i| keys[i].1.clone()).collect();
         let mut answers: Vec<Option<BatchEntry<T, E>>> = (0..unique.len()).map(|_| None).collect();
-        if !unique.is_empty() && (!self.is_on() || unique.iter().any(|k| !self.caches(k))) {
+        if unique.iter().any(|k| !self.caches(k)) {
             // Switched off (or a never-cached domain among the keys): one loader call for
             // every key, nothing stored.
             c.misses.fetch_add(unique.len() as u64, Ordering::Relaxed);
@@ -373,13 +372,7 @@ impl Cache {
             let mut again = Vec::new();
             for (at, flown, before_observation, before_loading) in waited {
                 match flown {
-                    Some(Ok((v, fresh)))
-                        if match fresh {
-                            Fresh::Stored => true,
-                            Fresh::Found => before_observation,
-                            Fresh::Unknown => before_loading,
-                        } =>
-                    {
+                    Some(Ok((v, fresh))) if fresh.usable_by(before_observation, before_loading) => {
                         c.coalesced.fetch_add(1, Ordering::Relaxed);
                         answers[at] = Some(Ok(v));
                     }
@@ -455,8 +448,7 @@ impl Cache {
 
         // Lease every key in one call; wait a little for keys another process is loading.
         let skip_primary = plan.first_read != Source::Primary;
-        let waited_since = tokio::time::Instant::now();
-        let mut backoff = Duration::from_millis(2);
+        let mut wait = LeaseWait::new(inner.lease_wait);
         loop {
             let pending: Vec<usize> = (0..leads.len())
                 .filter(|&i| matches!(steps[i], Step::Pending))
@@ -523,7 +515,7 @@ impl Cache {
             if waiting == 0 {
                 break;
             }
-            if waited_since.elapsed() + backoff > inner.lease_wait {
+            if !wait.pause().await {
                 for step in &mut steps {
                     if matches!(step, Step::Pending) {
                         *step = Step::Uncached;
@@ -535,8 +527,6 @@ impl Cache {
                     .fetch_add(waiting, Ordering::Relaxed);
                 break;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(16));
         }
 
         let mut out: Vec<(usize, Loaded<Option<T>, E>)> = Vec::with_capacity(leads.len());

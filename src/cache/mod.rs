@@ -43,8 +43,52 @@ enum Fresh {
     Stored,
     /// Found in the store by the leader: current for members that joined before it looked.
     Found,
-    /// Not stored (no lease, or the lease was broken): only the leader may use it.
+    /// Not stored (no lease, or the lease was broken): current for members that joined before
+    /// the loader ran.
     Unknown,
+}
+
+impl Fresh {
+    /// True when a member that joined before the leader looked in the store
+    /// (`before_observation`) or before its loader ran (`before_loading`) may be handed the value.
+    fn usable_by(self, before_observation: bool, before_loading: bool) -> bool {
+        match self {
+            Fresh::Stored => true,
+            Fresh::Found => before_observation,
+            // Loaded without a lease (another process holds it, or the backend is unusable):
+            // current for the members that joined before the loader read the database, since
+            // any invalidation they could have seen came before that read.
+            Fresh::Unknown => before_loading,
+        }
+    }
+}
+
+/// Waiting for the value of a load another caller holds the lease for: pauses from 2 ms,
+/// doubling up to 16 ms, for at most `lease_wait` in all.
+pub(crate) struct LeaseWait {
+    since: tokio::time::Instant,
+    backoff: Duration,
+    limit: Duration,
+}
+
+impl LeaseWait {
+    pub(crate) fn new(limit: Duration) -> LeaseWait {
+        LeaseWait {
+            since: tokio::time::Instant::now(),
+            backoff: Duration::from_millis(2),
+            limit,
+        }
+    }
+
+    /// Pauses before the next try; false, at once, when the pause would end past the limit.
+    pub(crate) async fn pause(&mut self) -> bool {
+        if self.since.elapsed() + self.backoff > self.limit {
+            return false;
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(16));
+        true
+    }
 }
 
 /// What a load is for.
@@ -286,6 +330,20 @@ impl Cache {
         self.is_on()
     }
 
+    /// An error when `key` is in a domain this cache's namespace declares never cached.
+    fn refuse_never_cached(&self, key: &Key) -> Result<()> {
+        if self.inner.namespace.refuses(key) {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                format!(
+                    "the domain {:?} is declared never cached: nothing is stored in it",
+                    key.domain()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The store underneath, for byte-level operations (`set_if_absent`, `increment`).
     pub fn store(&self) -> &Store {
         &self.inner.store
@@ -320,7 +378,7 @@ impl Cache {
     /// deleted and read as `None`.
     pub async fn get_many<T: DeserializeOwned>(&self, keys: &[Key]) -> Vec<Option<T>> {
         let c = &self.inner.counters;
-        if !self.is_on() || keys.iter().any(|k| !self.caches(k)) {
+        if keys.iter().any(|k| !self.caches(k)) {
             c.misses.fetch_add(keys.len() as u64, Ordering::Relaxed);
             return keys.iter().map(|_| None).collect();
         }
@@ -383,15 +441,7 @@ impl Cache {
         tags: &[Tag],
     ) -> Result<()> {
         let bytes = self.encode(value)?;
-        if self.inner.namespace.refuses(key) {
-            return Err(Error::new(
-                ErrorKind::InvalidKey,
-                format!(
-                    "the domain {:?} is declared never cached: nothing is stored in it",
-                    key.domain()
-                ),
-            ));
-        }
+        self.refuse_never_cached(key)?;
         if !self.is_on() {
             // Switched off: the write becomes a delete, so that no older value is left for the
             // instances (or the moment) where the cache is on.
@@ -425,17 +475,8 @@ impl Cache {
                 tags.push((key.clone(), own));
             }
         }
-        if let Some((key, _)) = entries
-            .iter()
-            .find(|(k, _)| self.inner.namespace.refuses(k))
-        {
-            return Err(Error::new(
-                ErrorKind::InvalidKey,
-                format!(
-                    "the domain {:?} is declared never cached: nothing is stored in it",
-                    key.domain()
-                ),
-            ));
+        for (key, _) in entries {
+            self.refuse_never_cached(key)?;
         }
         if !self.is_on() {
             let keys: Vec<Key> = entries.iter().map(|(k, _)| k.clone()).collect();
@@ -761,16 +802,8 @@ impl Cache {
             drop(member);
             match outcome {
                 Some(Ok((value, fresh))) => {
-                    let usable = led
-                        || match fresh {
-                            Fresh::Stored => true,
-                            Fresh::Found => joined_before_observation,
-                            // Loaded without a lease (another process holds it, or the backend
-                            // is unusable): current for the members that joined before the
-                            // loader read the database, since any invalidation they could have
-                            // seen came before that read.
-                            Fresh::Unknown => joined_before_loading,
-                        };
+                    let usable =
+                        led || fresh.usable_by(joined_before_observation, joined_before_loading);
                     if usable {
                         let counter = match (led, fresh) {
                             // The leader found the value another load had just stored.
@@ -833,8 +866,7 @@ impl Cache {
         // storing its value) usually stores within milliseconds: wait a little for its value
         // rather than query the database again, then load without caching.
         let skip_primary = first_read != Source::Primary;
-        let waited_since = tokio::time::Instant::now();
-        let mut backoff = Duration::from_millis(2);
+        let mut wait = LeaseWait::new(inner.lease_wait);
         let mut lease = loop {
             let leased = inner
                 .store
@@ -859,14 +891,10 @@ impl Cache {
                         held: true,
                     });
                 }
-                Ok((Leased::Denied, source))
-                    if source != Source::Nothing
-                        && waited_since.elapsed() + backoff <= inner.lease_wait =>
-                {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(16));
-                }
-                Ok((Leased::Denied, _)) => {
+                Ok((Leased::Denied, source)) => {
+                    if source != Source::Nothing && wait.pause().await {
+                        continue;
+                    }
                     inner.counters.leases_denied.fetch_add(1, Ordering::Relaxed);
                     break None;
                 }

@@ -441,29 +441,22 @@ impl CacheLayer for MemoryLayer {
     }
 
     async fn touch(&self, key: &Key, ttl: Ttl) -> Result<bool> {
-        let result = self
-            .cache
-            .entry(key.as_str().to_owned())
-            .and_compute_with(|current| {
-                let now = Instant::now();
-                let op = match current {
-                    Some(entry)
-                        if entry.value().live(now)
-                            && entry.value().lease == 0
-                            && !entry.value().value.is_empty() =>
-                    {
-                        Op::Put(Stored {
-                            value: entry.value().value.clone(),
-                            expires_at: now + ttl.as_duration(),
-                            lease: 0,
-                        })
-                    }
-                    _ => Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
-        Ok(matches!(result, CompResult::ReplacedWith(_)))
+        self.compute(key, |live| match live {
+            // A value: not a lease, and not the empty string a lease leaves.
+            Some(entry) if entry.lease == 0 && !entry.value.is_empty() => {
+                let value = entry.value;
+                (
+                    MemoryUpdate::Put {
+                        value,
+                        lease: 0,
+                        ttl,
+                    },
+                    true,
+                )
+            }
+            _ => (MemoryUpdate::Keep, false),
+        })
+        .await
     }
 
     async fn set_if_absent(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<bool> {

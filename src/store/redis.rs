@@ -172,6 +172,20 @@ end
 return forgotten
 ";
 
+/// Adds to `pipe` the registration of `member` in each of `tags` for `ttl`. Each script touches
+/// one index key; EVAL (not EVALSHA) so that a pipeline needs no NOSCRIPT handling.
+fn push_tag_adds(pipe: &mut redis::Pipeline, tags: &[Tag], member: &Key, ttl: Ttl) {
+    for tag in tags {
+        pipe.cmd("EVAL")
+            .arg(TAG_ADD_SCRIPT)
+            .arg(1)
+            .arg(tag.as_str())
+            .arg(member.as_str())
+            .arg(ttl.as_millis())
+            .ignore();
+    }
+}
+
 enum Conn {
     Multiplexed(Box<Multiplexed>),
     #[cfg(feature = "bb8")]
@@ -625,22 +639,12 @@ impl CacheLayer for RedisLayer {
     }
 
     async fn tag_add_many(&self, members: &[(Key, Vec<Tag>)], ttl: Ttl) -> Result<()> {
-        let mut pipe = redis::pipe();
-        let mut any = false;
-        for (member, tags) in members {
-            for tag in tags {
-                any = true;
-                pipe.cmd("EVAL")
-                    .arg(TAG_ADD_SCRIPT)
-                    .arg(1)
-                    .arg(tag.as_str())
-                    .arg(member.as_str())
-                    .arg(ttl.as_millis())
-                    .ignore();
-            }
-        }
-        if !any {
+        if members.iter().all(|(_, tags)| tags.is_empty()) {
             return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (member, tags) in members {
+            push_tag_adds(&mut pipe, tags, member, ttl);
         }
         self.query_pipeline::<()>(&pipe).await
     }
@@ -665,18 +669,9 @@ impl CacheLayer for RedisLayer {
         if tags.is_empty() {
             return Ok(());
         }
-        // One round trip for all tags. Each script touches one index key; EVAL (not EVALSHA)
-        // so that a pipeline needs no NOSCRIPT handling.
+        // One round trip for all tags.
         let mut pipe = redis::pipe();
-        for tag in tags {
-            pipe.cmd("EVAL")
-                .arg(TAG_ADD_SCRIPT)
-                .arg(1)
-                .arg(tag.as_str())
-                .arg(member.as_str())
-                .arg(ttl.as_millis())
-                .ignore();
-        }
+        push_tag_adds(&mut pipe, tags, member, ttl);
         self.query_pipeline::<()>(&pipe).await
     }
 

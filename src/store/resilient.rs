@@ -768,16 +768,39 @@ impl Store {
         replace: Option<&[u8]>,
         skip_primary: bool,
     ) -> Result<(Leased, Source)> {
+        let fallback_ttl = self.fallback_ttl(lease_ttl);
+        self.lease_at_source(
+            "GET (lease)",
+            skip_primary,
+            || {
+                self.inner
+                    .primary
+                    .get_or_lease(key, token, lease_ttl, replace)
+            },
+            |f| async move { f.get_or_lease(key, token, fallback_ttl, replace).await },
+            Leased::Denied,
+        )
+        .await
+    }
+
+    /// Takes leases on the primary (unless `skip_primary`), or on the fallback while the primary
+    /// is unusable; `nothing` when neither can be asked. Says who answered.
+    async fn lease_at_source<'a, T, P, PF, F, FF>(
+        &'a self,
+        op: &'static str,
+        skip_primary: bool,
+        primary: P,
+        fallback: F,
+        nothing: T,
+    ) -> Result<(T, Source)>
+    where
+        P: FnOnce() -> PF,
+        PF: Future<Output = Result<T>>,
+        F: FnOnce(&'a MemoryLayer) -> FF,
+        FF: Future<Output = Result<T>>,
+    {
         if !(skip_primary && self.inner.remote) {
-            match self
-                .attempt(
-                    "GET (lease)",
-                    self.inner
-                        .primary
-                        .get_or_lease(key, token, lease_ttl, replace),
-                )
-                .await
-            {
+            match self.attempt(op, primary()).await {
                 Outcome::Done(leased) => return Ok((leased, Source::Primary)),
                 Outcome::Refused(e) => return Err(e),
                 Outcome::Unusable => {}
@@ -789,12 +812,8 @@ impl Store {
                 .fetch_add(1, Ordering::Relaxed);
         }
         match self.outage_fallback() {
-            Some(f) => Ok((
-                f.get_or_lease(key, token, self.fallback_ttl(lease_ttl), replace)
-                    .await?,
-                Source::Fallback,
-            )),
-            None => Ok((Leased::Denied, Source::Nothing)),
+            Some(f) => Ok((fallback(f).await?, Source::Fallback)),
+            None => Ok((nothing, Source::Nothing)),
         }
     }
 
@@ -908,32 +927,15 @@ impl Store {
         lease_ttl: Ttl,
         skip_primary: bool,
     ) -> Result<(Vec<Leased>, Source)> {
-        if !(skip_primary && self.inner.remote) {
-            match self
-                .attempt(
-                    "GET (lease, pipeline)",
-                    self.inner.primary.get_or_lease_many(requests, lease_ttl),
-                )
-                .await
-            {
-                Outcome::Done(leased) => return Ok((leased, Source::Primary)),
-                Outcome::Refused(e) => return Err(e),
-                Outcome::Unusable => {}
-            }
-        } else {
-            self.inner
-                .counters
-                .fallbacks
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        match self.outage_fallback() {
-            Some(f) => Ok((
-                f.get_or_lease_many(requests, self.fallback_ttl(lease_ttl))
-                    .await?,
-                Source::Fallback,
-            )),
-            None => Ok((vec![Leased::Denied; requests.len()], Source::Nothing)),
-        }
+        let fallback_ttl = self.fallback_ttl(lease_ttl);
+        self.lease_at_source(
+            "GET (lease, pipeline)",
+            skip_primary,
+            || self.inner.primary.get_or_lease_many(requests, lease_ttl),
+            |f| async move { f.get_or_lease_many(requests, fallback_ttl).await },
+            vec![Leased::Denied; requests.len()],
+        )
+        .await
     }
 
     /// [`CacheLayer::set_leased_many`] where the leases were granted (`source`): only that store

@@ -342,6 +342,43 @@ impl CacheLayer for Gated {
     }
 }
 
+/// A cache over the backend, through a [`Gated`] layer.
+async fn gated_cache(backend: &Backend) -> (Arc<Gated>, Cache) {
+    let config = backend.config();
+    let gated = Arc::new(Gated {
+        inner: speedlayer::store::Store::connect(&config).await.unwrap(),
+        armed: std::sync::Mutex::new(None),
+    });
+    let store = speedlayer::store::Store::from_layer(gated.clone(), &config);
+    (gated, Cache::from_store(store, &config))
+}
+
+/// Starts an invalidation of row 0's tag and waits until it is held up before removing the row;
+/// the notify lets it go on.
+async fn held_invalidation(
+    gated: &Gated,
+    cache: &Cache,
+) -> (tokio::task::JoinHandle<SlResult<u64>>, Arc<Notify>) {
+    let (reached, go) = gated.arm(row_key(0));
+    let invalidation = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.invalidate_tag(&row_tag(0)).await })
+    };
+    tokio::time::timeout(Duration::from_secs(5), reached.notified())
+        .await
+        .expect("the invalidation reaches the row's removal");
+    (invalidation, go)
+}
+
+/// What a held invalidation removed, once it finished.
+async fn finished(invalidation: tokio::task::JoinHandle<SlResult<u64>>) -> u64 {
+    tokio::time::timeout(Duration::from_secs(5), invalidation)
+        .await
+        .expect("the invalidation finishes")
+        .unwrap()
+        .unwrap()
+}
+
 /// The race the random test above looks for, made to happen: an invalidation has read a tag's
 /// index and not yet removed the row it lists, when a view is built from that cached row and
 /// registered under the same tag. The view holds the old row, and the index the invalidation read
@@ -350,13 +387,7 @@ impl CacheLayer for Gated {
 pub async fn an_entry_built_from_a_cached_entry_during_its_invalidation_is_removed_too(
     backend: &Backend,
 ) {
-    let config = backend.config();
-    let gated = Arc::new(Gated {
-        inner: speedlayer::store::Store::connect(&config).await.unwrap(),
-        armed: std::sync::Mutex::new(None),
-    });
-    let store = speedlayer::store::Store::from_layer(gated.clone(), &config);
-    let cache = Cache::from_store(store, &config);
+    let (gated, cache) = gated_cache(backend).await;
     let committed = Arc::new(AtomicU64::new(1));
     let ttl = Ttl::seconds(60);
 
@@ -391,24 +422,13 @@ pub async fn an_entry_built_from_a_cached_entry_during_its_invalidation_is_remov
     assert_eq!(read_row().await.version, 1);
 
     // The write commits, and its invalidation stops before it removes the row.
-    let (reached, go) = gated.arm(row_key(0));
     committed.store(2, Ordering::SeqCst);
-    let invalidation = {
-        let cache = cache.clone();
-        tokio::spawn(async move { cache.invalidate_tag(&row_tag(0)).await })
-    };
-    tokio::time::timeout(Duration::from_secs(5), reached.notified())
-        .await
-        .expect("the invalidation reaches the row's removal");
+    let (invalidation, go) = held_invalidation(&gated, &cache).await;
     // Built meanwhile from the cached row: the old version, which is allowed while the
     // invalidation has not returned.
     assert_eq!(read_view().await.rows[0].version, 1);
     go.notify_one();
-    let removed = tokio::time::timeout(Duration::from_secs(5), invalidation)
-        .await
-        .expect("the invalidation finishes")
-        .unwrap()
-        .unwrap();
+    let removed = finished(invalidation).await;
     assert!(removed >= 2, "the row and the view were removed: {removed}");
 
     // After it returned, no read shows version 1.
@@ -420,13 +440,7 @@ pub async fn an_entry_built_from_a_cached_entry_during_its_invalidation_is_remov
 /// index and removing the entry; the second must still remove the entry before it returns (it
 /// may not take the first one's reading of the index for a removal).
 pub async fn concurrent_invalidations_of_one_tag_each_remove_its_entries(backend: &Backend) {
-    let config = backend.config();
-    let gated = Arc::new(Gated {
-        inner: speedlayer::store::Store::connect(&config).await.unwrap(),
-        armed: std::sync::Mutex::new(None),
-    });
-    let store = speedlayer::store::Store::from_layer(gated.clone(), &config);
-    let cache = Cache::from_store(store, &config);
+    let (gated, cache) = gated_cache(backend).await;
     let row = Row {
         id: 0,
         version: 1,
@@ -437,24 +451,13 @@ pub async fn concurrent_invalidations_of_one_tag_each_remove_its_entries(backend
         .await
         .unwrap();
 
-    let (reached, go) = gated.arm(row_key(0));
-    let first = {
-        let cache = cache.clone();
-        tokio::spawn(async move { cache.invalidate_tag(&row_tag(0)).await })
-    };
-    tokio::time::timeout(Duration::from_secs(5), reached.notified())
-        .await
-        .expect("the first invalidation reaches the removal");
+    let (first, go) = held_invalidation(&gated, &cache).await;
     cache.invalidate_tag(&row_tag(0)).await.unwrap();
     assert!(
         cache.get::<Row>(&row_key(0)).await.is_none(),
         "the second invalidation returned while the entry was still there"
     );
     go.notify_one();
-    tokio::time::timeout(Duration::from_secs(5), first)
-        .await
-        .expect("the first invalidation finishes")
-        .unwrap()
-        .unwrap();
+    finished(first).await;
     assert!(cache.get::<Row>(&row_key(0)).await.is_none());
 }
