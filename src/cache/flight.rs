@@ -103,14 +103,7 @@ impl<T: Send + Sync + 'static> OutsideLeader<'_, T> {
         if self.flight.led_outside.swap(false, Ordering::SeqCst) {
             self.flight.left.notify_waiters();
         }
-        let mut table = self.flights.lock();
-        let ours = table
-            .get(&self.key)
-            .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(&self.flight)));
-        // strong_count: the table's reference and ours; any more are members still waiting.
-        if ours && (self.flight.cell.initialized() || Arc::strong_count(&self.flight) <= 2) {
-            table.remove(&self.key);
-        }
+        self.flights.leave(&self.key, &self.flight);
     }
 }
 
@@ -192,12 +185,31 @@ impl Flights {
     /// new flight instead of joining this one.
     pub(crate) fn retire<T: Send + Sync + 'static>(&self, key: &str, flight: &Arc<Flight<T>>) {
         let flight_key = (key.to_owned(), TypeId::of::<T>());
+        self.remove_if(&flight_key, flight, |_| true);
+    }
+
+    /// A holder of `flight` lets go of it: the flight leaves the table once it has a result or
+    /// no other holder is left (an outside leader's or a member's).
+    fn leave<T: Send + Sync + 'static>(&self, key: &FlightKey, flight: &Arc<Flight<T>>) {
+        // strong_count: the table's reference and the caller's; any more are other holders.
+        self.remove_if(key, flight, |f| {
+            f.cell.initialized() || Arc::strong_count(f) <= 2
+        });
+    }
+
+    /// Takes `flight` out of the table if it is still the one there and `done` says so.
+    fn remove_if<T: Send + Sync + 'static>(
+        &self,
+        key: &FlightKey,
+        flight: &Arc<Flight<T>>,
+        done: impl FnOnce(&Arc<Flight<T>>) -> bool,
+    ) {
         let mut table = self.lock();
-        if table
-            .get(&flight_key)
-            .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(flight)))
-        {
-            table.remove(&flight_key);
+        let ours = table
+            .get(key)
+            .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(flight)));
+        if ours && done(flight) {
+            table.remove(key);
         }
     }
 
@@ -209,14 +221,7 @@ impl Flights {
 
 impl<T: Send + Sync + 'static> Drop for Member<'_, T> {
     fn drop(&mut self) {
-        let mut table = self.flights.lock();
-        let ours = table
-            .get(&self.key)
-            .is_some_and(|f| std::ptr::addr_eq(Arc::as_ptr(f), Arc::as_ptr(&self.flight)));
-        // strong_count: the table's reference, ours, and any other member's.
-        if ours && (self.flight.cell.initialized() || Arc::strong_count(&self.flight) <= 2) {
-            table.remove(&self.key);
-        }
+        self.flights.leave(&self.key, &self.flight);
     }
 }
 

@@ -108,6 +108,16 @@ pub struct Invalidated {
     pub deferred: bool,
 }
 
+/// What [`Store::register_tags`] did before a write.
+enum Registered {
+    /// Recorded (or no tags): write with this TTL.
+    Ttl(Ttl),
+    /// Recorded, but the index expired already: an entry written now could not be reached.
+    Expired,
+    /// The primary is unusable: nothing recorded there.
+    Unusable,
+}
+
 /// Where a read was answered from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -1025,25 +1035,11 @@ impl Store {
     /// exists that its tags cannot reach. During an outage both go to the fallback; after a
     /// failure while the breaker is still closed, nothing is written.
     pub async fn set_tagged(&self, key: &Key, value: Bytes, ttl: Ttl, tags: &[Tag]) -> Result<()> {
-        let mut ttl = ttl;
-        if !tags.is_empty() {
-            // The index outlives the value: it is registered for the TTL plus the longest the
-            // write can take, and the value's TTL is cut to what is left of it.
-            let index = IndexWindow::starting_now(ttl, self.inner.op_timeout);
-            match self
-                .attempt("tag add", self.inner.primary.tag_add(tags, key, index.ttl))
-                .await
-            {
-                Outcome::Done(()) => {}
-                Outcome::Refused(e) => return Err(e),
-                Outcome::Unusable => return self.write_fallback(key, value, ttl, tags).await,
-            }
-            match index.cut(ttl) {
-                Some(cut) => ttl = cut,
-                // The index has already expired: an entry written now could not be reached.
-                None => return Ok(()),
-            }
-        }
+        let ttl = match self.register_tags(key, ttl, tags).await? {
+            Registered::Ttl(ttl) => ttl,
+            Registered::Expired => return Ok(()),
+            Registered::Unusable => return self.write_fallback(key, value, ttl, tags).await,
+        };
         match self
             .attempt("SET", self.inner.primary.set(key, value.clone(), ttl))
             .await
@@ -1120,32 +1116,40 @@ impl Store {
     /// longer-lived entry stays reachable through them). False when there is no value, or when
     /// the tags could not be recorded (the TTL is then left as it was).
     pub async fn touch_tagged(&self, key: &Key, ttl: Ttl, tags: &[Tag]) -> Result<bool> {
-        let mut ttl = ttl;
-        if !tags.is_empty() {
-            let index = IndexWindow::starting_now(ttl, self.inner.op_timeout);
-            match self
-                .attempt("tag add", self.inner.primary.tag_add(tags, key, index.ttl))
-                .await
-            {
-                Outcome::Done(()) => {}
-                Outcome::Refused(e) => return Err(e),
-                Outcome::Unusable => {
-                    return match self.outage_fallback() {
-                        Some(f) => {
-                            let ttl = self.fallback_ttl(ttl);
-                            f.tag_add(tags, key, ttl).await?;
-                            f.touch(key, ttl).await
-                        }
-                        None => Ok(false),
-                    };
+        match self.register_tags(key, ttl, tags).await? {
+            Registered::Ttl(ttl) => self.touch(key, ttl).await,
+            Registered::Expired => Ok(false),
+            Registered::Unusable => match self.outage_fallback() {
+                Some(f) => {
+                    let ttl = self.fallback_ttl(ttl);
+                    f.tag_add(tags, key, ttl).await?;
+                    f.touch(key, ttl).await
                 }
-            }
-            match index.cut(ttl) {
-                Some(cut) => ttl = cut,
-                None => return Ok(false),
-            }
+                None => Ok(false),
+            },
         }
-        self.touch(key, ttl).await
+    }
+
+    /// Registers `key` in `tags` on the primary before a write of it for `ttl`. The index
+    /// outlives the value: it is registered for the TTL plus the longest the write can take, and
+    /// the TTL the write may use is what is left of it.
+    async fn register_tags(&self, key: &Key, ttl: Ttl, tags: &[Tag]) -> Result<Registered> {
+        if tags.is_empty() {
+            return Ok(Registered::Ttl(ttl));
+        }
+        let index = IndexWindow::starting_now(ttl, self.inner.op_timeout);
+        match self
+            .attempt("tag add", self.inner.primary.tag_add(tags, key, index.ttl))
+            .await
+        {
+            Outcome::Done(()) => Ok(match index.cut(ttl) {
+                Some(cut) => Registered::Ttl(cut),
+                // The index has already expired: an entry written now could not be reached.
+                None => Registered::Expired,
+            }),
+            Outcome::Refused(e) => Err(e),
+            Outcome::Unusable => Ok(Registered::Unusable),
+        }
     }
 
     /// A TTL as the fallback keeps it: at most `fallback_max_ttl`.
