@@ -504,3 +504,30 @@ fn marks_from_two_processes_reach_the_database_once_through_a_failing_sink() {
     let doubled: Vec<_> = applied.iter().filter(|(_, n)| **n != 1).collect();
     assert!(doubled.is_empty(), "marks applied twice: {doubled:?}");
 }
+
+/// Three processes write rows of a shared database and read views built from cached rows (a
+/// dashboard from cached profiles), all on one Redis: no process reads a view older than a write
+/// whose invalidation returned, in any process, before the read began.
+#[test]
+fn views_built_from_cached_rows_are_never_older_than_a_returned_write_in_any_process() {
+    let server = RedisServer::start();
+    let database = RedisServer::start();
+    let command = format!("views-race 4 400 8 {}", database.url());
+    let mut nodes: Vec<Node> = ["a", "b", "c"]
+        .iter()
+        .map(|name| Node::spawn(name, &server.url(), NodeSettings::default()))
+        .collect();
+    let sent: Vec<u64> = nodes.iter_mut().map(|n| n.send(&command)).collect();
+    let (mut reads, mut writes) = (0, 0);
+    for (node, n) in nodes.iter_mut().zip(sent) {
+        let answer = node.wait(n);
+        eprintln!("{answer}");
+        assert_eq!(number_after(&answer, "stale"), 0, "{answer}");
+        reads += number_after(&answer, "reads");
+        writes += number_after(&answer, "writes");
+    }
+    assert!(
+        reads > 5_000 && writes > 500,
+        "reads {reads} writes {writes}"
+    );
+}

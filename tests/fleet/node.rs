@@ -32,6 +32,9 @@
 //!   one payment under the idempotency key; the first run records the payment in the database
 //!   (`INCR payments:<key>`) and takes 50 ms → `ran <n> replayed <n> conflicts <n> mismatches <n>`
 //!
+//! - `views-race <rows> <ops> <tasks> <database url>`: writes and reads of views built from
+//!   cached rows (see `views_race`) → `stale <n> reads <n> writes <n>`
+//!
 //! Run: `speedlayer-fleet-node <redis url> [op timeout ms] [cool-down ms] [lease wait ms]`.
 
 use std::collections::HashMap;
@@ -79,6 +82,142 @@ async fn count_rows(db: &redis::aio::ConnectionManager, rows: &str) -> Result<i6
         .await
         .map_err(|e| e.to_string())?;
     Ok(n.unwrap_or(0))
+}
+
+/// `views-race`: `tasks` tasks of this process each make `ops` operations over rows `0..rows`
+/// of the stand-in database (`version:<id>`). One in 8 is a write: the version is incremented
+/// (the commit), the row's tag invalidated, then the version recorded as confirmed
+/// (`confirmed:<id>`, shared by every process). The others read a view of one or two rows,
+/// cached and built from the rows read through the cache in one batch, both under the rows'
+/// tags; a view older than what was confirmed before the read began is stale.
+async fn views_race(
+    cache: &Cache,
+    db: &redis::aio::ConnectionManager,
+    rows: u64,
+    ops: u64,
+    tasks: u64,
+) -> Result<String, String> {
+    let scope = Namespace::root().global();
+    fn row_tag(id: u64) -> Result<speedlayer::Tag, speedlayer::key::KeyError> {
+        Namespace::root()
+            .global()
+            .tag(&Ident::from_static("shows"), id)
+    }
+    let confirm = redis::Script::new(
+        r"
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+",
+    );
+    let versions = |prefix: &'static str, ids: Vec<u64>| {
+        let mut db = db.clone();
+        async move {
+            let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}:{id}")).collect();
+            let found: Vec<Option<u64>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut db)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok::<_, std::io::Error>(
+                ids.into_iter()
+                    .zip(found)
+                    .map(|(id, v)| (id, v.unwrap_or(0)))
+                    .collect::<HashMap<u64, u64>>(),
+            )
+        }
+    };
+    let run = |_| {
+        let (cache, scope, confirm) = (cache.clone(), scope.clone(), confirm.clone());
+        let mut db = db.clone();
+        async move {
+            let (mut stale, mut reads, mut writes) = (0u64, 0u64, 0u64);
+            for _ in 0..ops {
+                let pick = rand::random::<u64>();
+                let id = (pick >> 8) % rows;
+                if pick.is_multiple_of(8) {
+                    let version: u64 = redis::cmd("INCR")
+                        .arg(format!("version:{id}"))
+                        .query_async(&mut db)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let tag = row_tag(id).map_err(|e| e.to_string())?;
+                    cache
+                        .invalidate_tag(&tag)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _: i64 = confirm
+                        .key(format!("confirmed:{id}"))
+                        .arg(version)
+                        .invoke_async(&mut db)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    writes += 1;
+                    continue;
+                }
+                let ids: Vec<u64> = if pick.is_multiple_of(3) {
+                    vec![id, (id + 1) % rows]
+                } else {
+                    vec![id]
+                };
+                let before = versions("confirmed", ids.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let name = ids.iter().map(u64::to_string).collect::<Vec<_>>().join("-");
+                let view_key = scope
+                    .key(&FLEET, &Ident::from_static("view"), &name)
+                    .map_err(|e| e.to_string())?;
+                let tags = ids
+                    .iter()
+                    .map(|&id| row_tag(id))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let row_keys = ids
+                    .iter()
+                    .map(|&id| {
+                        scope
+                            .key(&FLEET, &Ident::from_static("row"), id)
+                            .map(|k| (id, k))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                let view: HashMap<u64, u64> = cache
+                    .get_or_set_tagged(&view_key, MINUTE, &tags, || async {
+                        cache
+                            .get_or_set_many_tagged(
+                                &row_keys,
+                                MINUTE,
+                                MINUTE,
+                                |id: &u64| row_tag(*id).into_iter().collect(),
+                                |missing: Vec<u64>| versions("version", missing),
+                            )
+                            .await
+                            .into_map()
+                            .map_err(|e| std::io::Error::other(e.to_string()))
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                reads += 1;
+                if ids
+                    .iter()
+                    .any(|id| view.get(id).copied().unwrap_or(0) < before[id])
+                {
+                    stale += 1;
+                }
+            }
+            Ok::<_, String>((stale, reads, writes))
+        }
+    };
+    let results = futures_util::future::join_all((0..tasks).map(run)).await;
+    let (mut stale, mut reads, mut writes) = (0, 0, 0);
+    for r in results {
+        let (s, r, w) = r?;
+        stale += s;
+        reads += r;
+        writes += w;
+    }
+    Ok(format!("stale {stale} reads {reads} writes {writes}"))
 }
 
 struct Node {
@@ -537,6 +676,11 @@ impl Node {
                 Ok(format!(
                     "done {n} updated {updated} absent {absent} unavailable {unavailable}"
                 ))
+            }
+            "views-race" => {
+                let (rows, ops, tasks) = (arg(args, 0)?, arg(args, 1)?, arg(args, 2)?);
+                let db = database(args.get(3).ok_or("missing the database url")?).await?;
+                views_race(&self.cache, &db, rows, ops, tasks).await
             }
             "count-get" => {
                 let id = arg(args, 0)?;
