@@ -424,6 +424,7 @@ pub struct Config {
     lease_ttl: Ttl,
     lease_wait: Duration,
     switched_off: Vec<crate::switch::Capability>,
+    local_tier: Option<crate::tier::LocalTier>,
 }
 
 impl Config {
@@ -443,6 +444,7 @@ impl Config {
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_wait: DEFAULT_LEASE_WAIT,
             switched_off: Vec::new(),
+            local_tier: None,
         }
     }
 
@@ -586,6 +588,14 @@ impl Config {
         self
     }
 
+    /// Caches built from this config keep an in-process tier in front of Redis (see
+    /// [`tier`](crate::tier)); off by default. Ignored on the memory backend, which already is
+    /// process memory.
+    pub fn local_tier(mut self, tier: crate::tier::LocalTier) -> Config {
+        self.local_tier = Some(tier);
+        self
+    }
+
     /// The deployment namespace (default [`Namespace::root`], no prefix). Invalidation events
     /// build their keys from it.
     pub fn namespace(mut self, namespace: Namespace) -> Config {
@@ -649,6 +659,9 @@ impl Config {
     pub(crate) fn get_clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
     }
+    pub(crate) fn get_local_tier(&self) -> Option<&crate::tier::LocalTier> {
+        self.local_tier.as_ref()
+    }
     pub(crate) fn get_namespace(&self) -> &Namespace {
         &self.namespace
     }
@@ -679,6 +692,7 @@ impl fmt::Debug for Config {
             .field("lease_ttl", &self.lease_ttl)
             .field("lease_wait", &self.lease_wait)
             .field("switched_off", &self.switched_off)
+            .field("local_tier", &self.local_tier)
             .finish_non_exhaustive()
     }
 }

@@ -793,6 +793,11 @@ impl KeySpace {
         })
     }
 
+    /// Every key of this keyspace starts with this (`<prefix>:<domain>:<entity>:`).
+    pub(crate) fn base(&self) -> &str {
+        &self.inner.base
+    }
+
     /// A pattern matching every key of this keyspace (any id, with or without context segments).
     pub fn pattern_all(&self) -> KeyPattern {
         let mut segs = self.inner.base.trim_end_matches(':').split(':');

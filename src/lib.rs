@@ -108,9 +108,10 @@ pub mod scratch;
 pub mod session;
 pub mod store;
 pub mod switch;
+pub mod tier;
 pub mod ttl;
 
-pub use cache::{Batch, BatchEntry, Cache, CacheStats};
+pub use cache::{Batch, BatchEntry, Cache, CacheStats, Served};
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};
 pub use key::{Ident, Key, KeyPattern, KeySpace, Namespace, Scope, Tag};

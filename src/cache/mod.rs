@@ -22,6 +22,7 @@ use crate::key::{Key, KeyPattern, Namespace, Tag};
 use crate::store::{
     BackendKind, BreakerState, CacheLayer, IndexWindow, LeaseHold, Leased, Source, Store, is_lease,
 };
+use crate::tier::{Lookup, Tier, TierRead, TierStats};
 use crate::ttl::{Ttl, TtlPolicy};
 
 mod batch;
@@ -206,6 +207,8 @@ struct Inner {
     namespace: Namespace,
     lease_ttl: Ttl,
     lease_wait: Duration,
+    /// The in-process tier, when configured over Redis.
+    tier: Option<Arc<Tier>>,
 }
 
 /// A typed, JSON-encoding cache in front of a loader (usually a database query).
@@ -243,8 +246,22 @@ pub struct Cache {
     registry: Option<Arc<InvalidationRegistry>>,
 }
 
+/// Where a value read from the cache came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Served {
+    /// The store: Redis (or, while Redis is unusable, the in-process fallback), or the memory
+    /// backend.
+    Store,
+    /// The in-process tier, while its invalidation channel is confirmed alive.
+    Local,
+    /// The in-process tier past the channel's liveness window, within the tier's fail-safe
+    /// bound: an invalidation made on another instance may not have reached this one.
+    Stale,
+}
+
 enum Read<V> {
-    Hit(V),
+    Hit(V, Served),
     /// Nothing usable: where the read was answered, and the bytes that did not decode (if
     /// any), which a lease may replace.
     Miss(Source, Option<Bytes>),
@@ -279,6 +296,7 @@ impl Cache {
     /// A cache over an existing [`Store`]; `config` supplies the cache's own settings (largest
     /// value).
     pub fn from_store(store: Store, config: &Config) -> Cache {
+        let tier = Cache::start_tier(&store, config);
         Cache {
             inner: Arc::new(Inner {
                 store,
@@ -288,9 +306,66 @@ impl Cache {
                 namespace: config.get_namespace().clone(),
                 lease_ttl: config.get_lease_ttl(),
                 lease_wait: config.get_lease_wait(),
+                tier,
             }),
             registry: None,
         }
+    }
+
+    #[cfg(feature = "redis")]
+    fn start_tier(store: &Store, config: &Config) -> Option<Arc<Tier>> {
+        let settings = config.get_local_tier()?;
+        let crate::store::Backend::Redis(redis) = store.backend() else {
+            tracing::debug!("the in-process tier is not used on the memory backend");
+            return None;
+        };
+        let prefix = match config.get_namespace().prefix() {
+            Some(p) => format!("{}:", p.as_str()),
+            None => String::new(),
+        };
+        match Tier::start(redis, settings.clone(), &prefix) {
+            Ok(tier) => tier,
+            Err(e) => {
+                tracing::warn!(error = %e, "the in-process tier cannot start; it is not used");
+                None
+            }
+        }
+    }
+
+    #[cfg(not(feature = "redis"))]
+    fn start_tier(_store: &Store, _config: &Config) -> Option<Arc<Tier>> {
+        None
+    }
+
+    /// The in-process tier, if `key` is tiered.
+    fn tier_of(&self, key: &Key) -> Option<&Tier> {
+        self.inner
+            .tier
+            .as_deref()
+            .filter(|t| t.covers(key.as_str()))
+    }
+
+    /// Drops `keys` from this process's tier after a write of them (other instances drop them
+    /// when Redis's message arrives).
+    fn evict_local<'k>(&self, keys: impl IntoIterator<Item = &'k Key>) {
+        if let Some(tier) = &self.inner.tier {
+            for key in keys {
+                tier.evict(key.as_str());
+            }
+        }
+    }
+
+    /// After writes whose keys are not known here (tags, sweeps): waits until this process's
+    /// tier has applied Redis's messages about them.
+    async fn sync_local(&self) {
+        if let Some(tier) = &self.inner.tier {
+            tier.sync().await;
+        }
+    }
+
+    /// Counters of the in-process tier; `None` when this cache has none.
+    pub fn tier_stats(&self) -> Option<TierStats> {
+        self.inner.tier.as_ref().map(|t| t.stats())
     }
 
     /// This cache with the tag rules of `registry`: every entry it writes whose key matches a
@@ -362,8 +437,19 @@ impl Cache {
             self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        self.get_served(key).await.map(|(v, _)| v)
+    }
+
+    /// [`get`](Cache::get), saying where the value came from: with an in-process tier under
+    /// its fail-safe bound, [`Served::Stale`] marks a value that an invalidation made elsewhere
+    /// may have overtaken.
+    pub async fn get_served<T: DeserializeOwned>(&self, key: &Key) -> Option<(T, Served)> {
+        if !self.caches(key) {
+            self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         match self.read(key).await {
-            Read::Hit(v) => Some(v),
+            Read::Hit(v, served) => Some((v, served)),
             Read::Miss(_, undecodable) => {
                 self.inner.counters.misses.fetch_add(1, Ordering::Relaxed);
                 if undecodable.is_some() {
@@ -449,7 +535,9 @@ impl Cache {
             return Ok(());
         }
         let tags = self.tags_of(key, tags);
-        self.inner.store.set_tagged(key, bytes, ttl, &tags).await
+        let written = self.inner.store.set_tagged(key, bytes, ttl, &tags).await;
+        self.evict_local([key]);
+        written
     }
 
     /// Stores several values as JSON, each for a TTL picked by `ttl` (jitter applied per entry),
@@ -483,9 +571,12 @@ impl Cache {
             if let Err(e) = self.inner.store.delete_many(&keys).await {
                 tracing::debug!(error = %e, "delete (cache switched off) failed");
             }
+            self.evict_local(&keys);
             return Ok(());
         }
-        self.inner.store.set_many_tagged(&encoded, &tags).await
+        let written = self.inner.store.set_many_tagged(&encoded, &tags).await;
+        self.evict_local(entries.iter().map(|(k, _)| k));
+        written
     }
 
     /// True when `key` holds a value: not absent, not a load in flight, and (on Redis) a string.
@@ -537,7 +628,9 @@ impl Cache {
             return false;
         }
         let tags = self.tags_of(key, tags);
-        match self.inner.store.touch_tagged(key, ttl, &tags).await {
+        let touched = self.inner.store.touch_tagged(key, ttl, &tags).await;
+        self.evict_local([key]);
+        match touched {
             Ok(touched) => touched,
             Err(e) => {
                 tracing::debug!(key = %key, error = %e, "touch failed");
@@ -550,7 +643,9 @@ impl Cache {
     /// backend could not be reached (the delete is then queued and applied as soon as it
     /// answers, before any read reaches it; see [`invalidation`](crate::invalidation)).
     pub async fn delete(&self, key: &Key) -> bool {
-        match self.inner.store.delete(key).await {
+        let deleted = self.inner.store.delete(key).await;
+        self.evict_local([key]);
+        match deleted {
             Ok(removed) => removed,
             Err(e) => {
                 tracing::debug!(key = %key, error = %e, "delete failed");
@@ -654,7 +749,12 @@ impl Cache {
             .inner
             .store
             .invalidate(targets.keys(), targets.tags())
-            .await?;
+            .await;
+        self.evict_local(targets.keys());
+        if !targets.tags().is_empty() {
+            self.sync_local().await;
+        }
+        let done = done?;
         let (keys, tags) = targets.into_parts();
         let report = InvalidationReport {
             event: std::any::type_name::<E>(),
@@ -682,14 +782,18 @@ impl Cache {
 
     /// Invalidates a tag directly: every entry carrying it becomes a miss.
     pub async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        self.inner.store.invalidate_tag(tag).await
+        let removed = self.inner.store.invalidate_tag(tag).await;
+        self.sync_local().await;
+        removed
     }
 
     /// Maintenance only: removes every key matching `pattern` by walking the keyspace (Redis
     /// `SCAN MATCH` in batches, then `UNLINK`), stopping after `max_removed` removals. Its cost
     /// grows with the keyspace; use tags or tag rules on request paths.
     pub async fn sweep(&self, pattern: &KeyPattern, max_removed: u64) -> Result<u64> {
-        self.inner.store.sweep(pattern, 1_000, max_removed).await
+        let removed = self.inner.store.sweep(pattern, 1_000, max_removed).await;
+        self.sync_local().await;
+        removed
     }
 
     /// Counters and state.
@@ -753,7 +857,7 @@ impl Cache {
             });
         }
         let (source, undecodable) = match self.read::<V>(key).await {
-            Read::Hit(v) => return Ok(v),
+            Read::Hit(v, _) => return Ok(v),
             Read::Miss(source, undecodable) => (source, undecodable),
         };
         let c = &self.inner.counters;
@@ -1007,7 +1111,46 @@ impl Cache {
     /// knows whether it then loaded or was served by another caller's load).
     async fn read<V: DeserializeOwned>(&self, key: &Key) -> Read<V> {
         let c = &self.inner.counters;
-        let (bytes, source) = match self.inner.store.get_with_source(key).await {
+        let tier = self.tier_of(key);
+        let mut snapshot = None;
+        if let Some(tier) = tier {
+            let (copy, served) = match tier.lookup(key.as_str()) {
+                Lookup::Fresh(bytes) => (Some(bytes), Served::Local),
+                Lookup::Stale(bytes) => (Some(bytes), Served::Stale),
+                Lookup::Miss => (None, Served::Store),
+            };
+            if let Some(bytes) = copy {
+                match serde_json::from_slice::<V>(&bytes) {
+                    Ok(v) => {
+                        c.hits.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(key = %key, "hit in the in-process tier");
+                        return Read::Hit(v, served);
+                    }
+                    // Read as another type by another caller: ask the store.
+                    Err(_) => tier.evict(key.as_str()),
+                }
+            }
+            snapshot = tier.snapshot(key.as_str());
+        }
+        let found = match (tier, snapshot) {
+            (Some(_), Some(_)) => self
+                .inner
+                .store
+                .run(&TierRead { key }, crate::store::OutageRule::Fallback)
+                .await
+                .map(|answered| match answered {
+                    crate::store::Answered::Backend((v, left)) => (v, left, Source::Primary),
+                    crate::store::Answered::Fallback((v, left)) => (v, left, Source::Fallback),
+                    _ => (None, None, Source::Nothing),
+                }),
+            _ => self
+                .inner
+                .store
+                .get_with_source(key)
+                .await
+                .map(|(v, source)| (v, None, source)),
+        };
+        let (bytes, remaining, source) = match found {
             Ok(found) => found,
             Err(e) if e.kind() == ErrorKind::WrongType => {
                 tracing::warn!(key = %key, error = %e, "cached entry has the wrong type; replacing it");
@@ -1019,12 +1162,16 @@ impl Cache {
                 return Read::Miss(Source::Nothing, None);
             }
         };
-        match bytes {
+        match bytes.filter(|b| !is_lease(b)) {
             Some(bytes) => match serde_json::from_slice::<V>(&bytes) {
                 Ok(v) => {
                     c.hits.fetch_add(1, Ordering::Relaxed);
                     tracing::trace!(key = %key, "hit");
-                    Read::Hit(v)
+                    if let (Some(tier), Some(snapshot), Source::Primary) = (tier, snapshot, source)
+                    {
+                        tier.fill(key.as_str(), bytes, remaining, snapshot);
+                    }
+                    Read::Hit(v, Served::Store)
                 }
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "cached value does not decode; replacing it");
@@ -1051,6 +1198,7 @@ impl Cache {
     /// Deletes that only tidy up (an undecodable entry, an abandoned lease) run beside the
     /// request, so that it never waits on them.
     fn delete_in_background(&self, keys: Vec<Key>) {
+        self.evict_local(&keys);
         let store = self.inner.store.clone();
         tokio::spawn(async move {
             if let Err(e) = store.delete_many(&keys).await {

@@ -329,6 +329,45 @@ impl RedisLayer {
         result.map_err(|e| map_error(&self.config, e))
     }
 
+    /// `GET` and `PTTL` of `key` in one pipeline: the value and how long it has left (`None`:
+    /// no expiry). For the in-process tier, whose copies never outlive the entry.
+    pub(crate) async fn get_with_ttl(
+        &self,
+        key: &Key,
+    ) -> Result<(Option<Bytes>, Option<Duration>)> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET")
+            .arg(key.as_str())
+            .cmd("PTTL")
+            .arg(key.as_str());
+        let (value, pttl): (Option<Vec<u8>>, i64) = self.query_pipeline(&pipe).await?;
+        let remaining = match pttl {
+            -1 => None,
+            ms => Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+        };
+        Ok((bytes_of(value), remaining))
+    }
+
+    /// A client for the in-process tier's invalidation channel: the same server and
+    /// credentials, speaking RESP3 (server push).
+    pub(crate) fn tracking_client(&self) -> Result<redis::Client> {
+        let info = self.config.connection_info()?;
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        redis::Client::open(info.set_redis_settings(settings)).map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "cannot use Redis at {} for the in-process tier: {}",
+                    self.config,
+                    self.config.scrub(&e.to_string())
+                ),
+            )
+        })
+    }
+
     /// Runs a script (`EVALSHA`, loading it once if the server does not know it): what a
     /// capability's [`Operation`](super::Operation) calls. Errors are mapped as for every other
     /// call: a script failing on the data it found is [`ErrorKind::Script`], not an availability

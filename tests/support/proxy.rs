@@ -31,6 +31,15 @@ pub struct Proxy {
     /// Connections numbered below this one have their traffic swallowed.
     blackhole_below: Arc<AtomicU64>,
     accepted: Arc<AtomicU64>,
+    slow: Arc<Slow>,
+}
+
+/// One connection whose every chunk is held, whatever the mode: (its number + 1, or 0 for
+/// none; the delay in microseconds).
+#[derive(Default)]
+struct Slow {
+    number: AtomicU64,
+    micros: AtomicU64,
 }
 
 impl Proxy {
@@ -44,6 +53,8 @@ impl Proxy {
         let blackhole_below = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(AtomicU64::new(0));
         let (below, count) = (blackhole_below.clone(), accepted.clone());
+        let slow = Arc::new(Slow::default());
+        let slowed = slow.clone();
         tasks.lock().unwrap().spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -56,6 +67,7 @@ impl Proxy {
                 let rx = rx.clone();
                 let number = count.fetch_add(1, Ordering::SeqCst);
                 let below = below.clone();
+                let slow = slowed.clone();
                 conn_tasks.lock().unwrap().spawn(async move {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
@@ -65,7 +77,11 @@ impl Proxy {
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     // Either direction ending (or a cut) ends both.
-                    let alive = Alive { number, below };
+                    let alive = Alive {
+                        number,
+                        below,
+                        slow,
+                    };
                     tokio::select! {
                         _ = pump(cr, sw, rx.clone(), alive.clone()) => {}
                         _ = pump(sr, cw, rx, alive) => {}
@@ -79,7 +95,17 @@ impl Proxy {
             tasks,
             blackhole_below,
             accepted,
+            slow,
         }
+    }
+
+    /// From now on, every chunk of connection `number` (counted from 0 in accepting order) is
+    /// held `delay` in both directions, whatever the mode; the other connections are not.
+    pub fn slow_down_connection(&self, number: u64, delay: Duration) {
+        self.slow
+            .micros
+            .store(delay.as_micros() as u64, Ordering::SeqCst);
+        self.slow.number.store(number + 1, Ordering::SeqCst);
     }
 
     /// From now on, every connection open now has its traffic swallowed in both directions:
@@ -118,6 +144,7 @@ impl Drop for Proxy {
 struct Alive {
     number: u64,
     below: Arc<AtomicU64>,
+    slow: Arc<Slow>,
 }
 
 impl Alive {
@@ -160,6 +187,10 @@ async fn pump(
         }
         if alive.swallowed() {
             continue;
+        }
+        if alive.slow.number.load(Ordering::SeqCst) == alive.number + 1 {
+            let micros = alive.slow.micros.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_micros(micros)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

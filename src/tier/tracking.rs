@@ -1,0 +1,243 @@
+//! The invalidation channel of the in-process tier: one RESP3 connection per tiered cache with
+//! `CLIENT TRACKING ON BCAST PREFIX ...`, a heartbeat on it, and reconnection.
+//!
+//! Invalidation messages are applied inside the connection's push handler, as they are read off
+//! the socket: by the time the reply to a later command on the same connection (a heartbeat's
+//! `PING`) arrives, every message Redis sent before that reply has been applied. Redis queues a
+//! write's invalidation messages before the write's own reply, so once a write has returned to
+//! anyone, a `PING` sent afterwards on the channel is answered only after its messages.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind, Value};
+
+use super::Tier;
+
+/// Without any answer for this long, the connection is replaced.
+const DEAD_AFTER: Duration = Duration::from_secs(10);
+/// The name the channel's connections carry in `CLIENT LIST`.
+pub(crate) const CLIENT_NAME: &str = "speedlayer-tier";
+
+/// The current connection of the channel, for barriers.
+#[derive(Default)]
+pub(crate) struct Channel {
+    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The id of the connection whose tracking is on; 0 when none.
+    current: AtomicU64,
+}
+
+impl Channel {
+    fn set(&self, id: u64, conn: Option<MultiplexedConnection>) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+        self.current.store(id, Ordering::Release);
+    }
+
+    fn connection(&self) -> Option<MultiplexedConnection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// One round trip on the channel: true when it was answered within the liveness window,
+    /// and so every message sent before it was applied.
+    pub(crate) async fn barrier(&self, tier: &Tier) -> bool {
+        let Some(mut conn) = self.connection() else {
+            return false;
+        };
+        let sent = Instant::now();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(tier.settings.liveness, ping.query_async::<()>(&mut conn)).await
+        {
+            Ok(Ok(())) => {
+                tier.confirm(sent);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Applies one push message of connection `id`; `dead` is set once that connection is closed.
+fn on_push(tier: &Tier, id: u64, dead: &AtomicBool, info: PushInfo) {
+    match info.kind {
+        PushKind::Invalidate => match info.data.first() {
+            Some(Value::Array(keys)) => {
+                let keys: Vec<&[u8]> = keys
+                    .iter()
+                    .filter_map(|k| match k {
+                        Value::BulkString(b) => Some(b.as_slice()),
+                        _ => None,
+                    })
+                    .collect();
+                tier.on_message(Some(&keys));
+            }
+            // FLUSHALL / FLUSHDB: every key.
+            _ => tier.on_message(None),
+        },
+        PushKind::Disconnection => {
+            dead.store(true, Ordering::Release);
+            if tier.channel.current.load(Ordering::Acquire) == id {
+                tier.channel.set(0, None);
+                tier.lost();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Keeps the channel of `tier` up until the tier is dropped.
+pub(crate) async fn run(tier: Weak<Tier>, client: redis::Client) {
+    let mut next_id = 0u64;
+    let mut backoff = Duration::from_millis(20);
+    let mut warned = false;
+    loop {
+        next_id += 1;
+        let id = next_id;
+        match connect(&tier, &client, id).await {
+            Some(Ok((conn, dead))) => {
+                backoff = Duration::from_millis(20);
+                warned = false;
+                heartbeat(&tier, id, conn, &dead).await;
+            }
+            Some(Err(e)) => {
+                if !warned {
+                    tracing::warn!(
+                        error = %e,
+                        "the in-process tier cannot switch on tracking; L1 is bypassed until it can"
+                    );
+                    warned = true;
+                } else {
+                    tracing::debug!(error = %e, "tracking not on yet");
+                }
+            }
+            None => return,
+        }
+        match tier.upgrade() {
+            Some(t) => {
+                if t.channel.current.load(Ordering::Acquire) == id {
+                    t.channel.set(0, None);
+                }
+                t.lost();
+            }
+            None => return,
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Connects and switches tracking on; `None` when the tier is gone.
+async fn connect(
+    tier: &Weak<Tier>,
+    client: &redis::Client,
+    id: u64,
+) -> Option<redis::RedisResult<(MultiplexedConnection, Arc<AtomicBool>)>> {
+    let (prefixes, timeout) = {
+        let t = tier.upgrade()?;
+        (
+            t.prefixes.clone(),
+            t.settings.liveness.max(Duration::from_secs(1)),
+        )
+    };
+    let weak = tier.clone();
+    let dead = Arc::new(AtomicBool::new(false));
+    let closed = dead.clone();
+    let sender = move |info: PushInfo| -> Result<(), ()> {
+        if let Some(t) = weak.upgrade() {
+            on_push(&t, id, &closed, info);
+        }
+        Ok(())
+    };
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(None)
+        .set_push_sender(sender);
+    let attempt = async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(CLIENT_NAME)
+            .query_async::<()>(&mut conn)
+            .await?;
+        let mut tracking = redis::cmd("CLIENT");
+        tracking.arg("TRACKING").arg("ON").arg("BCAST");
+        for prefix in prefixes.iter().filter(|p| !p.is_empty()) {
+            tracking.arg("PREFIX").arg(prefix);
+        }
+        let sent = Instant::now();
+        tracking.query_async::<()>(&mut conn).await?;
+        Ok((conn, sent))
+    };
+    let result = match tokio::time::timeout(timeout * 2, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "switching tracking on timed out",
+        ))),
+    };
+    let t = tier.upgrade()?;
+    let closed_early = || {
+        redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "the connection closed while tracking was switched on",
+        ))
+    };
+    Some(result.and_then(|(conn, sent)| {
+        t.channel.set(id, Some(conn.clone()));
+        if dead.load(Ordering::Acquire) {
+            return Err(closed_early());
+        }
+        t.restored(sent);
+        // A close that came while restoring: its handler may have run before `restored`.
+        if dead.load(Ordering::Acquire) {
+            t.lost();
+            return Err(closed_early());
+        }
+        tracing::debug!(prefixes = ?t.prefixes, "in-process tier: tracking on");
+        Ok((conn, dead))
+    }))
+}
+
+/// Confirms the channel every heartbeat until it fails or the tier is gone.
+async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, dead: &AtomicBool) {
+    let (every, liveness) = match tier.upgrade() {
+        Some(t) => (t.settings.heartbeat, t.settings.liveness),
+        None => return,
+    };
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut answered = Instant::now();
+    loop {
+        ticker.tick().await;
+        {
+            let Some(t) = tier.upgrade() else { return };
+            if t.channel.current.load(Ordering::Acquire) != id
+                || !t.alive.load(Ordering::Acquire)
+                || dead.load(Ordering::Acquire)
+            {
+                return;
+            }
+        }
+        let sent = Instant::now();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(liveness, ping.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => {
+                answered = sent;
+                let Some(t) = tier.upgrade() else { return };
+                t.confirm(sent);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "in-process tier: the channel failed");
+                return;
+            }
+            Err(_) if sent.duration_since(answered) > DEAD_AFTER => {
+                tracing::debug!("in-process tier: no answer on the channel; reconnecting");
+                return;
+            }
+            Err(_) => {}
+        }
+    }
+}
