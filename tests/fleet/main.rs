@@ -5,6 +5,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod tier;
+
 use std::time::{Duration, Instant};
 
 use support::fleet::{Node, NodeSettings, number_after};

@@ -35,6 +35,18 @@
 //! - `views-race <rows> <ops> <tasks> <database url>`: writes and reads of views built from
 //!   cached rows (see `views_race`) → `stale <n> reads <n> writes <n>`
 //!
+//! With `SPEEDLAYER_FLEET_TIER=on` (or `fail-safe`) the node's cache keeps an in-process tier
+//! over the `fleet:item` keys (a 60 s L1 TTL; `fail-safe` answers stale for up to 5 s):
+//!
+//! - `tier-warm <id>`: reads until the tier answers (up to 2 s) → `warm <value>` or `cold`
+//! - `tier-read <id>` → `value <n> served <Store|Local|Stale>` or `none`
+//! - `tier-watch <id> <old|none> <ms>`: reads (yielding between reads) until something other
+//!   than `old` is read, then 30 ms more, at most `ms` in all → `last_old <us> first_new <us>
+//!   relapses <n> reads <n>`, times in microseconds of the system clock (0: never)
+//! - `tier-write <set|delete|invalidate|tag> <id> <value>`: the write, then the system clock
+//!   when it returned → `at <us>` (`tag` invalidates the tag `fleet:row:<id>` the `set` gives)
+//! - `tier-stats` → `local_hits <n> evicted <n> losses <n> starts <n> trusted <bool>`
+//!
 //! Run: `speedlayer-fleet-node <redis url> [op timeout ms] [cool-down ms] [lease wait ms]`.
 
 use std::collections::HashMap;
@@ -50,8 +62,9 @@ use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::revocation::Revocations;
 use speedlayer::scratch::{FlushBatch, FlushError, Presence, Scratch, ScratchHash, Sink};
 use speedlayer::session::{SessionLookup, SessionRecord, Sessions};
+use speedlayer::tier::LocalTier;
 use speedlayer::ttl::Ttl;
-use speedlayer::{Cache, Config};
+use speedlayer::{Cache, Config, Served};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -60,6 +73,30 @@ const MINUTE: Ttl = Ttl::seconds(60);
 const FLEET: Ident = Ident::from_static("fleet");
 const DAY: Ttl = Ttl::hours(24);
 const PAYMENTS: Ident = Ident::from_static("payments");
+
+/// A row of the `fleet:item` keys changed: its entry goes.
+struct ItemChanged(u64);
+
+impl speedlayer::invalidation::Invalidates for ItemChanged {
+    fn targets(
+        &self,
+        ns: &Namespace,
+        targets: &mut speedlayer::invalidation::Targets,
+    ) -> Result<(), speedlayer::key::KeyError> {
+        targets.key(
+            ns.global()
+                .key(&FLEET, &Ident::from_static("item"), self.0)?,
+        );
+        Ok(())
+    }
+}
+
+/// The system clock in microseconds: the test compares times taken in several processes.
+fn wall_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
 
 struct Held {
     release: Arc<Notify>,
@@ -758,6 +795,99 @@ impl Node {
                     get("unavailable")
                 ))
             }
+            "tier-warm" => {
+                let k = key(0)?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                loop {
+                    match self.cache.get_served::<u64>(&k).await {
+                        Some((v, Served::Local)) => return Ok(format!("warm {v}")),
+                        _ if std::time::Instant::now() > deadline => return Ok("cold".into()),
+                        _ => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
+                }
+            }
+            "tier-read" => Ok(match self.cache.get_served::<u64>(&key(0)?).await {
+                Some((v, served)) => format!("value {v} served {served:?}"),
+                None => "none".to_owned(),
+            }),
+            "tier-watch" => {
+                let k = key(0)?;
+                let old: Option<u64> = match args.get(1) {
+                    Some(&"none") => None,
+                    _ => Some(arg(args, 1)?),
+                };
+                let limit = Duration::from_millis(arg(args, 2)?);
+                let started = std::time::Instant::now();
+                let (mut last_old, mut first_new, mut relapses, mut reads) =
+                    (0u64, 0u64, 0u64, 0u64);
+                let mut changed_at = None;
+                while started.elapsed() < limit {
+                    if changed_at.is_some_and(|at: std::time::Instant| {
+                        at.elapsed() > Duration::from_millis(30)
+                    }) {
+                        break;
+                    }
+                    let now = self.cache.get::<u64>(&k).await;
+                    let at = wall_micros();
+                    reads += 1;
+                    if now == old {
+                        last_old = at;
+                        if changed_at.is_some() {
+                            relapses += 1;
+                        }
+                    } else if changed_at.is_none() {
+                        changed_at = Some(std::time::Instant::now());
+                        first_new = at;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Ok(format!(
+                    "last_old {last_old} first_new {first_new} relapses {relapses} reads {reads}"
+                ))
+            }
+            "tier-write" => {
+                let op = args.first().copied().unwrap_or_default();
+                let k = key(1)?;
+                let tag = Namespace::root()
+                    .global()
+                    .tag(&Ident::from_static("row"), arg(args, 1)?)
+                    .map_err(|e| e.to_string())?;
+                match op {
+                    "set" => self
+                        .cache
+                        .set_tagged(&k, &arg(args, 2)?, MINUTE, std::slice::from_ref(&tag))
+                        .await
+                        .map_err(|e| e.to_string())?,
+                    "delete" => {
+                        self.cache.delete(&k).await;
+                    }
+                    "invalidate" => {
+                        self.cache
+                            .invalidate(&ItemChanged(arg(args, 1)?))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    "tag" => {
+                        self.cache
+                            .invalidate_tag(&tag)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    other => return Err(format!("unknown write {other:?}")),
+                }
+                Ok(format!("at {}", wall_micros()))
+            }
+            "tier-stats" => {
+                let s = self.cache.tier_stats().ok_or("no tier")?;
+                Ok(format!(
+                    "local_hits {} evicted {} losses {} starts {} trusted {}",
+                    s.local_hits,
+                    s.evicted_by_message,
+                    s.channel_losses,
+                    s.channel_starts,
+                    s.trusted
+                ))
+            }
             "stats" => {
                 let s = self.cache.stats();
                 Ok(format!(
@@ -782,10 +912,22 @@ async fn main() {
             .map(Duration::from_millis)
             .unwrap_or(Duration::from_millis(default))
     };
-    let config = Config::redis(RedisConfig::from_url(url).expect("a valid Redis URL"))
+    let mut config = Config::redis(RedisConfig::from_url(url).expect("a valid Redis URL"))
         .op_timeout(millis(2, 2_000))
         .cool_down(millis(3, 1_000))
         .lease_wait(millis(4, 50));
+    let items = Namespace::root()
+        .global()
+        .keyspace(&Ident::from_static("fleet"), &Ident::from_static("item"));
+    if let Ok(tier) = std::env::var("SPEEDLAYER_FLEET_TIER") {
+        let mut settings = LocalTier::new()
+            .keyspace(&items)
+            .ttl(Duration::from_secs(60));
+        if tier == "fail-safe" {
+            settings = settings.fail_safe(Duration::from_secs(5));
+        }
+        config = config.local_tier(settings);
+    }
     let cache = Cache::new(config).await.expect("valid configuration");
     let raw = redis::aio::ConnectionManager::new(
         redis::Client::open(url.as_str()).expect("a valid Redis URL"),
@@ -807,9 +949,7 @@ async fn main() {
         locks: Locks::new(&cache),
         guards: Mutex::new(HashMap::new()),
         raw,
-        items: Namespace::root()
-            .global()
-            .keyspace(&Ident::from_static("fleet"), &Ident::from_static("item")),
+        items,
         cache,
         held: Mutex::new(HashMap::new()),
     });

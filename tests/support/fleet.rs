@@ -49,7 +49,21 @@ fn binary() -> &'static str {
 impl Node {
     /// Starts a node on the Redis at `url` and waits until it is connected.
     pub fn spawn(name: &str, url: &str, settings: NodeSettings) -> Node {
-        let mut child = Command::new(binary())
+        Node::spawn_with(name, url, settings, None)
+    }
+
+    /// [`Node::spawn`] with an in-process tier over the `fleet:item` keys (`"on"`, or
+    /// `"fail-safe"` for one that answers stale for up to 5 s while Redis does not answer).
+    pub fn spawn_tiered(name: &str, url: &str, settings: NodeSettings, tier: &str) -> Node {
+        Node::spawn_with(name, url, settings, Some(tier))
+    }
+
+    fn spawn_with(name: &str, url: &str, settings: NodeSettings, tier: Option<&str>) -> Node {
+        let mut command = Command::new(binary());
+        if let Some(tier) = tier {
+            command.env("SPEEDLAYER_FLEET_TIER", tier);
+        }
+        let mut child = command
             .arg(url)
             .arg(settings.op_timeout_ms.to_string())
             .arg(settings.cool_down_ms.to_string())
