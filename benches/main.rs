@@ -24,6 +24,7 @@ mod ratelimit;
 mod report;
 mod stampede;
 mod throughput;
+mod tiered;
 
 /// Criterion's options that take a value: their value is not the filter.
 const VALUE_OPTIONS: &[&str] = &[
@@ -128,6 +129,9 @@ fn main() {
     }
     if any_selected(coordination::IDS) {
         coordination::benches(&mut c, &server);
+    }
+    if any_selected(tiered::IDS) {
+        tiered::benches(&mut c, &server);
     }
     c.final_summary();
     report::print_ratios();

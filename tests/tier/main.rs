@@ -477,6 +477,101 @@ mod redis_only {
         assert_eq!(cache.get::<u64>(&k).await, Some(2));
     }
 
+    /// A 3 s freeze, measured for both trust rules: one reader per rule reads 10 warm keys
+    /// every 10 ms; 1 s into the freeze another instance invalidates one of them (its
+    /// invalidation is deferred: Redis does not answer). Counted per rule: calls over 100 ms,
+    /// reads served stale, and reads of the invalidated key's old value after its invalidation
+    /// returned. Printed; asserted only on what each rule promises.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_three_second_freeze_strict_against_fail_safe() {
+        let mut backend = Backend::redis().await;
+        let config = |tier: LocalTier| {
+            backend
+                .config()
+                .op_timeout(Duration::from_millis(100))
+                .failure_threshold(1)
+                .local_tier(tier)
+        };
+        let strict = Cache::new(config(tier())).await.unwrap();
+        let lenient = Cache::new(config(tier().fail_safe(Duration::from_secs(5))))
+            .await
+            .unwrap();
+        let writer = Cache::new(config(tier())).await.unwrap();
+        for cache in [&strict, &lenient, &writer] {
+            wait_until_trusted(cache).await;
+        }
+        let keys: Vec<_> = (0..10).map(|i| key(100 + i)).collect();
+        for k in &keys {
+            writer.set(k, &1u64, MINUTE).await.unwrap();
+            for cache in [&strict, &lenient] {
+                assert_eq!(until_local(cache, k).await, 1);
+            }
+        }
+        let Backend::Redis { server, .. } = &mut backend else {
+            unreachable!()
+        };
+        server.freeze();
+        let started = Instant::now();
+        let invalidated_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
+        let read = |cache: Cache,
+                    invalidated_at: Arc<std::sync::Mutex<Option<Instant>>>,
+                    keys: Vec<speedlayer::Key>| async move {
+            let (mut slow, mut stale, mut old_after, mut reads) = (0u32, 0u32, 0u32, 0u32);
+            while started.elapsed() < Duration::from_secs(3) {
+                for (i, k) in keys.iter().enumerate() {
+                    let t = Instant::now();
+                    let got = cache.get_served::<u64>(k).await;
+                    reads += 1;
+                    if t.elapsed() > Duration::from_millis(100) {
+                        slow += 1;
+                    }
+                    if matches!(got, Some((_, Served::Stale))) {
+                        stale += 1;
+                    }
+                    let after = invalidated_at.lock().unwrap().is_some_and(|at| t > at);
+                    if i == 0 && after && got.is_some() {
+                        old_after += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (slow, stale, old_after, reads)
+        };
+        let strict_run = tokio::spawn(read(strict.clone(), invalidated_at.clone(), keys.clone()));
+        let lenient_run = tokio::spawn(read(lenient.clone(), invalidated_at.clone(), keys.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let report = writer.delete(&keys[0]).await;
+        *invalidated_at.lock().unwrap() = Some(Instant::now());
+        let (strict_figures, lenient_figures) =
+            (strict_run.await.unwrap(), lenient_run.await.unwrap());
+        server.thaw();
+        eprintln!(
+            "3 s freeze, reads of 10 warm keys every 10 ms (delete returned {report}, deferred): \
+             strict: {} calls over 100 ms, {} served stale, {} reads of the deleted key's old \
+             value, {} reads; fail-safe 5 s: {} calls over 100 ms, {} served stale, {} reads of \
+             the deleted key's old value, {} reads",
+            strict_figures.0,
+            strict_figures.1,
+            strict_figures.2,
+            strict_figures.3,
+            lenient_figures.0,
+            lenient_figures.1,
+            lenient_figures.2,
+            lenient_figures.3,
+        );
+        assert_eq!(strict_figures.1, 0, "the strict tier never answers stale");
+        assert_eq!(
+            strict_figures.2, 0,
+            "the strict tier never serves a deleted value"
+        );
+        assert!(lenient_figures.1 > 0, "the fail-safe tier answers stale");
+        assert!(writer.flush_invalidations(Duration::from_secs(5)).await);
+        for cache in [&strict, &lenient] {
+            wait_until_trusted(cache).await;
+            assert_eq!(settles_away_from(cache, &keys[0], Some(1)).await, None);
+        }
+    }
+
     /// Keys outside the tier's keyspaces are never copied; tiered keys are.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_the_named_keyspaces_are_tiered() {

@@ -1,0 +1,249 @@
+//! Group `tiered`: the in-process tier. A hit in L1 against raw moka doing the same work (a get
+//! plus the JSON decode), a read that misses L1 and hits Redis (then copies the value into L1)
+//! against raw redis-rs doing a GET plus the decode, and the lag from one instance's
+//! invalidation to another instance's eviction.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::Criterion;
+use redis::AsyncCommands;
+use speedlayer::Cache;
+use speedlayer::config::Config;
+use speedlayer::invalidation::{Invalidates, Targets};
+use speedlayer::key::{KeyError, Namespace};
+use speedlayer::tier::LocalTier;
+use speedlayer::ttl::Ttl;
+
+use crate::common::{Dashboard, dashboard, key, runtime};
+use crate::support::RedisServer;
+
+/// Every bench of this group, as `group/name` (for the filter).
+pub const IDS: &[&str] = &[
+    "tiered/l1_hit",
+    "tiered/raw_moka",
+    "tiered/l2_hit",
+    "tiered/raw_redis_json",
+    "tiered/invalidation_lag",
+];
+
+/// Keys the L2 benches cycle through: each is read again only long after its 1 ms L1 copy
+/// expired.
+const CYCLE: u64 = 2_000;
+
+struct Changed(u64);
+
+impl Invalidates for Changed {
+    fn targets(&self, _: &Namespace, targets: &mut Targets) -> Result<(), KeyError> {
+        targets.key(key(self.0));
+        Ok(())
+    }
+}
+
+async fn tiered_cache(server: &RedisServer, tier: LocalTier) -> Cache {
+    let config = Config::redis(server.redis_config())
+        .op_timeout(Duration::from_secs(2))
+        .local_tier(tier);
+    let cache = Cache::new(config).await.expect("cache");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cache.tier_stats().expect("a tier").trusted {
+        assert!(
+            Instant::now() < deadline,
+            "the tier's channel did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cache
+}
+
+pub fn benches(c: &mut Criterion, server: &RedisServer) {
+    let rt = runtime();
+    let value = dashboard(456);
+    let json = Bytes::from(serde_json::to_vec(&value).unwrap());
+    let k = key(456);
+
+    let l1 = rt.block_on(tiered_cache(server, LocalTier::new()));
+    rt.block_on(l1.set(&k, &value, Ttl::seconds(3600))).unwrap();
+    // The write's own message may drop the first copy: read until L1 answers.
+    rt.block_on(async {
+        while !matches!(
+            l1.get_served::<Dashboard>(&k).await,
+            Some((_, speedlayer::Served::Local))
+        ) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let moka: moka::future::Cache<String, Bytes> = moka::future::Cache::builder()
+        .max_capacity(64 * 1024 * 1024)
+        .build();
+    rt.block_on(moka.insert(k.as_str().to_owned(), json.clone()));
+
+    let l2 = rt.block_on(tiered_cache(
+        server,
+        LocalTier::new().ttl(Duration::from_millis(1)),
+    ));
+    let keys: Vec<_> = (0..CYCLE).map(|i| key(10_000 + i)).collect();
+    rt.block_on(async {
+        for k in &keys {
+            l2.set(k, &value, Ttl::seconds(3600)).await.unwrap();
+        }
+    });
+    let raw = rt
+        .block_on(redis::aio::ConnectionManager::new(server.client()))
+        .expect("raw connection manager");
+
+    let mut group = c.benchmark_group("tiered");
+    group.sample_size(100);
+    group.measurement_time(Duration::from_secs(6));
+    group.bench_function("l1_hit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let v: Option<Dashboard> = l1.get(&k).await;
+            v.expect("hit")
+        })
+    });
+    group.bench_function("raw_moka", |b| {
+        b.to_async(&rt).iter(|| async {
+            let bytes = moka.get(k.as_str()).await.expect("hit");
+            serde_json::from_slice::<Dashboard>(&bytes).expect("decodes")
+        })
+    });
+    let next = std::cell::Cell::new(0usize);
+    let pick = || {
+        let i = next.get();
+        next.set((i + 1) % keys.len());
+        &keys[i]
+    };
+    group.bench_function("l2_hit", |b| {
+        b.to_async(&rt).iter(|| async {
+            let v: Option<Dashboard> = l2.get(pick()).await;
+            v.expect("hit")
+        })
+    });
+    group.bench_function("raw_redis_json", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = raw.clone();
+            let bytes: Vec<u8> = conn.get(pick().as_str()).await.expect("GET");
+            serde_json::from_slice::<Dashboard>(&bytes).expect("decodes")
+        })
+    });
+    group.finish();
+
+    crate::report::paired_if_selected(
+        ("tiered/l1_hit", "tiered/raw_moka"),
+        "time",
+        "<= 1.5",
+        || {
+            let started = Instant::now();
+            rt.block_on(async {
+                for _ in 0..20_000 {
+                    assert!(l1.get::<Dashboard>(&k).await.is_some());
+                }
+            });
+            started.elapsed()
+        },
+        || {
+            let started = Instant::now();
+            rt.block_on(async {
+                for _ in 0..20_000 {
+                    let bytes = moka.get(k.as_str()).await.expect("hit");
+                    serde_json::from_slice::<Dashboard>(&bytes).expect("decodes");
+                }
+            });
+            started.elapsed()
+        },
+    );
+    crate::report::paired_if_selected(
+        ("tiered/l2_hit", "tiered/raw_redis_json"),
+        "time",
+        "<= 1.10",
+        || {
+            let started = Instant::now();
+            rt.block_on(async {
+                for _ in 0..2_000 {
+                    assert!(l2.get::<Dashboard>(pick()).await.is_some());
+                }
+            });
+            started.elapsed()
+        },
+        || {
+            let started = Instant::now();
+            rt.block_on(async {
+                for _ in 0..2_000 {
+                    let mut conn = raw.clone();
+                    let bytes: Vec<u8> = conn.get(pick().as_str()).await.expect("GET");
+                    serde_json::from_slice::<Dashboard>(&bytes).expect("decodes");
+                }
+            });
+            started.elapsed()
+        },
+    );
+    let l1_stats = l1.tier_stats().expect("a tier");
+    let l2_stats = l2.tier_stats().expect("a tier");
+    let line = format!(
+        "tiered: l1_hit cache answered {} reads from L1; l2_hit cache copied {} values into L1 \
+         and answered {} reads from it",
+        l1_stats.local_hits, l2_stats.fills, l2_stats.local_hits
+    );
+    println!("{line}");
+    crate::report::remember(line);
+
+    if crate::selected("tiered/invalidation_lag") {
+        invalidation_lag(&rt, server);
+    }
+}
+
+/// One instance invalidates a key that another holds in L1; the time until the other has
+/// evicted it, from the start of the call and from its return (0 when the eviction came first).
+fn invalidation_lag(rt: &tokio::runtime::Runtime, server: &RedisServer) {
+    const N: usize = 2_000;
+    let (writer, reader) = rt.block_on(async {
+        (
+            tiered_cache(server, LocalTier::new()).await,
+            tiered_cache(server, LocalTier::new()).await,
+        )
+    });
+    let (from_call, from_return) = rt.block_on(async {
+        let mut from_call = Vec::with_capacity(N);
+        let mut from_return = Vec::with_capacity(N);
+        for i in 0..N as u64 {
+            let id = 50_000 + i;
+            let k = key(id);
+            writer.set(&k, &i, Ttl::seconds(60)).await.unwrap();
+            while !matches!(
+                reader.get_served::<u64>(&k).await,
+                Some((_, speedlayer::Served::Local))
+            ) {
+                tokio::task::yield_now().await;
+            }
+            let before = reader.tier_stats().unwrap().evicted_by_message;
+            let called = Instant::now();
+            writer.invalidate(&Changed(id)).await.unwrap();
+            let returned = Instant::now();
+            let deadline = returned + Duration::from_secs(2);
+            while reader.tier_stats().unwrap().evicted_by_message == before {
+                assert!(Instant::now() < deadline, "the eviction never came");
+                tokio::task::yield_now().await;
+            }
+            let evicted = Instant::now();
+            from_call.push(evicted - called);
+            from_return.push(evicted.saturating_duration_since(returned));
+        }
+        (from_call, from_return)
+    });
+    for (what, mut samples) in [
+        ("from the invalidate call", from_call),
+        ("after it returned", from_return),
+    ] {
+        samples.sort();
+        let at = |p: f64| samples[((N - 1) as f64 * p) as usize];
+        let line = format!(
+            "tiered/invalidation_lag over {N} invalidations, {what}: p50 {:?}, p99 {:?}, max {:?} \
+             (target p99 <= 5 ms)",
+            at(0.5),
+            at(0.99),
+            samples[N - 1]
+        );
+        println!("{line}");
+        crate::report::remember(line);
+    }
+}
