@@ -108,6 +108,7 @@ pub mod scratch;
 pub mod session;
 pub mod store;
 pub mod switch;
+pub mod telemetry;
 pub mod tier;
 pub mod ttl;
 

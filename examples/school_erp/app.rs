@@ -72,45 +72,109 @@ const APPROVAL_LEASE: Ttl = Ttl::seconds(5);
 /// Login attempts allowed per client address per minute.
 pub const LOGIN_LIMIT: u32 = 10;
 
+/// A counter of the service: a series of the `metrics` facade, which `/metrics` renders (with
+/// speedlayer's own series) through the Prometheus exporter.
+pub struct Counter(&'static str, AtomicU64);
+
+impl Counter {
+    /// Adds `n`; returns this service's previous count (the series is the process's).
+    pub fn fetch_add(&self, n: u64, order: Ordering) -> u64 {
+        metrics::counter!(self.0).increment(n);
+        self.1.fetch_add(n, order)
+    }
+}
+
 /// Counters the report and `/metrics` show.
-#[derive(Default)]
 pub struct Metrics {
-    pub requests: AtomicU64,
+    pub requests: Counter,
     /// Reads that could be answered from the cache (role checks, dashboards, fee summaries).
-    pub cacheable_reads: AtomicU64,
+    pub cacheable_reads: Counter,
     /// Those of them that went to the database.
-    pub cache_loads: AtomicU64,
+    pub cache_loads: Counter,
     /// Of the cacheable reads, the role checks.
-    pub role_checks: AtomicU64,
+    pub role_checks: Counter,
     /// Role checks that went to the database.
-    pub role_loads: AtomicU64,
-    pub writes: AtomicU64,
-    pub rate_limited: AtomicU64,
-    pub server_errors: AtomicU64,
-    pub invalidation_failures: AtomicU64,
+    pub role_loads: Counter,
+    pub writes: Counter,
+    pub rate_limited: Counter,
+    pub server_errors: Counter,
+    pub invalidation_failures: Counter,
     /// Approvals that found the request's lock held by another admin (answered 409).
-    pub lock_contention: AtomicU64,
+    pub lock_contention: Counter,
     /// Approvals refused because the lock could not be taken (Redis unusable: 503).
-    pub lock_unavailable: AtomicU64,
+    pub lock_unavailable: Counter,
     /// Notifications written (each one counted in its user's badge).
-    pub notifications: AtomicU64,
+    pub notifications: Counter,
     /// Student profiles asked for through `get_or_set_many` (rosters, dashboards).
-    pub batch_rows_read: AtomicU64,
+    pub batch_rows_read: Counter,
     /// Of those, the rows the database was asked for.
-    pub batch_rows_loaded: AtomicU64,
+    pub batch_rows_loaded: Counter,
     /// Database queries made by those batches (one per batch that missed).
-    pub batch_loads: AtomicU64,
+    pub batch_loads: Counter,
     /// Sessions created by a login, and ended by a logout.
-    pub sessions_created: AtomicU64,
-    pub sessions_ended: AtomicU64,
+    pub sessions_created: Counter,
+    pub sessions_ended: Counter,
     /// Requests refused for a revoked (logged-out) token.
-    pub revoked_tokens_refused: AtomicU64,
+    pub revoked_tokens_refused: Counter,
     /// Roll-call marks written to the day's scratch hash.
-    pub roll_marks: AtomicU64,
+    pub roll_marks: Counter,
     /// Calls of the roll-call sink, those that failed on purpose, and batches applied.
-    pub roll_sink_calls: AtomicU64,
-    pub roll_sink_failures: AtomicU64,
-    pub roll_batches_applied: AtomicU64,
+    pub roll_sink_calls: Counter,
+    pub roll_sink_failures: Counter,
+    pub roll_batches_applied: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Counter("school_erp_http_requests_total", AtomicU64::new(0)),
+            cacheable_reads: Counter("school_erp_cacheable_reads_total", AtomicU64::new(0)),
+            cache_loads: Counter("school_erp_cache_loads_total", AtomicU64::new(0)),
+            role_checks: Counter("school_erp_role_checks_total", AtomicU64::new(0)),
+            role_loads: Counter("school_erp_role_loads_total", AtomicU64::new(0)),
+            writes: Counter("school_erp_writes_total", AtomicU64::new(0)),
+            rate_limited: Counter("school_erp_rate_limited_total", AtomicU64::new(0)),
+            server_errors: Counter("school_erp_server_errors_total", AtomicU64::new(0)),
+            invalidation_failures: Counter(
+                "school_erp_invalidation_failures_total",
+                AtomicU64::new(0),
+            ),
+            lock_contention: Counter("school_erp_lock_contention_total", AtomicU64::new(0)),
+            lock_unavailable: Counter("school_erp_lock_unavailable_total", AtomicU64::new(0)),
+            notifications: Counter("school_erp_notifications_total", AtomicU64::new(0)),
+            batch_rows_read: Counter("school_erp_batch_rows_read_total", AtomicU64::new(0)),
+            batch_rows_loaded: Counter("school_erp_batch_rows_loaded_total", AtomicU64::new(0)),
+            batch_loads: Counter("school_erp_batch_loads_total", AtomicU64::new(0)),
+            sessions_created: Counter("school_erp_sessions_created_total", AtomicU64::new(0)),
+            sessions_ended: Counter("school_erp_sessions_ended_total", AtomicU64::new(0)),
+            revoked_tokens_refused: Counter(
+                "school_erp_revoked_tokens_refused_total",
+                AtomicU64::new(0),
+            ),
+            roll_marks: Counter("school_erp_roll_marks_total", AtomicU64::new(0)),
+            roll_sink_calls: Counter("school_erp_roll_sink_calls_total", AtomicU64::new(0)),
+            roll_sink_failures: Counter("school_erp_roll_sink_failures_total", AtomicU64::new(0)),
+            roll_batches_applied: Counter(
+                "school_erp_roll_batches_applied_total",
+                AtomicU64::new(0),
+            ),
+        }
+    }
+}
+
+/// The process's Prometheus recorder, installed as the `metrics` facade's global recorder the
+/// first time it is asked for (every service of the process shares it).
+pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics shows nothing");
+        }
+        handle
+    })
 }
 
 /// Shared state of the handlers.
@@ -139,6 +203,7 @@ pub struct AppState {
 impl AppState {
     /// The state over `db` and `cache` (whose registry is replaced with the school's).
     pub fn new(db: Db, cache: Cache) -> AppState {
+        prometheus();
         let registry = registry(cache.namespace());
         let cache = cache.with_registry(registry);
         let login = Route::new(AUTH_LOGIN)
@@ -1381,243 +1446,22 @@ async fn switch(
 
 // ---- metrics -----------------------------------------------------------------------------
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format, rendered by the exporter from the `metrics` facade:
+/// speedlayer's series (see `speedlayer::telemetry`) and the service's own.
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let s = state.cache.stats();
-    let m = &state.metrics;
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let mut text = String::new();
-    let mut put = |kind: &str, name: &str, help: &str, value: u64| {
-        text.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    };
-    put(
-        "counter",
-        "speedlayer_cache_hits_total",
-        "Reads answered from the cache.",
-        s.hits,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_coalesced_total",
-        "Reads that found nothing and shared another caller's load in this process.",
-        s.coalesced,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_misses_total",
-        "Reads that found nothing usable and ran their own load.",
-        s.misses,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_loader_calls_total",
-        "Loads from the database made through the cache.",
-        s.loader_calls,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_errors_total",
-        "Failed cache backend calls.",
-        s.errors,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_timeouts_total",
-        "Cache backend calls that timed out.",
-        s.timeouts,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_fallbacks_total",
-        "Operations answered without the cache backend.",
-        s.fallbacks,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_stale_sets_refused_total",
-        "Loaded values not stored because an invalidation overtook them.",
-        s.stale_sets_refused,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_leases_denied_total",
-        "Loads not cached because another load held the key's lease.",
-        s.leases_denied,
-    );
-    put(
-        "counter",
-        "speedlayer_cache_invalidations_total",
-        "Write events invalidated.",
-        s.invalidations,
-    );
-    put(
-        "gauge",
-        "speedlayer_cache_connected",
-        "1 when the cache backend is usable.",
-        u64::from(s.connected),
-    );
-    put(
-        "counter",
-        "school_erp_db_queries_total",
-        "Queries run on the database.",
-        state.db.queries(),
-    );
-    put(
-        "counter",
-        "school_erp_http_requests_total",
-        "HTTP requests served.",
-        load(&m.requests),
-    );
-    put(
-        "counter",
-        "school_erp_cacheable_reads_total",
-        "Reads that could be answered from the cache.",
-        load(&m.cacheable_reads),
-    );
-    put(
-        "counter",
-        "school_erp_cache_loads_total",
-        "Cacheable reads that went to the database.",
-        load(&m.cache_loads),
-    );
-    for (name, help, value) in [
-        (
-            "school_erp_sessions_created_total",
-            "Sessions created by a login.",
-            &m.sessions_created,
-        ),
-        (
-            "school_erp_sessions_ended_total",
-            "Sessions ended by a logout.",
-            &m.sessions_ended,
-        ),
-        (
-            "school_erp_revoked_tokens_refused_total",
-            "Requests refused for a revoked (logged-out) token.",
-            &m.revoked_tokens_refused,
-        ),
-        (
-            "school_erp_roll_marks_total",
-            "Roll-call marks kept in the day's scratch hash.",
-            &m.roll_marks,
-        ),
-        (
-            "school_erp_roll_sink_calls_total",
-            "Calls of the roll-call sink.",
-            &m.roll_sink_calls,
-        ),
-        (
-            "school_erp_roll_sink_failures_total",
-            "Roll-call sink calls that failed on purpose.",
-            &m.roll_sink_failures,
-        ),
-        (
-            "school_erp_roll_batches_applied_total",
-            "Roll-call batches applied to the database.",
-            &m.roll_batches_applied,
-        ),
-    ] {
-        put("counter", name, help, load(value));
-    }
-    put(
-        "counter",
-        "school_erp_batch_rows_read_total",
-        "Student profiles read through get_or_set_many (rosters, dashboards).",
-        load(&m.batch_rows_read),
-    );
-    put(
-        "counter",
-        "school_erp_batch_rows_loaded_total",
-        "Of those, the rows the database was asked for.",
-        load(&m.batch_rows_loaded),
-    );
-    put(
-        "counter",
-        "school_erp_batch_loads_total",
-        "Database queries made by those batches (one per batch that missed).",
-        load(&m.batch_loads),
-    );
-    put(
-        "counter",
-        "school_erp_role_checks_total",
-        "Cacheable reads that were role checks.",
-        load(&m.role_checks),
-    );
-    put(
-        "counter",
-        "school_erp_role_loads_total",
-        "Role checks that went to the database.",
-        load(&m.role_loads),
-    );
-    put(
-        "counter",
-        "school_erp_writes_total",
-        "Database writes.",
-        load(&m.writes),
-    );
-    put(
-        "counter",
-        "school_erp_rate_limited_total",
-        "Requests answered 429.",
-        load(&m.rate_limited),
-    );
-    put(
-        "counter",
-        "school_erp_server_errors_total",
-        "Requests answered with a 5xx status.",
-        load(&m.server_errors),
-    );
-    put(
-        "counter",
-        "school_erp_invalidation_failures_total",
-        "Invalidations after a committed write that failed (logged).",
-        load(&m.invalidation_failures),
-    );
+    metrics::gauge!("speedlayer_cache_connected").set(if s.connected { 1.0 } else { 0.0 });
+    metrics::counter!("school_erp_db_queries_total").absolute(state.db.queries());
     let idem = state.idempotency.stats();
-    put(
-        "counter",
-        "speedlayer_idempotency_replays_total",
-        "Retries answered with the stored response.",
-        idem.replays,
-    );
-    put(
-        "counter",
-        "speedlayer_idempotency_in_progress_total",
-        "Retries answered 409 while the first request ran.",
-        idem.in_progress,
-    );
-    put(
-        "counter",
-        "speedlayer_idempotency_mismatches_total",
-        "Keys reused with another request (422).",
-        idem.mismatches,
-    );
-    put(
-        "counter",
-        "school_erp_lock_contention_total",
-        "Approvals that found the request's lock held (409).",
-        load(&m.lock_contention),
-    );
-    put(
-        "counter",
-        "school_erp_lock_unavailable_total",
-        "Approvals refused because the lock service was unusable (503).",
-        load(&m.lock_unavailable),
-    );
-    put(
-        "counter",
-        "school_erp_notifications_total",
-        "Notifications written.",
-        load(&m.notifications),
-    );
+    metrics::counter!("speedlayer_idempotency_replays_total").absolute(idem.replays);
+    metrics::counter!("speedlayer_idempotency_in_progress_total").absolute(idem.in_progress);
+    metrics::counter!("speedlayer_idempotency_mismatches_total").absolute(idem.mismatches);
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        text,
+        prometheus().render(),
     )
 }
 

@@ -110,6 +110,8 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    // Before anything is counted: /metrics renders what this recorder saw.
+    app::prometheus();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

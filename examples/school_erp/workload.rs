@@ -1209,8 +1209,8 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             cache_coalesced: delta("speedlayer_cache_coalesced_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),
             stale_sets_refused: delta("speedlayer_cache_stale_sets_refused_total"),
-            cache_errors: delta("speedlayer_cache_errors_total"),
-            cache_timeouts: delta("speedlayer_cache_timeouts_total"),
+            cache_errors: delta("speedlayer_store_errors_total"),
+            cache_timeouts: delta("speedlayer_store_timeouts_total"),
             leases_denied: delta("speedlayer_cache_leases_denied_total"),
             max_ms: tally
                 .latencies_us

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use crate::key::{Key, KeyPattern, Namespace, Tag};
 use crate::store::{
     BackendKind, BreakerState, CacheLayer, IndexWindow, LeaseHold, Leased, Source, Store, is_lease,
 };
+use crate::telemetry::Tally;
 use crate::tier::{Lookup, Tier, TierRead, TierStats};
 use crate::ttl::{Ttl, TtlPolicy};
 
@@ -185,18 +186,34 @@ impl CacheStats {
     }
 }
 
-#[derive(Default)]
 struct Counters {
-    hits: AtomicU64,
-    coalesced: AtomicU64,
-    misses: AtomicU64,
-    loader_calls: AtomicU64,
-    loader_errors: AtomicU64,
-    decode_failures: AtomicU64,
-    uncacheable: AtomicU64,
-    stale_sets_refused: AtomicU64,
-    leases_denied: AtomicU64,
-    invalidations: AtomicU64,
+    hits: Tally,
+    coalesced: Tally,
+    misses: Tally,
+    loader_calls: Tally,
+    loader_errors: Tally,
+    decode_failures: Tally,
+    uncacheable: Tally,
+    stale_sets_refused: Tally,
+    leases_denied: Tally,
+    invalidations: Tally,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            hits: Tally::new("speedlayer_cache_hits_total"),
+            coalesced: Tally::new("speedlayer_cache_coalesced_total"),
+            misses: Tally::new("speedlayer_cache_misses_total"),
+            loader_calls: Tally::new("speedlayer_cache_loads_total"),
+            loader_errors: Tally::new("speedlayer_cache_load_errors_total"),
+            decode_failures: Tally::new("speedlayer_cache_decode_failures_total"),
+            uncacheable: Tally::new("speedlayer_cache_uncacheable_total"),
+            stale_sets_refused: Tally::new("speedlayer_cache_stale_sets_refused_total"),
+            leases_denied: Tally::new("speedlayer_cache_leases_denied_total"),
+            invalidations: Tally::new("speedlayer_cache_invalidations_total"),
+        }
+    }
 }
 
 struct Inner {
@@ -1027,9 +1044,11 @@ impl Cache {
 
         inner.counters.loader_calls.fetch_add(1, Ordering::Relaxed);
         flight.start_loading();
+        let started = std::time::Instant::now();
         let loaded = loader()
             .instrument(tracing::debug_span!("speedlayer.load", key = %key))
             .await;
+        crate::telemetry::load_time(started.elapsed().as_secs_f64());
         let value = match loaded {
             Ok(value) => value,
             Err(e) => {

@@ -208,7 +208,10 @@ impl Locks {
                 lease,
                 sent,
             )),
-            Ok(Answered::Backend(Taken::Held(remaining))) => Acquire::Contended { remaining },
+            Ok(Answered::Backend(Taken::Held(remaining))) => {
+                crate::telemetry::lock_contended();
+                Acquire::Contended { remaining }
+            }
             Ok(_) => Acquire::Unavailable,
             Err(e) => {
                 tracing::warn!(lock = %name.as_str(), error = %e, "lock refused by the backend");

@@ -394,6 +394,14 @@ impl RateLimiter {
     /// counted under a shared `invalid` id of that layer, so that hostile input is limited
     /// rather than unlimited.
     pub async fn check(&self, route: &Route, who: &Identity) -> Verdict {
+        let verdict = self.check_counted(route, who).await;
+        if !verdict.allowed {
+            crate::telemetry::rate_limited(route.name.as_str());
+        }
+        verdict
+    }
+
+    async fn check_counted(&self, route: &Route, who: &Identity) -> Verdict {
         if !self.store.is_on(crate::switch::Capability::RateLimit) {
             return Verdict {
                 allowed: true,

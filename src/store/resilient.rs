@@ -33,6 +33,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::telemetry::Tally;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -161,14 +163,26 @@ pub struct StoreStats {
     pub data_errors: u64,
 }
 
-#[derive(Default)]
 struct Counters {
-    errors: AtomicU64,
-    timeouts: AtomicU64,
-    fallbacks: AtomicU64,
-    short_circuited: AtomicU64,
-    lost_invalidations: AtomicU64,
-    data_errors: AtomicU64,
+    errors: Tally,
+    timeouts: Tally,
+    fallbacks: Tally,
+    short_circuited: Tally,
+    lost_invalidations: Tally,
+    data_errors: Tally,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            errors: Tally::new("speedlayer_store_errors_total"),
+            timeouts: Tally::new("speedlayer_store_timeouts_total"),
+            fallbacks: Tally::new("speedlayer_store_fallbacks_total"),
+            short_circuited: Tally::new("speedlayer_store_short_circuited_total"),
+            lost_invalidations: Tally::new("speedlayer_store_lost_invalidations_total"),
+            data_errors: Tally::new("speedlayer_store_data_errors_total"),
+        }
+    }
 }
 
 /// Lets one log line through per interval and counts the rest.
@@ -524,7 +538,9 @@ impl Store {
             }
             self.inner.has_pending.store(true, Ordering::Release);
         }
+        crate::telemetry::pending_invalidations(self.lock_pending().len());
         if self.inner.breaker.trip() {
+            crate::telemetry::breaker_open(true);
             if let Some(f) = &self.inner.fallback {
                 f.clear();
             }
@@ -606,6 +622,7 @@ impl Store {
             }
         }
         let p = self.lock_pending();
+        crate::telemetry::pending_invalidations(p.len());
         if p.len() == 0 {
             inner.has_pending.store(false, Ordering::Release);
             drop(p);
@@ -1252,6 +1269,7 @@ impl Store {
 
     fn succeeded(&self, admit: Admit) {
         if self.inner.breaker.on_success(admit) == Transition::Closed {
+            crate::telemetry::breaker_open(false);
             if let Some(f) = &self.inner.fallback {
                 f.clear();
             }
@@ -1267,6 +1285,7 @@ impl Store {
         inner.counters.errors.fetch_add(1, Ordering::Relaxed);
         inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
         if inner.breaker.on_failure(admit) == Transition::Opened {
+            crate::telemetry::breaker_open(true);
             if let Some(f) = &inner.fallback {
                 f.clear();
             }

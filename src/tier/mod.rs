@@ -43,6 +43,7 @@ mod read;
 pub(crate) use read::TierRead;
 
 use crate::key::KeySpace;
+use crate::telemetry::Tally;
 
 /// Default bound of L1, in bytes of keys and values.
 pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -190,15 +191,31 @@ pub struct TierStats {
     pub entries: u64,
 }
 
-#[derive(Default)]
 struct Counters {
-    local_hits: AtomicU64,
-    stale_served: AtomicU64,
-    fills: AtomicU64,
-    fills_refused: AtomicU64,
-    evicted_by_message: AtomicU64,
-    channel_losses: AtomicU64,
-    channel_starts: AtomicU64,
+    local_hits: Tally,
+    stale_served: Tally,
+    fills: Tally,
+    fills_refused: Tally,
+    evicted_by_message: Tally,
+    channel_losses: Tally,
+    channel_starts: Tally,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            local_hits: Tally::labelled("speedlayer_tier_hits_total", &[("state", "fresh")]),
+            stale_served: Tally::labelled("speedlayer_tier_hits_total", &[("state", "stale")]),
+            fills: Tally::new("speedlayer_tier_fills_total"),
+            fills_refused: Tally::new("speedlayer_tier_fills_refused_total"),
+            evicted_by_message: Tally::labelled(
+                "speedlayer_tier_evictions_total",
+                &[("cause", "message")],
+            ),
+            channel_losses: Tally::new("speedlayer_tier_channel_losses_total"),
+            channel_starts: Tally::new("speedlayer_tier_channel_starts_total"),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -470,6 +487,7 @@ impl Tier {
     /// A heartbeat sent at `sent` was answered: every invalidation Redis sent before it was
     /// applied.
     pub(crate) fn confirm(&self, sent: Instant) {
+        crate::telemetry::channel_rtt(sent.elapsed().as_secs_f64());
         self.confirmed
             .fetch_max(self.micros(sent), Ordering::AcqRel);
     }

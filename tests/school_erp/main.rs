@@ -228,6 +228,18 @@ async fn postgres_with_redis() {
 }
 
 /// One request to the router, as from `127.0.0.1`; the status and the body.
+/// The value of the series `name` (with its labels, as rendered) in a Prometheus text scrape; 0
+/// when absent.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
 async fn call(
     app: &axum::Router,
     method: &str,
@@ -280,6 +292,7 @@ async fn call_with_key(
 /// admin's suspension takes effect at once (the cached role is invalidated).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_refuses_what_it_must() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let size = SchoolSize {
         students: 50,
         teachers: 5,
@@ -288,6 +301,8 @@ async fn api_refuses_what_it_must() {
     let db = Db::open(None, size).await.expect("database");
     let state = Arc::new(AppState::new(db, Cache::memory()));
     let app = app::router(state.clone());
+    // The series are the process's: what this test adds is measured against this first scrape.
+    let (_, metrics_before) = call(&app, "GET", "/metrics", None, "").await;
     let fees = "/api/fees/summary/7";
 
     assert_eq!(call(&app, "GET", fees, None, "").await.0, 401);
@@ -498,12 +513,21 @@ async fn api_refuses_what_it_must() {
     assert_eq!(status, 200);
     for name in [
         "speedlayer_cache_hits_total",
-        "speedlayer_cache_coalesced_total",
+        "speedlayer_cache_misses_total",
+        "speedlayer_cache_loads_total",
         "school_erp_db_queries_total",
-        "school_erp_rate_limited_total 3",
-        "school_erp_server_errors_total 0",
+        "school_erp_rate_limited_total",
+        "speedlayer_ratelimit_denied_total{route=\"auth-login\"}",
     ] {
         assert!(metrics.contains(name), "{name} missing from {metrics}");
     }
+    let added = |name: &str| series(&metrics, name) - series(&metrics_before, name);
+    assert_eq!(added("school_erp_rate_limited_total"), 3.0, "{metrics}");
+    assert_eq!(
+        added("speedlayer_ratelimit_denied_total{route=\"auth-login\"}"),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(added("school_erp_server_errors_total"), 0.0, "{metrics}");
     state.db.close().await;
 }
