@@ -16,9 +16,15 @@ const CALLERS: u64 = 1_000;
 const LOADER_TIME: Duration = Duration::from_millis(2);
 
 /// Every bench of this group, as `group/name` (for the filter).
-pub const IDS: &[&str] = &["stampede/cold1000/speedlayer"];
+pub const IDS: &[&str] = &["stampede/cold1000/speedlayer", "stampede/xfetch"];
 
 pub fn benches(c: &mut Criterion, server: &RedisServer) {
+    if crate::selected("stampede/xfetch") {
+        xfetch(server);
+    }
+    if !crate::selected("stampede/cold1000/speedlayer") {
+        return;
+    }
     let rt = runtime();
     let cache = rt.block_on(redis_cache(server, Transport::Multiplexed));
     let round = Arc::new(AtomicU64::new(1_000_000));
@@ -70,6 +76,89 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         let line = format!(
             "stampede/cold1000/speedlayer: {loads} loader calls over {rounds} rounds of {CALLERS} callers ({:.3} per round)",
             loads as f64 / rounds as f64
+        );
+        println!("{line}");
+        crate::report::remember(line);
+    }
+}
+
+/// `stampede/xfetch`: 64 readers on one hot key for 3 s, TTL 200 ms (15 expiries), a 20 ms
+/// loader, no grace: without early refresh every expiry is a miss that readers wait on. Loader
+/// calls per expiry and readers that waited on a load, for XFetch (β = 1), a fixed threshold
+/// (refresh when 40 ms are left) and no early refresh.
+fn xfetch(server: &RedisServer) {
+    use speedlayer::cache::{EarlyRefresh, FetchPolicy};
+    const READERS: usize = 64;
+    const RUN: Duration = Duration::from_secs(3);
+    const TTL_MS: u64 = 200;
+    let rt = runtime();
+    for (name, early) in [
+        ("xfetch", Some(EarlyRefresh::xfetch())),
+        (
+            "fixed 40 ms",
+            Some(EarlyRefresh::Fixed {
+                before_expiry: Duration::from_millis(40),
+            }),
+        ),
+        ("none", None),
+    ] {
+        let cache = rt.block_on(redis_cache(server, Transport::Multiplexed));
+        let mut policy = FetchPolicy::new(Ttl::from_millis(TTL_MS).unwrap())
+            .expected_load(Duration::from_millis(20));
+        if let Some(early) = early {
+            policy = policy.early_refresh(early);
+        }
+        let k = key(7_000_000 + name.len() as u64);
+        let loads = Arc::new(AtomicU64::new(0));
+        let loader = {
+            let loads = loads.clone();
+            move || {
+                loads.fetch_add(1, Ordering::Relaxed);
+                async {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, std::io::Error>(dashboard(7))
+                }
+            }
+        };
+        let (waited, reads) = rt.block_on(async {
+            cache
+                .fetch::<Dashboard, _, _, _>(&k, &policy, loader.clone())
+                .await
+                .unwrap();
+            let before = cache.stats();
+            let started = Instant::now();
+            let tasks: Vec<_> = (0..READERS)
+                .map(|_| {
+                    let (cache, k, policy, loader) =
+                        (cache.clone(), k.clone(), policy.clone(), loader.clone());
+                    tokio::spawn(async move {
+                        let mut reads = 0u64;
+                        while started.elapsed() < RUN {
+                            let _ = cache
+                                .fetch::<Dashboard, _, _, _>(&k, &policy, loader.clone())
+                                .await;
+                            reads += 1;
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        reads
+                    })
+                })
+                .collect();
+            let mut reads = 0;
+            for t in tasks {
+                reads += t.await.unwrap();
+            }
+            let after = cache.stats();
+            let waited = (after.misses + after.coalesced) - (before.misses + before.coalesced);
+            (waited, reads)
+        });
+        let expiries = RUN.as_millis() as f64 / TTL_MS as f64;
+        let line = format!(
+            "stampede/xfetch [{name}]: {:.2} loader calls per expiry ({} in {:?}, TTL {TTL_MS} ms), \
+             {waited} of {reads} reads waited on a load",
+            (loads.load(Ordering::Relaxed) - 1) as f64 / expiries,
+            loads.load(Ordering::Relaxed) - 1,
+            RUN,
         );
         println!("{line}");
         crate::report::remember(line);

@@ -15,6 +15,8 @@
 //! | `speedlayer_cache_decode_failures_total` | counter | | cached values that did not decode (deleted) |
 //! | `speedlayer_cache_stale_sets_refused_total` | counter | | loads not stored because an invalidation came during them |
 //! | `speedlayer_cache_invalidations_total` | counter | | `Cache::invalidate` calls |
+//! | `speedlayer_cache_stale_served_total` | counter | | `Cache::fetch` answers past their TTL, within the grace |
+//! | `speedlayer_cache_early_refreshes_total` | counter | | refreshes `Cache::fetch` started before a TTL ended |
 //! | `speedlayer_tier_hits_total` | counter | `state` = `fresh` / `stale` | reads answered by the in-process tier; `stale` under its fail-safe bound |
 //! | `speedlayer_tier_fills_total` | counter | | copies installed in L1 |
 //! | `speedlayer_tier_fills_refused_total` | counter | | copies refused: an invalidation overtook their read |

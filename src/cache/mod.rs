@@ -27,9 +27,11 @@ use crate::tier::{Lookup, Tier, TierRead, TierStats};
 use crate::ttl::{Ttl, TtlPolicy};
 
 mod batch;
+mod fetch;
 mod flight;
 
 pub use batch::{Batch, BatchEntry};
+pub use fetch::{EarlyRefresh, FetchError, FetchPolicy, Fetched};
 
 use flight::{Flight, Flights};
 
@@ -163,6 +165,11 @@ pub struct CacheStats {
     pub pending_invalidations: u64,
     /// Invalidations dropped because the queue for the backend was full.
     pub lost_invalidations: u64,
+    /// [`Cache::fetch`] answers past their TTL, within the grace (the refresh failed or was
+    /// slower than the soft timeout).
+    pub stale_served: u64,
+    /// Refreshes [`Cache::fetch`] started before a TTL ended ([`EarlyRefresh`]).
+    pub early_refreshes: u64,
 }
 
 impl CacheStats {
@@ -197,6 +204,8 @@ struct Counters {
     stale_sets_refused: Tally,
     leases_denied: Tally,
     invalidations: Tally,
+    stale_served: Tally,
+    early_refreshes: Tally,
 }
 
 impl Default for Counters {
@@ -212,6 +221,8 @@ impl Default for Counters {
             stale_sets_refused: Tally::new("speedlayer_cache_stale_sets_refused_total"),
             leases_denied: Tally::new("speedlayer_cache_leases_denied_total"),
             invalidations: Tally::new("speedlayer_cache_invalidations_total"),
+            stale_served: Tally::new("speedlayer_cache_stale_served_total"),
+            early_refreshes: Tally::new("speedlayer_cache_early_refreshes_total"),
         }
     }
 }
@@ -226,6 +237,8 @@ struct Inner {
     lease_wait: Duration,
     /// The in-process tier, when configured over Redis.
     tier: Option<Arc<Tier>>,
+    /// `fetch`'s background refreshes and load times.
+    refreshes: fetch::Refreshes,
 }
 
 /// A typed, JSON-encoding cache in front of a loader (usually a database query).
@@ -324,6 +337,7 @@ impl Cache {
                 lease_ttl: config.get_lease_ttl(),
                 lease_wait: config.get_lease_wait(),
                 tier,
+                refreshes: fetch::Refreshes::default(),
             }),
             registry: None,
         }
@@ -838,6 +852,8 @@ impl Cache {
             invalidations: c.invalidations.load(Ordering::Relaxed),
             pending_invalidations: s.pending_invalidations,
             lost_invalidations: s.lost_invalidations,
+            stale_served: c.stale_served.load(Ordering::Relaxed),
+            early_refreshes: c.early_refreshes.load(Ordering::Relaxed),
         }
     }
 

@@ -5,6 +5,7 @@ mod support;
 
 mod batch;
 mod behaviour;
+mod fetch;
 mod leases;
 mod races;
 
@@ -35,6 +36,7 @@ macro_rules! cache_suite {
 mod suite {
     pub use crate::batch::*;
     pub use crate::behaviour::*;
+    pub use crate::fetch::*;
     pub use crate::leases::*;
     pub use crate::races::*;
 }
@@ -73,6 +75,12 @@ cache_suite!(
     nested_loads_racing_writes_never_serve_older_rows,
     an_entry_built_from_a_cached_entry_during_its_invalidation_is_removed_too,
     concurrent_invalidations_of_one_tag_each_remove_its_entries,
+    fail_safe_serves_an_expired_value_when_the_loader_fails,
+    an_invalidated_value_is_never_served_stale,
+    a_soft_timeout_serves_stale_and_the_load_finishes_behind,
+    a_hard_timeout_without_a_stale_value_is_an_error,
+    a_refresh_racing_a_delete_is_not_stored,
+    xfetch_refreshes_a_hot_key_before_it_expires,
 );
 
 mod redis_only {
