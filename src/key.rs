@@ -841,6 +841,25 @@ pub struct Key {
 }
 
 impl Key {
+    /// A key read back from what [`Key::stored_parts`] gave (the outbox's rows); `None` for
+    /// parts no key can have.
+    pub(crate) fn from_stored(full: &str, leading: u8, contexts: u8) -> Option<Key> {
+        let segments = full.split(':').count();
+        (!full.is_empty()
+            && full.len() <= MAX_KEY_LEN
+            && usize::from(leading) + 3 + usize::from(contexts) <= segments)
+            .then(|| Key {
+                full: full.to_owned(),
+                leading,
+                contexts,
+            })
+    }
+
+    /// What [`Key::from_stored`] needs.
+    pub(crate) fn stored_parts(&self) -> (&str, u8, u8) {
+        (&self.full, self.leading, self.contexts)
+    }
+
     /// The key as stored.
     pub fn as_str(&self) -> &str {
         &self.full
@@ -957,6 +976,14 @@ pub struct Tag {
 }
 
 impl Tag {
+    /// A tag read back from its stored index key (the outbox's rows); `None` for text that is
+    /// not a tag index key.
+    pub(crate) fn from_stored(index: &str) -> Option<Tag> {
+        (index.len() <= MAX_KEY_LEN && index.contains(TAG_MARKER)).then(|| Tag {
+            index: index.to_owned(),
+        })
+    }
+
     /// The index key, as stored.
     pub fn as_str(&self) -> &str {
         &self.index

@@ -101,6 +101,12 @@ pub mod idempotency;
 pub mod invalidation;
 pub mod key;
 pub mod lock;
+#[cfg(any(feature = "outbox-postgres", feature = "outbox-sqlite"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "outbox-postgres", feature = "outbox-sqlite")))
+)]
+pub mod outbox;
 pub mod query;
 pub mod ratelimit;
 pub mod revocation;

@@ -31,6 +31,7 @@
 //! | `speedlayer_invalidations_pending` | gauge | | invalidations queued while the backend is unusable |
 //! | `speedlayer_ratelimit_denied_total` | counter | `route` | requests denied by a rate limit |
 //! | `speedlayer_lock_contended_total` | counter | | lock acquisitions that found the lock held |
+//! | `speedlayer_outbox_depth` | gauge | | rows waiting in the outbox table, after each relay pass |
 //!
 //! Loads run inside a `speedlayer.load` tracing span (with the key) at debug level.
 

@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod outbox;
 mod tier;
 
 use std::time::{Duration, Instant};

@@ -45,6 +45,11 @@
 //!   relapses <n> reads <n>`, times in microseconds of the system clock (0: never)
 //! - `tier-write <set|delete|invalidate|tag> <id> <value>`: the write, then the system clock
 //!   when it returned → `at <us>` (`tag` invalidates the tag `fleet:row:<id>` the `set` gives)
+//! - `outbox-write <id> <sqlite path> <die>`: in one transaction of the SQLite database at the
+//!   path (shared by the nodes), a row write and the outbox row of `ItemChanged(id)`; commit;
+//!   then with `die` = 1 the process aborts before invalidating, else it invalidates →
+//!   `committed`
+//! - `outbox-relay <sqlite path>`: one relay pass → `applied <n> released <n> depth <n>`
 //! - `tier-stats` → `local_hits <n> evicted <n> losses <n> starts <n> trusted <bool>`
 //!
 //! Run: `speedlayer-fleet-node <redis url> [op timeout ms] [cool-down ms] [lease wait ms]`.
@@ -73,6 +78,19 @@ const MINUTE: Ttl = Ttl::seconds(60);
 const FLEET: Ident = Ident::from_static("fleet");
 const DAY: Ttl = Ttl::hours(24);
 const PAYMENTS: Ident = Ident::from_static("payments");
+
+/// The shared SQLite database of the outbox commands.
+async fn outbox_db(path: &str) -> Result<sqlx::SqlitePool, String> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .busy_timeout(Duration::from_secs(10));
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .map_err(|e| e.to_string())
+}
 
 /// A row of the `fleet:item` keys changed: its entry goes.
 struct ItemChanged(u64);
@@ -876,6 +894,47 @@ impl Node {
                     other => return Err(format!("unknown write {other:?}")),
                 }
                 Ok(format!("at {}", wall_micros()))
+            }
+            "outbox-write" => {
+                let id = arg(args, 0)?;
+                let pool = outbox_db(args.get(1).ok_or("missing path")?).await?;
+                let outbox = speedlayer::outbox::Outbox::new(&self.cache, pool.clone());
+                outbox.create_table().await.map_err(|e| e.to_string())?;
+                let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+                sqlx::query("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, v INTEGER)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                sqlx::query("INSERT OR REPLACE INTO items (id, v) VALUES (?, 1)")
+                    .bind(id as i64)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                outbox
+                    .invalidate_in(&mut tx, &ItemChanged(id))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tx.commit().await.map_err(|e| e.to_string())?;
+                if args.get(2) == Some(&"1") {
+                    // Killed between the commit and the invalidation.
+                    std::process::abort();
+                }
+                self.cache
+                    .invalidate(&ItemChanged(id))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok("committed".into())
+            }
+            "outbox-relay" => {
+                let pool = outbox_db(args.first().ok_or("missing path")?).await?;
+                let outbox = speedlayer::outbox::Outbox::new(&self.cache, pool);
+                outbox.create_table().await.map_err(|e| e.to_string())?;
+                let r = outbox.relay_once().await.map_err(|e| e.to_string())?;
+                let depth = outbox.depth().await.map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "applied {} released {} depth {depth}",
+                    r.applied, r.released
+                ))
             }
             "tier-stats" => {
                 let s = self.cache.tier_stats().ok_or("no tier")?;

@@ -150,6 +150,37 @@ impl Node {
         self.wait(n)
     }
 
+    /// Waits for the reply to request `n` or for the node to exit (up to the reply limit):
+    /// `None` when it exited without replying.
+    pub fn wait_for_exit(&mut self, n: u64) -> Option<String> {
+        let deadline = Instant::now() + REPLY_LIMIT;
+        loop {
+            if let Some(reply) = self.early.remove(&n) {
+                return Some(reply);
+            }
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => {
+                    if let Some((number, rest)) = line.split_once(' ')
+                        && let Ok(number) = number.parse::<u64>()
+                    {
+                        self.early.insert(number, rest.to_owned());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(_)) = self.child.try_wait() {
+                        return self.early.remove(&n);
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{}: no reply, no exit",
+                        self.name
+                    );
+                }
+            }
+        }
+    }
+
     /// The OS process id (to show that nodes are separate processes).
     pub fn pid(&self) -> u32 {
         self.child.id()
