@@ -177,6 +177,20 @@ pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
     })
 }
 
+/// The in-process tier of the service's hot single-key reads (role checks, fee summaries,
+/// dashboards), used when the cache is on Redis: each instance answers them from memory, and
+/// Redis's invalidation messages keep the copies coherent across instances.
+pub fn local_tier(ns: &speedlayer::Namespace) -> speedlayer::tier::LocalTier {
+    let scope = ns.global();
+    let mut tier = speedlayer::tier::LocalTier::new()
+        .keyspace(&scope.keyspace(&AUTH, &ROLE))
+        .keyspace(&scope.keyspace(&FEES, &SUMMARY));
+    for role in ["student", "parent", "teacher", "admin"] {
+        tier = tier.keyspace(&scope.keyspace(&DASHBOARD, &Ident::from_static(role)));
+    }
+    tier
+}
+
 /// Shared state of the handlers.
 pub struct AppState {
     pub db: Db,

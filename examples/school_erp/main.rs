@@ -152,7 +152,11 @@ async fn run(args: Args) -> Result<i32, String> {
     let db = Db::open(database_url.as_deref(), size)
         .await
         .map_err(|e| format!("cannot open the database: {e}"))?;
-    let cache = Cache::from_env().await.map_err(|e| e.to_string())?;
+    let config = speedlayer::Config::from_env().map_err(|e| e.to_string())?;
+    let tier = app::local_tier(&speedlayer::Namespace::root());
+    let cache = Cache::new(config.local_tier(tier))
+        .await
+        .map_err(|e| e.to_string())?;
     let backend = cache.stats().backend.to_string();
     let database = db.kind().name();
     println!(

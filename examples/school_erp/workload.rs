@@ -104,6 +104,8 @@ pub struct Detail {
     pub role_checks: u64,
     pub role_loads: u64,
     pub cache_hits: u64,
+    /// Of the hits, those answered by the in-process tier.
+    pub local_hits: u64,
     pub cache_coalesced: u64,
     pub cache_misses: u64,
     pub stale_sets_refused: u64,
@@ -191,6 +193,14 @@ impl Report {
             "cache           {} hits, {} coalesced, {} misses; {} loads refused a stale store after a write",
             d.cache_hits, d.cache_coalesced, d.cache_misses, d.stale_sets_refused
         );
+        if d.local_hits > 0 {
+            println!(
+                "in-process tier {} of the {} hits answered from process memory ({:.1} %)",
+                d.local_hits,
+                d.cache_hits,
+                100.0 * d.local_hits as f64 / d.cache_hits.max(1) as f64
+            );
+        }
         println!(
             "batches         {} profile rows read with get_or_set_many (rosters, dashboards); {} loaded in {} queries",
             d.batch_rows_read, d.batch_rows_loaded, d.batch_loads
@@ -1206,6 +1216,7 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             presence_seen: tally.presence_seen,
             cache_switched,
             cache_hits: delta("speedlayer_cache_hits_total"),
+            local_hits: delta("speedlayer_tier_hits_total{state=\"fresh\"}"),
             cache_coalesced: delta("speedlayer_cache_coalesced_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),
             stale_sets_refused: delta("speedlayer_cache_stale_sets_refused_total"),

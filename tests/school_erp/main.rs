@@ -209,7 +209,9 @@ async fn sqlite_with_memory_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_with_redis() {
     let server = RedisServer::start();
-    let config = Config::redis(server.redis_config());
+    // With the in-process tier: the workload's stale-read check covers it.
+    let config = Config::redis(server.redis_config())
+        .local_tier(app::local_tier(&speedlayer::Namespace::root()));
     run_until_targets_met(None, async || {
         Cache::new(config.clone()).await.expect("cache")
     })
