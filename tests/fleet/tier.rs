@@ -20,7 +20,7 @@ enum Write {
     Tag,
     /// Another client (a Node service) `SET`s the key.
     ExternalSet,
-    /// `redis-cli DEL`.
+    /// `redis-cli DEL` (the real binary).
     ExternalDel,
 }
 
@@ -96,7 +96,11 @@ fn after_a_write_returns_the_other_instances_stop_reading_the_old_value() {
                 now_micros()
             }
             Write::ExternalDel => {
-                let _: () = rt.block_on(raw.del(&key)).unwrap();
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &server.port().to_string(), "DEL", &key])
+                    .output()
+                    .expect("redis-cli is installed with redis-server");
+                assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
                 now_micros()
             }
             _ => {
