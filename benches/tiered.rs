@@ -25,6 +25,7 @@ pub const IDS: &[&str] = &[
     "tiered/l2_hit",
     "tiered/raw_redis_json",
     "tiered/invalidation_lag",
+    "tiered/tracking_modes",
 ];
 
 /// Keys the L2 benches cycle through: each is read again only long after its 1 ms L1 copy
@@ -189,6 +190,129 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
 
     if crate::selected("tiered/invalidation_lag") {
         invalidation_lag(&rt, server);
+    }
+    if crate::selected("tiered/tracking_modes") {
+        tracking_modes(&rt, server);
+    }
+}
+
+/// The two ways Redis can tell a client which keys changed, measured with raw redis-rs RESP3
+/// connections: `BCAST PREFIX` (what the tier uses: a message for every write under the prefix,
+/// whoever wrote it, with reads on any connection) against `OPTIN` (a message only for keys this
+/// connection read after `CLIENT CACHING YES`, once per read). 10,000 keys under one prefix; the
+/// instance holds 100 of them; another client writes 10,000 times at random. Counted: messages
+/// each receives, and the time of a read as each mode must do it (`GET` + `PTTL` on the data
+/// connection, or `CLIENT CACHING YES` + `GET` + `PTTL` on the tracking connection).
+fn tracking_modes(rt: &tokio::runtime::Runtime, server: &RedisServer) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const KEYS: u64 = 10_000;
+    const HELD: u64 = 100;
+    const WRITES: u64 = 10_000;
+    let lines = rt.block_on(async {
+        let info = server
+            .client()
+            .get_connection_info()
+            .clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings)).unwrap();
+        let connect = |counter: Arc<AtomicU64>| {
+            let client = client.clone();
+            async move {
+                let config = redis::AsyncConnectionConfig::new().set_push_sender(
+                    move |info: redis::PushInfo| -> Result<(), ()> {
+                        if info.kind == redis::PushKind::Invalidate {
+                            if let Some(redis::Value::Array(keys)) = info.data.first() {
+                                counter.fetch_add(keys.len() as u64, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(())
+                    },
+                );
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .unwrap()
+            }
+        };
+        let (bcast_seen, optin_seen) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let mut bcast = connect(bcast_seen.clone()).await;
+        let mut optin = connect(optin_seen.clone()).await;
+        let mut writer = redis::aio::ConnectionManager::new(server.client()).await.unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg(&["TRACKING", "ON", "BCAST", "PREFIX", "tm:"][..])
+            .query_async(&mut bcast)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("CLIENT")
+            .arg(&["TRACKING", "ON", "OPTIN"][..])
+            .query_async(&mut optin)
+            .await
+            .unwrap();
+        for i in 0..KEYS {
+            let _: () = writer.set_ex(format!("tm:{i}"), "1", 3600).await.unwrap();
+        }
+        let optin_read = |conn: &mut redis::aio::MultiplexedConnection, k: String| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
+            pipe.cmd("GET").arg(&k).cmd("PTTL").arg(&k);
+            let mut conn = conn.clone();
+            async move {
+                let _: (Option<String>, i64) = pipe.query_async(&mut conn).await.unwrap();
+            }
+        };
+        for i in 0..HELD {
+            optin_read(&mut optin, format!("tm:{i}")).await;
+        }
+        bcast_seen.store(0, Ordering::Relaxed);
+        optin_seen.store(0, Ordering::Relaxed);
+        let mut rereads = 0;
+        for n in 0..WRITES {
+            let i = (n * 7_919) % KEYS;
+            let _: () = writer.set_ex(format!("tm:{i}"), "2", 3600).await.unwrap();
+            // The instance reads a held key again after its copy was dropped.
+            if i < HELD {
+                optin_read(&mut optin, format!("tm:{i}")).await;
+                rereads += 1;
+            }
+        }
+        let _: () = redis::cmd("PING").query_async(&mut bcast).await.unwrap();
+        let _: () = redis::cmd("PING").query_async(&mut optin).await.unwrap();
+        // Read cost of each mode, 2,000 reads each, alternating.
+        let (mut plain, mut opted) = (Duration::ZERO, Duration::ZERO);
+        let mut data = redis::aio::ConnectionManager::new(server.client()).await.unwrap();
+        for round in 0..2_000u64 {
+            let k = format!("tm:{}", round % KEYS);
+            let t = Instant::now();
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(&k).cmd("PTTL").arg(&k);
+            let _: (Option<String>, i64) = pipe.query_async(&mut data).await.unwrap();
+            plain += t.elapsed();
+            let t = Instant::now();
+            optin_read(&mut optin, k).await;
+            opted += t.elapsed();
+        }
+        vec![
+            format!(
+                "tiered/tracking_modes: {WRITES} writes over {KEYS} keys by another client, an \
+                 instance holding {HELD}: BCAST delivered {} invalidations, OPTIN {} (after {rereads} re-reads)",
+                bcast_seen.load(Ordering::Relaxed),
+                optin_seen.load(Ordering::Relaxed)
+            ),
+            format!(
+                "tiered/tracking_modes: mean read, GET+PTTL on the data connection (BCAST) {:?}, \
+                 CLIENT CACHING YES+GET+PTTL on the tracking connection (OPTIN) {:?}",
+                plain / 2_000,
+                opted / 2_000
+            ),
+        ]
+    });
+    for line in lines {
+        println!("{line}");
+        crate::report::remember(line);
     }
 }
 
