@@ -224,10 +224,10 @@ fn tracking_modes(rt: &tokio::runtime::Runtime, server: &RedisServer) {
             async move {
                 let config = redis::AsyncConnectionConfig::new().set_push_sender(
                     move |info: redis::PushInfo| -> Result<(), ()> {
-                        if info.kind == redis::PushKind::Invalidate {
-                            if let Some(redis::Value::Array(keys)) = info.data.first() {
-                                counter.fetch_add(keys.len() as u64, Ordering::Relaxed);
-                            }
+                        if info.kind == redis::PushKind::Invalidate
+                            && let Some(redis::Value::Array(keys)) = info.data.first()
+                        {
+                            counter.fetch_add(keys.len() as u64, Ordering::Relaxed);
                         }
                         Ok(())
                     },
