@@ -105,9 +105,13 @@ impl FetchPolicy {
         }
     }
 
-    /// Keeps each entry this long past its TTL, to serve when a refresh fails or is slow.
+    /// Keeps each entry this long past its TTL, to serve when a refresh fails or is slow. The
+    /// TTL plus the grace is at most [`Ttl::MAX`]: a longer grace is shortened to fit.
     pub fn grace(mut self, grace: Duration) -> FetchPolicy {
-        self.grace = grace;
+        let room = Ttl::MAX
+            .as_duration()
+            .saturating_sub(self.ttl.ttl().as_duration());
+        self.grace = grace.min(room);
         self
     }
 
@@ -138,11 +142,16 @@ impl FetchPolicy {
 
     /// The stored TTL of one write: a TTL picked by the policy, plus the grace.
     fn stored_ttl(&self) -> Ttl {
-        Ttl::new(self.ttl.pick().as_duration() + self.grace).unwrap_or(Ttl::MAX)
+        Ttl::new(self.ttl.pick().as_duration().saturating_add(self.grace)).unwrap_or(Ttl::MAX)
     }
 
     fn longest_stored(&self) -> Ttl {
-        Ttl::new(self.ttl.ttl().as_duration() + self.grace).unwrap_or(Ttl::MAX)
+        Ttl::new(self.ttl.ttl().as_duration().saturating_add(self.grace)).unwrap_or(Ttl::MAX)
+    }
+
+    /// How long a background refresh may run: the hard timeout, else `default`.
+    fn refresh_limit(&self, default: Duration) -> Duration {
+        self.hard_timeout.unwrap_or(default)
     }
 }
 
@@ -454,11 +463,17 @@ impl Cache {
             let c = &cache.inner.counters;
             c.loader_calls.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let loaded = (*loader)().await;
+            let limit = policy.refresh_limit(cache.inner.lease_ttl.as_duration());
+            let loaded = tokio::time::timeout(limit, (*loader)()).await;
             crate::telemetry::load_time(started.elapsed().as_secs_f64());
             let value = match loaded {
-                Ok(value) => value,
+                Ok(Ok(value)) => value,
                 Err(_) => {
+                    tracing::debug!(key = %key, "refresh timed out; the entry is kept as it is");
+                    let _ = tx.send(None);
+                    return;
+                }
+                Ok(Err(_)) => {
                     c.loader_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(key = %key, "refresh failed; the entry is kept as it is");
                     let _ = tx.send(None);
@@ -485,6 +500,9 @@ impl Cache {
         old: &Bytes,
         value: &T,
     ) {
+        if !self.is_on() {
+            return;
+        }
         let Ok(new) = self.encode(value) else {
             self.inner
                 .counters

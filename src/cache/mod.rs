@@ -368,12 +368,24 @@ impl Cache {
         None
     }
 
-    /// The in-process tier, if `key` is tiered.
+    /// The in-process tier, if `key` is tiered and the tier may be used now: not while
+    /// invalidations wait for the backend (their entries may be copied in L1, and no message
+    /// will come for them until they are applied).
     fn tier_of(&self, key: &Key) -> Option<&Tier> {
+        if self.inner.store.has_pending() {
+            return None;
+        }
         self.inner
             .tier
             .as_deref()
             .filter(|t| t.covers(key.as_str()))
+    }
+
+    /// After an invalidation that could not reach the backend: this process's copies go.
+    fn evict_all_local(&self) {
+        if let Some(tier) = &self.inner.tier {
+            tier.evict_all();
+        }
     }
 
     /// Drops `keys` from this process's tier after a write of them (other instances drop them
@@ -785,6 +797,9 @@ impl Cache {
         if !targets.tags().is_empty() {
             self.sync_local().await;
         }
+        if done.as_ref().map_or(true, |d| d.deferred) {
+            self.evict_all_local();
+        }
         let done = done?;
         let (keys, tags) = targets.into_parts();
         let report = InvalidationReport {
@@ -815,6 +830,9 @@ impl Cache {
     pub async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
         let removed = self.inner.store.invalidate_tag(tag).await;
         self.sync_local().await;
+        if removed.is_err() || self.inner.store.has_pending() {
+            self.evict_all_local();
+        }
         removed
     }
 

@@ -108,15 +108,19 @@ pub trait OutboxDb {
     /// The `CREATE TABLE IF NOT EXISTS` statement for the table `speedlayer_outbox`.
     const CREATE: &'static str;
 
-    /// Inserts one row of `targets` (JSON) on `conn` (inside the caller's transaction).
+    /// Inserts one row of `targets` (JSON) for `scope` on `conn` (inside the caller's
+    /// transaction).
     fn insert(
         conn: &mut Self::Connection,
+        scope: &str,
         targets: &str,
         now_ms: i64,
     ) -> impl Future<Output = Result<()>> + Send;
-    /// Claims up to `limit` unclaimed (or expired) rows for `claim` until `until_ms`.
+    /// Claims up to `limit` unclaimed (or expired) rows of `scope` for `claim` until
+    /// `until_ms`.
     fn claim(
         &self,
+        scope: &str,
         claim: i64,
         now_ms: i64,
         until_ms: i64,
@@ -150,6 +154,9 @@ fn now_ms() -> i64 {
 pub struct Outbox<D> {
     cache: Cache,
     db: D,
+    /// The deployment's namespace prefix: relays of other deployments sharing the table leave
+    /// these rows alone.
+    scope: String,
 }
 
 impl<D> std::fmt::Debug for Outbox<D> {
@@ -162,6 +169,11 @@ impl<D: OutboxDb + Clone + Send + Sync + 'static> Outbox<D> {
     /// The outbox of `cache`, whose table lives in `db`.
     pub fn new(cache: &Cache, db: D) -> Outbox<D> {
         Outbox {
+            scope: cache
+                .namespace()
+                .prefix()
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
             cache: cache.clone(),
             db,
         }
@@ -188,7 +200,7 @@ impl<D: OutboxDb + Clone + Send + Sync + 'static> Outbox<D> {
                 format!("an outbox row cannot be encoded: {e}"),
             )
         })?;
-        D::insert(conn, &row, now_ms()).await
+        D::insert(conn, &self.scope, &row, now_ms()).await
     }
 
     /// Claims a batch of rows, applies them, deletes the applied ones and releases the others.
@@ -197,20 +209,34 @@ impl<D: OutboxDb + Clone + Send + Sync + 'static> Outbox<D> {
         let now = now_ms();
         let rows = self
             .db
-            .claim(claim, now, now + CLAIM.as_millis() as i64, BATCH)
+            .claim(
+                &self.scope,
+                claim,
+                now,
+                now + CLAIM.as_millis() as i64,
+                BATCH,
+            )
             .await?;
         let mut done = Relayed::default();
+        let mut unusable = false;
         for (id, text) in rows {
+            // Once Redis could not take a row, the rest of the batch waits for a later pass.
+            if unusable {
+                self.db.release(id, claim).await?;
+                done.released += 1;
+                continue;
+            }
+            let store = self.cache.store();
             let applied = match serde_json::from_str::<Row>(&text) {
                 Ok(row) => {
                     let (keys, tags) = row.targets();
-                    match self.cache.store().invalidate(&keys, &tags).await {
+                    match store.invalidate(&keys, &tags).await {
                         Ok(report) => !report.deferred,
-                        // A data error (another client's value where a tag index lives) is
-                        // not cured by retrying: the row is done.
+                        // A data error (another client's value where a tag index lives; the
+                        // index is repaired) is done, unless part of the row was deferred.
                         Err(e) => {
                             tracing::warn!(error = %e, "an outbox invalidation was refused");
-                            true
+                            !store.has_pending()
                         }
                     }
                 }
@@ -225,6 +251,7 @@ impl<D: OutboxDb + Clone + Send + Sync + 'static> Outbox<D> {
             } else {
                 self.db.release(id, claim).await?;
                 done.released += 1;
+                unusable = true;
             }
         }
         if let Ok(depth) = self.db.depth().await {

@@ -10,24 +10,34 @@ impl OutboxDb for PgPool {
     type Connection = PgConnection;
     const CREATE: &'static str = "CREATE TABLE IF NOT EXISTS speedlayer_outbox (
         id BIGSERIAL PRIMARY KEY,
+        scope TEXT NOT NULL DEFAULT '',
         targets TEXT NOT NULL,
         created_ms BIGINT NOT NULL,
         claim BIGINT NOT NULL DEFAULT 0,
         claimed_until_ms BIGINT NOT NULL DEFAULT 0
     )";
 
-    async fn insert(conn: &mut PgConnection, targets: &str, now_ms: i64) -> Result<()> {
-        sqlx::query("INSERT INTO speedlayer_outbox (targets, created_ms) VALUES ($1, $2)")
-            .bind(targets)
-            .bind(now_ms)
-            .execute(conn)
-            .await
-            .map(|_| ())
-            .map_err(db_error)
+    async fn insert(
+        conn: &mut PgConnection,
+        scope: &str,
+        targets: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO speedlayer_outbox (scope, targets, created_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(scope)
+        .bind(targets)
+        .bind(now_ms)
+        .execute(conn)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
     }
 
     async fn claim(
         &self,
+        scope: &str,
         claim: i64,
         now_ms: i64,
         until_ms: i64,
@@ -35,12 +45,13 @@ impl OutboxDb for PgPool {
     ) -> Result<Vec<(i64, String)>> {
         sqlx::query_as(
             "UPDATE speedlayer_outbox SET claim = $1, claimed_until_ms = $2
-             WHERE id IN (SELECT id FROM speedlayer_outbox WHERE claimed_until_ms < $3
-                          ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
+             WHERE id IN (SELECT id FROM speedlayer_outbox WHERE scope = $3 AND claimed_until_ms < $4
+                          ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED)
              RETURNING id, targets",
         )
         .bind(claim)
         .bind(until_ms)
+        .bind(scope)
         .bind(now_ms)
         .bind(limit)
         .fetch_all(self)

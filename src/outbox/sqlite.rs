@@ -10,14 +10,21 @@ impl OutboxDb for SqlitePool {
     type Connection = SqliteConnection;
     const CREATE: &'static str = "CREATE TABLE IF NOT EXISTS speedlayer_outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
+        scope TEXT NOT NULL DEFAULT '',
         targets TEXT NOT NULL,
         created_ms INTEGER NOT NULL,
         claim INTEGER NOT NULL DEFAULT 0,
         claimed_until_ms INTEGER NOT NULL DEFAULT 0
     )";
 
-    async fn insert(conn: &mut SqliteConnection, targets: &str, now_ms: i64) -> Result<()> {
-        sqlx::query("INSERT INTO speedlayer_outbox (targets, created_ms) VALUES (?, ?)")
+    async fn insert(
+        conn: &mut SqliteConnection,
+        scope: &str,
+        targets: &str,
+        now_ms: i64,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO speedlayer_outbox (scope, targets, created_ms) VALUES (?, ?, ?)")
+            .bind(scope)
             .bind(targets)
             .bind(now_ms)
             .execute(conn)
@@ -28,6 +35,7 @@ impl OutboxDb for SqlitePool {
 
     async fn claim(
         &self,
+        scope: &str,
         claim: i64,
         now_ms: i64,
         until_ms: i64,
@@ -35,12 +43,13 @@ impl OutboxDb for SqlitePool {
     ) -> Result<Vec<(i64, String)>> {
         sqlx::query_as(
             "UPDATE speedlayer_outbox SET claim = ?, claimed_until_ms = ?
-             WHERE id IN (SELECT id FROM speedlayer_outbox WHERE claimed_until_ms < ?
+             WHERE id IN (SELECT id FROM speedlayer_outbox WHERE scope = ? AND claimed_until_ms < ?
                           ORDER BY id LIMIT ?)
              RETURNING id, targets",
         )
         .bind(claim)
         .bind(until_ms)
+        .bind(scope)
         .bind(now_ms)
         .bind(limit)
         .fetch_all(self)

@@ -491,6 +491,11 @@ impl Store {
         self.inner.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// True while invalidations wait for the backend (cheap: one atomic load).
+    pub(crate) fn has_pending(&self) -> bool {
+        self.inner.has_pending.load(Ordering::Acquire)
+    }
+
     /// Keys and tags whose invalidation waits for the backend.
     pub fn pending_invalidations(&self) -> u64 {
         self.lock_pending().len() as u64

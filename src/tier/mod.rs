@@ -26,6 +26,16 @@
 //!   that for availability: L1 keeps answering for up to that long past the last confirmation,
 //!   and each such answer is counted and marked stale ([`Cache::get_served`](crate::Cache::get_served)).
 //!
+//! - **Queued invalidations keep L1 out.** While the store holds invalidations it could not
+//!   apply (Redis unusable for the data path), L1 is neither read nor filled: Redis still holds
+//!   those entries, so no message about them will come until they are applied.
+//!
+//! Each tiered [`Cache`](crate::Cache) built from a config has its own L1 and channel: two caches
+//! built separately in one process see each other's writes through Redis's messages, within the
+//! channel's lag; clones of one cache share everything. With a fail-safe bound,
+//! [`get_or_set`](crate::Cache::get_or_set) may answer from a stale L1 copy like `get` does; only
+//! [`get_served`](crate::Cache::get_served) says so.
+//!
 //! On the memory backend there is nothing to tier: the store already is process memory, so a
 //! configured tier is not built there and every promise holds as it is.
 
@@ -54,7 +64,10 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(50);
 /// Default longest time L1 is trusted after the channel's last confirmation.
 pub const DEFAULT_LIVENESS: Duration = Duration::from_millis(250);
 
-const STRIPES: usize = 256;
+const STRIPES: usize = 4096;
+
+/// Longest heartbeat interval and liveness window (larger values are lowered to it).
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
 
 /// How a cache's in-process tier behaves (see the [module documentation](self)).
 ///
@@ -120,14 +133,16 @@ impl LocalTier {
 
     /// How long a copy stays in L1 (at least 1 ms). A copy never outlives its Redis entry.
     pub fn ttl(mut self, ttl: Duration) -> LocalTier {
-        self.ttl = ttl.max(Duration::from_millis(1));
+        self.ttl = ttl
+            .max(Duration::from_millis(1))
+            .min(crate::ttl::Ttl::MAX.as_duration());
         self
     }
 
     /// How often the invalidation channel is confirmed (at least 5 ms). The liveness window is
     /// raised to at least twice this.
     pub fn heartbeat(mut self, every: Duration) -> LocalTier {
-        self.heartbeat = every.max(Duration::from_millis(5));
+        self.heartbeat = every.clamp(Duration::from_millis(5), MAX_WINDOW / 2);
         self.liveness = self.liveness.max(self.heartbeat * 2);
         self
     }
@@ -136,7 +151,7 @@ impl LocalTier {
     /// heartbeat). Past it, reads go to Redis (or, with [`fail_safe`](LocalTier::fail_safe), are
     /// answered from L1 and marked stale).
     pub fn liveness(mut self, window: Duration) -> LocalTier {
-        self.liveness = window.max(self.heartbeat * 2);
+        self.liveness = window.min(MAX_WINDOW).max(self.heartbeat * 2);
         self
     }
 
@@ -146,7 +161,7 @@ impl LocalTier {
     /// instance may not have reached this one. A lost channel (a closed connection) still empties
     /// L1 at once.
     pub fn fail_safe(mut self, bound: Duration) -> LocalTier {
-        self.fail_safe = Some(bound);
+        self.fail_safe = Some(bound.min(crate::ttl::Ttl::MAX.as_duration()));
         self
     }
 
@@ -240,6 +255,8 @@ pub(crate) enum Lookup {
 pub(crate) struct Snapshot {
     generation: u64,
     epoch: u64,
+    /// When the read began: a copy's expiry counts from here, before Redis measured its TTL.
+    at: Instant,
 }
 
 /// One cache's L1 and the state of its invalidation channel.
@@ -255,6 +272,9 @@ pub(crate) struct Tier {
     /// Microseconds since `base` at which the channel was last confirmed (a heartbeat sent then
     /// was answered, so every invalidation sent before it was applied); 0 when never.
     confirmed: AtomicU64,
+    /// L1 is trusted only once a confirmation at or after this (microseconds since `base`)
+    /// came: set when a barrier after this process's own writes was not answered in time.
+    must_confirm: AtomicU64,
     base: Instant,
     counters: Counters,
     #[cfg(feature = "redis")]
@@ -287,6 +307,7 @@ impl Tier {
             alive: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             confirmed: AtomicU64::new(0),
+            must_confirm: AtomicU64::new(0),
             base: Instant::now(),
             counters: Counters::default(),
             #[cfg(feature = "redis")]
@@ -333,6 +354,7 @@ impl Tier {
     /// True when L1 may answer as fresh.
     pub(crate) fn trusted(&self, now: Instant) -> bool {
         self.alive.load(Ordering::Acquire)
+            && self.confirmed.load(Ordering::Acquire) >= self.must_confirm.load(Ordering::Acquire)
             && self
                 .since_confirmed(now)
                 .is_some_and(|d| d <= self.settings.liveness)
@@ -387,12 +409,17 @@ impl Tier {
     /// What a fill of `key` must find unchanged; `None` when L1 is not trusted now (the read
     /// then goes to Redis without filling).
     pub(crate) fn snapshot(&self, key: &str) -> Option<Snapshot> {
-        if !self.trusted(Instant::now()) {
+        let at = Instant::now();
+        if !self.trusted(at) {
             return None;
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let generation = *self.lock_stripe(key);
-        Some(Snapshot { generation, epoch })
+        Some(Snapshot {
+            generation,
+            epoch,
+            at,
+        })
     }
 
     /// Installs a copy of `key` read from Redis after `snapshot`, unless the key was evicted or
@@ -411,7 +438,7 @@ impl Tier {
         }
         let local = Local {
             bytes,
-            expires: Instant::now() + ttl,
+            expires: snapshot.at + ttl,
         };
         {
             let generation = self.lock_stripe(key);
@@ -458,10 +485,19 @@ impl Tier {
         }
     }
 
-    /// Empties L1; fills begun before do not install.
+    /// Empties L1; fills begun before do not install. Every key's lock is held meanwhile, so
+    /// that no fill installs between the two steps (rare: a lost channel, a `FLUSHALL`).
     pub(crate) fn evict_all(&self) {
+        let held: Vec<_> = (0..STRIPES)
+            .map(|i| {
+                self.generations[i]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+            })
+            .collect();
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
+        drop(held);
     }
 
     /// The channel is lost: L1 is bypassed and emptied until tracking is back.
@@ -495,10 +531,15 @@ impl Tier {
     /// Waits until every invalidation message caused by writes this process has finished has
     /// been applied (a round trip on the channel); empties L1 when that cannot be shown.
     pub(crate) async fn sync(&self) {
+        let started = Instant::now();
         #[cfg(feature = "redis")]
         if self.alive.load(Ordering::Acquire) && !self.channel.barrier(self).await {
-            self.lost();
+            // Not shown in time: L1 waits for a heartbeat sent after this point.
+            self.must_confirm
+                .fetch_max(self.micros(started), Ordering::AcqRel);
         }
+        #[cfg(not(feature = "redis"))]
+        let _ = started;
     }
 
     /// Counters and state.

@@ -41,7 +41,10 @@ impl Channel {
 
     /// One round trip on the channel: true when it was answered within the liveness window,
     /// and so every message sent before it was applied.
+    /// A failure is reported only for the connection that is still current: a barrier that
+    /// ran on a connection since replaced says nothing about the new one.
     pub(crate) async fn barrier(&self, tier: &Tier) -> bool {
+        let id = self.current.load(Ordering::Acquire);
         let Some(mut conn) = self.connection() else {
             return false;
         };
@@ -53,7 +56,7 @@ impl Channel {
                 tier.confirm(sent);
                 true
             }
-            _ => false,
+            _ => self.current.load(Ordering::Acquire) != id,
         }
     }
 }
@@ -171,7 +174,7 @@ async fn connect(
         tracking.query_async::<()>(&mut conn).await?;
         Ok((conn, sent))
     };
-    let result = match tokio::time::timeout(timeout * 2, attempt).await {
+    let result = match tokio::time::timeout(timeout.saturating_mul(2), attempt).await {
         Ok(result) => result,
         Err(_) => Err(redis::RedisError::from((
             redis::ErrorKind::Io,
@@ -203,8 +206,14 @@ async fn connect(
 
 /// Confirms the channel every heartbeat until it fails or the tier is gone.
 async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, dead: &AtomicBool) {
-    let (every, liveness) = match tier.upgrade() {
-        Some(t) => (t.settings.heartbeat, t.settings.liveness),
+    let (every, liveness, dead_after) = match tier.upgrade() {
+        // A connection that answers nothing for this long is replaced (emptying L1): never
+        // sooner than the fail-safe bound lets L1 answer.
+        Some(t) => (
+            t.settings.heartbeat,
+            t.settings.liveness,
+            DEAD_AFTER.max(t.settings.fail_safe.unwrap_or_default()),
+        ),
         None => return,
     };
     let mut ticker = tokio::time::interval(every);
@@ -233,7 +242,7 @@ async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, 
                 tracing::debug!(error = %e, "in-process tier: the channel failed");
                 return;
             }
-            Err(_) if sent.duration_since(answered) > DEAD_AFTER => {
+            Err(_) if sent.duration_since(answered) > dead_after => {
                 tracing::debug!("in-process tier: no answer on the channel; reconnecting");
                 return;
             }

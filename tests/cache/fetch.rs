@@ -177,9 +177,9 @@ pub async fn a_refresh_racing_a_delete_is_not_stored(backend: &Backend) {
     assert!(stale.stale);
     started.notified().await;
     // The row changes; its write deletes the entry while the refresh still runs.
+    let refused_before = cache.stats().stale_sets_refused;
     assert!(cache.delete(&k).await);
     release.notify_one();
-    let refused_before = cache.stats().stale_sets_refused;
     for _ in 0..200 {
         if cache.stats().stale_sets_refused > refused_before {
             break;

@@ -67,6 +67,22 @@ async fn sqlite_case(backend: Backend) {
     assert_eq!(outbox.relay_once().await.unwrap().applied, 0);
     assert_eq!(cache.get::<u64>(&k).await, Some(1));
 
+    // Another deployment (another namespace prefix) sharing the table leaves the row alone.
+    let other_config = backend
+        .config()
+        .namespace(Namespace::with_prefix(Ident::from_static("other")));
+    let other = Outbox::new(&Cache::new(other_config).await.unwrap(), pool.clone());
+    let mut tx = pool.begin().await.unwrap();
+    outbox.invalidate_in(&mut tx, &RowChanged(1)).await.unwrap();
+    tx.commit().await.unwrap();
+    let skipped = other.relay_once().await.unwrap();
+    assert_eq!((skipped.applied, skipped.released), (0, 0));
+    assert_eq!(outbox.depth().await.unwrap(), 1);
+    sqlx::query("DELETE FROM speedlayer_outbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+
     // Committed, and the process "dies" before invalidating.
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, v INTEGER)")

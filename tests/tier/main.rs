@@ -572,6 +572,54 @@ mod redis_only {
         }
     }
 
+    /// The data path stalls (its connection slowed past the operation timeout) while the channel
+    /// stays healthy: a tag invalidation is queued for later, and until it is applied the tier
+    /// does not answer (no message will come for entries Redis still holds).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queued_invalidation_keeps_l1_out_until_it_is_applied() {
+        let backend = Backend::redis().await;
+        let server = backend.server().unwrap();
+        let proxy = support::Proxy::start(server.port()).await;
+        let config = speedlayer::Config::redis(support::redis_config_at(proxy.port()))
+            .op_timeout(Duration::from_millis(100))
+            .failure_threshold(1)
+            .cool_down(Duration::from_millis(200))
+            .local_tier(tier());
+        let cache = Cache::new(config).await.unwrap();
+        wait_until_trusted(&cache).await;
+        assert_eq!(proxy.connections(), 2);
+        let k = key(18);
+        let tag = Namespace::root()
+            .global()
+            .tag(&Ident::from_static("class"), 18)
+            .unwrap();
+        cache
+            .set_tagged(&k, &1u64, MINUTE, std::slice::from_ref(&tag))
+            .await
+            .unwrap();
+        assert_eq!(until_local(&cache, &k).await, 1);
+        proxy.slow_down_connection(0, Duration::from_millis(400));
+        cache.invalidate_tag(&tag).await.unwrap();
+        assert!(cache.stats().pending_invalidations > 0);
+        for _ in 0..5 {
+            let read = cache.get_served::<u64>(&k).await;
+            assert!(
+                !matches!(read, Some((1, Served::Local | Served::Stale))),
+                "L1 answered for an entry whose invalidation is queued: {read:?}"
+            );
+        }
+        proxy.slow_down_connection(0, Duration::ZERO);
+        assert!(cache.flush_invalidations(Duration::from_secs(10)).await);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache.get::<u64>(&k).await.is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the queued invalidation was not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Keys outside the tier's keyspaces are never copied; tiered keys are.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn only_the_named_keyspaces_are_tiered() {
