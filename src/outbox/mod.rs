@@ -32,6 +32,99 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::invalidation::{Invalidates, Targets};
 use crate::key::{Key, Tag};
 
+/// The statements of one database's outbox table.
+pub(crate) struct Statements {
+    pub(crate) insert: &'static str,
+    pub(crate) claim: &'static str,
+    pub(crate) delete: &'static str,
+    pub(crate) release: &'static str,
+}
+
+/// Implements [`OutboxDb`] for a sqlx pool type from its table definition and statements
+/// (they differ between databases only in their placeholders and types).
+macro_rules! outbox_db {
+    ($pool:ty, $conn:ty, $create:expr, $sql:expr) => {
+        impl $crate::outbox::OutboxDb for $pool {
+            type Connection = $conn;
+            const CREATE: &'static str = $create;
+
+            async fn insert(
+                conn: &mut $conn,
+                scope: &str,
+                targets: &str,
+                now_ms: i64,
+            ) -> $crate::error::Result<()> {
+                sqlx::query($sql.insert)
+                    .bind(scope)
+                    .bind(targets)
+                    .bind(now_ms)
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+                    .map_err($crate::outbox::db_error)
+            }
+
+            async fn claim(
+                &self,
+                scope: &str,
+                claim: i64,
+                now_ms: i64,
+                until_ms: i64,
+                limit: i64,
+            ) -> $crate::error::Result<Vec<(i64, String)>> {
+                sqlx::query_as($sql.claim)
+                    .bind(claim)
+                    .bind(until_ms)
+                    .bind(scope)
+                    .bind(now_ms)
+                    .bind(limit)
+                    .fetch_all(self)
+                    .await
+                    .map_err($crate::outbox::db_error)
+            }
+
+            async fn delete(&self, id: i64, claim: i64) -> $crate::error::Result<()> {
+                $crate::outbox::run_by_claim(self, $sql.delete, id, claim).await
+            }
+
+            async fn release(&self, id: i64, claim: i64) -> $crate::error::Result<()> {
+                $crate::outbox::run_by_claim(self, $sql.release, id, claim).await
+            }
+
+            async fn depth(&self) -> $crate::error::Result<i64> {
+                sqlx::query_scalar("SELECT COUNT(*) FROM speedlayer_outbox")
+                    .fetch_one(self)
+                    .await
+                    .map_err($crate::outbox::db_error)
+            }
+
+            async fn create(&self) -> $crate::error::Result<()> {
+                sqlx::query(Self::CREATE)
+                    .execute(self)
+                    .await
+                    .map(|_| ())
+                    .map_err($crate::outbox::db_error)
+            }
+        }
+    };
+}
+
+/// Runs `sql` (a delete or release of one claimed row) with `id` and `claim`.
+async fn run_by_claim<'e, E>(executor: E, sql: &'static str, id: i64, claim: i64) -> Result<()>
+where
+    E: sqlx::Executor<'e>,
+    i64: sqlx::Encode<'e, E::Database> + sqlx::Type<E::Database>,
+    for<'q> <E::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, E::Database>,
+{
+    sqlx::query(sql)
+        .bind(id)
+        .bind(claim)
+        .execute(executor)
+        .await
+        .map(|_| ())
+        .map_err(db_error)
+}
+
 #[cfg(feature = "outbox-postgres")]
 mod postgres;
 #[cfg(feature = "outbox-sqlite")]

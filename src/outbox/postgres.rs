@@ -3,96 +3,26 @@
 
 use sqlx::{PgConnection, PgPool};
 
-use super::{OutboxDb, db_error};
-use crate::error::Result;
+use super::Statements;
 
-impl OutboxDb for PgPool {
-    type Connection = PgConnection;
-    const CREATE: &'static str = "CREATE TABLE IF NOT EXISTS speedlayer_outbox (
+outbox_db!(
+    PgPool,
+    PgConnection,
+    "CREATE TABLE IF NOT EXISTS speedlayer_outbox (
         id BIGSERIAL PRIMARY KEY,
         scope TEXT NOT NULL DEFAULT '',
         targets TEXT NOT NULL,
         created_ms BIGINT NOT NULL,
         claim BIGINT NOT NULL DEFAULT 0,
         claimed_until_ms BIGINT NOT NULL DEFAULT 0
-    )";
-
-    async fn insert(
-        conn: &mut PgConnection,
-        scope: &str,
-        targets: &str,
-        now_ms: i64,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO speedlayer_outbox (scope, targets, created_ms) VALUES ($1, $2, $3)",
-        )
-        .bind(scope)
-        .bind(targets)
-        .bind(now_ms)
-        .execute(conn)
-        .await
-        .map(|_| ())
-        .map_err(db_error)
-    }
-
-    async fn claim(
-        &self,
-        scope: &str,
-        claim: i64,
-        now_ms: i64,
-        until_ms: i64,
-        limit: i64,
-    ) -> Result<Vec<(i64, String)>> {
-        sqlx::query_as(
-            "UPDATE speedlayer_outbox SET claim = $1, claimed_until_ms = $2
+    )",
+    Statements {
+        insert: "INSERT INTO speedlayer_outbox (scope, targets, created_ms) VALUES ($1, $2, $3)",
+        claim: "UPDATE speedlayer_outbox SET claim = $1, claimed_until_ms = $2
              WHERE id IN (SELECT id FROM speedlayer_outbox WHERE scope = $3 AND claimed_until_ms < $4
                           ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED)
              RETURNING id, targets",
-        )
-        .bind(claim)
-        .bind(until_ms)
-        .bind(scope)
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(self)
-        .await
-        .map_err(db_error)
+        delete: "DELETE FROM speedlayer_outbox WHERE id = $1 AND claim = $2",
+        release: "UPDATE speedlayer_outbox SET claim = 0, claimed_until_ms = 0 WHERE id = $1 AND claim = $2",
     }
-
-    async fn delete(&self, id: i64, claim: i64) -> Result<()> {
-        sqlx::query("DELETE FROM speedlayer_outbox WHERE id = $1 AND claim = $2")
-            .bind(id)
-            .bind(claim)
-            .execute(self)
-            .await
-            .map(|_| ())
-            .map_err(db_error)
-    }
-
-    async fn release(&self, id: i64, claim: i64) -> Result<()> {
-        sqlx::query(
-            "UPDATE speedlayer_outbox SET claim = 0, claimed_until_ms = 0 WHERE id = $1 AND claim = $2",
-        )
-        .bind(id)
-        .bind(claim)
-        .execute(self)
-        .await
-        .map(|_| ())
-        .map_err(db_error)
-    }
-
-    async fn depth(&self) -> Result<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM speedlayer_outbox")
-            .fetch_one(self)
-            .await
-            .map_err(db_error)
-    }
-
-    async fn create(&self) -> Result<()> {
-        sqlx::query(Self::CREATE)
-            .execute(self)
-            .await
-            .map(|_| ())
-            .map_err(db_error)
-    }
-}
+);

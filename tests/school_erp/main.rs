@@ -230,18 +230,6 @@ async fn postgres_with_redis() {
 }
 
 /// One request to the router, as from `127.0.0.1`; the status and the body.
-/// The value of the series `name` (with its labels, as rendered) in a Prometheus text scrape; 0
-/// when absent.
-fn series(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
 async fn call(
     app: &axum::Router,
     method: &str,
@@ -523,7 +511,10 @@ async fn api_refuses_what_it_must() {
     ] {
         assert!(metrics.contains(name), "{name} missing from {metrics}");
     }
-    let added = |name: &str| series(&metrics, name) - series(&metrics_before, name);
+    let added = |name: &str| {
+        support::prometheus_series(&metrics, name)
+            - support::prometheus_series(&metrics_before, name)
+    };
     assert_eq!(added("school_erp_rate_limited_total"), 3.0, "{metrics}");
     assert_eq!(
         added("speedlayer_ratelimit_denied_total{route=\"auth-login\"}"),

@@ -160,6 +160,18 @@ pub async fn assert_healthy(cache: &speedlayer::Cache) {
     assert_eq!(cache.get::<u32>(&unrelated).await, Some(1));
 }
 
+/// The value of the series `name` (with its labels, as rendered) in a Prometheus text scrape;
+/// 0 when absent.
+pub fn prometheus_series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
 /// Redis config pointing at `port` on loopback.
 pub fn redis_config_at(port: u16) -> RedisConfig {
     RedisConfig::from_url(&format!("redis://127.0.0.1:{port}/0")).expect("valid url")

@@ -13,16 +13,6 @@ use speedlayer::{Cache, Config, Served};
 
 use support::{RedisServer, key};
 
-fn series(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_series_count_what_happened() {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -79,7 +69,11 @@ async fn the_documented_series_count_what_happened() {
         ("speedlayer_tier_fills_total", tier.fills),
         ("speedlayer_tier_channel_starts_total", tier.channel_starts),
     ] {
-        assert_eq!(series(&text, name), expected as f64, "{name} in\n{text}");
+        assert_eq!(
+            support::prometheus_series(&text, name),
+            expected as f64,
+            "{name} in\n{text}"
+        );
     }
     assert_eq!((stats.loader_calls, stats.loader_errors), (2, 1));
     assert!(tier.local_hits >= 1 && tier.fills >= 1);
@@ -96,8 +90,8 @@ async fn the_documented_series_count_what_happened() {
     for i in 0..3 {
         let _ = fragile.get::<u64>(&key(100 + i)).await;
     }
-    let open = series(&handle.render(), "speedlayer_breaker_open");
+    let open = support::prometheus_series(&handle.render(), "speedlayer_breaker_open");
     server.thaw();
     assert_eq!(open, 1.0);
-    assert!(series(&handle.render(), "speedlayer_store_timeouts_total") >= 1.0);
+    assert!(support::prometheus_series(&handle.render(), "speedlayer_store_timeouts_total") >= 1.0);
 }

@@ -73,6 +73,15 @@ async fn until_local(cache: &Cache, key: &speedlayer::Key) -> u64 {
     }
 }
 
+/// Reads `key` until it is absent (up to 5 s), failing with `what` otherwise.
+async fn until_absent(cache: &Cache, key: &speedlayer::Key, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.get::<u64>(key).await.is_some() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reads `key` on `cache` until it is not `old` (up to 2 s); then every read for 50 ms more must
 /// not be `old` either. Returns what was read last.
 async fn settles_away_from(cache: &Cache, key: &speedlayer::Key, old: Option<u64>) -> Option<u64> {
@@ -201,7 +210,7 @@ async fn writes_on_another_instance_are_seen(backend: Backend) {
 }
 
 /// Readers of one key on one instance while another instance writes it: once a write has
-/// returned and its message had 50 ms to arrive, no reader reads an older value. A fill that
+/// returned and its message had 50 writes' time to arrive, no reader reads an older value. A fill that
 /// installed a value its invalidation overtook would stay for the tier's whole minute.
 async fn fills_racing_writes_never_install_an_older_value(backend: Backend) {
     let reader = tiered(&backend).await;
@@ -229,16 +238,17 @@ async fn fills_racing_writes_never_install_an_older_value(backend: Backend) {
             (older, reads)
         }));
     }
-    for version in 1..=150u64 {
+    for version in 1..=200u64 {
         writer.set(&k, &version, MINUTE).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
-        // What returned 50 ms ago must be what every reader sees from now on.
-        if version > 25 {
-            settled.store(version - 25, std::sync::atomic::Ordering::Release);
+        // What returned 50 writes ago (at least 100 ms: far more than a message takes) must be
+        // what every reader sees from now on.
+        if version > 50 {
+            settled.store(version - 50, std::sync::atomic::Ordering::Release);
         }
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    settled.store(150, std::sync::atomic::Ordering::Release);
+    settled.store(200, std::sync::atomic::Ordering::Release);
     tokio::time::sleep(Duration::from_millis(50)).await;
     done.store(true, std::sync::atomic::Ordering::Release);
     let mut total = 0;
@@ -251,7 +261,7 @@ async fn fills_racing_writes_never_install_an_older_value(backend: Backend) {
         total += reads;
     }
     assert!(total > 100, "the readers ran: {total}");
-    assert_eq!(reader.get::<u64>(&k).await, Some(150));
+    assert_eq!(reader.get::<u64>(&k).await, Some(200));
 }
 
 both_backends!(
@@ -370,14 +380,20 @@ mod redis_only {
             Some(Served::Local)
         );
         wait_until_trusted(&cache).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while cache.get::<u64>(&k).await.is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "the old value outlived the restart"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_absent(&cache, &k, "the old value outlived the restart").await;
+    }
+
+    /// A tiered cache on `backend` that gives up on a call after 100 ms and opens its breaker at
+    /// the first failure, its channel up.
+    async fn fragile_tiered(backend: &Backend, tier: LocalTier) -> Cache {
+        let config = backend
+            .config()
+            .op_timeout(Duration::from_millis(100))
+            .failure_threshold(1)
+            .local_tier(tier);
+        let cache = Cache::new(config).await.unwrap();
+        wait_until_trusted(&cache).await;
+        cache
     }
 
     /// A frozen Redis (SIGSTOP): by default L1 stops answering once the channel's liveness
@@ -385,17 +401,8 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_frozen_redis_bypasses_l1_unless_fail_safe_allows_stale() {
         let mut backend = Backend::redis().await;
-        let config = |tier: LocalTier| {
-            backend
-                .config()
-                .op_timeout(Duration::from_millis(100))
-                .failure_threshold(1)
-                .local_tier(tier)
-        };
-        let strict = Cache::new(config(tier())).await.unwrap();
-        let lenient = Cache::new(config(tier().fail_safe(Duration::from_secs(5))))
-            .await
-            .unwrap();
+        let strict = fragile_tiered(&backend, tier()).await;
+        let lenient = fragile_tiered(&backend, tier().fail_safe(Duration::from_secs(5))).await;
         wait_until_trusted(&strict).await;
         wait_until_trusted(&lenient).await;
         let k = key(13);
@@ -485,18 +492,9 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_three_second_freeze_strict_against_fail_safe() {
         let mut backend = Backend::redis().await;
-        let config = |tier: LocalTier| {
-            backend
-                .config()
-                .op_timeout(Duration::from_millis(100))
-                .failure_threshold(1)
-                .local_tier(tier)
-        };
-        let strict = Cache::new(config(tier())).await.unwrap();
-        let lenient = Cache::new(config(tier().fail_safe(Duration::from_secs(5))))
-            .await
-            .unwrap();
-        let writer = Cache::new(config(tier())).await.unwrap();
+        let strict = fragile_tiered(&backend, tier()).await;
+        let lenient = fragile_tiered(&backend, tier().fail_safe(Duration::from_secs(5))).await;
+        let writer = fragile_tiered(&backend, tier()).await;
         for cache in [&strict, &lenient, &writer] {
             wait_until_trusted(cache).await;
         }
@@ -610,14 +608,7 @@ mod redis_only {
         }
         proxy.slow_down_connection(0, Duration::ZERO);
         assert!(cache.flush_invalidations(Duration::from_secs(10)).await);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while cache.get::<u64>(&k).await.is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "the queued invalidation was not applied"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_absent(&cache, &k, "the queued invalidation was not applied").await;
     }
 
     /// Keys outside the tier's keyspaces are never copied; tiered keys are.
