@@ -841,6 +841,7 @@ pub struct Key {
 }
 
 impl Key {
+    #[cfg(any(feature = "outbox-postgres", feature = "outbox-sqlite"))]
     /// A key read back from what [`Key::stored_parts`] gave (the outbox's rows); `None` for
     /// parts no key can have.
     pub(crate) fn from_stored(full: &str, leading: u8, contexts: u8) -> Option<Key> {
@@ -855,6 +856,7 @@ impl Key {
             })
     }
 
+    #[cfg(any(feature = "outbox-postgres", feature = "outbox-sqlite"))]
     /// What [`Key::from_stored`] needs.
     pub(crate) fn stored_parts(&self) -> (&str, u8, u8) {
         (&self.full, self.leading, self.contexts)
@@ -976,6 +978,7 @@ pub struct Tag {
 }
 
 impl Tag {
+    #[cfg(any(feature = "outbox-postgres", feature = "outbox-sqlite"))]
     /// A tag read back from its stored index key (the outbox's rows); `None` for text that is
     /// not a tag index key.
     pub(crate) fn from_stored(index: &str) -> Option<Tag> {

@@ -187,6 +187,33 @@ impl Db {
                 (DbKind::Sqlite, url, Some(file))
             }
         };
+        let db = Db::connect(kind, &url, file).await?;
+        db.create_and_seed(size).await?;
+        Ok(db)
+    }
+
+    /// Another instance's handle on a database [`Db::open`] created and seeded: `target` is the
+    /// PostgreSQL URL or the SQLite file ([`Db::target`]). Nothing is seeded, and the file is
+    /// left to its creator.
+    pub async fn attach(target: &str) -> DbResult<Db> {
+        sqlx::any::install_default_drivers();
+        if target.starts_with("postgres://") || target.starts_with("postgresql://") {
+            Db::connect(DbKind::Postgres, target, None).await
+        } else {
+            Db::connect(DbKind::Sqlite, &format!("sqlite://{target}"), None).await
+        }
+    }
+
+    /// What [`Db::attach`] takes to open this database from another process.
+    pub fn target(&self, url: Option<&str>) -> String {
+        match (&self.file, url) {
+            (Some(file), _) => file.display().to_string(),
+            (None, Some(url)) => url.to_owned(),
+            (None, None) => String::new(),
+        }
+    }
+
+    async fn connect(kind: DbKind, url: &str, file: Option<PathBuf>) -> DbResult<Db> {
         let pool = AnyPoolOptions::new()
             .max_connections(match kind {
                 DbKind::Sqlite => 8,
@@ -209,16 +236,14 @@ impl Db {
                     Ok(())
                 })
             })
-            .connect(&url)
+            .connect(url)
             .await?;
-        let db = Db {
+        Ok(Db {
             pool,
             kind,
             queries: AtomicU64::new(0),
             file,
-        };
-        db.create_and_seed(size).await?;
-        Ok(db)
+        })
     }
 
     pub fn kind(&self) -> DbKind {

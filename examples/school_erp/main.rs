@@ -15,6 +15,7 @@
 
 mod app;
 mod db;
+mod fleet;
 mod workload;
 
 use std::net::SocketAddr;
@@ -35,12 +36,20 @@ const USAGE: &str =
   --requests N     workload size (default 100000)
   --duration S     stop the workload after S seconds even if requests remain (default 120)
   --concurrency N  virtual users sending at once (default 32)
+  --instances N    run N instances of the service as separate processes sharing the database
+                   and Redis (REDIS_URL, or a redis-server started on a free loopback port),
+                   each with an in-process tier; the workload sends to each in turn (default 1)
+  --no-tier        no in-process tier (to compare)
 
 environment: DATABASE_URL=postgres://... (default: embedded SQLite), REDIS_URL=redis://...
 (default: in-memory cache), RUST_LOG (default: warn)";
 
 struct Args {
     serve: bool,
+    instances: usize,
+    no_tier: bool,
+    /// Set for the extra instances `--instances` starts: the database to attach to.
+    attach_db: Option<String>,
     port: u16,
     port_set: bool,
     workload: Workload,
@@ -49,6 +58,9 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         serve: false,
+        instances: 1,
+        no_tier: false,
+        attach_db: None,
         port: 3000,
         port_set: false,
         workload: Workload::default(),
@@ -83,9 +95,21 @@ fn parse_args() -> Result<Args, String> {
                 }
                 args.workload.concurrency = n;
             }
+            "--instances" => {
+                let n: usize = parse(&value("--instances")?, "--instances")?;
+                if !(1..=8).contains(&n) {
+                    return Err("--instances must be between 1 and 8".into());
+                }
+                args.instances = n;
+            }
+            "--no-tier" => args.no_tier = true,
+            "--attach-db" => args.attach_db = Some(value("--attach-db")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if args.instances > 1 && args.serve {
+        return Err("--instances runs the workload; it does not combine with --serve".into());
     }
     if args.port_set && !args.serve {
         return Err("--port applies to --serve only (the workload uses a free port)".into());
@@ -149,14 +173,29 @@ async fn run(args: Args) -> Result<i32, String> {
     let size = SchoolSize::default();
     let started = Instant::now();
     let database_url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
-    let db = Db::open(database_url.as_deref(), size)
-        .await
-        .map_err(|e| format!("cannot open the database: {e}"))?;
-    let config = speedlayer::Config::from_env().map_err(|e| e.to_string())?;
-    let tier = app::local_tier(&speedlayer::Namespace::root());
-    let cache = Cache::new(config.local_tier(tier))
-        .await
-        .map_err(|e| e.to_string())?;
+    let db = match &args.attach_db {
+        Some(target) => Db::attach(target).await,
+        None => Db::open(database_url.as_deref(), size).await,
+    }
+    .map_err(|e| format!("cannot open the database: {e}"))?;
+    // A fleet needs one Redis: REDIS_URL, or one started here.
+    let owned_redis = if args.instances > 1 && std::env::var("REDIS_URL").is_err() {
+        Some(fleet::OwnedRedis::start()?)
+    } else {
+        None
+    };
+    let config = match &owned_redis {
+        Some(redis) => speedlayer::Config::redis(
+            speedlayer::config::RedisConfig::from_url(&redis.url()).map_err(|e| e.to_string())?,
+        ),
+        None => speedlayer::Config::from_env().map_err(|e| e.to_string())?,
+    };
+    let config = if args.no_tier {
+        config
+    } else {
+        config.local_tier(app::local_tier(&speedlayer::Namespace::root()))
+    };
+    let cache = Cache::new(config).await.map_err(|e| e.to_string())?;
     let backend = cache.stats().backend.to_string();
     let database = db.kind().name();
     println!(
@@ -166,10 +205,17 @@ async fn run(args: Args) -> Result<i32, String> {
         size.students,
         started.elapsed().as_secs_f64()
     );
+    let db_target = db.target(database_url.as_deref());
     let state = Arc::new(AppState::new(db, cache));
     // The roll-call sink fails on purpose every fourth call: no mark may be lost or doubled.
     state.fail_roll_sink_every(4);
-    match state.forget_cached_copies().await {
+    // An attached instance leaves the cache to the first one, which has just cleared it.
+    let forget = if args.attach_db.is_some() {
+        Ok(0)
+    } else {
+        state.forget_cached_copies().await
+    };
+    match forget {
         Ok(0) => {}
         Ok(n) => println!("removed {n} cached entries left by an earlier run"),
         // Redis down at start: the service runs on the fallback, and a Redis that comes back
@@ -205,10 +251,43 @@ async fn run(args: Args) -> Result<i32, String> {
         workload.duration.as_secs_f64(),
         service.addr
     );
-    let report = workload::run(service.addr, workload).await;
+    let mut addrs = vec![service.addr];
+    let mut others = Vec::new();
+    if args.instances > 1 {
+        let url = match &owned_redis {
+            Some(redis) => redis.url(),
+            None => std::env::var("REDIS_URL").unwrap_or_default(),
+        };
+        for i in 1..args.instances {
+            let other = fleet::Instance::start(i, &db_target, &url, args.no_tier)?;
+            addrs.push(other.addr);
+            others.push(other);
+        }
+        println!(
+            "{} instances (separate processes) on one {database} database and one Redis: {}",
+            args.instances,
+            addrs
+                .iter()
+                .map(|a| format!("http://{a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let report = workload::run(&addrs, workload).await;
+    drop(others);
     service.stop().await.map_err(|e| e.to_string())?;
+    drop(owned_redis);
     let report = report?;
     println!();
+    let backend = if args.instances > 1 {
+        let tiers = if args.no_tier { "without" } else { "with" };
+        format!(
+            "{backend}, {} instances {tiers} in-process tiers",
+            args.instances
+        )
+    } else {
+        backend
+    };
     report.print(&backend, database);
     println!("{}", report.json_line());
     Ok(

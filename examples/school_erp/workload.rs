@@ -106,6 +106,9 @@ pub struct Detail {
     pub cache_hits: u64,
     /// Of the hits, those answered by the in-process tier.
     pub local_hits: u64,
+    /// The tier channels' heartbeat round trip (the longest an invalidation message is on its
+    /// way while the channel is healthy), p50 and p99 in microseconds, the worst instance's.
+    pub channel_rtt_us: (u64, u64),
     pub cache_coalesced: u64,
     pub cache_misses: u64,
     pub stale_sets_refused: u64,
@@ -199,6 +202,11 @@ impl Report {
                 d.local_hits,
                 d.cache_hits,
                 100.0 * d.local_hits as f64 / d.cache_hits.max(1) as f64
+            );
+            println!(
+                "tier channel    heartbeat round trip p50 {} us, p99 {} us: how long an invalidation \
+                 message from another instance is on its way",
+                d.channel_rtt_us.0, d.channel_rtt_us.1
             );
         }
         println!(
@@ -394,7 +402,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Shared {
     client: HttpClient,
-    base: String,
+    /// The instances' base URLs: requests go to each in turn, so that a read often reaches
+    /// another instance than the write before it.
+    bases: Vec<String>,
+    next_base: std::sync::atomic::AtomicUsize,
     budget: AtomicU64,
     started: Instant,
     deadline: Instant,
@@ -439,9 +450,10 @@ impl Shared {
     ) -> Option<(StatusCode, HeaderMap, Bytes)> {
         let started = Instant::now();
         tally.requests += 1;
+        let base = &self.bases[self.next_base.fetch_add(1, Ordering::Relaxed) % self.bases.len()];
         let result = exchange(
             &self.client,
-            &self.base,
+            base,
             method.clone(),
             path,
             user,
@@ -1082,15 +1094,31 @@ async fn flip_cache_switch(shared: Arc<Shared>, started: Instant) -> (Option<(f6
     }
 }
 
+/// Flips the cache switch of every instance (a switch is each instance's own).
 async fn switch_cache(shared: &Shared, tally: &mut Tally, on: bool) {
     let body = serde_json::to_vec(&SwitchRequest {
         capability: "cache".into(),
         on,
     })
     .expect("serializes");
-    shared
-        .call::<serde_json::Value>(tally, Method::POST, "/api/admin/switch", "a1", Some(body))
-        .await;
+    for base in &shared.bases {
+        tally.requests += 1;
+        match exchange(
+            &shared.client,
+            base,
+            Method::POST,
+            "/api/admin/switch",
+            Some("a1"),
+            Some(body.clone()),
+            None,
+        )
+        .await
+        {
+            Ok((status, _, _)) if status == StatusCode::OK => {}
+            Ok((status, _, _)) => tally.fail(format!("switch on {base} answered {status}")),
+            Err(e) => tally.fail(format!("switch on {base}: {e}")),
+        }
+    }
 }
 
 /// Reads the service's counters from `/metrics`.
@@ -1106,12 +1134,32 @@ async fn scrape(client: &HttpClient, base: &str) -> Result<Vec<(String, f64)>, S
         .collect())
 }
 
+/// The sum of the series `name` over the instances' scrapes.
 fn metric(metrics: &[(String, f64)], name: &str) -> u64 {
     metrics
         .iter()
-        .find(|(n, _)| n == name)
+        .filter(|(n, _)| n == name)
         .map(|(_, v)| *v as u64)
+        .sum()
+}
+
+/// The largest value of the series `name` (seconds) over the instances, in microseconds.
+fn worst_micros(metrics: &[(String, f64)], name: &str) -> u64 {
+    metrics
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| (v * 1e6) as u64)
+        .max()
         .unwrap_or(0)
+}
+
+/// Every instance's counters, one list.
+async fn scrape_all(client: &HttpClient, bases: &[String]) -> Result<Vec<(String, f64)>, String> {
+    let mut all = Vec::new();
+    for base in bases {
+        all.extend(scrape(client, base).await?);
+    }
+    Ok(all)
 }
 
 fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
@@ -1122,18 +1170,21 @@ fn percentile_ms(sorted_us: &[u32], p: f64) -> f64 {
     f64::from(sorted_us[rank - 1]) / 1_000.0
 }
 
-/// Runs `workload` against the service at `addr` and reports.
-pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String> {
+/// Runs `workload` against the instances of the service at `addrs` (one or more, sharing the
+/// database and Redis) and reports.
+pub async fn run(addrs: &[SocketAddr], workload: Workload) -> Result<Report, String> {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(workload.concurrency.max(1))
         .build_http();
-    let base = format!("http://{addr}");
+    let bases: Vec<String> = addrs.iter().map(|a| format!("http://{a}")).collect();
+    let base = bases.first().cloned().ok_or("no instance to run against")?;
     let baseline_payments = admin_payments(&client, &base).await?;
-    let before = scrape(&client, &base).await?;
+    let before = scrape_all(&client, &bases).await?;
     let started = Instant::now();
     let shared = Arc::new(Shared {
         client: client.clone(),
-        base: base.clone(),
+        bases: bases.clone(),
+        next_base: std::sync::atomic::AtomicUsize::new(0),
         budget: AtomicU64::new(workload.requests),
         started,
         deadline: started + workload.duration,
@@ -1164,8 +1215,16 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
         .iter()
         .cloned()
         .collect();
-    let audit = audit(&client, &base, users).await?;
-    let after = scrape(&client, &base).await?;
+    // Each instance flushes the roll-call classes it marked; the first then audits the database.
+    let mut unflushed = 0;
+    for other in &bases[1..] {
+        unflushed += audit(&client, other, Vec::new())
+            .await?
+            .roll_classes_unflushed;
+    }
+    let mut audit = audit(&client, &base, users).await?;
+    audit.roll_classes_unflushed += unflushed;
+    let after = scrape_all(&client, &bases).await?;
     let delta = |name: &str| metric(&after, name).saturating_sub(metric(&before, name));
 
     tally.latencies_us.sort_unstable();
@@ -1217,6 +1276,16 @@ pub async fn run(addr: SocketAddr, workload: Workload) -> Result<Report, String>
             cache_switched,
             cache_hits: delta("speedlayer_cache_hits_total"),
             local_hits: delta("speedlayer_tier_hits_total{state=\"fresh\"}"),
+            channel_rtt_us: (
+                worst_micros(
+                    &after,
+                    "speedlayer_tier_channel_rtt_seconds{quantile=\"0.5\"}",
+                ),
+                worst_micros(
+                    &after,
+                    "speedlayer_tier_channel_rtt_seconds{quantile=\"0.99\"}",
+                ),
+            ),
             cache_coalesced: delta("speedlayer_cache_coalesced_total"),
             cache_misses: delta("speedlayer_cache_misses_total"),
             stale_sets_refused: delta("speedlayer_cache_stale_sets_refused_total"),

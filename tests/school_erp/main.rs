@@ -55,7 +55,7 @@ async fn run(database_url: Option<&str>, cache: Cache) -> Report {
         teachers: size.teachers,
         ..Workload::default()
     };
-    let report = crate::workload::run(service.addr, workload).await;
+    let report = crate::workload::run(&[service.addr], workload).await;
     service.stop().await.expect("service stops");
     let report = report.expect("workload runs");
     report.print("test", "test");
