@@ -15,6 +15,8 @@
 //! | `speedlayer_cache_decode_failures_total` | counter | | cached values that did not decode (deleted) |
 //! | `speedlayer_cache_stale_sets_refused_total` | counter | | loads not stored because an invalidation came during them |
 //! | `speedlayer_cache_invalidations_total` | counter | | `Cache::invalidate` calls |
+//! | `speedlayer_cache_uncacheable_total` | counter | | loaded values not cached (too large, or not encodable) |
+//! | `speedlayer_cache_leases_denied_total` | counter | | loads not cached behind another load's lease |
 //! | `speedlayer_cache_stale_served_total` | counter | | `Cache::fetch` answers past their TTL, within the grace |
 //! | `speedlayer_cache_early_refreshes_total` | counter | | refreshes `Cache::fetch` started before a TTL ended |
 //! | `speedlayer_tier_hits_total` | counter | `state` = `fresh` / `stale` | reads answered by the in-process tier; `stale` under its fail-safe bound |
@@ -22,11 +24,14 @@
 //! | `speedlayer_tier_fills_refused_total` | counter | | copies refused: an invalidation overtook their read |
 //! | `speedlayer_tier_evictions_total` | counter | `cause` = `message` | L1 copies dropped by Redis's invalidation messages |
 //! | `speedlayer_tier_channel_losses_total` | counter | | invalidation channels lost (L1 emptied) |
+//! | `speedlayer_tier_channel_starts_total` | counter | | tracking switched on (first connection and each reconnection) |
 //! | `speedlayer_tier_channel_rtt_seconds` | histogram | | heartbeat round trip on the channel: how long an invalidation message can be on its way |
 //! | `speedlayer_store_errors_total` | counter | | backend calls that failed |
 //! | `speedlayer_store_timeouts_total` | counter | | backend calls that timed out |
 //! | `speedlayer_store_fallbacks_total` | counter | | calls answered by the fallback (or as a miss) instead of the backend |
 //! | `speedlayer_store_short_circuited_total` | counter | | calls skipped by an open breaker |
+//! | `speedlayer_store_lost_invalidations_total` | counter | | invalidations dropped because the queue for the backend was full |
+//! | `speedlayer_store_data_errors_total` | counter | | data errors the backend answered (another client's type at a key) |
 //! | `speedlayer_breaker_open` | gauge | | 1 while the breaker is open, else 0 |
 //! | `speedlayer_invalidations_pending` | gauge | | invalidations queued while the backend is unusable |
 //! | `speedlayer_ratelimit_denied_total` | counter | `route` | requests denied by a rate limit |
