@@ -96,6 +96,52 @@ mod redis_only {
         id: u32,
     }
 
+    /// Another client's data where `fetch` looks (a hash, text that is not JSON, a value
+    /// without a TTL): a miss that the load replaces, or a value served as it is; never an error
+    /// and never a breaker trip.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetch_over_another_clients_data() {
+        use speedlayer::cache::FetchPolicy;
+        let backend = Backend::redis().await;
+        let server = backend.server().unwrap();
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let mut raw = server.raw().await;
+        let (hash, text, forever) = (key("f-hash"), key("f-text"), key("f-forever"));
+        let _: () = raw.hset(hash.as_str(), "f", "v").await.unwrap();
+        let _: () = raw.set(text.as_str(), "not json").await.unwrap();
+        let _: () = raw.set(forever.as_str(), r#"{"id":9}"#).await.unwrap();
+        let policy = FetchPolicy::new(Ttl::seconds(60)).grace(std::time::Duration::from_secs(60));
+        for k in [&hash, &text] {
+            let got = cache
+                .fetch(k, &policy, || async {
+                    Ok::<_, std::io::Error>(Row { id: 1 })
+                })
+                .await
+                .unwrap();
+            assert_eq!((got.value, got.stale), (Row { id: 1 }, false));
+            let again = cache
+                .fetch(k, &policy, || async {
+                    Ok::<_, std::io::Error>(Row { id: 2 })
+                })
+                .await
+                .unwrap();
+            assert_eq!(
+                again.value,
+                Row { id: 1 },
+                "the load replaced it and is cached"
+            );
+        }
+        // Without a TTL it never goes stale: served as it is.
+        let got = cache
+            .fetch(&forever, &policy, || async {
+                Ok::<_, std::io::Error>(Row { id: 1 })
+            })
+            .await
+            .unwrap();
+        assert_eq!((got.value, got.stale), (Row { id: 9 }, false));
+        crate::support::assert_healthy(&cache).await;
+    }
+
     #[tokio::test]
     async fn a_wrong_redis_type_is_a_counted_miss_and_is_deleted() {
         let backend = Backend::redis().await;
