@@ -46,6 +46,18 @@ pub fn key(id: u64) -> Key {
         .expect("valid key")
 }
 
+/// The raw moka the `raw_moka` benches read: the JSON bytes of one value under `key`.
+pub async fn raw_moka_holding(
+    key: &Key,
+    json: bytes::Bytes,
+) -> moka::future::Cache<String, bytes::Bytes> {
+    let moka = moka::future::Cache::builder()
+        .max_capacity(64 * 1024 * 1024)
+        .build();
+    moka.insert(key.as_str().to_owned(), json).await;
+    moka
+}
+
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

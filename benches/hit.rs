@@ -30,10 +30,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
     let memory = Cache::memory();
     rt.block_on(memory.set(&k, &value, Ttl::seconds(3600)))
         .unwrap();
-    let moka: moka::future::Cache<String, Bytes> = moka::future::Cache::builder()
-        .max_capacity(64 * 1024 * 1024)
-        .build();
-    rt.block_on(moka.insert(k.as_str().to_owned(), json.clone()));
+    let moka = rt.block_on(crate::common::raw_moka_holding(&k, json.clone()));
 
     let redis = rt.block_on(redis_cache(server, Transport::Multiplexed));
     rt.block_on(redis.set(&k, &value, Ttl::seconds(3600)))

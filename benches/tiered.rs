@@ -74,10 +74,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     });
-    let moka: moka::future::Cache<String, Bytes> = moka::future::Cache::builder()
-        .max_capacity(64 * 1024 * 1024)
-        .build();
-    rt.block_on(moka.insert(k.as_str().to_owned(), json.clone()));
+    let moka = rt.block_on(crate::common::raw_moka_holding(&k, json.clone()));
 
     let l2 = rt.block_on(tiered_cache(
         server,

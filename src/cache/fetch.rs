@@ -36,10 +36,12 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Cache, is_lease};
+use super::{Cache, Missed, is_lease};
 use crate::error::Result;
 use crate::key::Key;
-use crate::store::{IndexWindow, MemoryLayer, MemoryUpdate, Operation, OutageRule, Source};
+use crate::store::{
+    Answered, IndexWindow, MemoryLayer, MemoryUpdate, Operation, OutageRule, Source,
+};
 use crate::tier::TierRead;
 use crate::ttl::{Ttl, TtlPolicy};
 
@@ -299,18 +301,29 @@ impl Cache {
         Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
     {
         let loader = Arc::new(loader);
-        if self.caches(key) {
-            let found = self
+        // What this read found when it was nothing usable: the first load starts from it
+        // rather than reading again. `None` (switched off, a read error): `load_through` reads
+        // and decides.
+        let mut missed = None;
+        let read = match self.caches(key) {
+            true => self
                 .inner
                 .store
                 .run(&TierRead { key }, OutageRule::Fallback)
                 .await
-                .ok()
-                .and_then(|a| a.value());
-            if let Some((Some(bytes), left)) = found
-                && !is_lease(&bytes)
-                && let Ok(value) = serde_json::from_slice::<T>(&bytes)
-            {
+                .ok(),
+            false => None,
+        };
+        if let Some(answered) = read {
+            let (found, source) = match answered {
+                Answered::Backend(found) => (found, Source::Primary),
+                Answered::Fallback(found) => (found, Source::Fallback),
+                _ => ((None, None), Source::Nothing),
+            };
+            let (bytes, left) = found;
+            let bytes = bytes.filter(|b| !is_lease(b));
+            let decoded = bytes.as_ref().map(|b| serde_json::from_slice::<T>(b));
+            if let (Some(bytes), Some(Ok(value))) = (bytes.clone(), decoded) {
                 let fresh_left = left.map(|l| l.saturating_sub(policy.grace));
                 match fresh_left {
                     Some(left) if left.is_zero() => {
@@ -332,19 +345,32 @@ impl Cache {
                     }
                 }
             }
+            if bytes.is_some() {
+                // Present but not a `T`: the load's lease replaces it.
+                self.inner
+                    .counters
+                    .decode_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            missed = Some(Missed {
+                source,
+                undecodable: bytes,
+            });
         }
         // Nothing usable: a first load, under the key's lease and this process's single flight.
         let started = Instant::now();
-        let load = {
-            let loader = loader.clone();
-            let policy = policy.clone();
-            self.load_through(
-                key,
-                &[],
-                policy.longest_stored(),
-                move || (*loader)(),
-                move |_| policy.stored_ttl(),
-            )
+        let load = async {
+            let (load, ttl) = (loader.clone(), policy.clone());
+            let load = move || (*load)();
+            let ttl_for = move |_: &T| ttl.stored_ttl();
+            let longest = policy.longest_stored();
+            match missed {
+                Some(first_read) => {
+                    self.load_missed(key, &[], longest, first_read, load, ttl_for)
+                        .await
+                }
+                None => self.load_through(key, &[], longest, load, ttl_for).await,
+            }
         };
         let loaded = match policy.hard_timeout {
             Some(limit) => match tokio::time::timeout(limit, load).await {

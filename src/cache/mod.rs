@@ -290,6 +290,13 @@ pub enum Served {
     Stale,
 }
 
+/// What a read that found nothing usable saw: where it was answered, and the bytes that did not
+/// decode (if any), which a lease may replace.
+struct Missed {
+    source: Source,
+    undecodable: Option<Bytes>,
+}
+
 enum Read<V> {
     Hit(V, Served),
     /// Nothing usable: where the read was answered, and the bytes that did not decode (if
@@ -911,6 +918,35 @@ impl Cache {
             Read::Hit(v, _) => return Ok(v),
             Read::Miss(source, undecodable) => (source, undecodable),
         };
+        let first_read = Missed {
+            source,
+            undecodable,
+        };
+        self.load_missed(key, tags, longest_ttl, first_read, loader, ttl_for)
+            .await
+    }
+
+    /// [`load_through`](Cache::load_through) after a read that found nothing usable
+    /// (`first_read`): the flights, the lease, the load.
+    async fn load_missed<V, E, F, Fut>(
+        &self,
+        key: &Key,
+        tags: &[Tag],
+        longest_ttl: Ttl,
+        first_read: Missed,
+        loader: F,
+        ttl_for: impl FnOnce(&V) -> Ttl,
+    ) -> Result<V, Arc<E>>
+    where
+        V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let Missed {
+            source,
+            undecodable,
+        } = first_read;
         let c = &self.inner.counters;
         // Kept outside the flight's closure: a caller that only waited still holds its loader
         // and can load itself if the shared result turns out not to be usable for it.

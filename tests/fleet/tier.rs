@@ -171,15 +171,8 @@ fn a_killed_channel_makes_every_instance_stop_serving_l1() {
         for node in nodes.iter_mut() {
             assert_eq!(node.request(&format!("tier-warm {id}")), "warm 1");
         }
-        let list: String = rt
-            .block_on(redis::cmd("CLIENT").arg("LIST").query_async(&mut raw))
-            .unwrap();
-        let ids: Vec<&str> = list
-            .lines()
-            .filter(|l| l.contains("name=speedlayer-tier"))
-            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-            .collect();
-        assert_eq!(ids.len(), 3, "one channel per instance: {list}");
+        let ids = rt.block_on(server.tier_clients());
+        assert_eq!(ids.len(), 3, "one channel per instance: {ids:?}");
         for client in ids {
             let _: () = rt
                 .block_on(

@@ -220,6 +220,22 @@ impl RedisServer {
         assert!(status.success(), "kill {signal} failed");
     }
 
+    /// The ids of the in-process tier channels connected to this server (`CLIENT LIST`, by
+    /// their name `speedlayer-tier`).
+    pub async fn tier_clients(&self) -> Vec<String> {
+        let mut raw = self.raw().await;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut raw)
+            .await
+            .expect("CLIENT LIST");
+        list.lines()
+            .filter(|l| l.contains("name=speedlayer-tier"))
+            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// SIGSTOP: the server keeps its sockets but answers nothing.
     pub fn freeze(&mut self) {
         self.signal("-STOP");

@@ -276,24 +276,6 @@ mod redis_only {
     use super::*;
     use ::redis::AsyncCommands;
 
-    /// The ids of the tier channels connected to `server`.
-    async fn tier_clients(server: &support::RedisServer) -> Vec<String> {
-        let mut raw = server.raw().await;
-        let list: String = ::redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
-        list.lines()
-            .filter(|l| l.contains("name=speedlayer-tier"))
-            .filter_map(|l| {
-                l.split(' ')
-                    .find_map(|f| f.strip_prefix("id="))
-                    .map(str::to_owned)
-            })
-            .collect()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn another_clients_set_and_del_are_seen() {
         let backend = Backend::redis().await;
@@ -329,7 +311,7 @@ mod redis_only {
         cache.set(&k, &1u64, MINUTE).await.unwrap();
         assert_eq!(until_local(&cache, &k).await, 1);
 
-        let ids = tier_clients(server).await;
+        let ids = server.tier_clients().await;
         assert_eq!(ids.len(), 1, "one channel per tiered cache");
         let mut raw = server.raw().await;
         let _: () = ::redis::cmd("CLIENT")
