@@ -30,6 +30,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
 /// Default time an open breaker waits before it lets one probe through.
 pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
+/// Default recovery hold: how long Redis must have answered again after an outage before cache
+/// calls use it (see [`Config::recovery_hold`]).
+pub const DEFAULT_RECOVERY_HOLD: Duration = Duration::from_millis(500);
 /// Default largest encoded value the typed cache stores: 1 MiB.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// Default cap on the TTL of entries written to the memory fallback while Redis is unusable.
@@ -415,6 +418,7 @@ pub struct Config {
     op_timeout: Duration,
     failure_threshold: u32,
     cool_down: Duration,
+    recovery_hold: Duration,
     memory_max_bytes: u64,
     fallback_max_ttl: Ttl,
     max_value_bytes: usize,
@@ -435,6 +439,7 @@ impl Config {
             op_timeout: DEFAULT_OP_TIMEOUT,
             failure_threshold: DEFAULT_FAILURE_THRESHOLD,
             cool_down: DEFAULT_COOL_DOWN,
+            recovery_hold: DEFAULT_RECOVERY_HOLD,
             memory_max_bytes: DEFAULT_MEMORY_MAX_BYTES,
             fallback_max_ttl: DEFAULT_FALLBACK_MAX_TTL,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
@@ -562,6 +567,28 @@ impl Config {
         self
     }
 
+    /// How long Redis must have answered again after an outage before calls use it (default
+    /// 500 ms; `Duration::ZERO` turns the hold off).
+    ///
+    /// During an outage every instance of a fleet queues the invalidations it cannot deliver,
+    /// and applies them as soon as Redis answers a `PING` (it tries every 100 ms at most). A
+    /// Redis that comes back with its data (a restart with persistence, a healed partition, a
+    /// thawed process) still holds the entries those invalidations are for, so an instance that
+    /// read it at once could serve what another instance's write replaced. With the hold, the
+    /// probe that finds Redis answering only checks it (`PING`); calls keep skipping Redis (the
+    /// fallback or the loader answers) until the hold has passed, and then a second probe
+    /// closes the breaker. A lost connection (Redis restarted, the network failed) opens the
+    /// breaker at once, without waiting for the failure threshold, because the instance cannot
+    /// know what was written meanwhile.
+    ///
+    /// The hold is a bound in time: it assumes every instance's background replay gets to run
+    /// within it. It covers instances that are alive; an instance that dies with queued
+    /// invalidations loses them, which is what the [transactional outbox](crate::outbox) is for.
+    pub fn recovery_hold(mut self, hold: Duration) -> Config {
+        self.recovery_hold = hold;
+        self
+    }
+
     /// Byte budget of the memory backend or fallback (default 64 MiB).
     pub fn memory_max_bytes(mut self, bytes: u64) -> Config {
         self.memory_max_bytes = bytes;
@@ -644,6 +671,9 @@ impl Config {
     pub(crate) fn get_cool_down(&self) -> Duration {
         self.cool_down
     }
+    pub(crate) fn get_recovery_hold(&self) -> Duration {
+        self.recovery_hold
+    }
     pub(crate) fn get_memory_max_bytes(&self) -> u64 {
         self.memory_max_bytes
     }
@@ -685,6 +715,7 @@ impl fmt::Debug for Config {
             .field("op_timeout", &self.op_timeout)
             .field("failure_threshold", &self.failure_threshold)
             .field("cool_down", &self.cool_down)
+            .field("recovery_hold", &self.recovery_hold)
             .field("memory_max_bytes", &self.memory_max_bytes)
             .field("fallback_max_ttl", &self.fallback_max_ttl)
             .field("max_value_bytes", &self.max_value_bytes)

@@ -387,9 +387,23 @@ impl Invalidates for StudentProfileUpdated {
 /// A handler's failure, as a status and a short message (never a database error's text).
 pub struct ApiError(StatusCode, &'static str);
 
+/// The roll-call sink failed: the marks stay for the next submit, which is the retry.
+const ROLL_DEFERRED: &str = "the database write failed; the marks are kept for the next submit";
+
 impl IntoResponse for ApiError {
+    /// A 503 says when to come back (`Retry-After: 1`): what answers 503 here is a service
+    /// that fails closed while Redis is unusable (locks, scratch, revocations), and the breaker
+    /// probes Redis again within its one-second cool-down. A deferred roll call is the
+    /// exception: its next submit is the retry.
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        let mut response = (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE && self.1 != ROLL_DEFERRED {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
@@ -1323,10 +1337,9 @@ impl AppState {
         };
         match self.scratch.hash(key).flush(&sink).await {
             Ok(flushed) => Ok(flushed),
-            Err(FlushError::Sink(_)) => Err(ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the database write failed; the marks are kept for the next submit",
-            )),
+            Err(FlushError::Sink(_)) => {
+                Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, ROLL_DEFERRED))
+            }
             Err(FlushError::Store(_)) => Err(ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the marks cannot be reached now; retry",

@@ -6,11 +6,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` this program started on a free loopback port (nothing persisted), stopped
-/// when dropped.
+/// A `redis-server` this program started on a free loopback port, stopped when dropped. It keeps
+/// an append-only file in a directory of its own (removed when dropped), so that a restart
+/// ([`OwnedRedis::restart`]) gives back what it held, as a production Redis with AOF does.
 pub struct OwnedRedis {
     child: Child,
     port: u16,
+    dir: std::path::PathBuf,
 }
 
 impl OwnedRedis {
@@ -19,16 +21,33 @@ impl OwnedRedis {
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free loopback port: {e}"))?
             .port();
+        let dir =
+            std::env::temp_dir().join(format!("school_erp-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let child = OwnedRedis::spawn(port, &dir)?;
+        Ok(OwnedRedis { child, port, dir })
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Result<Child, String> {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+            ])
+            .arg("--dir")
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| {
                 format!("--instances needs Redis: set REDIS_URL, or install redis-server ({e})")
             })?;
-        let redis = OwnedRedis { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
@@ -36,11 +55,34 @@ impl OwnedRedis {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(redis)
+        Ok(child)
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stops the server as an operator would (SIGTERM: it writes its append-only file out and
+    /// exits), leaves it down for `down`, and starts it again on the same port and file. Returns
+    /// how long the port refused connections.
+    pub fn restart(&mut self, down: Duration) -> Result<Duration, String> {
+        let stopped = Instant::now();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => return Err("redis-server did not stop within 20 s of SIGTERM".into()),
+            }
+        }
+        std::thread::sleep(down);
+        self.child = OwnedRedis::spawn(self.port, &self.dir)?;
+        Ok(stopped.elapsed())
     }
 }
 
@@ -48,6 +90,7 @@ impl Drop for OwnedRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -40,6 +40,9 @@ const USAGE: &str =
                    and Redis (REDIS_URL, or a redis-server started on a free loopback port),
                    each with an in-process tier; the workload sends to each in turn (default 1)
   --no-tier        no in-process tier (to compare)
+  --restart-redis  with --instances and no REDIS_URL: stop the fleet's Redis 2 s into the
+                   workload (SIGTERM; its append-only file keeps what it held), leave it down
+                   for 1 s, and start it again on the same port
 
 environment: DATABASE_URL=postgres://... (default: embedded SQLite), REDIS_URL=redis://...
 (default: in-memory cache), RUST_LOG (default: warn)";
@@ -48,6 +51,7 @@ struct Args {
     serve: bool,
     instances: usize,
     no_tier: bool,
+    restart_redis: bool,
     /// Set for the extra instances `--instances` starts: the database to attach to.
     attach_db: Option<String>,
     port: u16,
@@ -60,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         serve: false,
         instances: 1,
         no_tier: false,
+        restart_redis: false,
         attach_db: None,
         port: 3000,
         port_set: false,
@@ -103,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
                 args.instances = n;
             }
             "--no-tier" => args.no_tier = true,
+            "--restart-redis" => args.restart_redis = true,
             "--attach-db" => args.attach_db = Some(value("--attach-db")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -110,6 +116,11 @@ fn parse_args() -> Result<Args, String> {
     }
     if args.instances > 1 && args.serve {
         return Err("--instances runs the workload; it does not combine with --serve".into());
+    }
+    if args.restart_redis && args.instances < 2 {
+        return Err(
+            "--restart-redis restarts the fleet's Redis: use it with --instances 2 or more".into(),
+        );
     }
     if args.port_set && !args.serve {
         return Err("--port applies to --serve only (the workload uses a free port)".into());
@@ -184,11 +195,23 @@ async fn run(args: Args) -> Result<i32, String> {
     } else {
         None
     };
+    if args.restart_redis && owned_redis.is_none() {
+        return Err(
+            "--restart-redis restarts the Redis this program starts: unset REDIS_URL".into(),
+        );
+    }
     let config = match &owned_redis {
         Some(redis) => speedlayer::Config::redis(
             speedlayer::config::RedisConfig::from_url(&redis.url()).map_err(|e| e.to_string())?,
         ),
         None => speedlayer::Config::from_env().map_err(|e| e.to_string())?,
+    };
+    // In a fleet, a process's memory fallback would answer reads during an outage that no
+    // other instance's write can invalidate: the instances read the database instead.
+    let config = if args.instances > 1 || args.attach_db.is_some() {
+        config.fallback(speedlayer::config::Fallback::None)
+    } else {
+        config
     };
     let config = if args.no_tier {
         config
@@ -273,10 +296,55 @@ async fn run(args: Args) -> Result<i32, String> {
                 .join(", ")
         );
     }
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (restarter, kept_redis) = match owned_redis {
+        Some(redis) if args.restart_redis => {
+            let finished = finished.clone();
+            let task = Some(tokio::task::spawn_blocking(move || {
+                let mut redis = redis;
+                let at = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < at {
+                    if finished.load(std::sync::atomic::Ordering::Relaxed) {
+                        return (redis, Err("the workload ended before it".to_owned()));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let refused = redis.restart(Duration::from_secs(1));
+                (redis, refused)
+            }));
+            (task, None)
+        }
+        redis => (None, redis),
+    };
     let report = workload::run(&addrs, workload).await;
+    finished.store(true, std::sync::atomic::Ordering::Relaxed);
+    let restarted = match restarter {
+        Some(task) => {
+            let (redis, refused) = task
+                .await
+                .map_err(|e| format!("the Redis restart panicked: {e}"))?;
+            Some((redis, refused))
+        }
+        None => None,
+    };
     drop(others);
     service.stop().await.map_err(|e| e.to_string())?;
-    drop(owned_redis);
+    let restart_failed = match &restarted {
+        Some((_, Ok(refused))) => {
+            println!(
+                "Redis restarted 2 s into the workload: connections refused for {} ms",
+                refused.as_millis()
+            );
+            false
+        }
+        Some((_, Err(e))) => {
+            eprintln!("Redis was not restarted: {e}");
+            true
+        }
+        None => false,
+    };
+    drop(restarted);
+    drop(kept_redis);
     let report = report?;
     println!();
     let backend = if args.instances > 1 {
@@ -292,6 +360,7 @@ async fn run(args: Args) -> Result<i32, String> {
     println!("{}", report.json_line());
     Ok(
         if report.failed_requests == 0
+            && !restart_failed
             && report.stale_reads == 0
             && report.duplicate_payments == 0
             && report.drifted_counters == 0

@@ -144,6 +144,9 @@ pub struct Detail {
     pub roll_classes_unflushed: u64,
     pub presence_polls: u64,
     pub presence_seen: u64,
+    /// Requests answered `503` with `Retry-After` (a service failing closed while Redis was
+    /// unusable) and sent again after the pause it asked for.
+    pub retried_after_503: u64,
     /// When the cache was switched off and on again, in seconds from the start (if it was).
     pub cache_switched: Option<(f64, f64)>,
 }
@@ -265,6 +268,10 @@ impl Report {
             "presence        {} long polls, the teacher seen online in {}",
             d.presence_polls, d.presence_seen
         );
+        println!(
+            "retries         {} requests answered 503 with Retry-After (Redis unusable) and sent again, as a client should",
+            d.retried_after_503
+        );
         match d.cache_switched {
             Some((off, on)) => println!(
                 "switch          cache switched off at {off:.2} s and on at {on:.2} s under load (every read went to the database meanwhile)"
@@ -336,6 +343,7 @@ struct Tally {
     roll_submits_deferred: u64,
     presence_polls: u64,
     presence_seen: u64,
+    retried_after_503: u64,
     latencies_us: Vec<u32>,
     failures: Vec<String>,
     stale_seen: Vec<String>,
@@ -367,6 +375,7 @@ impl Tally {
         self.roll_submits_deferred += other.roll_submits_deferred;
         self.presence_polls += other.presence_polls;
         self.presence_seen += other.presence_seen;
+        self.retried_after_503 += other.retried_after_503;
         self.latencies_us.extend(other.latencies_us);
         for f in other.failures {
             if self.failures.len() < 5 {
@@ -399,6 +408,10 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// A request not answered within this counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request answered `503` with `Retry-After` is sent again before it counts as
+/// failed.
+const RETRY_BUDGET: Duration = Duration::from_secs(15);
 
 struct Shared {
     client: HttpClient,
@@ -450,17 +463,34 @@ impl Shared {
     ) -> Option<(StatusCode, HeaderMap, Bytes)> {
         let started = Instant::now();
         tally.requests += 1;
-        let base = &self.bases[self.next_base.fetch_add(1, Ordering::Relaxed) % self.bases.len()];
-        let result = exchange(
-            &self.client,
-            base,
-            method.clone(),
-            path,
-            user,
-            body,
-            idempotency_key,
-        )
-        .await;
+        let result = loop {
+            let base =
+                &self.bases[self.next_base.fetch_add(1, Ordering::Relaxed) % self.bases.len()];
+            let result = exchange(
+                &self.client,
+                base,
+                method.clone(),
+                path,
+                user,
+                body.clone(),
+                idempotency_key,
+            )
+            .await;
+            // A service failing closed while Redis is unusable asks to be called again later:
+            // a client does so (with the same Idempotency-Key), within a budget.
+            if let Ok((StatusCode::SERVICE_UNAVAILABLE, headers, _)) = &result
+                && let Some(pause) = headers
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                && started.elapsed() < RETRY_BUDGET
+            {
+                tally.retried_after_503 += 1;
+                tokio::time::sleep(Duration::from_secs(pause.clamp(1, 5))).await;
+                continue;
+            }
+            break result;
+        };
         let micros = started.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
         tally.latencies_us.push(micros);
         match result {
@@ -1269,6 +1299,7 @@ pub async fn run(addrs: &[SocketAddr], workload: Workload) -> Result<Report, Str
             roll_marks_applied: audit.roll_marks_applied,
             roll_submits: tally.roll_submits,
             roll_submits_deferred: tally.roll_submits_deferred,
+            retried_after_503: tally.retried_after_503,
             roll_sink_failures: delta("school_erp_roll_sink_failures_total"),
             roll_classes_unflushed: audit.roll_classes_unflushed,
             presence_polls: tally.presence_polls,

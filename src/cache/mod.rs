@@ -377,9 +377,10 @@ impl Cache {
 
     /// The in-process tier, if `key` is tiered and the tier may be used now: not while
     /// invalidations wait for the backend (their entries may be copied in L1, and no message
-    /// will come for them until they are applied).
+    /// will come for them until they are applied), nor during the recovery hold after an outage
+    /// (other instances' queued invalidations are on their way).
     fn tier_of(&self, key: &Key) -> Option<&Tier> {
-        if self.inner.store.has_pending() {
+        if self.inner.store.has_pending() || self.inner.store.is_recovering() {
             return None;
         }
         self.inner

@@ -2,9 +2,11 @@
 //!
 //! Closed: calls go to the backend; consecutive failures are counted. After `threshold` of them
 //! the breaker opens: calls skip the backend without waiting. After `cool_down` one call (the
-//! probe) is let through; its success closes the breaker, its failure opens it for another
-//! cool-down. The state is one atomic word, so that the closed path costs one load and every
-//! transition is a single compare-and-swap.
+//! probe) is let through; its failure opens the breaker for another cool-down. Its success
+//! closes the breaker, or, with a recovery hold, moves it to recovering: calls still skip the
+//! backend until the hold has passed, and then one more probe closes it. The state is one atomic
+//! word, so that the closed path costs one load and every transition is a single
+//! compare-and-swap.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +24,10 @@ pub enum BreakerState {
     Open,
     /// One probe call is testing the backend.
     HalfOpen,
+    /// The backend answers again after an outage, and calls still skip it until the recovery
+    /// hold has passed (see [`Config::recovery_hold`](crate::config::Config::recovery_hold)):
+    /// meanwhile the other instances apply the invalidations they queued.
+    Recovering,
 }
 
 impl fmt::Display for BreakerState {
@@ -30,6 +36,7 @@ impl fmt::Display for BreakerState {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
             BreakerState::HalfOpen => "half-open",
+            BreakerState::Recovering => "recovering",
         })
     }
 }
@@ -37,6 +44,7 @@ impl fmt::Display for BreakerState {
 const CLOSED: u64 = 0;
 const OPEN: u64 = 1;
 const HALF_OPEN: u64 = 2;
+const RECOVERING: u64 = 3;
 const STATE_BITS: u64 = 2;
 const STATE_MASK: u64 = 0b11;
 
@@ -46,7 +54,7 @@ pub(crate) enum Admit {
     /// Closed: call the backend.
     Call,
     /// The one probe of a half-open breaker; carries the breaker word it installed, so that only
-    /// this probe's outcome can move the breaker on.
+    /// this probe's outcome can move the breaker on. See [`Breaker::closes`].
     Probe(u64),
     /// Open: do not call the backend.
     Skip,
@@ -58,15 +66,19 @@ pub(crate) enum Transition {
     None,
     Opened,
     Closed,
+    /// A probe succeeded and the recovery hold began.
+    Recovering,
 }
 
 /// The whole state is one atomic word, changed only by compare-and-swap, so that no two
-/// transitions can interleave: `payload << 2 | state`, where the payload of an open breaker is
-/// the clock time (ms) after which a probe may go, and that of a half-open one is a probe
-/// number.
+/// transitions can interleave: `payload << 2 | state`, where the payload of an open or recovering
+/// breaker is the clock time (ms) after which a probe may go, and that of a half-open one is a
+/// probe number shifted left once, with the low bit set when the probe's success closes the
+/// breaker (no hold, or the hold has passed).
 pub(crate) struct Breaker {
     threshold: u32,
     cool_down_ms: u64,
+    hold_ms: u64,
     clock: Arc<dyn Clock>,
     failures: AtomicU32,
     word: AtomicU64,
@@ -81,13 +93,25 @@ fn open_until(ms: u64) -> u64 {
     (ms.min(u64::MAX >> STATE_BITS) << STATE_BITS) | OPEN
 }
 
+fn recovering_until(ms: u64) -> u64 {
+    (ms.min(u64::MAX >> STATE_BITS) << STATE_BITS) | RECOVERING
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX >> STATE_BITS)) as u64
+}
+
 impl Breaker {
-    pub(crate) fn new(threshold: u32, cool_down: Duration, clock: Arc<dyn Clock>) -> Breaker {
+    pub(crate) fn new(
+        threshold: u32,
+        cool_down: Duration,
+        hold: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Breaker {
         Breaker {
             threshold: threshold.max(1),
-            cool_down_ms: cool_down
-                .as_millis()
-                .min(u128::from(u64::MAX >> STATE_BITS)) as u64,
+            cool_down_ms: millis(cool_down),
+            hold_ms: millis(hold),
             clock,
             failures: AtomicU32::new(0),
             word: AtomicU64::new(CLOSED),
@@ -110,11 +134,37 @@ impl Breaker {
         Duration::from_millis(self.cool_down_ms)
     }
 
+    pub(crate) fn hold(&self) -> Duration {
+        Duration::from_millis(self.hold_ms)
+    }
+
     pub(crate) fn state(&self) -> BreakerState {
         match state_of(self.word.load(Ordering::Acquire)) {
             CLOSED => BreakerState::Closed,
             OPEN => BreakerState::Open,
-            _ => BreakerState::HalfOpen,
+            HALF_OPEN => BreakerState::HalfOpen,
+            _ => BreakerState::Recovering,
+        }
+    }
+
+    /// True once a probe found the backend answering after an outage and the breaker holds
+    /// calls back (recovering, or the probe that closes it is out): removals may go through.
+    pub(crate) fn past_outage(&self) -> bool {
+        let word = self.word.load(Ordering::Acquire);
+        match state_of(word) {
+            RECOVERING => true,
+            HALF_OPEN => self.hold_ms > 0 && (word >> STATE_BITS) & 1 == 1,
+            _ => false,
+        }
+    }
+
+    /// True when `admit` is a probe whose success closes the breaker; false for a probe whose
+    /// success begins the recovery hold (the caller then only checks that the backend answers,
+    /// and does not use it for the call).
+    pub(crate) fn closes(&self, admit: Admit) -> bool {
+        match admit {
+            Admit::Probe(word) => self.hold_ms == 0 || (word >> STATE_BITS) & 1 == 1,
+            _ => true,
         }
     }
 
@@ -134,25 +184,29 @@ impl Breaker {
     }
 
     /// Closed: call. Open past its cool-down (or at once, with `now`): this call becomes the one
-    /// probe, if it wins the compare-and-swap. Otherwise: skip.
+    /// probe, if it wins the compare-and-swap. Recovering past its hold: the probe that closes
+    /// (with `now` before that: a probe that begins the hold again). Otherwise: skip.
     fn admit_with(&self, now: bool) -> Admit {
         let word = self.word.load(Ordering::Acquire);
+        let due = || self.now_ms() >= word >> STATE_BITS;
         match state_of(word) {
             CLOSED => Admit::Call,
-            OPEN if now || self.now_ms() >= word >> STATE_BITS => {
-                let probe = self.probes.fetch_add(1, Ordering::Relaxed) & (u64::MAX >> STATE_BITS);
-                let half_open = (probe << STATE_BITS) | HALF_OPEN;
-                match self.word.compare_exchange(
-                    word,
-                    half_open,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => Admit::Probe(half_open),
-                    Err(_) => Admit::Skip,
-                }
-            }
+            OPEN if now || due() => self.start_probe(word, self.hold_ms == 0),
+            RECOVERING if due() => self.start_probe(word, true),
+            RECOVERING if now => self.start_probe(word, false),
             _ => Admit::Skip,
+        }
+    }
+
+    fn start_probe(&self, word: u64, closes: bool) -> Admit {
+        let probe = self.probes.fetch_add(1, Ordering::Relaxed) & (u64::MAX >> (STATE_BITS + 1));
+        let half_open = (((probe << 1) | u64::from(closes)) << STATE_BITS) | HALF_OPEN;
+        match self
+            .word
+            .compare_exchange(word, half_open, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Admit::Probe(half_open),
+            Err(_) => Admit::Skip,
         }
     }
 
@@ -160,13 +214,24 @@ impl Breaker {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
         }
-        if let Admit::Probe(word) = admit
-            && self
+        if let Admit::Probe(word) = admit {
+            let closes = self.closes(admit);
+            let next = if closes {
+                CLOSED
+            } else {
+                recovering_until(self.now_ms().saturating_add(self.hold_ms))
+            };
+            if self
                 .word
-                .compare_exchange(word, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(word, next, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
-        {
-            return Transition::Closed;
+            {
+                return if closes {
+                    Transition::Closed
+                } else {
+                    Transition::Recovering
+                };
+            }
         }
         Transition::None
     }
@@ -205,12 +270,15 @@ impl Breaker {
     /// on work that must finish before the breaker closes): the next call probes at once.
     pub(crate) fn on_abandoned(&self, admit: Admit) {
         if let Admit::Probe(word) = admit {
-            let _ = self.word.compare_exchange(
-                word,
-                open_until(self.now_ms()),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            // A closing probe leaves the hold passed; an opening one leaves the breaker open.
+            let next = if self.hold_ms > 0 && self.closes(admit) {
+                recovering_until(self.now_ms())
+            } else {
+                open_until(self.now_ms())
+            };
+            let _ = self
+                .word
+                .compare_exchange(word, next, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
@@ -245,6 +313,7 @@ impl fmt::Debug for Breaker {
             .field("failures", &self.consecutive_failures())
             .field("threshold", &self.threshold)
             .field("cool_down_ms", &self.cool_down_ms)
+            .field("hold_ms", &self.hold_ms)
             .finish()
     }
 }
@@ -255,7 +324,12 @@ mod tests {
     use crate::clock::FakeClock;
 
     fn breaker(clock: &FakeClock) -> Breaker {
-        Breaker::new(3, Duration::from_secs(1), Arc::new(clock.clone()))
+        Breaker::new(
+            3,
+            Duration::from_secs(1),
+            Duration::ZERO,
+            Arc::new(clock.clone()),
+        )
     }
 
     #[test]
@@ -380,6 +454,7 @@ mod tests {
         let b = Arc::new(Breaker::new(
             3,
             Duration::from_millis(1),
+            Duration::from_millis(2),
             Arc::new(clock.clone()),
         ));
         let probes_out = Arc::new(AtomicUsize::new(0));
@@ -431,5 +506,69 @@ mod tests {
             }
         }
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn with_a_hold_the_first_probe_only_begins_it_and_a_later_one_closes() {
+        let clock = FakeClock::new();
+        let b = Breaker::new(
+            3,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+            Arc::new(clock.clone()),
+        );
+        for _ in 0..3 {
+            b.on_failure(Admit::Call);
+        }
+        clock.advance(Duration::from_secs(1));
+        let probe = b.admit();
+        assert!(matches!(probe, Admit::Probe(_)));
+        assert!(!b.closes(probe), "the first probe only checks the backend");
+        assert_eq!(b.on_success(probe), Transition::Recovering);
+        assert_eq!(b.state(), BreakerState::Recovering);
+        clock.advance(Duration::from_millis(499));
+        assert_eq!(
+            b.admit(),
+            Admit::Skip,
+            "calls skip the backend during the hold"
+        );
+        // Work that found the backend answering (queued invalidations) begins the hold again.
+        let replay = b.probe_now();
+        assert!(matches!(replay, Admit::Probe(_)) && !b.closes(replay));
+        assert_eq!(b.on_success(replay), Transition::Recovering);
+        clock.advance(Duration::from_millis(499));
+        assert_eq!(b.admit(), Admit::Skip);
+        clock.advance(Duration::from_millis(1));
+        let closing = b.admit();
+        assert!(b.closes(closing));
+        assert_eq!(b.on_success(closing), Transition::Closed);
+        assert_eq!(b.admit(), Admit::Call);
+    }
+
+    #[test]
+    fn a_failure_during_the_hold_reopens_for_a_cool_down() {
+        let clock = FakeClock::new();
+        let b = Breaker::new(
+            3,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+            Arc::new(clock.clone()),
+        );
+        assert!(b.trip());
+        clock.advance(Duration::from_secs(1));
+        let probe = b.admit();
+        assert_eq!(b.on_success(probe), Transition::Recovering);
+        assert!(
+            b.trip(),
+            "a lost connection during the hold opens the breaker"
+        );
+        assert_eq!(b.state(), BreakerState::Open);
+        clock.advance(Duration::from_millis(600));
+        assert_eq!(b.admit(), Admit::Skip);
+        clock.advance(Duration::from_millis(400));
+        let probe = b.admit();
+        assert!(!b.closes(probe));
+        b.on_failure(probe);
+        assert_eq!(b.state(), BreakerState::Open);
     }
 }

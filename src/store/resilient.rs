@@ -63,7 +63,10 @@ const MAX_PENDING: usize = 100_000;
 const REPLAY_CHUNK: usize = 1_000;
 
 /// First and longest wait of the background replay between two attempts.
-const REPLAY_BACKOFF: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
+/// The longest is well inside the default recovery hold: every instance's queue is applied before
+/// the other instances read the backend again.
+const REPLAY_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(20), Duration::from_millis(100));
 
 /// Deletes and tag invalidations that could not reach the backend, waiting for it. Each entry
 /// carries the generation it was queued at, so that a replay only clears what it applied: an
@@ -366,6 +369,7 @@ impl Store {
                 breaker: Breaker::new(
                     config.get_failure_threshold(),
                     config.get_cool_down(),
+                    config.get_recovery_hold(),
                     clock.clone(),
                 ),
                 counters: Counters::default(),
@@ -710,7 +714,7 @@ impl Store {
             None => 0,
         };
         match self
-            .attempt("UNLINK", self.inner.primary.delete_many(keys))
+            .attempt_removal("UNLINK", self.inner.primary.delete_many(keys))
             .await
         {
             Outcome::Done(n) => Ok((n.max(from_fallback), false)),
@@ -738,7 +742,7 @@ impl Store {
         let mut cursor = TagCursor::start();
         loop {
             let chunk: TagChunk = match self
-                .attempt("tag members", primary.tag_members(tag, &cursor, TAG_CHUNK))
+                .attempt_removal("tag members", primary.tag_members(tag, &cursor, TAG_CHUNK))
                 .await
             {
                 Outcome::Done(chunk) => chunk,
@@ -753,13 +757,16 @@ impl Store {
             }
             if !chunk.members.is_empty() {
                 let keys: Vec<Key> = chunk.members.iter().map(|m| m.key.clone()).collect();
-                match self.attempt("UNLINK", primary.delete_many(&keys)).await {
+                match self
+                    .attempt_removal("UNLINK", primary.delete_many(&keys))
+                    .await
+                {
                     Outcome::Done(n) => removed += n,
                     Outcome::Refused(e) => return Err(e),
                     Outcome::Unusable => break,
                 }
                 match self
-                    .attempt("tag forget", primary.tag_forget(tag, &chunk.members))
+                    .attempt_removal("tag forget", primary.tag_forget(tag, &chunk.members))
                     .await
                 {
                     Outcome::Done(_) => {}
@@ -886,7 +893,7 @@ impl Store {
     pub async fn release_lease_at(&self, key: &Key, token: u64, source: Source) -> Result<bool> {
         match source {
             Source::Primary => match self
-                .attempt(
+                .attempt_removal(
                     "release lease",
                     self.inner.primary.release_lease(key, token),
                 )
@@ -1010,7 +1017,7 @@ impl Store {
     pub async fn release_leases_at(&self, leases: &[(Key, u64)], source: Source) -> Result<u64> {
         match source {
             Source::Primary => match self
-                .attempt("release leases", self.inner.primary.release_leases(leases))
+                .attempt_removal("release leases", self.inner.primary.release_leases(leases))
                 .await
             {
                 Outcome::Done(released) => Ok(released),
@@ -1198,6 +1205,26 @@ impl Store {
         op: &'static str,
         call: impl Future<Output = Result<T>>,
     ) -> Outcome<T> {
+        self.attempt_with(op, call, false).await
+    }
+
+    /// [`attempt`](Store::attempt) for the parts of an invalidation (and the release of this
+    /// process's leases): they go through during the recovery hold too, since they only remove
+    /// entries, and the hold is there for them to land.
+    async fn attempt_removal<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Outcome<T> {
+        self.attempt_with(op, call, true).await
+    }
+
+    async fn attempt_with<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T>>,
+        during_hold: bool,
+    ) -> Outcome<T> {
         let inner = &*self.inner;
         if !inner.remote {
             return match call.await {
@@ -1205,7 +1232,10 @@ impl Store {
                 Err(e) => Outcome::Refused(e),
             };
         }
-        let admit = inner.breaker.admit();
+        let admit = match inner.breaker.admit() {
+            Admit::Skip if during_hold && inner.breaker.past_outage() => Admit::Call,
+            admit => admit,
+        };
         if admit == Admit::Skip {
             inner
                 .counters
@@ -1242,6 +1272,26 @@ impl Store {
                 }
             }
         }
+        if !inner.breaker.closes(admit) {
+            // The probe that ends an outage only checks that the backend answers: the call
+            // skips it until the recovery hold has passed.
+            let answered = tokio::time::timeout(inner.op_timeout, inner.primary.ping()).await;
+            guard.finished = true;
+            match answered {
+                Ok(Ok(())) => self.succeeded(admit),
+                Ok(Err(e)) => self.failed("PING", admit, e),
+                Err(_) => {
+                    inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                    let e = Error::new(
+                        ErrorKind::Timeout,
+                        format!("Redis did not answer PING within {:?}", inner.op_timeout),
+                    );
+                    self.failed("PING", admit, e);
+                }
+            }
+            inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return Outcome::Unusable;
+        }
         let result = tokio::time::timeout(inner.op_timeout, call).await;
         guard.finished = true;
         match result {
@@ -1273,23 +1323,49 @@ impl Store {
     }
 
     fn succeeded(&self, admit: Admit) {
-        if self.inner.breaker.on_success(admit) == Transition::Closed {
-            crate::telemetry::breaker_open(false);
-            if let Some(f) = &self.inner.fallback {
-                f.clear();
+        match self.inner.breaker.on_success(admit) {
+            Transition::Closed => {
+                crate::telemetry::breaker_open(false);
+                if let Some(f) = &self.inner.fallback {
+                    f.clear();
+                }
+                tracing::info!(
+                    backend = %self.inner.primary.kind(),
+                    "backend answers again: circuit closed, fallback emptied"
+                );
             }
-            tracing::info!(
+            Transition::Recovering => tracing::info!(
                 backend = %self.inner.primary.kind(),
-                "backend answers again: circuit closed, fallback emptied"
-            );
+                hold = ?self.inner.breaker.hold(),
+                "backend answers again: calls use it after the recovery hold, once the other \
+                 instances have applied the invalidations they queued"
+            ),
+            _ => {}
         }
+    }
+
+    /// True while the breaker holds calls back after an outage (see
+    /// [`Config::recovery_hold`](crate::config::Config::recovery_hold)).
+    pub(crate) fn is_recovering(&self) -> bool {
+        self.inner.breaker.state() == BreakerState::Recovering
     }
 
     fn failed(&self, op: &'static str, admit: Admit, error: Error) {
         let inner = &*self.inner;
         inner.counters.errors.fetch_add(1, Ordering::Relaxed);
         inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-        if inner.breaker.on_failure(admit) == Transition::Opened {
+        let mut transition = inner.breaker.on_failure(admit);
+        // A lost connection: Redis restarted or the network failed, and whatever other
+        // instances wrote meanwhile is unknown here. With a recovery hold, that is an outage.
+        if transition == Transition::None
+            && admit == Admit::Call
+            && error.kind() == ErrorKind::Connection
+            && inner.breaker.hold() > Duration::ZERO
+            && inner.breaker.trip()
+        {
+            transition = Transition::Opened;
+        }
+        if transition == Transition::Opened {
             crate::telemetry::breaker_open(true);
             if let Some(f) = &inner.fallback {
                 f.clear();

@@ -430,9 +430,15 @@ async fn the_fallback_answers_only_while_the_breaker_is_open() {
     let _serial = SERIAL.lock().await;
     let server = RedisServer::start();
     let proxy = Proxy::start(server.port()).await;
-    let cache = Cache::new(config_at(proxy.port()).failure_threshold(1_000))
-        .await
-        .unwrap();
+    // Without a recovery hold a lost connection is one failure among others, counted towards
+    // the threshold (with it, the breaker opens at once: `a_lost_connection_opens_the_breaker`).
+    let cache = Cache::new(
+        config_at(proxy.port())
+            .failure_threshold(1_000)
+            .recovery_hold(Duration::ZERO),
+    )
+    .await
+    .unwrap();
     cache.set(&key(1), &1, MINUTE).await.unwrap();
     proxy.set(Mode::Cut);
     // Fails with the breaker closed: dropped, not written to the fallback.
@@ -503,6 +509,77 @@ async fn fallback_entries_carry_their_tags() {
     server.thaw();
 }
 
+/// A lost connection opens the breaker at once (the instance cannot know what other instances
+/// wrote while it was cut off), and when Redis answers again the recovery hold keeps calls off
+/// it: the probe only checks it, calls are answered by the fallback until the hold has passed,
+/// and only then does the next call read Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_opens_the_breaker_and_the_hold_keeps_calls_off_redis() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let hold = Duration::from_millis(400);
+    let cache = Cache::new(
+        config_at(proxy.port())
+            .failure_threshold(1_000)
+            .cool_down(Duration::from_millis(100))
+            .recovery_hold(hold),
+    )
+    .await
+    .unwrap();
+    cache.set(&key(1), &1, MINUTE).await.unwrap();
+    proxy.set(Mode::Cut);
+    let _ = cache.store().get_with_source(&key(1)).await.unwrap();
+    assert_eq!(
+        cache.stats().breaker,
+        BreakerState::Open,
+        "one lost connection opens it, whatever the threshold"
+    );
+    proxy.set(Mode::Pass);
+    // The probe after the cool-down finds Redis answering: the hold begins.
+    let started = Instant::now();
+    // Taken before the call whose probe began the hold: no later than its start.
+    let mut holding = Instant::now();
+    while cache.stats().breaker != BreakerState::Recovering {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the breaker never began its hold: {:?}",
+            cache.stats().breaker
+        );
+        holding = Instant::now();
+        let (_, source) = cache.store().get_with_source(&key(1)).await.unwrap();
+        assert_ne!(
+            source,
+            Source::Primary,
+            "no call reads Redis before the hold"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut held_reads = 0;
+    let closed_after = loop {
+        let (value, source) = cache.store().get_with_source(&key(1)).await.unwrap();
+        if source == Source::Primary {
+            assert!(value.is_some());
+            break holding.elapsed();
+        }
+        held_reads += 1;
+        assert!(
+            holding.elapsed() < Duration::from_secs(5),
+            "the hold never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "lost connection: {held_reads} reads held back, Redis read again {closed_after:?} into the hold"
+    );
+    assert!(held_reads > 0);
+    assert!(
+        closed_after >= hold,
+        "Redis was read {closed_after:?} into a hold of {hold:?}"
+    );
+    assert_eq!(cache.stats().breaker, BreakerState::Closed);
+}
+
 /// An invalidation that could not reach Redis is applied in the background as soon as Redis
 /// answers: no request has to come by, and the breaker's cool-down (a minute here) is not
 /// waited out.
@@ -540,11 +617,19 @@ async fn deferred_invalidations_are_applied_as_soon_as_redis_answers() {
     assert_eq!(cache.stats().pending_invalidations, 0);
     assert_eq!(
         cache.stats().breaker,
-        BreakerState::Closed,
-        "the replay closed the breaker without waiting for the cool-down"
+        BreakerState::Recovering,
+        "the replay ended the outage without waiting for the cool-down; the recovery hold runs"
     );
     eprintln!("deferred invalidation applied {applied:?} after Redis answered again");
     assert!(applied < Duration::from_secs(5), "{applied:?}");
+    // After the hold, the next call closes the breaker and reads Redis.
+    tokio::time::sleep(speedlayer::config::DEFAULT_RECOVERY_HOLD + Duration::from_millis(50)).await;
+    cache.set(&key(2), &2, MINUTE).await.unwrap();
+    assert_eq!(cache.stats().breaker, BreakerState::Closed);
+    assert_eq!(
+        cache.store().get_with_source(&key(2)).await.unwrap().1,
+        Source::Primary
+    );
 }
 
 /// A capability written outside the store (here, in this test) runs its own script and memory

@@ -6,6 +6,7 @@
 mod support;
 
 mod outbox;
+mod recovery;
 mod tier;
 
 use std::time::{Duration, Instant};

@@ -813,6 +813,24 @@ impl Node {
                     get("unavailable")
                 ))
             }
+            "watch" => {
+                // Reads the key for a while; counts the reads that answered `old`.
+                let k = key(0)?;
+                let old = arg(args, 1)?;
+                let limit = Duration::from_millis(arg(args, 2)?);
+                let started = std::time::Instant::now();
+                let (mut reads, mut olds, mut values) = (0u64, 0u64, 0u64);
+                while started.elapsed() < limit {
+                    match self.cache.get::<u64>(&k).await {
+                        Some(v) if v == old => olds += 1,
+                        Some(_) => values += 1,
+                        None => {}
+                    }
+                    reads += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Ok(format!("reads {reads} old {olds} other {values}"))
+            }
             "tier-warm" => {
                 let k = key(0)?;
                 let deadline = std::time::Instant::now() + Duration::from_secs(2);

@@ -21,6 +21,8 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     stopped: bool,
+    /// Keeps an append-only file written on every command: a restart gives back what it held.
+    persistent: bool,
 }
 
 fn binary() -> String {
@@ -48,14 +50,21 @@ impl RedisServer {
     /// Starts a server that also listens with TLS, on [`tls_port`](Self::tls_port), with a
     /// certificate for `127.0.0.1` signed by a fresh CA ([`ca_file`](Self::ca_file)).
     pub fn start_tls() -> RedisServer {
-        RedisServer::start_inner(None, true)
+        RedisServer::start_inner(None, true, false)
     }
 
     fn start_with(password: Option<String>) -> RedisServer {
-        RedisServer::start_inner(password, false)
+        RedisServer::start_inner(password, false, false)
     }
 
-    fn start_inner(password: Option<String>, tls: bool) -> RedisServer {
+    /// Starts a server that writes every command to its append-only file before answering
+    /// (`appendfsync always`): killed and [restarted](Self::restart), it comes back with every
+    /// key it acknowledged, as a production Redis with persistence does.
+    pub fn start_persistent() -> RedisServer {
+        RedisServer::start_inner(None, false, true)
+    }
+
+    fn start_inner(password: Option<String>, tls: bool, persistent: bool) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "speedlayer-redis-{}-{}",
             std::process::id(),
@@ -75,6 +84,7 @@ impl RedisServer {
                 dir: dir.clone(),
                 child: None,
                 stopped: false,
+                persistent,
             };
             match server.spawn() {
                 Ok(()) => return server,
@@ -92,9 +102,15 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<(), String> {
         let log_path = self.dir.join("redis.log");
         let mut cmd = Command::new(binary());
+        let aof: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         cmd.arg("--port")
             .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(aof)
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -263,7 +279,8 @@ impl RedisServer {
         self.stopped = false;
     }
 
-    /// Starts the server again on the same port (empty: nothing is persisted).
+    /// Starts the server again on the same port: empty, or, for a
+    /// [persistent](Self::start_persistent) server, with what it held.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
