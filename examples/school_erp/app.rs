@@ -99,6 +99,10 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub server_errors: Counter,
     pub invalidation_failures: Counter,
+    /// Writes whose invalidation Redis could not take at once: they waited for it to be applied.
+    pub invalidations_waited: Counter,
+    /// Of those, the writes that answered before it was applied (after the 3 s bound).
+    pub invalidations_unsettled: Counter,
     /// Approvals that found the request's lock held by another admin (answered 409).
     pub lock_contention: Counter,
     /// Approvals refused because the lock could not be taken (Redis unusable: 503).
@@ -137,6 +141,14 @@ impl Default for Metrics {
             server_errors: Counter("school_erp_server_errors_total", AtomicU64::new(0)),
             invalidation_failures: Counter(
                 "school_erp_invalidation_failures_total",
+                AtomicU64::new(0),
+            ),
+            invalidations_waited: Counter(
+                "school_erp_invalidations_waited_total",
+                AtomicU64::new(0),
+            ),
+            invalidations_unsettled: Counter(
+                "school_erp_invalidations_unsettled_total",
                 AtomicU64::new(0),
             ),
             lock_contention: Counter("school_erp_lock_contention_total", AtomicU64::new(0)),
@@ -230,7 +242,10 @@ impl AppState {
             )
             // With Redis unusable, the in-memory insurance limiter applies the same quota.
             .on_outage(Outage::Insurance);
-        let scratch = Scratch::new(&cache);
+        // A flusher's claim outlives its process or its connection by this much: the sink
+        // writes one small transaction, so a few seconds are plenty, and a flush cut off by a
+        // Redis restart is taken over soon after.
+        let scratch = Scratch::new(&cache).claim_ttl(Ttl::seconds(3));
         AppState {
             db,
             sessions: Sessions::new(&cache, Ttl::minutes(15)),
@@ -239,7 +254,9 @@ impl AppState {
             scratch,
             roll_sink_fail_every: AtomicU64::new(0),
             marked_classes: std::sync::Mutex::new(std::collections::BTreeSet::new()),
-            idempotency: Idempotency::new(&cache),
+            // A payment takes milliseconds: an in-progress record whose run was cut off (its
+            // reply lost to a Redis restart) is retried after 5 s rather than a minute.
+            idempotency: Idempotency::new(&cache).lease(Ttl::seconds(5)),
             locks: Locks::new(&cache),
             counters: Counters::new(&cache),
             limiter: RateLimiter::new(&cache),
@@ -832,11 +849,39 @@ async fn update_student(
 /// index another client overwrote) is logged for the operators rather than turned into an error
 /// a client would retry, writing twice.
 async fn invalidate<E: Invalidates>(state: &AppState, event: &E) {
-    if let Err(e) = state.cache.invalidate(event).await {
-        tracing::error!(error = %e, "invalidation after a committed write failed");
+    match state.cache.invalidate(event).await {
+        Ok(report) if report.deferred => settle(state).await,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "invalidation after a committed write failed");
+            state
+                .metrics
+                .invalidation_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A write whose invalidation Redis could not take answers once it is applied (up to 3 s): this
+/// process never serves the old value meanwhile, but another instance could until it notices the
+/// outage (its invalidation channel closing, at once when Redis stops), so the client is told
+/// the write is done only when every instance would see it.
+async fn settle(state: &AppState) {
+    state
+        .metrics
+        .invalidations_waited
+        .fetch_add(1, Ordering::Relaxed);
+    if !state
+        .cache
+        .flush_invalidations(Duration::from_secs(3))
+        .await
+    {
+        tracing::warn!(
+            "a write answers before its invalidation was applied (Redis still unusable)"
+        );
         state
             .metrics
-            .invalidation_failures
+            .invalidations_unsettled
             .fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -1049,11 +1094,15 @@ async fn read_notifications(
         .await
         .map_err(|e| db_error(&e))?;
     let key = badge_key(state.cache.namespace(), &caller.user_id)?;
-    if state.cache.store().invalidate(&[key], &[]).await.is_err() {
-        state
-            .metrics
-            .invalidation_failures
-            .fetch_add(1, Ordering::Relaxed);
+    match state.cache.store().invalidate(&[key], &[]).await {
+        Ok(done) if done.deferred => settle(&state).await,
+        Ok(_) => {}
+        Err(_) => {
+            state
+                .metrics
+                .invalidation_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
     Ok(Json(Badge { unread: 0 }))
 }
@@ -1360,7 +1409,10 @@ impl AppState {
         let mut left = 0;
         for class_id in classes {
             let mut done = false;
-            for _ in 0..20 {
+            // Busy: another flusher's claim, possibly one a Redis restart cut off, which lasts
+            // 3 s at most.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
                 match self.flush_roll(class_id).await {
                     Ok(flushed) if !flushed.busy => {
                         done = true;

@@ -219,6 +219,13 @@ async fn run(args: Args) -> Result<i32, String> {
         config.local_tier(app::local_tier(&speedlayer::Namespace::root()))
     };
     let cache = Cache::new(config).await.map_err(|e| e.to_string())?;
+    // With in-process tiers (on Redis only), another instance may show a write's old value for
+    // the tier's stated lag after it returned.
+    let tier_lag = if cache.tier_stats().is_some() {
+        workload::TIER_LAG
+    } else {
+        Duration::ZERO
+    };
     let backend = cache.stats().backend.to_string();
     let database = db.kind().name();
     println!(
@@ -267,6 +274,7 @@ async fn run(args: Args) -> Result<i32, String> {
     let mut workload = args.workload;
     workload.students = size.students;
     workload.teachers = size.teachers;
+    workload.tier_lag = tier_lag;
     println!(
         "running {} requests ({} virtual users, at most {:.0} s) against http://{}",
         workload.requests,

@@ -215,7 +215,10 @@ fn report_incomplete(stored: crate::error::Result<bool>) {
     match stored {
         Ok(true) => {}
         Ok(false) => {
-            tracing::warn!("the response was not stored for replays: a retry may run again")
+            tracing::warn!(
+                "the response was not stored for replays now: it is stored when Redis takes it, \
+                 within the lease (retries get 409 until then)"
+            )
         }
         Err(e) => tracing::warn!(error = %e, "the response could not be stored for replays"),
     }

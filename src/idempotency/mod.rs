@@ -22,6 +22,9 @@
 //! - Redis unusable: each route chooses ([`OnOutage`]) between running without the guarantee
 //!   (logged and counted) and refusing with `503` and `Retry-After`. The memory fallback never
 //!   answers: a record only one process can see guards nothing.
+//! - Redis unusable when a run completes: the response is kept in memory and stored as soon as
+//!   Redis takes it, within the lease ([`Pending::complete`]); retries get `409` until then, and
+//!   the replay after.
 //!
 //! [`Idempotency`] is the framework-free API; [`layer`] (feature `axum`) is a tower layer.
 //!
@@ -426,6 +429,7 @@ impl Idempotency {
                     in_progress,
                     key: key.clone(),
                     fingerprint: fingerprint.clone(),
+                    lease_ends: tokio::time::Instant::now() + self.lease.as_duration(),
                 }));
             }
             Began::Found(found) => found,
@@ -495,13 +499,27 @@ pub struct Pending {
     in_progress: Bytes,
     key: IdempotencyKey,
     fingerprint: Fingerprint,
+    /// When the in-progress record's lease ends (at the latest).
+    lease_ends: tokio::time::Instant,
 }
+
+/// First and longest pause between two attempts to store a response the backend could not take.
+const STORE_LATER_BACKOFF: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(50),
+    std::time::Duration::from_millis(500),
+);
 
 impl Pending {
     /// Stores `response` for replays (its body only up to the configured maximum). `Ok(true)`
-    /// when stored; `Ok(false)` (logged and counted in [`IdempotencyStats::incomplete`]) when
-    /// another run had started after this one outlived its lease, or the backend was unusable
-    /// (retries are refused with 409 until the lease ends, then run).
+    /// when stored. `Ok(false)` when it is not stored now:
+    ///
+    /// - another run had started after this one outlived its lease (logged, counted in
+    ///   [`IdempotencyStats::incomplete`]);
+    /// - the backend is unusable: the response is kept in memory and stored in the background
+    ///   as soon as the backend takes it, until the lease ends (retries meanwhile get 409, then
+    ///   the replay). Only if the lease ends first is it lost (logged, counted): a retry then
+    ///   runs again, which is why a handler with side effects also keeps its own record of the
+    ///   key (a unique constraint in its database).
     pub async fn complete(self, response: &StoredResponse) -> Result<bool> {
         let omit = response.body.len() > self.idempotency.max_body;
         let (body, body_base64) = if omit {
@@ -555,16 +573,55 @@ impl Pending {
             _ => {
                 tracing::warn!(
                     key = %self.record_key,
-                    "the response could not be stored (the backend is unusable): retries are \
-                     refused with 409 until the lease ends, then run again"
+                    "the response could not be stored now (the backend is unusable): it is \
+                     stored when the backend takes it, within the lease; retries get 409 until then"
                 );
-                self.idempotency
-                    .counters
-                    .incomplete
-                    .fetch_add(1, Ordering::Relaxed);
+                self.store_later(completed);
                 Ok(false)
             }
         }
+    }
+
+    /// Keeps trying to store `completed` in the background until the lease ends.
+    fn store_later(self, completed: Bytes) {
+        tokio::spawn(async move {
+            let mut pause = STORE_LATER_BACKOFF.0;
+            loop {
+                if tokio::time::Instant::now() + pause >= self.lease_ends {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(STORE_LATER_BACKOFF.1);
+                let op = CompleteOp {
+                    key: &self.record_key,
+                    in_progress: &self.in_progress,
+                    completed: &completed,
+                    retention: self.idempotency.retention,
+                };
+                match self
+                    .idempotency
+                    .store
+                    .run(&op, OutageRule::FailClosed)
+                    .await
+                {
+                    Ok(Answered::Backend(true)) => {
+                        tracing::info!(key = %self.record_key, "the response was stored late, for replays");
+                        return;
+                    }
+                    // The lease ended and the record went, or another run started.
+                    Ok(Answered::Backend(false)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            tracing::warn!(
+                key = %self.record_key,
+                "the response could not be stored within the lease: a retry runs again"
+            );
+            self.idempotency
+                .counters
+                .incomplete
+                .fetch_add(1, Ordering::Relaxed);
+        });
     }
 
     /// The record key (for logs).

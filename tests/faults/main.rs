@@ -580,6 +580,61 @@ async fn a_lost_connection_opens_the_breaker_and_the_hold_keeps_calls_off_redis(
     assert_eq!(cache.stats().breaker, BreakerState::Closed);
 }
 
+/// A run that completes while Redis is unusable keeps its response and stores it as soon as
+/// Redis takes it (within the lease): a retry then gets the replay instead of running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_response_is_stored_once_redis_is_back() {
+    use speedlayer::idempotency::{
+        Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse,
+    };
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let cache = Cache::new(
+        config_at(proxy.port())
+            .cool_down(Duration::from_millis(100))
+            .recovery_hold(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    let idem = Idempotency::new(&cache).lease(Ttl::seconds(10));
+    let route = speedlayer::key::Ident::from_static("payments");
+    let key = IdempotencyKey::parse("order-1").unwrap();
+    let print = Fingerprint::of("POST", "/payments", b"{}");
+    let Begin::Run(pending) = idem.begin(&route, "client", &key, &print).await.unwrap() else {
+        panic!("the first request runs");
+    };
+    proxy.set(Mode::Cut);
+    let stored = pending
+        .complete(&StoredResponse::new(201, "paid"))
+        .await
+        .unwrap();
+    assert!(!stored, "Redis is cut off: not stored now");
+    proxy.set(Mode::Pass);
+    let started = Instant::now();
+    loop {
+        match idem.begin(&route, "client", &key, &print).await {
+            Ok(Begin::Replay(response)) => {
+                assert_eq!(response.status, 201);
+                assert_eq!(response.body.as_ref(), b"paid");
+                break;
+            }
+            Ok(Begin::Run(_)) => panic!("a retry ran again"),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the response was never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "response stored {:?} after Redis was back",
+        started.elapsed()
+    );
+    assert_eq!(idem.stats().incomplete, 0);
+}
+
 /// An invalidation that could not reach Redis is applied in the background as soon as Redis
 /// answers: no request has to come by, and the breaker's cool-down (a minute here) is not
 /// waited out.
