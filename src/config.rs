@@ -395,9 +395,13 @@ impl fmt::Debug for RedisConfig {
 pub enum Fallback {
     /// An in-process memory layer: reads and writes go there until Redis is back. Its entries
     /// live at most [`Config::fallback_max_ttl`], and it is emptied whenever the breaker opens
-    /// or closes, so it never serves entries from before an outage.
+    /// or closes, so it never serves entries from before an outage. Other instances'
+    /// invalidations cannot reach it: in a fleet, an entry it holds can be served after another
+    /// instance changed the data (up to `fallback_max_ttl`).
     Memory,
-    /// Nothing: reads miss (straight to the loader), writes are dropped.
+    /// Nothing: reads miss (straight to the loader), writes are dropped. For a fleet whose reads
+    /// must never show what another instance changed, at the price of loader calls during an
+    /// outage.
     None,
 }
 

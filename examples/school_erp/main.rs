@@ -7,6 +7,7 @@
 //! DATABASE_URL=postgres://user:pass@127.0.0.1/erp cargo run --release --features axum --example school_erp
 //! cargo run --release --features axum --example school_erp -- --serve  # keep serving on 127.0.0.1:3000
 //! cargo run --release --features axum --example school_erp -- --requests 100000 --duration 60
+//! cargo run --release --features axum --example school_erp -- --instances 3 --restart-redis
 //! ```
 //!
 //! The workload run prints a readable report and, last, one JSON line. It exits 0 when every
