@@ -175,6 +175,27 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
             started.elapsed()
         },
     );
+    // The noise floor of the pair above: the raw read against itself, measured the same way.
+    let raw_read = || {
+        let started = Instant::now();
+        rt.block_on(async {
+            for _ in 0..2_000 {
+                let mut conn = raw.clone();
+                let bytes: Vec<u8> = conn.get(pick().as_str()).await.expect("GET");
+                serde_json::from_slice::<Dashboard>(&bytes).expect("decodes");
+            }
+        });
+        started.elapsed()
+    };
+    if crate::any_selected(&["tiered/l2_hit", "tiered/raw_redis_json"]) {
+        let ratio = crate::report::paired(21, raw_read, raw_read);
+        crate::report::remember_paired(
+            "tiered/raw_redis_json vs itself (the pair's noise floor)",
+            "time",
+            "~1.00",
+            ratio,
+        );
+    }
     let l1_stats = l1.tier_stats().expect("a tier");
     let l2_stats = l2.tier_stats().expect("a tier");
     let line = format!(
