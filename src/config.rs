@@ -581,9 +581,13 @@ impl Config {
     /// read it at once could serve what another instance's write replaced. With the hold, the
     /// probe that finds Redis answering only checks it (`PING`); calls keep skipping Redis (the
     /// fallback or the loader answers) until the hold has passed, and then a second probe
-    /// closes the breaker. A lost connection (Redis restarted, the network failed) opens the
-    /// breaker at once, without waiting for the failure threshold, because the instance cannot
-    /// know what was written meanwhile.
+    /// closes the breaker; deletes and invalidations go through during the hold. A call that
+    /// fails on a lost connection (Redis restarted, the network failed) opens the breaker at
+    /// once, without waiting for the failure threshold, because the instance cannot know what
+    /// was written meanwhile; an instance that made no call during the outage learns of it from
+    /// its first call after, which fails on the dropped connection. (A data connection set to
+    /// RESP3 in the URL is reconnected by redis-rs without an error, so an idle instance on it
+    /// gets no hold.)
     ///
     /// The hold is a bound in time: it assumes every instance's background replay gets to run
     /// within it. It covers instances that are alive; an instance that dies with queued

@@ -17,6 +17,7 @@ use crate::clock::Clock;
 
 /// The state of a circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum BreakerState {
     /// Calls go to the backend.
     Closed,
@@ -147,14 +148,18 @@ impl Breaker {
         }
     }
 
-    /// True once a probe found the backend answering after an outage and the breaker holds
-    /// calls back (recovering, or the probe that closes it is out): removals may go through.
-    pub(crate) fn past_outage(&self) -> bool {
+    /// What the breaker allows for a removal (a delete, a tag invalidation, a lease release),
+    /// decided from one reading of the state. Closed: call. With a recovery hold, recovering or
+    /// probing: call too (a removal is always safe to send, the hold is there for removals to
+    /// land, and one sent to a backend that is still down fails like any call). Open: skip,
+    /// without becoming the probe: the caller queues the removal, and the background replay
+    /// probes.
+    pub(crate) fn admit_removal(&self) -> Admit {
         let word = self.word.load(Ordering::Acquire);
         match state_of(word) {
-            RECOVERING => true,
-            HALF_OPEN => self.hold_ms > 0 && (word >> STATE_BITS) & 1 == 1,
-            _ => false,
+            CLOSED => Admit::Call,
+            RECOVERING | HALF_OPEN if self.hold_ms > 0 => Admit::Call,
+            _ => Admit::Skip,
         }
     }
 
@@ -570,5 +575,28 @@ mod tests {
         assert!(!b.closes(probe));
         b.on_failure(probe);
         assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[test]
+    fn removals_skip_an_open_breaker_and_go_through_a_recovering_or_probing_one() {
+        let clock = FakeClock::new();
+        let b = Breaker::new(
+            3,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
+            Arc::new(clock.clone()),
+        );
+        assert_eq!(b.admit_removal(), Admit::Call);
+        assert!(b.trip());
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(b.admit_removal(), Admit::Skip, "never the probe");
+        assert_eq!(b.state(), BreakerState::Open);
+        let probe = b.admit();
+        assert_eq!(b.admit_removal(), Admit::Call, "the opening probe is out");
+        assert_eq!(b.on_success(probe), Transition::Recovering);
+        assert_eq!(b.admit_removal(), Admit::Call);
+        // A removal admitted as a call changes nothing when it succeeds.
+        assert_eq!(b.on_success(Admit::Call), Transition::None);
+        assert_eq!(b.state(), BreakerState::Recovering);
     }
 }

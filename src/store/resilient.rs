@@ -3,7 +3,11 @@
 //!
 //! Rules, in order, for every call to a remote backend:
 //!
-//! 1. If the breaker is open, the backend is skipped: no waiting on a sick server.
+//! 1. If the breaker is open, the backend is skipped: no waiting on a sick server. After an
+//!    outage, the probe that finds the backend answering is a `PING`, and calls keep skipping the
+//!    backend for the recovery hold (`Config::recovery_hold`), while every instance applies the
+//!    invalidations it queued; removals (deletes, tag invalidations, lease releases) go through
+//!    during the hold. A call that fails on a lost connection opens the breaker at once.
 //! 2. Otherwise the call gets `op_timeout`; a timeout or a connection/backend error is a failure:
 //!    counted, logged (throttled, with the number of failures not logged), fed to the breaker. A
 //!    timeout also tells the backend to replace its connection (its peer may have vanished).
@@ -1232,9 +1236,10 @@ impl Store {
                 Err(e) => Outcome::Refused(e),
             };
         }
-        let admit = match inner.breaker.admit() {
-            Admit::Skip if during_hold && inner.breaker.past_outage() => Admit::Call,
-            admit => admit,
+        let admit = if during_hold {
+            inner.breaker.admit_removal()
+        } else {
+            inner.breaker.admit()
         };
         if admit == Admit::Skip {
             inner
@@ -1278,10 +1283,14 @@ impl Store {
             let answered = tokio::time::timeout(inner.op_timeout, inner.primary.ping()).await;
             guard.finished = true;
             match answered {
-                Ok(Ok(())) => self.succeeded(admit),
+                Ok(Ok(())) => {
+                    self.succeeded(admit);
+                    inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(Err(e)) => self.failed("PING", admit, e),
                 Err(_) => {
                     inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                    inner.primary.call_timed_out();
                     let e = Error::new(
                         ErrorKind::Timeout,
                         format!("Redis did not answer PING within {:?}", inner.op_timeout),
@@ -1289,7 +1298,6 @@ impl Store {
                     self.failed("PING", admit, e);
                 }
             }
-            inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
             return Outcome::Unusable;
         }
         let result = tokio::time::timeout(inner.op_timeout, call).await;
