@@ -150,6 +150,17 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
             started.elapsed()
         },
     );
+    let raw_read = || {
+        let started = Instant::now();
+        rt.block_on(async {
+            for _ in 0..2_000 {
+                let mut conn = raw.clone();
+                let bytes: Vec<u8> = conn.get(pick().as_str()).await.expect("GET");
+                serde_json::from_slice::<Dashboard>(&bytes).expect("decodes");
+            }
+        });
+        started.elapsed()
+    };
     crate::report::paired_if_selected(
         ("tiered/l2_hit", "tiered/raw_redis_json"),
         "time",
@@ -163,30 +174,9 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
             });
             started.elapsed()
         },
-        || {
-            let started = Instant::now();
-            rt.block_on(async {
-                for _ in 0..2_000 {
-                    let mut conn = raw.clone();
-                    let bytes: Vec<u8> = conn.get(pick().as_str()).await.expect("GET");
-                    serde_json::from_slice::<Dashboard>(&bytes).expect("decodes");
-                }
-            });
-            started.elapsed()
-        },
+        raw_read,
     );
     // The noise floor of the pair above: the raw read against itself, measured the same way.
-    let raw_read = || {
-        let started = Instant::now();
-        rt.block_on(async {
-            for _ in 0..2_000 {
-                let mut conn = raw.clone();
-                let bytes: Vec<u8> = conn.get(pick().as_str()).await.expect("GET");
-                serde_json::from_slice::<Dashboard>(&bytes).expect("decodes");
-            }
-        });
-        started.elapsed()
-    };
     if crate::any_selected(&["tiered/l2_hit", "tiered/raw_redis_json"]) {
         let ratio = crate::report::paired(21, raw_read, raw_read);
         crate::report::remember_paired(

@@ -545,18 +545,7 @@ impl Pending {
             })
             .map_err(|e| Error::new(ErrorKind::Serialize, e.to_string()))?,
         );
-        let op = CompleteOp {
-            key: &self.record_key,
-            in_progress: &self.in_progress,
-            completed: &completed,
-            retention: self.idempotency.retention,
-        };
-        match self
-            .idempotency
-            .store
-            .run(&op, OutageRule::FailClosed)
-            .await?
-        {
+        match self.store_completed(&completed).await? {
             Answered::Backend(true) => Ok(true),
             Answered::Backend(false) => {
                 tracing::warn!(
@@ -582,6 +571,20 @@ impl Pending {
         }
     }
 
+    /// One attempt to replace this run's in-progress record with `completed`.
+    async fn store_completed(&self, completed: &Bytes) -> Result<Answered<bool>> {
+        let op = CompleteOp {
+            key: &self.record_key,
+            in_progress: &self.in_progress,
+            completed,
+            retention: self.idempotency.retention,
+        };
+        self.idempotency
+            .store
+            .run(&op, OutageRule::FailClosed)
+            .await
+    }
+
     /// Keeps trying to store `completed` in the background until the lease ends.
     fn store_later(self, completed: Bytes) {
         tokio::spawn(async move {
@@ -592,18 +595,7 @@ impl Pending {
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(STORE_LATER_BACKOFF.1);
-                let op = CompleteOp {
-                    key: &self.record_key,
-                    in_progress: &self.in_progress,
-                    completed: &completed,
-                    retention: self.idempotency.retention,
-                };
-                match self
-                    .idempotency
-                    .store
-                    .run(&op, OutageRule::FailClosed)
-                    .await
-                {
+                match self.store_completed(&completed).await {
                     Ok(Answered::Backend(true)) => {
                         tracing::info!(key = %self.record_key, "the response was stored late, for replays");
                         return;
