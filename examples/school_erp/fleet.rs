@@ -67,18 +67,8 @@ impl OwnedRedis {
     /// how long the port refused connections.
     pub fn restart(&mut self, down: Duration) -> Result<Duration, String> {
         let stopped = Instant::now();
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                _ => return Err("redis-server did not stop within 20 s of SIGTERM".into()),
-            }
+        if !terminate(&mut self.child, Duration::from_secs(20)) {
+            return Err("redis-server did not stop within 20 s of SIGTERM".into());
         }
         std::thread::sleep(down);
         self.child = OwnedRedis::spawn(self.port, &self.dir)?;
@@ -156,17 +146,22 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         // SIGTERM: it finishes the requests in flight and stops.
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !terminate(&mut self.child, Duration::from_secs(10)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit, up to `within`; false when it has not.
+fn terminate(child: &mut Child, within: Duration) -> bool {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }

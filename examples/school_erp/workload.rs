@@ -486,6 +486,14 @@ pub const TIER_LAG: Duration = Duration::from_millis(5);
 /// A request not answered within this counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A request's Idempotency-Key, and whether it repeats a request whose response may not be
+/// stored yet: then a 409 with Retry-After is waited out from the first answer.
+#[derive(Clone, Copy)]
+struct Idempotent<'a> {
+    key: &'a str,
+    awaiting_stored: bool,
+}
+
 /// How long a request answered `503` with `Retry-After` is sent again before it counts as
 /// failed.
 const RETRY_BUDGET: Duration = Duration::from_secs(15);
@@ -536,11 +544,13 @@ impl Shared {
         path: &str,
         user: Option<&str>,
         body: Option<Vec<u8>>,
-        idempotency_key: Option<&str>,
+        idempotent: Option<Idempotent<'_>>,
     ) -> Option<(StatusCode, HeaderMap, Bytes)> {
         let started = Instant::now();
         tally.requests += 1;
-        let mut retrying = false;
+        let body = Bytes::from(body.unwrap_or_default());
+        let idempotency_key = idempotent.map(|i| i.key);
+        let mut retrying = idempotent.is_some_and(|i| i.awaiting_stored);
         let result = loop {
             let base =
                 &self.bases[self.next_base.fetch_add(1, Ordering::Relaxed) % self.bases.len()];
@@ -557,7 +567,8 @@ impl Shared {
             // A service failing closed while Redis is unusable asks to be called again later:
             // a client does so (with the same Idempotency-Key), within a budget. Once retrying,
             // a 409 with Retry-After is the same request's earlier attempt, still on record as
-            // in progress (its reply was lost to the outage): it too is retried.
+            // in progress (its reply was lost to the outage, or its response is not stored
+            // yet): it too is retried.
             let again = match &result {
                 Ok((StatusCode::SERVICE_UNAVAILABLE, headers, _)) => Some(headers),
                 Ok((StatusCode::CONFLICT, headers, _)) if retrying => Some(headers),
@@ -725,13 +736,15 @@ impl Shared {
         }
     }
 
-    /// `POST /api/payments` as the bursar, under Idempotency-Key `key`.
+    /// `POST /api/payments` as the bursar, under Idempotency-Key `key`; `awaiting_stored` as
+    /// for [`Idempotent`].
     async fn post_payment(
         &self,
         tally: &mut Tally,
         student: i64,
         amount: i64,
         key: &str,
+        awaiting_stored: bool,
     ) -> Option<(StatusCode, HeaderMap, Bytes)> {
         let body = serde_json::to_vec(&NewPayment {
             student_id: student,
@@ -744,7 +757,10 @@ impl Shared {
             "/api/payments",
             Some("a1"),
             Some(body),
-            Some(key),
+            Some(Idempotent {
+                key,
+                awaiting_stored,
+            }),
         )
         .await
     }
@@ -760,8 +776,8 @@ impl Shared {
         let first = if concurrent {
             let mut other = Tally::default();
             let (a, b) = tokio::join!(
-                self.post_payment(tally, student, amount, key),
-                self.post_payment(&mut other, student, amount, key),
+                self.post_payment(tally, student, amount, key, false),
+                self.post_payment(&mut other, student, amount, key, false),
             );
             tally.payment_retries += 1;
             tally.merge(other);
@@ -785,7 +801,7 @@ impl Shared {
             }
             ran
         } else {
-            match self.post_payment(tally, student, amount, key).await {
+            match self.post_payment(tally, student, amount, key, false).await {
                 Some((StatusCode::OK, _, body)) => Some(body),
                 Some((status, _, body)) => {
                     tally.fail(format!(
@@ -814,17 +830,7 @@ impl Shared {
             // with Retry-After says the first run's response is not stored yet (Redis was
             // unusable when it completed): the client comes back as told.
             tally.payment_retries += 1;
-            let asked = Instant::now();
-            let mut answer = self.post_payment(tally, student, amount, key).await;
-            while let Some((StatusCode::CONFLICT, headers, _)) = &answer
-                && headers.contains_key("retry-after")
-                && asked.elapsed() < RETRY_BUDGET
-            {
-                tally.retried_after_503 += 1;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                answer = self.post_payment(tally, student, amount, key).await;
-            }
-            match answer {
+            match self.post_payment(tally, student, amount, key, true).await {
                 Some((StatusCode::OK, headers, body))
                     if headers.contains_key("idempotent-replayed")
                         && serde_json::from_slice::<PaymentReceipt>(&body)
@@ -841,7 +847,10 @@ impl Shared {
         } else if (0.20..0.23).contains(&retry) && self.take() {
             // A client bug: the same key with another amount.
             tally.payment_retries += 1;
-            match self.post_payment(tally, student, amount + 1, key).await {
+            match self
+                .post_payment(tally, student, amount + 1, key, false)
+                .await
+            {
                 Some((StatusCode::UNPROCESSABLE_ENTITY, _, _)) => tally.mismatches += 1,
                 Some((status, _, body)) => tally.fail(format!(
                     "POST {path} (other body): {status} {}",
@@ -1167,7 +1176,7 @@ async fn exchange(
     method: Method,
     path: &str,
     user: Option<&str>,
-    body: Option<Vec<u8>>,
+    body: Bytes,
     idempotency_key: Option<&str>,
 ) -> Result<(StatusCode, HeaderMap, Bytes), String> {
     let mut request = Request::builder()
@@ -1184,9 +1193,7 @@ async fn exchange(
     if let Some(key) = idempotency_key {
         request = request.header("idempotency-key", key);
     }
-    let request = request
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .expect("a valid request");
+    let request = request.body(Full::new(body)).expect("a valid request");
     let answer = async {
         let response = client.request(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
@@ -1207,8 +1214,16 @@ async fn exchange(
 /// The payments the admin dashboard shows now.
 async fn admin_payments(client: &HttpClient, base: &str) -> Result<i64, String> {
     let path = "/api/dashboard/admin/a1";
-    let (status, _, body) =
-        exchange(client, base, Method::GET, path, Some("a1"), None, None).await?;
+    let (status, _, body) = exchange(
+        client,
+        base,
+        Method::GET,
+        path,
+        Some("a1"),
+        Bytes::new(),
+        None,
+    )
+    .await?;
     match serde_json::from_slice::<Dashboard>(&body) {
         Ok(Dashboard::Admin { totals }) if status == StatusCode::OK => Ok(totals.payments),
         _ => Err(format!(
@@ -1252,11 +1267,13 @@ async fn flip_cache_switch(shared: Arc<Shared>, started: Instant) -> (Option<(f6
 
 /// Flips the cache switch of every instance (a switch is each instance's own).
 async fn switch_cache(shared: &Shared, tally: &mut Tally, on: bool) {
-    let body = serde_json::to_vec(&SwitchRequest {
-        capability: "cache".into(),
-        on,
-    })
-    .expect("serializes");
+    let body = Bytes::from(
+        serde_json::to_vec(&SwitchRequest {
+            capability: "cache".into(),
+            on,
+        })
+        .expect("serializes"),
+    );
     for base in &shared.bases {
         tally.requests += 1;
         match exchange(
@@ -1265,7 +1282,7 @@ async fn switch_cache(shared: &Shared, tally: &mut Tally, on: bool) {
             Method::POST,
             "/api/admin/switch",
             Some("a1"),
-            Some(body.clone()),
+            body.clone(),
             None,
         )
         .await
@@ -1279,7 +1296,16 @@ async fn switch_cache(shared: &Shared, tally: &mut Tally, on: bool) {
 
 /// Reads the service's counters from `/metrics`.
 async fn scrape(client: &HttpClient, base: &str) -> Result<Vec<(String, f64)>, String> {
-    let (_, _, body) = exchange(client, base, Method::GET, "/metrics", None, None, None).await?;
+    let (_, _, body) = exchange(
+        client,
+        base,
+        Method::GET,
+        "/metrics",
+        None,
+        Bytes::new(),
+        None,
+    )
+    .await?;
     Ok(String::from_utf8_lossy(&body)
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -1486,7 +1512,7 @@ async fn audit(client: &HttpClient, base: &str, users: Vec<String>) -> Result<Au
         Method::POST,
         "/api/admin/audit",
         Some("a1"),
-        Some(body),
+        Bytes::from(body),
         None,
     )
     .await?;

@@ -271,6 +271,19 @@ impl Breaker {
         }
     }
 
+    /// A failure of a call that lost its connection (Redis restarted, the network failed): with
+    /// a recovery hold, a call admitted while closed opens the breaker at once, whatever the
+    /// count, since what other instances wrote meanwhile is unknown. Otherwise as
+    /// [`on_failure`](Breaker::on_failure).
+    pub(crate) fn on_connection_lost(&self, admit: Admit) -> Transition {
+        match self.on_failure(admit) {
+            Transition::None if admit == Admit::Call && self.hold_ms > 0 && self.trip() => {
+                Transition::Opened
+            }
+            transition => transition,
+        }
+    }
+
     /// A probe that neither succeeded nor failed (its caller was cancelled, or it made progress
     /// on work that must finish before the breaker closes): the next call probes at once.
     pub(crate) fn on_abandoned(&self, admit: Admit) {
@@ -333,6 +346,16 @@ mod tests {
             3,
             Duration::from_secs(1),
             Duration::ZERO,
+            Arc::new(clock.clone()),
+        )
+    }
+
+    /// [`breaker`] with a recovery hold of 500 ms.
+    fn held(clock: &FakeClock) -> Breaker {
+        Breaker::new(
+            3,
+            Duration::from_secs(1),
+            Duration::from_millis(500),
             Arc::new(clock.clone()),
         )
     }
@@ -516,12 +539,7 @@ mod tests {
     #[test]
     fn with_a_hold_the_first_probe_only_begins_it_and_a_later_one_closes() {
         let clock = FakeClock::new();
-        let b = Breaker::new(
-            3,
-            Duration::from_secs(1),
-            Duration::from_millis(500),
-            Arc::new(clock.clone()),
-        );
+        let b = held(&clock);
         for _ in 0..3 {
             b.on_failure(Admit::Call);
         }
@@ -553,12 +571,7 @@ mod tests {
     #[test]
     fn a_failure_during_the_hold_reopens_for_a_cool_down() {
         let clock = FakeClock::new();
-        let b = Breaker::new(
-            3,
-            Duration::from_secs(1),
-            Duration::from_millis(500),
-            Arc::new(clock.clone()),
-        );
+        let b = held(&clock);
         assert!(b.trip());
         clock.advance(Duration::from_secs(1));
         let probe = b.admit();
@@ -580,12 +593,7 @@ mod tests {
     #[test]
     fn removals_skip_an_open_breaker_and_go_through_a_recovering_or_probing_one() {
         let clock = FakeClock::new();
-        let b = Breaker::new(
-            3,
-            Duration::from_secs(1),
-            Duration::from_millis(500),
-            Arc::new(clock.clone()),
-        );
+        let b = held(&clock);
         assert_eq!(b.admit_removal(), Admit::Call);
         assert!(b.trip());
         clock.advance(Duration::from_secs(2));
@@ -598,5 +606,20 @@ mod tests {
         // A removal admitted as a call changes nothing when it succeeds.
         assert_eq!(b.on_success(Admit::Call), Transition::None);
         assert_eq!(b.state(), BreakerState::Recovering);
+    }
+
+    #[test]
+    fn a_lost_connection_opens_a_held_breaker_at_once() {
+        let clock = FakeClock::new();
+        let b = held(&clock);
+        assert_eq!(b.on_connection_lost(Admit::Call), Transition::Opened);
+        assert_eq!(b.state(), BreakerState::Open);
+        let plain = breaker(&clock);
+        assert_eq!(plain.on_connection_lost(Admit::Call), Transition::None);
+        assert_eq!(
+            plain.state(),
+            BreakerState::Closed,
+            "without a hold, one failure of three"
+        );
     }
 }

@@ -1362,17 +1362,11 @@ impl Store {
         let inner = &*self.inner;
         inner.counters.errors.fetch_add(1, Ordering::Relaxed);
         inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
-        let mut transition = inner.breaker.on_failure(admit);
-        // A lost connection: Redis restarted or the network failed, and whatever other
-        // instances wrote meanwhile is unknown here. With a recovery hold, that is an outage.
-        if transition == Transition::None
-            && admit == Admit::Call
-            && error.kind() == ErrorKind::Connection
-            && inner.breaker.hold() > Duration::ZERO
-            && inner.breaker.trip()
-        {
-            transition = Transition::Opened;
-        }
+        let transition = if error.kind() == ErrorKind::Connection {
+            inner.breaker.on_connection_lost(admit)
+        } else {
+            inner.breaker.on_failure(admit)
+        };
         if transition == Transition::Opened {
             crate::telemetry::breaker_open(true);
             if let Some(f) = &inner.fallback {
