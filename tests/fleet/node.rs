@@ -31,6 +31,11 @@
 //! - `idem-burst <key> <requests> <body> <database url>`: `requests` concurrent duplicates of
 //!   one payment under the idempotency key; the first run records the payment in the database
 //!   (`INCR payments:<key>`) and takes 50 ms → `ran <n> replayed <n> conflicts <n> mismatches <n>`
+//! - `idem-begin <key>`: begins a payment run under the key and keeps it → `run` (or what a
+//!   retry gets: `replayed <body>`, `conflict`, `mismatch`, `unavailable`)
+//! - `idem-complete <key> <body>`: completes the kept run → `stored <bool>`
+//! - `idem-check <key>`: a retry under the key → `replayed <body>`, `conflict`, `unavailable`,
+//!   or `ran` when it ran again
 //!
 //! - `views-race <rows> <ops> <tasks> <database url>`: writes and reads of views built from
 //!   cached rows (see `views_race`) → `stale <n> reads <n> writes <n>`
@@ -61,7 +66,9 @@ use std::time::Duration;
 
 use speedlayer::config::RedisConfig;
 use speedlayer::counter::{Counted, Counters};
-use speedlayer::idempotency::{Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse};
+use speedlayer::idempotency::{
+    Begin, Fingerprint, Idempotency, IdempotencyKey, Pending, StoredResponse,
+};
 use speedlayer::key::{Ident, KeySpace, Namespace};
 use speedlayer::lock::{Acquire, LockGuard, Locks};
 use speedlayer::revocation::Revocations;
@@ -284,6 +291,8 @@ struct Node {
     held: Mutex<HashMap<u64, Held>>,
     locks: Locks,
     guards: Mutex<HashMap<u64, LockGuard>>,
+    /// Idempotent runs begun and not completed yet, by key.
+    runs: Mutex<HashMap<String, Pending>>,
     raw: redis::aio::ConnectionManager,
     revocations: Revocations,
     presence: Presence,
@@ -813,6 +822,49 @@ impl Node {
                     get("unavailable")
                 ))
             }
+            "idem-begin" | "idem-check" => {
+                // Begins a run under the key: `idem-begin` keeps it for `idem-complete`,
+                // `idem-check` completes it at once (a run there is a retry that ran again).
+                let key = args.first().ok_or("missing the key")?.to_string();
+                let parsed = IdempotencyKey::parse(&key).map_err(|e| e.to_string())?;
+                let fingerprint = Fingerprint::of("POST", "/api/payments", b"{}");
+                let begin = self
+                    .idempotency
+                    .begin(&PAYMENTS, "parent-1", &parsed, &fingerprint)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(match begin {
+                    Begin::Run(pending) if command == "idem-begin" => {
+                        self.runs.lock().await.insert(key, pending);
+                        "run".to_owned()
+                    }
+                    Begin::Run(pending) => {
+                        let _ = pending.complete(&StoredResponse::new(201, "again")).await;
+                        "ran".to_owned()
+                    }
+                    Begin::Replay(stored) => {
+                        format!("replayed {}", String::from_utf8_lossy(&stored.body))
+                    }
+                    Begin::InProgress => "conflict".to_owned(),
+                    Begin::Mismatch => "mismatch".to_owned(),
+                    Begin::Unavailable => "unavailable".to_owned(),
+                })
+            }
+            "idem-complete" => {
+                let key = args.first().ok_or("missing the key")?.to_string();
+                let body = args.get(1).ok_or("missing the body")?.to_string();
+                let pending = self
+                    .runs
+                    .lock()
+                    .await
+                    .remove(&key)
+                    .ok_or("no run begun under that key")?;
+                let stored = pending
+                    .complete(&StoredResponse::new(201, body))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(format!("stored {stored}"))
+            }
             "watch" => {
                 // Reads the key for a while; counts the reads that answered `old`.
                 let k = key(0)?;
@@ -1025,6 +1077,7 @@ async fn main() {
             .keyspace(&FLEET, &Ident::from_static("count")),
         locks: Locks::new(&cache),
         guards: Mutex::new(HashMap::new()),
+        runs: Mutex::new(HashMap::new()),
         raw,
         items,
         cache,

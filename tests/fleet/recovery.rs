@@ -77,3 +77,50 @@ fn restarts(tier: Option<&str>) {
          invalidated value"
     );
 }
+
+/// A payment that completed on one instance while Redis was down: its response is stored once
+/// Redis is back (within the lease), so a retry on another instance gets the replay, never a
+/// second run.
+#[test]
+fn a_response_completed_during_an_outage_is_replayed_on_another_instance() {
+    let mut server = RedisServer::start_persistent();
+    let settings = NodeSettings {
+        op_timeout_ms: 200,
+        cool_down_ms: 200,
+        ..NodeSettings::default()
+    };
+    let mut a = Node::spawn("a", &server.url(), settings);
+    let mut b = Node::spawn("b", &server.url(), settings);
+    assert_eq!(a.request("idem-begin pay-1"), "run");
+    server.kill();
+    assert_eq!(
+        a.request("idem-complete pay-1 paid"),
+        "stored false",
+        "Redis is down: not stored now"
+    );
+    server.restart();
+    let started = std::time::Instant::now();
+    let mut answers = Vec::new();
+    loop {
+        let answer = b.request("idem-check pay-1");
+        assert_ne!(answer, "ran", "a retry ran the payment again: {answers:?}");
+        if answer == "replayed paid" {
+            break;
+        }
+        answers.push(answer);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never replayed within 20 s (the lease is 60 s): {} answers, the last {:?}",
+            answers.len(),
+            answers.last()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conflicts = answers.iter().filter(|a| *a == "conflict").count();
+    eprintln!(
+        "replayed on b {:?} after the restart; before that {} answers ({conflicts} conflicts, \
+         the rest Redis unusable)",
+        started.elapsed(),
+        answers.len()
+    );
+}
