@@ -257,6 +257,37 @@ pub struct TagChunk {
     pub foreign: u64,
 }
 
+/// What one pass over a tag's index did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TagPass {
+    /// Entries removed.
+    pub(crate) removed: u64,
+    /// Members the index listed, removed or not: an entry listed but already removed (by a
+    /// concurrent invalidation of the same tag) may still have been read, meanwhile, by the
+    /// load of an entry built from it.
+    pub(crate) listed: u64,
+}
+
+/// One pass over `tag` on `layer`: its members are removed, then dropped from the index, a
+/// chunk at a time.
+pub(crate) async fn clear_tag<L: CacheLayer + ?Sized>(layer: &L, tag: &Tag) -> Result<TagPass> {
+    let mut pass = TagPass::default();
+    let mut cursor = TagCursor::start();
+    loop {
+        let chunk = layer.tag_members(tag, &cursor, TAG_CHUNK).await?;
+        if !chunk.members.is_empty() {
+            pass.listed += chunk.members.len() as u64;
+            let keys: Vec<Key> = chunk.members.iter().map(|m| m.key.clone()).collect();
+            pass.removed += layer.delete_many(&keys).await?;
+            layer.tag_forget(tag, &chunk.members).await?;
+        }
+        match chunk.next {
+            Some(next) => cursor = next,
+            None => return Ok(pass),
+        }
+    }
+}
+
 /// Members read per chunk when a tag is invalidated.
 pub const TAG_CHUNK: usize = 500;
 
@@ -400,20 +431,7 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// chunk's members are removed before they leave the index, so an invalidation cut short can
     /// be run again and goes on where it stopped.
     async fn invalidate_tag(&self, tag: &Tag) -> Result<u64> {
-        let mut removed = 0;
-        let mut cursor = TagCursor::start();
-        loop {
-            let chunk = self.tag_members(tag, &cursor, TAG_CHUNK).await?;
-            if !chunk.members.is_empty() {
-                let keys: Vec<Key> = chunk.members.iter().map(|m| m.key.clone()).collect();
-                removed += self.delete_many(&keys).await?;
-                self.tag_forget(tag, &chunk.members).await?;
-            }
-            match chunk.next {
-                Some(next) => cursor = next,
-                None => return Ok(removed),
-            }
-        }
+        clear_tag(self, tag).await.map(|pass| pass.removed)
     }
 
     /// Maintenance: walks the keyspace for keys matching `pattern` (Redis `SCAN MATCH`, in

@@ -49,7 +49,7 @@ use super::breaker::{Admit, Breaker, BreakerState, Transition};
 use super::{
     Answered, Backend, BackendKind, CacheLayer, Entry, INVALIDATION_PASSES, IndexWindow,
     LeaseRequest, Leased, LeasedEntry, MemoryLayer, Operation, OutageRule, Remaining, TAG_CHUNK,
-    TagChunk, TagCursor, TagMember, is_lease,
+    TagChunk, TagCursor, TagMember, TagPass, clear_tag, is_lease,
 };
 use crate::clock::Clock;
 use crate::config::{Config, Fallback};
@@ -624,8 +624,17 @@ impl Store {
         for one in tags.chunks(1) {
             let tag = &one[0].0;
             // A tag's members leave its index as they are removed, so a replay cut short by the
-            // deadline goes on where it stopped.
-            match tokio::time::timeout_at(deadline, inner.primary.invalidate_tag(tag)).await {
+            // deadline goes on where it stopped. Passed over again while the index listed
+            // anything, as `invalidate` does.
+            let passes = async {
+                for _ in 0..INVALIDATION_PASSES {
+                    if clear_tag(&*inner.primary, tag).await?.listed == 0 {
+                        break;
+                    }
+                }
+                Ok::<_, Error>(())
+            };
+            match tokio::time::timeout_at(deadline, passes).await {
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
                 // Applied, or a data error, which retrying cannot apply (the index was repaired).
                 Ok(_) => {
@@ -659,30 +668,37 @@ impl Store {
     /// Entries built from other cached entries (a dashboard whose loader reads cached profiles)
     /// are covered too. Such an entry can be registered while the invalidation runs, after its
     /// tag was read and before the entry it was built from was removed, and so hold the old
-    /// data without being listed. So when a pass removed anything, the keys and tags are passed
-    /// over again: the second pass removes what the first let through (the indexes then list
-    /// only entries registered since), up to [`INVALIDATION_PASSES`] passes in all, which covers
-    /// entries built from cached entries that are themselves built from cached entries. A pass
-    /// that removes nothing ends it; usually that is the second, one more read per tag.
+    /// data without being listed. So when a pass found any entry listed under the tags, the
+    /// tags are passed over again: the second pass removes what the first let through (the
+    /// indexes then list only entries registered since), up to [`INVALIDATION_PASSES`] passes in
+    /// all, which covers entries built from cached entries that are themselves built from cached
+    /// entries. A pass whose indexes list nothing ends it; usually that is the second, one more
+    /// read per tag.
+    ///
+    /// What was listed counts, not what was removed: when two invalidations of one tag run at
+    /// once (two writers in two processes), the entry both listed is removed by one of them, and
+    /// the other, finding nothing left to remove, must still look again for what was built from
+    /// it before it returns. Keys are removed once, before the tags: an entry registered after
+    /// a tag was read was loaded after the keys were gone.
     pub async fn invalidate(&self, keys: &[Key], tags: &[Tag]) -> Result<Invalidated> {
-        let mut done = self.invalidate_pass(keys, tags).await?;
-        let mut last = done.keys_removed + done.tag_entries_removed;
+        let (mut done, mut listed) = self.invalidate_pass(keys, tags).await?;
         for _ in 1..INVALIDATION_PASSES {
-            if last == 0 || done.deferred {
+            if listed == 0 || done.deferred {
                 break;
             }
-            let again = self.invalidate_pass(keys, tags).await?;
-            last = again.keys_removed + again.tag_entries_removed;
-            done.keys_removed += again.keys_removed;
+            let (again, listed_again) = self.invalidate_pass(&[], tags).await?;
+            listed = listed_again;
             done.tag_entries_removed += again.tag_entries_removed;
             done.deferred |= again.deferred;
         }
         Ok(done)
     }
 
-    /// One pass of [`invalidate`](Store::invalidate) over every key and tag.
-    async fn invalidate_pass(&self, keys: &[Key], tags: &[Tag]) -> Result<Invalidated> {
+    /// One pass of [`invalidate`](Store::invalidate) over every key and tag; also says how many
+    /// members the tags' indexes listed.
+    async fn invalidate_pass(&self, keys: &[Key], tags: &[Tag]) -> Result<(Invalidated, u64)> {
         let mut done = Invalidated::default();
+        let mut listed = 0;
         let mut first_error = None;
         if !keys.is_empty() {
             match self.delete_keys(keys).await {
@@ -695,8 +711,9 @@ impl Store {
         }
         for tag in tags {
             match self.invalidate_one_tag(tag).await {
-                Ok((removed, deferred)) => {
-                    done.tag_entries_removed += removed;
+                Ok((pass, deferred)) => {
+                    done.tag_entries_removed += pass.removed;
+                    listed += pass.listed;
                     done.deferred |= deferred;
                 }
                 Err(e) => {
@@ -706,7 +723,7 @@ impl Store {
         }
         match first_error {
             Some(e) => Err(e),
-            None => Ok(done),
+            None => Ok((done, listed)),
         }
     }
 
@@ -733,16 +750,17 @@ impl Store {
     /// Invalidates one tag in the fallback and the backend, in chunks of [`TAG_CHUNK`] members,
     /// each chunk a call of its own under the operation timeout: a large tag never has to fit in
     /// one timeout, and a chunk cut short is queued and resumed where it stopped.
-    async fn invalidate_one_tag(&self, tag: &Tag) -> Result<(u64, bool)> {
+    async fn invalidate_one_tag(&self, tag: &Tag) -> Result<(TagPass, bool)> {
         let from_fallback = match &self.inner.fallback {
             Some(f) => f.invalidate_tag(tag).await?,
             None => 0,
         };
         if !self.inner.remote {
-            return Ok((self.inner.primary.invalidate_tag(tag).await?, false));
+            return Ok((clear_tag(&*self.inner.primary, tag).await?, false));
         }
         let primary = &self.inner.primary;
         let mut removed = 0;
+        let mut listed = 0;
         let mut cursor = TagCursor::start();
         loop {
             let chunk: TagChunk = match self
@@ -760,6 +778,7 @@ impl Store {
                     .fetch_add(chunk.foreign, Ordering::Relaxed);
             }
             if !chunk.members.is_empty() {
+                listed += chunk.members.len() as u64;
                 let keys: Vec<Key> = chunk.members.iter().map(|m| m.key.clone()).collect();
                 match self
                     .attempt_removal("UNLINK", primary.delete_many(&keys))
@@ -780,11 +799,21 @@ impl Store {
             }
             match chunk.next {
                 Some(next) => cursor = next,
-                None => return Ok((removed.max(from_fallback), false)),
+                None => {
+                    let pass = TagPass {
+                        removed: removed.max(from_fallback),
+                        listed,
+                    };
+                    return Ok((pass, false));
+                }
             }
         }
         self.defer(&[], std::slice::from_ref(tag));
-        Ok((removed.max(from_fallback), true))
+        let pass = TagPass {
+            removed: removed.max(from_fallback),
+            listed,
+        };
+        Ok((pass, true))
     }
 
     /// Reads `key` for the typed cache and says who answered. A lease (a load in flight) reads

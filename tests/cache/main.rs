@@ -75,6 +75,7 @@ cache_suite!(
     nested_loads_racing_writes_never_serve_older_rows,
     an_entry_built_from_a_cached_entry_during_its_invalidation_is_removed_too,
     concurrent_invalidations_of_one_tag_each_remove_its_entries,
+    the_second_of_two_concurrent_invalidations_removes_what_was_built_meanwhile,
     fail_safe_serves_an_expired_value_when_the_loader_fails,
     an_invalidated_value_is_never_served_stale,
     a_soft_timeout_serves_stale_and_the_load_finishes_behind,

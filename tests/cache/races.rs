@@ -204,16 +204,26 @@ pub async fn nested_loads_racing_writes_never_serve_older_rows(backend: &Backend
     assert!(s.hits > 0 && s.loader_calls > 0, "{s:?}");
 }
 
-/// The key whose removal is held up, the signal that it was reached, and the one that lets it go.
-type HeldRemoval = (Key, Arc<Notify>, Arc<Notify>);
+/// A call a [`Gated`] layer holds up.
+#[derive(Debug, PartialEq)]
+enum Gate {
+    /// The next removal that includes this key.
+    Removal(Key),
+    /// The next time members of this tag are dropped from its index (after their removal).
+    Forget(Tag),
+}
 
-/// A layer that passes every call to a store, except that the removal of one chosen key can be
-/// held up: an invalidation is stopped between reading a tag's index and removing its entries.
+/// A held call: what it is, the signal that it was reached, and the one that lets it go.
+type Hold = (Gate, Arc<Notify>, Arc<Notify>);
+
+/// A layer that passes every call to a store, except the calls armed to be held up: an
+/// invalidation can be stopped between reading a tag's index and removing its entries, or
+/// after removing them and before dropping them from the index.
 #[derive(Debug)]
 struct Gated {
     inner: speedlayer::store::Store,
-    /// The key whose next removal waits; reached, and let go.
-    armed: std::sync::Mutex<Option<HeldRemoval>>,
+    /// Calls to hold up, each once, the first match first.
+    armed: std::sync::Mutex<Vec<Hold>>,
 }
 
 use speedlayer::Result as SlResult;
@@ -227,23 +237,35 @@ impl Gated {
     /// Holds up the next removal of `key`: the first notify fires when it is reached, the
     /// second lets it go on.
     fn arm(&self, key: Key) -> (Arc<Notify>, Arc<Notify>) {
+        self.arm_gate(Gate::Removal(key))
+    }
+
+    fn arm_gate(&self, gate: Gate) -> (Arc<Notify>, Arc<Notify>) {
         let (reached, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        *self.armed.lock().unwrap() = Some((key, reached.clone(), go.clone()));
+        self.armed
+            .lock()
+            .unwrap()
+            .push((gate, reached.clone(), go.clone()));
         (reached, go)
     }
 
-    async fn gate(&self, keys: &[Key]) {
+    async fn gate(&self, matches: impl Fn(&Gate) -> bool) {
         let held = {
             let mut armed = self.armed.lock().unwrap();
-            match armed.as_ref() {
-                Some((key, _, _)) if keys.contains(key) => armed.take(),
-                _ => None,
-            }
+            armed
+                .iter()
+                .position(|(gate, _, _)| matches(gate))
+                .map(|at| armed.remove(at))
         };
         if let Some((_, reached, go)) = held {
             reached.notify_one();
             go.notified().await;
         }
+    }
+
+    async fn gate_removal(&self, keys: &[Key]) {
+        self.gate(|g| matches!(g, Gate::Removal(key) if keys.contains(key)))
+            .await
     }
 }
 
@@ -265,11 +287,11 @@ impl CacheLayer for Gated {
         self.inner.set_many(entries).await
     }
     async fn delete(&self, key: &Key) -> SlResult<bool> {
-        self.gate(std::slice::from_ref(key)).await;
+        self.gate_removal(std::slice::from_ref(key)).await;
         self.inner.delete(key).await
     }
     async fn delete_many(&self, keys: &[Key]) -> SlResult<u64> {
-        self.gate(keys).await;
+        self.gate_removal(keys).await;
         self.inner.delete_many(keys).await
     }
     async fn remaining_ttl(&self, key: &Key) -> SlResult<Remaining> {
@@ -327,6 +349,7 @@ impl CacheLayer for Gated {
         self.inner.tag_members(tag, cursor, limit).await
     }
     async fn tag_forget(&self, tag: &Tag, members: &[TagMember]) -> SlResult<u64> {
+        self.gate(|g| *g == Gate::Forget(tag.clone())).await;
         self.inner.tag_forget(tag, members).await
     }
     async fn sweep(
@@ -347,7 +370,7 @@ async fn gated_cache(backend: &Backend) -> (Arc<Gated>, Cache) {
     let config = backend.config();
     let gated = Arc::new(Gated {
         inner: speedlayer::store::Store::connect(&config).await.unwrap(),
-        armed: std::sync::Mutex::new(None),
+        armed: std::sync::Mutex::new(Vec::new()),
     });
     let store = speedlayer::store::Store::from_layer(gated.clone(), &config);
     (gated, Cache::from_store(store, &config))
@@ -364,10 +387,15 @@ async fn held_invalidation(
         let cache = cache.clone();
         tokio::spawn(async move { cache.invalidate_tag(&row_tag(0)).await })
     };
+    reaches(&reached, "the invalidation reaches the row's removal").await;
+    (invalidation, go)
+}
+
+/// Waits (at most 5 s) for a held call to be reached.
+async fn reaches(reached: &Notify, what: &str) {
     tokio::time::timeout(Duration::from_secs(5), reached.notified())
         .await
-        .expect("the invalidation reaches the row's removal");
-    (invalidation, go)
+        .expect(what);
 }
 
 /// What a held invalidation removed, once it finished.
@@ -460,4 +488,68 @@ pub async fn concurrent_invalidations_of_one_tag_each_remove_its_entries(backend
     go.notify_one();
     finished(first).await;
     assert!(cache.get::<Row>(&row_key(0)).await.is_none());
+}
+
+/// Two writes to one row, in two processes, invalidate its tag at once; both read the index
+/// before either removed the row, and a view is built from the cached (old) row meanwhile and
+/// registered under the tag after both readings. The first removes the row; the second then
+/// finds nothing left to remove. It must still look at the index again before it returns, and
+/// remove the view: what its first reading listed counts, not what it removed.
+pub async fn the_second_of_two_concurrent_invalidations_removes_what_was_built_meanwhile(
+    backend: &Backend,
+) {
+    let (gated, cache) = gated_cache(backend).await;
+    let committed = Arc::new(AtomicU64::new(1));
+    let ttl = Ttl::seconds(60);
+    let read_row = || {
+        let (cache, committed) = (cache.clone(), committed.clone());
+        async move {
+            cache
+                .get_or_set_tagged(&row_key(0), ttl, &[row_tag(0)], || async {
+                    Ok::<_, std::io::Error>(Row {
+                        id: 0,
+                        version: committed.load(Ordering::SeqCst),
+                        load: 0,
+                    })
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let read_view = || {
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_set_tagged(&view_key("both-0"), ttl, &[row_tag(0)], || async {
+                    Ok::<_, std::io::Error>(View {
+                        rows: vec![read_row().await],
+                    })
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(read_row().await.version, 1);
+    committed.store(2, Ordering::SeqCst);
+
+    // Both invalidations have read the index (the row alone) and wait to remove the row.
+    let (first, first_go) = held_invalidation(&gated, &cache).await;
+    let (second, second_go) = held_invalidation(&gated, &cache).await;
+    // The view, built from the cached row: the old version, registered after both readings.
+    assert_eq!(read_view().await.rows[0].version, 1);
+    // The first removes the row, then stops before dropping it from the index.
+    let (forget_reached, forget_go) = gated.arm_gate(Gate::Forget(row_tag(0)));
+    first_go.notify_one();
+    reaches(&forget_reached, "the first invalidation removed the row").await;
+    // The second finds the row gone.
+    second_go.notify_one();
+    finished(second).await;
+    assert_eq!(
+        read_view().await.rows[0].version,
+        2,
+        "the second invalidation returned while the view built from the old row was still there"
+    );
+    forget_go.notify_one();
+    finished(first).await;
+    assert_eq!(read_view().await.rows[0].version, 2);
 }

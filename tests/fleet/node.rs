@@ -244,19 +244,37 @@ return 1
                     })
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
+                // What the read did, told when it turns out stale.
+                let trace = std::sync::Mutex::new(String::new());
+                let started = std::time::Instant::now();
                 let view: HashMap<u64, u64> = cache
                     .get_or_set_tagged(&view_key, MINUTE, &tags, || async {
-                        cache
+                        trace.lock().unwrap().push_str(" view-loaded");
+                        let rows = cache
                             .get_or_set_many_tagged(
                                 &row_keys,
                                 MINUTE,
                                 MINUTE,
                                 |id: &u64| row_tag(*id).into_iter().collect(),
-                                |missing: Vec<u64>| versions("version", missing),
+                                |missing: Vec<u64>| {
+                                    let loading = versions("version", missing);
+                                    async {
+                                        let loaded = loading.await;
+                                        if let Ok(rows) = &loaded {
+                                            trace
+                                                .lock()
+                                                .unwrap()
+                                                .push_str(&format!(" rows-loaded {rows:?}"));
+                                        }
+                                        loaded
+                                    }
+                                },
                             )
                             .await
                             .into_map()
-                            .map_err(|e| std::io::Error::other(e.to_string()))
+                            .map_err(|e| std::io::Error::other(e.to_string()));
+                        trace.lock().unwrap().push_str(&format!(" rows {rows:?}"));
+                        rows
                     })
                     .await
                     .map_err(|e| e.to_string())?;
@@ -266,6 +284,12 @@ return 1
                     .any(|id| view.get(id).copied().unwrap_or(0) < before[id])
                 {
                     stale += 1;
+                    eprintln!(
+                        "stale view {name}: confirmed before the read {before:?}, read {view:?} \
+                         in {:?};{}",
+                        started.elapsed(),
+                        trace.lock().unwrap()
+                    );
                 }
             }
             Ok::<_, String>((stale, reads, writes))
@@ -279,7 +303,11 @@ return 1
         reads += r;
         writes += w;
     }
-    Ok(format!("stale {stale} reads {reads} writes {writes}"))
+    let stats = cache.stats();
+    Ok(format!(
+        "stale {stale} reads {reads} writes {writes} timeouts {} errors {} refused {} pending {}",
+        stats.timeouts, stats.errors, stats.stale_sets_refused, stats.pending_invalidations
+    ))
 }
 
 struct Node {
