@@ -635,6 +635,69 @@ async fn an_idempotent_response_is_stored_once_redis_is_back() {
     assert_eq!(idem.stats().incomplete, 0);
 }
 
+/// A response kept for a late store, when Redis comes back holding another client's value (a
+/// hash) under the record key: the value is left as it is, the late store gives up (counted as
+/// incomplete) instead of retrying or overwriting, and the cache stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_store_leaves_another_clients_value_under_the_record_key_alone() {
+    use redis::AsyncCommands;
+    use speedlayer::idempotency::{
+        Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse,
+    };
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let proxy = Proxy::start(server.port()).await;
+    let cache = Cache::new(
+        config_at(proxy.port())
+            .cool_down(Duration::from_millis(100))
+            .recovery_hold(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    let idem = Idempotency::new(&cache).lease(Ttl::seconds(10));
+    let route = speedlayer::key::Ident::from_static("payments");
+    let order = IdempotencyKey::parse("order-2").unwrap();
+    let print = Fingerprint::of("POST", "/payments", b"{}");
+    let Begin::Run(pending) = idem.begin(&route, "client", &order, &print).await.unwrap() else {
+        panic!("the first request runs");
+    };
+    let record_key = pending.record_key().clone();
+    proxy.set(Mode::Cut);
+    let stored = pending
+        .complete(&StoredResponse::new(201, "paid"))
+        .await
+        .unwrap();
+    assert!(!stored, "Redis is cut off: not stored now");
+    // Meanwhile another client, with its own connection, puts a hash there.
+    let mut raw = server.raw().await;
+    let _: () = raw.del(record_key.as_str()).await.unwrap();
+    let _: () = raw
+        .hset(record_key.as_str(), "owner", "node")
+        .await
+        .unwrap();
+    proxy.set(Mode::Pass);
+    let started = Instant::now();
+    while idem.stats().incomplete == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the late store did not give up on the other client's value"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kind: String = redis::cmd("TYPE")
+        .arg(record_key.as_str())
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash", "the other client's value was replaced");
+    let owner: String = raw.hget(record_key.as_str(), "owner").await.unwrap();
+    assert_eq!(owner, "node");
+    assert_eq!(idem.stats().incomplete, 1);
+    // The cache keeps working.
+    cache.set(&key(7), &7u64, MINUTE).await.unwrap();
+    assert_eq!(cache.get::<u64>(&key(7)).await, Some(7));
+}
+
 /// An invalidation that could not reach Redis is applied in the background as soon as Redis
 /// answers: no request has to come by, and the breaker's cool-down (a minute here) is not
 /// waited out.
