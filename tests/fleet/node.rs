@@ -7,6 +7,9 @@
 //! `<n> <result>`. Requests run concurrently. Keys are `fleet:item:<id>`.
 //!
 //! - `get <id>` → `value <n>` or `none`
+//! - `watch <id> <old> <ms>`: reads every millisecond for `ms` → `reads <n> old <n> other <n>
+//!   last_old_at <us>` (the reads that answered `old`, and when the last of them began, in
+//!   microseconds of the system clock; 0: never)
 //! - `set <id> <value>` → `ok`
 //! - `burst <id> <callers> <loader ms> <value>` → `loads <loader calls> values <sorted values>`
 //! - `cancel <id>`: starts a load that never finishes and drops it once its loader runs →
@@ -894,22 +897,29 @@ impl Node {
                 Ok(format!("stored {stored}"))
             }
             "watch" => {
-                // Reads the key for a while; counts the reads that answered `old`.
+                // Reads the key for a while; counts the reads that answered `old`, and tells
+                // when the last of them began (wall-clock microseconds, taken before the read).
                 let k = key(0)?;
                 let old = arg(args, 1)?;
                 let limit = Duration::from_millis(arg(args, 2)?);
                 let started = std::time::Instant::now();
-                let (mut reads, mut olds, mut values) = (0u64, 0u64, 0u64);
+                let (mut reads, mut olds, mut values, mut last_old) = (0u64, 0u64, 0u64, 0u64);
                 while started.elapsed() < limit {
+                    let began = wall_micros();
                     match self.cache.get::<u64>(&k).await {
-                        Some(v) if v == old => olds += 1,
+                        Some(v) if v == old => {
+                            olds += 1;
+                            last_old = began;
+                        }
                         Some(_) => values += 1,
                         None => {}
                     }
                     reads += 1;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Ok(format!("reads {reads} old {olds} other {values}"))
+                Ok(format!(
+                    "reads {reads} old {olds} other {values} last_old_at {last_old}"
+                ))
             }
             "tier-warm" => {
                 let k = key(0)?;

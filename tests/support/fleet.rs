@@ -207,3 +207,10 @@ pub fn number_after(reply: &str, word: &str) -> u64 {
     }
     panic!("no number after {word:?} in {reply:?}")
 }
+
+/// Wall-clock microseconds since the Unix epoch: comparable between the test and its nodes.
+pub fn wall_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
