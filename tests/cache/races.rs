@@ -407,6 +407,32 @@ async fn finished(invalidation: tokio::task::JoinHandle<SlResult<u64>>) -> u64 {
         .unwrap()
 }
 
+/// Row 0 through the cache, tagged with its tag; loaded at the `committed` version.
+async fn read_row_0(cache: &Cache, committed: &AtomicU64) -> Row {
+    cache
+        .get_or_set_tagged(&row_key(0), Ttl::seconds(60), &[row_tag(0)], || async {
+            Ok::<_, std::io::Error>(Row {
+                id: 0,
+                version: committed.load(Ordering::SeqCst),
+                load: 0,
+            })
+        })
+        .await
+        .unwrap()
+}
+
+/// The view `name`, built from row 0 read through the cache and tagged with the row's tag.
+async fn read_view_of_row_0(cache: &Cache, committed: &AtomicU64, name: &str) -> View {
+    cache
+        .get_or_set_tagged(&view_key(name), Ttl::seconds(60), &[row_tag(0)], || async {
+            Ok::<_, std::io::Error>(View {
+                rows: vec![read_row_0(cache, committed).await],
+            })
+        })
+        .await
+        .unwrap()
+}
+
 /// The race the random test above looks for, made to happen: an invalidation has read a tag's
 /// index and not yet removed the row it lists, when a view is built from that cached row and
 /// registered under the same tag. The view holds the old row, and the index the invalidation read
@@ -416,37 +442,9 @@ pub async fn an_entry_built_from_a_cached_entry_during_its_invalidation_is_remov
     backend: &Backend,
 ) {
     let (gated, cache) = gated_cache(backend).await;
-    let committed = Arc::new(AtomicU64::new(1));
-    let ttl = Ttl::seconds(60);
-
-    let read_row = || {
-        let (cache, committed) = (cache.clone(), committed.clone());
-        async move {
-            cache
-                .get_or_set_tagged(&row_key(0), ttl, &[row_tag(0)], || async {
-                    Ok::<_, std::io::Error>(Row {
-                        id: 0,
-                        version: committed.load(Ordering::SeqCst),
-                        load: 0,
-                    })
-                })
-                .await
-                .unwrap()
-        }
-    };
-    let read_view = || {
-        let cache = cache.clone();
-        async move {
-            cache
-                .get_or_set_tagged(&view_key("one-0"), ttl, &[row_tag(0)], || async {
-                    Ok::<_, std::io::Error>(View {
-                        rows: vec![read_row().await],
-                    })
-                })
-                .await
-                .unwrap()
-        }
-    };
+    let committed = AtomicU64::new(1);
+    let read_row = || read_row_0(&cache, &committed);
+    let read_view = || read_view_of_row_0(&cache, &committed, "one-0");
     assert_eq!(read_row().await.version, 1);
 
     // The write commits, and its invalidation stops before it removes the row.
@@ -499,36 +497,9 @@ pub async fn the_second_of_two_concurrent_invalidations_removes_what_was_built_m
     backend: &Backend,
 ) {
     let (gated, cache) = gated_cache(backend).await;
-    let committed = Arc::new(AtomicU64::new(1));
-    let ttl = Ttl::seconds(60);
-    let read_row = || {
-        let (cache, committed) = (cache.clone(), committed.clone());
-        async move {
-            cache
-                .get_or_set_tagged(&row_key(0), ttl, &[row_tag(0)], || async {
-                    Ok::<_, std::io::Error>(Row {
-                        id: 0,
-                        version: committed.load(Ordering::SeqCst),
-                        load: 0,
-                    })
-                })
-                .await
-                .unwrap()
-        }
-    };
-    let read_view = || {
-        let cache = cache.clone();
-        async move {
-            cache
-                .get_or_set_tagged(&view_key("both-0"), ttl, &[row_tag(0)], || async {
-                    Ok::<_, std::io::Error>(View {
-                        rows: vec![read_row().await],
-                    })
-                })
-                .await
-                .unwrap()
-        }
-    };
+    let committed = AtomicU64::new(1);
+    let read_row = || read_row_0(&cache, &committed);
+    let read_view = || read_view_of_row_0(&cache, &committed, "both-0");
     assert_eq!(read_row().await.version, 1);
     committed.store(2, Ordering::SeqCst);
 

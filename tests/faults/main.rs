@@ -580,40 +580,81 @@ async fn a_lost_connection_opens_the_breaker_and_the_hold_keeps_calls_off_redis(
     assert_eq!(cache.stats().breaker, BreakerState::Closed);
 }
 
+/// The idempotency route of the late-store tests.
+fn payments() -> speedlayer::key::Ident {
+    speedlayer::key::Ident::from_static("payments")
+}
+
+/// A payment run under an Idempotency-Key that completed while its Redis was cut off behind the
+/// proxy (its response kept for a late store); the proxy is still cutting.
+struct CutRun {
+    server: RedisServer,
+    proxy: Proxy,
+    cache: Cache,
+    idem: speedlayer::idempotency::Idempotency,
+    order: speedlayer::idempotency::IdempotencyKey,
+    print: speedlayer::idempotency::Fingerprint,
+    record_key: speedlayer::Key,
+}
+
+impl CutRun {
+    async fn complete(order: &str) -> CutRun {
+        use speedlayer::idempotency::{
+            Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse,
+        };
+        let server = RedisServer::start();
+        let proxy = Proxy::start(server.port()).await;
+        let cache = Cache::new(
+            config_at(proxy.port())
+                .cool_down(Duration::from_millis(100))
+                .recovery_hold(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+        let idem = Idempotency::new(&cache).lease(Ttl::seconds(10));
+        let order = IdempotencyKey::parse(order).unwrap();
+        let print = Fingerprint::of("POST", "/payments", b"{}");
+        let Begin::Run(pending) = idem
+            .begin(&payments(), "client", &order, &print)
+            .await
+            .unwrap()
+        else {
+            panic!("the first request runs");
+        };
+        let record_key = pending.record_key().clone();
+        proxy.set(Mode::Cut);
+        let stored = pending
+            .complete(&StoredResponse::new(201, "paid"))
+            .await
+            .unwrap();
+        assert!(!stored, "Redis is cut off: not stored now");
+        CutRun {
+            server,
+            proxy,
+            cache,
+            idem,
+            order,
+            print,
+            record_key,
+        }
+    }
+}
+
 /// A run that completes while Redis is unusable keeps its response and stores it as soon as
 /// Redis takes it (within the lease): a retry then gets the replay instead of running again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_response_is_stored_once_redis_is_back() {
-    use speedlayer::idempotency::{
-        Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse,
-    };
+    use speedlayer::idempotency::Begin;
     let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let proxy = Proxy::start(server.port()).await;
-    let cache = Cache::new(
-        config_at(proxy.port())
-            .cool_down(Duration::from_millis(100))
-            .recovery_hold(Duration::from_millis(100)),
-    )
-    .await
-    .unwrap();
-    let idem = Idempotency::new(&cache).lease(Ttl::seconds(10));
-    let route = speedlayer::key::Ident::from_static("payments");
-    let key = IdempotencyKey::parse("order-1").unwrap();
-    let print = Fingerprint::of("POST", "/payments", b"{}");
-    let Begin::Run(pending) = idem.begin(&route, "client", &key, &print).await.unwrap() else {
-        panic!("the first request runs");
-    };
-    proxy.set(Mode::Cut);
-    let stored = pending
-        .complete(&StoredResponse::new(201, "paid"))
-        .await
-        .unwrap();
-    assert!(!stored, "Redis is cut off: not stored now");
+    let run = CutRun::complete("order-1").await;
+    let (proxy, idem) = (&run.proxy, &run.idem);
     proxy.set(Mode::Pass);
     let started = Instant::now();
     loop {
-        match idem.begin(&route, "client", &key, &print).await {
+        match idem
+            .begin(&payments(), "client", &run.order, &run.print)
+            .await
+        {
             Ok(Begin::Replay(response)) => {
                 assert_eq!(response.status, 201);
                 assert_eq!(response.body.as_ref(), b"paid");
@@ -641,35 +682,11 @@ async fn an_idempotent_response_is_stored_once_redis_is_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_store_leaves_another_clients_value_under_the_record_key_alone() {
     use redis::AsyncCommands;
-    use speedlayer::idempotency::{
-        Begin, Fingerprint, Idempotency, IdempotencyKey, StoredResponse,
-    };
     let _serial = SERIAL.lock().await;
-    let server = RedisServer::start();
-    let proxy = Proxy::start(server.port()).await;
-    let cache = Cache::new(
-        config_at(proxy.port())
-            .cool_down(Duration::from_millis(100))
-            .recovery_hold(Duration::from_millis(100)),
-    )
-    .await
-    .unwrap();
-    let idem = Idempotency::new(&cache).lease(Ttl::seconds(10));
-    let route = speedlayer::key::Ident::from_static("payments");
-    let order = IdempotencyKey::parse("order-2").unwrap();
-    let print = Fingerprint::of("POST", "/payments", b"{}");
-    let Begin::Run(pending) = idem.begin(&route, "client", &order, &print).await.unwrap() else {
-        panic!("the first request runs");
-    };
-    let record_key = pending.record_key().clone();
-    proxy.set(Mode::Cut);
-    let stored = pending
-        .complete(&StoredResponse::new(201, "paid"))
-        .await
-        .unwrap();
-    assert!(!stored, "Redis is cut off: not stored now");
+    let run = CutRun::complete("order-2").await;
+    let (proxy, idem, cache, record_key) = (&run.proxy, &run.idem, &run.cache, &run.record_key);
     // Meanwhile another client, with its own connection, puts a hash there.
-    let mut raw = server.raw().await;
+    let mut raw = run.server.raw().await;
     let _: () = raw.del(record_key.as_str()).await.unwrap();
     let _: () = raw
         .hset(record_key.as_str(), "owner", "node")
