@@ -360,6 +360,20 @@ mod tests {
         )
     }
 
+    /// Three failures: open (the breakers here have a threshold of 3).
+    fn open(b: &Breaker) {
+        for _ in 0..3 {
+            b.on_failure(Admit::Call);
+        }
+    }
+
+    /// Opens `b`, waits out its 1 s cool-down and asks again: the probe.
+    fn probe_after_cool_down(clock: &FakeClock, b: &Breaker) -> Admit {
+        open(b);
+        clock.advance(Duration::from_secs(1));
+        b.admit()
+    }
+
     #[test]
     fn opens_after_consecutive_failures_and_probes_after_cool_down() {
         let clock = FakeClock::new();
@@ -389,9 +403,7 @@ mod tests {
         let clock = FakeClock::new();
         let b = breaker(&clock);
         assert_eq!(b.probe_now(), Admit::Call);
-        for _ in 0..3 {
-            b.on_failure(Admit::Call);
-        }
+        open(&b);
         let probe = b.probe_now();
         assert!(matches!(probe, Admit::Probe(_)));
         assert_eq!(b.probe_now(), Admit::Skip);
@@ -415,11 +427,7 @@ mod tests {
     fn a_failed_probe_reopens_for_a_full_cool_down() {
         let clock = FakeClock::new();
         let b = breaker(&clock);
-        for _ in 0..3 {
-            b.on_failure(Admit::Call);
-        }
-        clock.advance(Duration::from_secs(1));
-        let probe = b.admit();
+        let probe = probe_after_cool_down(&clock, &b);
         assert!(matches!(probe, Admit::Probe(_)));
         b.on_failure(probe);
         assert_eq!(b.state(), BreakerState::Open);
@@ -433,11 +441,7 @@ mod tests {
     fn an_abandoned_probe_frees_the_slot() {
         let clock = FakeClock::new();
         let b = breaker(&clock);
-        for _ in 0..3 {
-            b.on_failure(Admit::Call);
-        }
-        clock.advance(Duration::from_secs(1));
-        let probe = b.admit();
+        let probe = probe_after_cool_down(&clock, &b);
         b.on_abandoned(probe);
         assert!(matches!(b.admit(), Admit::Probe(_)));
     }
@@ -446,9 +450,7 @@ mod tests {
     fn late_failures_do_not_push_the_probe_back() {
         let clock = FakeClock::new();
         let b = breaker(&clock);
-        for _ in 0..3 {
-            b.on_failure(Admit::Call);
-        }
+        open(&b);
         clock.advance(Duration::from_millis(900));
         // Calls admitted before the breaker opened fail late.
         b.on_failure(Admit::Call);
@@ -461,11 +463,7 @@ mod tests {
     fn trip_opens_and_a_running_probe_cannot_close_it() {
         let clock = FakeClock::new();
         let b = breaker(&clock);
-        for _ in 0..3 {
-            b.on_failure(Admit::Call);
-        }
-        clock.advance(Duration::from_secs(1));
-        let probe = b.admit();
+        let probe = probe_after_cool_down(&clock, &b);
         assert!(b.trip());
         assert_eq!(b.on_success(probe), Transition::None);
         assert_eq!(b.state(), BreakerState::Open);
@@ -540,11 +538,7 @@ mod tests {
     fn with_a_hold_the_first_probe_only_begins_it_and_a_later_one_closes() {
         let clock = FakeClock::new();
         let b = held(&clock);
-        for _ in 0..3 {
-            b.on_failure(Admit::Call);
-        }
-        clock.advance(Duration::from_secs(1));
-        let probe = b.admit();
+        let probe = probe_after_cool_down(&clock, &b);
         assert!(matches!(probe, Admit::Probe(_)));
         assert!(!b.closes(probe), "the first probe only checks the backend");
         assert_eq!(b.on_success(probe), Transition::Recovering);

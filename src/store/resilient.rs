@@ -1317,15 +1317,7 @@ impl Store {
                     inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(Err(e)) => self.failed("PING", admit, e),
-                Err(_) => {
-                    inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                    inner.primary.call_timed_out();
-                    let e = Error::new(
-                        ErrorKind::Timeout,
-                        format!("Redis did not answer PING within {:?}", inner.op_timeout),
-                    );
-                    self.failed("PING", admit, e);
-                }
+                Err(_) => self.timed_out("PING", admit),
             }
             return Outcome::Unusable;
         }
@@ -1347,16 +1339,23 @@ impl Store {
                 Outcome::Unusable
             }
             Err(_) => {
-                inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                inner.primary.call_timed_out();
-                let e = Error::new(
-                    ErrorKind::Timeout,
-                    format!("Redis did not answer {op} within {:?}", inner.op_timeout),
-                );
-                self.failed(op, admit, e);
+                self.timed_out(op, admit);
                 Outcome::Unusable
             }
         }
+    }
+
+    /// A call (`op`) that got no answer within the operation timeout: counted, the backend told
+    /// to replace its connection (its peer may have vanished), and fed to the breaker.
+    fn timed_out(&self, op: &'static str, admit: Admit) {
+        let inner = &*self.inner;
+        inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+        inner.primary.call_timed_out();
+        let e = Error::new(
+            ErrorKind::Timeout,
+            format!("Redis did not answer {op} within {:?}", inner.op_timeout),
+        );
+        self.failed(op, admit, e);
     }
 
     fn succeeded(&self, admit: Admit) {
