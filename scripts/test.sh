@@ -24,6 +24,12 @@ redis-server --version
 node --version
 ls -d /usr/lib/postgresql/*/bin | tail -1
 
+# A one-off build gains nothing from incremental compilation's cache, which would add gigabytes
+# to target/ on a machine whose disk may be small.
+export CARGO_INCREMENTAL=0
+df -h . | tail -1
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --all-features -- -D warnings
 cargo test --all-features
+du -sh target 2>/dev/null || true
