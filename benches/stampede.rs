@@ -82,40 +82,51 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
     }
 }
 
-/// `stampede/xfetch`: 64 readers on one hot key for 3 s, TTL 200 ms (15 expiries), a 20 ms
-/// loader, no grace: without early refresh every expiry is a miss that readers wait on. Loader
-/// calls per expiry and readers that waited on a load, for XFetch (β = 1), a fixed threshold
-/// (refresh when 40 ms are left) and no early refresh.
+/// `stampede/xfetch`: 64 readers on one hot key (each reads, then sleeps 2 ms: about 18,000
+/// reads a second), no grace: without early refresh every expiry is a miss that readers wait
+/// on. Loader calls per expiry and readers that waited on a load, for XFetch (β = 1), a fixed
+/// threshold (refresh when 2 load times are left) and no early refresh, in two shapes:
+///
+/// - TTL 200 ms, a 20 ms loader, 3 s (15 expiries): a TTL only 10 load times long.
+/// - TTL 1 s, a 10 ms loader, 10 s (10 expiries): a TTL 100 load times long, as for a real hot
+///   key (a 60 s TTL over a 20 ms query is 3,000).
+///
+/// XFetch starts a refresh about `load × β × ln(reads per second × load)` before expiry (the
+/// first read whose draw says so): here about 6 load times, most of a 10-load TTL, so the short
+/// shape refreshes about twice per TTL; the long one close to once.
 fn xfetch(server: &RedisServer) {
+    xfetch_shape(server, 200, 20, Duration::from_secs(3));
+    xfetch_shape(server, 1_000, 10, Duration::from_secs(10));
+}
+
+fn xfetch_shape(server: &RedisServer, ttl_ms: u64, load_ms: u64, run: Duration) {
     use speedlayer::cache::{EarlyRefresh, FetchPolicy};
     const READERS: usize = 64;
-    const RUN: Duration = Duration::from_secs(3);
-    const TTL_MS: u64 = 200;
+    let load = Duration::from_millis(load_ms);
     let rt = runtime();
     for (name, early) in [
         ("xfetch", Some(EarlyRefresh::xfetch())),
         (
-            "fixed 40 ms",
+            "fixed 2 loads",
             Some(EarlyRefresh::Fixed {
-                before_expiry: Duration::from_millis(40),
+                before_expiry: load * 2,
             }),
         ),
         ("none", None),
     ] {
         let cache = rt.block_on(redis_cache(server, Transport::Multiplexed));
-        let mut policy = FetchPolicy::new(Ttl::from_millis(TTL_MS).unwrap())
-            .expected_load(Duration::from_millis(20));
+        let mut policy = FetchPolicy::new(Ttl::from_millis(ttl_ms).unwrap()).expected_load(load);
         if let Some(early) = early {
             policy = policy.early_refresh(early);
         }
-        let k = key(7_000_000 + name.len() as u64);
+        let k = key(7_000_000 + ttl_ms * 100 + name.len() as u64);
         let loads = Arc::new(AtomicU64::new(0));
         let loader = {
             let loads = loads.clone();
             move || {
                 loads.fetch_add(1, Ordering::Relaxed);
-                async {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                async move {
+                    tokio::time::sleep(load).await;
                     Ok::<_, std::io::Error>(dashboard(7))
                 }
             }
@@ -133,7 +144,7 @@ fn xfetch(server: &RedisServer) {
                         (cache.clone(), k.clone(), policy.clone(), loader.clone());
                     tokio::spawn(async move {
                         let mut reads = 0u64;
-                        while started.elapsed() < RUN {
+                        while started.elapsed() < run {
                             let _ = cache
                                 .fetch::<Dashboard, _, _, _>(&k, &policy, loader.clone())
                                 .await;
@@ -152,13 +163,12 @@ fn xfetch(server: &RedisServer) {
             let waited = (after.misses + after.coalesced) - (before.misses + before.coalesced);
             (waited, reads)
         });
-        let expiries = RUN.as_millis() as f64 / TTL_MS as f64;
+        let expiries = run.as_millis() as f64 / ttl_ms as f64;
+        let calls = loads.load(Ordering::Relaxed) - 1;
         let line = format!(
-            "stampede/xfetch [{name}]: {:.2} loader calls per expiry ({} in {:?}, TTL {TTL_MS} ms), \
-             {waited} of {reads} reads waited on a load",
-            (loads.load(Ordering::Relaxed) - 1) as f64 / expiries,
-            loads.load(Ordering::Relaxed) - 1,
-            RUN,
+            "stampede/xfetch [{name}; TTL {ttl_ms} ms, {load_ms} ms loader]: {:.2} loader calls \
+             per expiry ({calls} in {run:?}), {waited} of {reads} reads waited on a load",
+            calls as f64 / expiries,
         );
         println!("{line}");
         crate::report::remember(line);
