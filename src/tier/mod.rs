@@ -196,6 +196,9 @@ pub struct TierStats {
     pub fills_refused: u64,
     /// Keys dropped from L1 by an invalidation message from Redis.
     pub evicted_by_message: u64,
+    /// Reads that found a copy in L1 but went to Redis because the channel's socket held bytes
+    /// its task had not read yet (perhaps an invalidation message), or its close.
+    pub unsettled_reads: u64,
     /// Times the channel was lost (L1 emptied).
     pub channel_losses: u64,
     /// Times tracking was switched on (the first connection and each reconnection).
@@ -212,6 +215,7 @@ struct Counters {
     fills: Tally,
     fills_refused: Tally,
     evicted_by_message: Tally,
+    unsettled_reads: Tally,
     channel_losses: Tally,
     channel_starts: Tally,
 }
@@ -227,6 +231,7 @@ impl Default for Counters {
                 "speedlayer_tier_evictions_total",
                 &[("cause", "message")],
             ),
+            unsettled_reads: Tally::new("speedlayer_tier_unsettled_reads_total"),
             channel_losses: Tally::new("speedlayer_tier_channel_losses_total"),
             channel_starts: Tally::new("speedlayer_tier_channel_starts_total"),
         }
@@ -390,6 +395,15 @@ impl Tier {
         };
         match self.entries.get(key) {
             Some(local) if local.expires > now => {
+                // A message (or the close) may be waiting on the socket, unread by the
+                // connection's task: this read goes to Redis.
+                #[cfg(feature = "redis")]
+                if self.channel.peek(self.micros(now)) != tracking::Peek::Quiet {
+                    self.counters
+                        .unsettled_reads
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Miss;
+                }
                 if stale {
                     self.counters.stale_served.fetch_add(1, Ordering::Relaxed);
                     Lookup::Stale(local.bytes)
@@ -551,6 +565,7 @@ impl Tier {
             fills: c.fills.load(Ordering::Relaxed),
             fills_refused: c.fills_refused.load(Ordering::Relaxed),
             evicted_by_message: c.evicted_by_message.load(Ordering::Relaxed),
+            unsettled_reads: c.unsettled_reads.load(Ordering::Relaxed),
             channel_losses: c.channel_losses.load(Ordering::Relaxed),
             channel_starts: c.channel_starts.load(Ordering::Relaxed),
             trusted: self.trusted(Instant::now()),

@@ -6,9 +6,16 @@
 //! `PING`) arrives, every message Redis sent before that reply has been applied. Redis queues a
 //! write's invalidation messages before the write's own reply, so once a write has returned to
 //! anyone, a `PING` sent afterwards on the channel is answered only after its messages.
+//!
+//! Between Redis sending a message (or closing the connection) and the connection's task reading
+//! it, the bytes wait in the socket. On a plain TCP connection the channel keeps a second
+//! descriptor of the socket, and a read about to answer from L1 first peeks at it (one
+//! non-blocking `recv` with `MSG_PEEK`, which consumes nothing): unread bytes or a close send
+//! that read to Redis. So a message that reached this host before a read began is never missed
+//! for want of the task having run, however busy the process is.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -16,23 +23,93 @@ use redis::{PushInfo, PushKind, Value};
 
 use super::Tier;
 
+/// A socket found quiet is not peeked at again for this long (microseconds): a peek is a system
+/// call, several times the cost of an L1 hit, and reads can come every microsecond. A message
+/// or close is seen by every read that begins this long after it reached the socket.
+pub(crate) const PEEK_EVERY_MICROS: u64 = 10;
+
 /// Without any answer for this long, the connection is replaced.
 const DEAD_AFTER: Duration = Duration::from_secs(10);
 /// The name the channel's connections carry in `CLIENT LIST`.
 pub(crate) const CLIENT_NAME: &str = "speedlayer-tier";
 
-/// The current connection of the channel, for barriers.
+/// What waits on the channel's socket, unread by the connection's task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Peek {
+    /// Nothing: every message Redis sent has been read (and so applied).
+    Quiet,
+    /// Bytes not read yet: perhaps an invalidation message.
+    Unread,
+    /// The connection is closed (or reset); its task may not have seen it yet.
+    Closed,
+}
+
+/// A second descriptor of the channel's TCP socket, for [`Socket::peek`]. Dropping it shuts
+/// the connection down: it is dropped only when its connection is given up.
+#[derive(Debug)]
+pub(crate) struct Socket(std::net::TcpStream);
+
+impl Socket {
+    /// Looks at the socket without consuming anything (the socket is non-blocking).
+    pub(crate) fn peek(&self) -> Peek {
+        let mut byte = [0u8; 1];
+        match self.0.peek(&mut byte) {
+            Ok(0) => Peek::Closed,
+            Ok(_) => Peek::Unread,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Peek::Quiet,
+            // A signal: nothing is known, so nothing is trusted for this read.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Peek::Unread,
+            Err(_) => Peek::Closed,
+        }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // The connection's own descriptor may still be open in its task: without this the
+        // server would keep a connection nobody reads, with tracking on.
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The current connection of the channel, for barriers, and its socket, for peeks.
 #[derive(Default)]
 pub(crate) struct Channel {
     conn: Mutex<Option<MultiplexedConnection>>,
+    socket: RwLock<Option<Socket>>,
+    /// When (the tier's microseconds) the socket was last found quiet; 0 when never.
+    quiet_at: AtomicU64,
     /// The id of the connection whose tracking is on; 0 when none.
     current: AtomicU64,
 }
 
 impl Channel {
-    fn set(&self, id: u64, conn: Option<MultiplexedConnection>) {
+    fn set(&self, id: u64, conn: Option<MultiplexedConnection>, socket: Option<Socket>) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+        let old = std::mem::replace(
+            &mut *self.socket.write().unwrap_or_else(|e| e.into_inner()),
+            socket,
+        );
+        self.quiet_at.store(0, Ordering::Release);
         self.current.store(id, Ordering::Release);
+        drop(old);
+    }
+
+    /// What waits on the current connection's socket at `now` (the tier's microseconds), unless
+    /// it was found quiet less than [`PEEK_EVERY_MICROS`] ago. [`Peek::Quiet`] when it cannot be
+    /// seen (TLS, a Unix socket) or there is no connection (L1 is not trusted then anyway).
+    pub(crate) fn peek(&self, now: u64) -> Peek {
+        if now.saturating_sub(self.quiet_at.load(Ordering::Acquire)) < PEEK_EVERY_MICROS {
+            return Peek::Quiet;
+        }
+        let peek = match &*self.socket.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(socket) => socket.peek(),
+            None => return Peek::Quiet,
+        };
+        if peek == Peek::Quiet {
+            self.quiet_at.fetch_max(now, Ordering::AcqRel);
+        }
+        peek
     }
 
     fn connection(&self) -> Option<MultiplexedConnection> {
@@ -81,7 +158,7 @@ fn on_push(tier: &Tier, id: u64, dead: &AtomicBool, info: PushInfo) {
         PushKind::Disconnection => {
             dead.store(true, Ordering::Release);
             if tier.channel.current.load(Ordering::Acquire) == id {
-                tier.channel.set(0, None);
+                tier.channel.set(0, None, None);
                 tier.lost();
             }
         }
@@ -119,7 +196,7 @@ pub(crate) async fn run(tier: Weak<Tier>, client: redis::Client) {
         match tier.upgrade() {
             Some(t) => {
                 if t.channel.current.load(Ordering::Acquire) == id {
-                    t.channel.set(0, None);
+                    t.channel.set(0, None, None);
                 }
                 t.lost();
             }
@@ -157,9 +234,7 @@ async fn connect(
         .set_response_timeout(None)
         .set_push_sender(sender);
     let attempt = async {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let (mut conn, socket) = open(client, &config).await?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(CLIENT_NAME)
@@ -172,7 +247,7 @@ async fn connect(
         }
         let sent = Instant::now();
         tracking.query_async::<()>(&mut conn).await?;
-        Ok((conn, sent))
+        Ok((conn, socket, sent))
     };
     let result = match tokio::time::timeout(timeout.saturating_mul(2), attempt).await {
         Ok(result) => result,
@@ -188,8 +263,8 @@ async fn connect(
             "the connection closed while tracking was switched on",
         ))
     };
-    Some(result.and_then(|(conn, sent)| {
-        t.channel.set(id, Some(conn.clone()));
+    Some(result.and_then(|(conn, socket, sent)| {
+        t.channel.set(id, Some(conn.clone()), socket);
         if dead.load(Ordering::Acquire) {
             return Err(closed_early());
         }
@@ -202,6 +277,33 @@ async fn connect(
         tracing::debug!(prefixes = ?t.prefixes, "in-process tier: tracking on");
         Ok((conn, dead))
     }))
+}
+
+/// Opens the channel's connection. On plain TCP the socket is made here, so that a second
+/// descriptor of it can be kept for peeks; TLS and Unix sockets go through redis-rs alone.
+async fn open(
+    client: &redis::Client,
+    config: &redis::AsyncConnectionConfig,
+) -> redis::RedisResult<(MultiplexedConnection, Option<Socket>)> {
+    let info = client.get_connection_info();
+    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+        let conn = client
+            .get_multiplexed_async_connection_with_config(config)
+            .await?;
+        return Ok((conn, None));
+    };
+    let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+    stream.set_nodelay(true)?;
+    // Tokio's socket is non-blocking, and so is the duplicate (they share the open file).
+    let stream = stream.into_std()?;
+    let socket = Socket(stream.try_clone()?);
+    let stream = tokio::net::TcpStream::from_std(stream)?;
+    let (conn, driver) =
+        MultiplexedConnection::new_with_config(info.redis_settings(), stream, config.clone())
+            .await?;
+    // The task ends when the connection closes or every handle to it is dropped.
+    tokio::spawn(driver);
+    Ok((conn, Some(socket)))
 }
 
 /// Confirms the channel every heartbeat until it fails or the tier is gone.

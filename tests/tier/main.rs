@@ -340,6 +340,87 @@ mod redis_only {
         assert_eq!(settles_away_from(&cache, &k, Some(2)).await, Some(3));
     }
 
+    /// On a one-thread runtime the channel's task cannot run while the test holds the thread:
+    /// a write by another client (made with a blocking connection) leaves its invalidation
+    /// message unread on the channel's socket. The next read must not answer from L1.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_not_yet_read_off_the_socket_sends_the_read_to_redis() {
+        let backend = Backend::redis().await;
+        let server = backend.server().unwrap();
+        let cache = tiered(&backend).await;
+        let k = key(13);
+        cache.set(&k, &1u64, MINUTE).await.unwrap();
+        assert_eq!(until_local(&cache, &k).await, 1);
+        let before = cache.tier_stats().unwrap();
+
+        let mut blocking = server.client().get_connection().unwrap();
+        let _: () = ::redis::cmd("SET")
+            .arg(k.as_str())
+            .arg("2")
+            .arg("EX")
+            .arg(60)
+            .query(&mut blocking)
+            .unwrap();
+        // Nothing has yielded since the write returned: the message is still on the socket.
+        // A blocking sleep (the task still cannot run) puts the last peek, made by the read
+        // that found the copy, more than the 10 µs a quiet socket is trusted for in the past.
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(
+            cache.get_served::<u64>(&k).await,
+            Some((2, Served::Store)),
+            "read from L1 while an invalidation waited unread"
+        );
+        let after = cache.tier_stats().unwrap();
+        assert_eq!(
+            after.unsettled_reads,
+            before.unsettled_reads + 1,
+            "{after:?}"
+        );
+        assert_eq!(after.channel_losses, 0, "{after:?}");
+        // Once the task has run, the message has been applied and L1 serves the new value.
+        assert_eq!(until_local(&cache, &k).await, 2);
+    }
+
+    /// The same for a killed channel: Redis closes the socket before `CLIENT KILL` returns, and
+    /// the next read, made before the channel's task could see the close, goes to Redis.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_killed_channel_is_seen_by_the_very_next_read() {
+        let backend = Backend::redis().await;
+        let server = backend.server().unwrap();
+        let cache = tiered(&backend).await;
+        let k = key(14);
+        cache.set(&k, &1u64, MINUTE).await.unwrap();
+        assert_eq!(until_local(&cache, &k).await, 1);
+
+        let ids = server.tier_clients().await;
+        assert_eq!(ids.len(), 1, "one channel per tiered cache");
+        let mut blocking = server.client().get_connection().unwrap();
+        let _: () = ::redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(&ids[0])
+            .query(&mut blocking)
+            .unwrap();
+        // Written after the kill: no message can report it.
+        let _: () = ::redis::cmd("SET")
+            .arg(k.as_str())
+            .arg("2")
+            .arg("EX")
+            .arg(60)
+            .query(&mut blocking)
+            .unwrap();
+        // As above: the last peek is older than the 10 µs a quiet socket is trusted for.
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(
+            cache.get_served::<u64>(&k).await,
+            Some((2, Served::Store)),
+            "read from L1 after the channel was closed"
+        );
+        assert!(cache.tier_stats().unwrap().unsettled_reads >= 1);
+        wait_until_trusted(&cache).await;
+        assert_eq!(until_local(&cache, &k).await, 2);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_redis_empties_l1() {
         let mut backend = Backend::redis().await;
