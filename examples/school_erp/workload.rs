@@ -112,6 +112,9 @@ pub struct Detail {
     pub cache_hits: u64,
     /// Of the hits, those answered by the in-process tier.
     pub local_hits: u64,
+    /// Reads that found a copy in L1 but went to Redis: a message about the key (or the
+    /// channel's close) waited unread on the channel's socket.
+    pub unsettled_reads: u64,
     /// The tier channels' heartbeat round trip (the longest an invalidation message is on its
     /// way while the channel is healthy), p50 and p99 in microseconds, the worst instance's.
     pub channel_rtt_us: (u64, u64),
@@ -225,6 +228,11 @@ impl Report {
                 "tier channel    heartbeat round trip p50 {} us, p99 {} us: how long an invalidation \
                  message from another instance is on its way",
                 d.channel_rtt_us.0, d.channel_rtt_us.1
+            );
+            println!(
+                "                {} reads found a copy but went to Redis: a message about their key \
+                 waited unread on the channel's socket",
+                d.unsettled_reads
             );
         }
         println!(
@@ -1462,6 +1470,7 @@ pub async fn run(addrs: &[SocketAddr], workload: Workload) -> Result<Report, Str
             cache_switched,
             cache_hits: delta("speedlayer_cache_hits_total"),
             local_hits: delta("speedlayer_tier_hits_total{state=\"fresh\"}"),
+            unsettled_reads: delta("speedlayer_tier_unsettled_reads_total"),
             channel_rtt_us: (
                 worst_micros(
                     &after,

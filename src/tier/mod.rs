@@ -395,10 +395,13 @@ impl Tier {
         };
         match self.entries.get(key) {
             Some(local) if local.expires > now => {
-                // A message (or the close) may be waiting on the socket, unread by the
-                // connection's task: this read goes to Redis.
+                // A message about this key (or the close) may be waiting on the socket, unread
+                // by the connection's task: this read goes to Redis.
                 #[cfg(feature = "redis")]
-                if self.channel.peek(self.micros(now)) != tracking::Peek::Quiet {
+                if matches!(
+                    self.channel.peek(self.micros(now), key.as_bytes()),
+                    tracking::Peek::Unread | tracking::Peek::Closed
+                ) {
                     self.counters
                         .unsettled_reads
                         .fetch_add(1, Ordering::Relaxed);

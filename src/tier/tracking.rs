@@ -38,11 +38,17 @@ pub(crate) const CLIENT_NAME: &str = "speedlayer-tier";
 pub(crate) enum Peek {
     /// Nothing: every message Redis sent has been read (and so applied).
     Quiet,
-    /// Bytes not read yet: perhaps an invalidation message.
+    /// Bytes not read yet, whole messages none of which names the key.
+    Elsewhere,
+    /// Bytes not read yet that may concern the key: a message naming it, a flush, or more
+    /// than one look takes in.
     Unread,
     /// The connection is closed (or reset); its task may not have seen it yet.
     Closed,
 }
+
+/// How many unread bytes one look takes in.
+const PEEK_BYTES: usize = 4096;
 
 /// A second descriptor of the channel's TCP socket, for [`Socket::peek`]. Dropping it shuts
 /// the connection down: it is dropped only when its connection is given up.
@@ -50,18 +56,60 @@ pub(crate) enum Peek {
 pub(crate) struct Socket(std::net::TcpStream);
 
 impl Socket {
-    /// Looks at the socket without consuming anything (the socket is non-blocking).
-    pub(crate) fn peek(&self) -> Peek {
+    /// Looks at the socket without consuming anything (the socket is non-blocking): first one
+    /// byte, and only when something waits, what waits, to tell whether it names `key`.
+    pub(crate) fn peek(&self, key: &[u8]) -> Peek {
         let mut byte = [0u8; 1];
-        match self.0.peek(&mut byte) {
+        match self.look(&mut byte) {
+            Peek::Elsewhere => {}
+            other => return other,
+        }
+        let mut pending = [0u8; PEEK_BYTES];
+        let Ok(n) = self.0.peek(&mut pending) else {
+            return Peek::Unread;
+        };
+        if n == 0 {
+            return Peek::Closed;
+        }
+        if n == PEEK_BYTES || concerns(&pending[..n], key) {
+            Peek::Unread
+        } else {
+            Peek::Elsewhere
+        }
+    }
+
+    /// One look into `buf`: `Elsewhere` stands for "something waits" here.
+    fn look(&self, buf: &mut [u8]) -> Peek {
+        match self.0.peek(buf) {
             Ok(0) => Peek::Closed,
-            Ok(_) => Peek::Unread,
+            Ok(_) => Peek::Elsewhere,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Peek::Quiet,
             // A signal: nothing is known, so nothing is trusted for this read.
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Peek::Unread,
             Err(_) => Peek::Closed,
         }
     }
+}
+
+/// Whether unread bytes of the channel may concern `key`: they name it (a key it is a prefix
+/// of counts too), or they hold a flush (`invalidate` with a null: every key).
+fn concerns(pending: &[u8], key: &[u8]) -> bool {
+    contains(pending, key) || contains(pending, b"invalidate\r\n_")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let mut from = 0;
+    while let Some(at) = haystack[from..].iter().position(|&b| b == first) {
+        let start = from + at;
+        if haystack[start + 1..].starts_with(rest) {
+            return true;
+        }
+        from = start + 1;
+    }
+    false
 }
 
 impl Drop for Socket {
@@ -95,15 +143,16 @@ impl Channel {
         drop(old);
     }
 
-    /// What waits on the current connection's socket at `now` (the tier's microseconds), unless
-    /// it was found quiet less than [`PEEK_EVERY_MICROS`] ago. [`Peek::Quiet`] when it cannot be
-    /// seen (TLS, a Unix socket) or there is no connection (L1 is not trusted then anyway).
-    pub(crate) fn peek(&self, now: u64) -> Peek {
+    /// What waits on the current connection's socket at `now` (the tier's microseconds) that
+    /// may concern `key`, unless the socket was found quiet less than [`PEEK_EVERY_MICROS`] ago.
+    /// [`Peek::Quiet`] when it cannot be seen (TLS, a Unix socket) or there is no connection
+    /// (L1 is not trusted then anyway).
+    pub(crate) fn peek(&self, now: u64, key: &[u8]) -> Peek {
         if now.saturating_sub(self.quiet_at.load(Ordering::Acquire)) < PEEK_EVERY_MICROS {
             return Peek::Quiet;
         }
         let peek = match &*self.socket.read().unwrap_or_else(|e| e.into_inner()) {
-            Some(socket) => socket.peek(),
+            Some(socket) => socket.peek(key),
             None => return Peek::Quiet,
         };
         if peek == Peek::Quiet {
@@ -350,5 +399,37 @@ async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, 
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{concerns, contains};
+
+    #[test]
+    fn a_pending_message_concerns_the_keys_it_names_and_a_flush_every_key() {
+        let message = b">2\r\n$10\r\ninvalidate\r\n*2\r\n$7\r\napp:a:1\r\n$8\r\napp:b:22\r\n";
+        assert!(concerns(message, b"app:a:1"));
+        assert!(concerns(message, b"app:b:22"));
+        assert!(
+            concerns(message, b"app:b:2"),
+            "a prefix of a named key counts"
+        );
+        assert!(!concerns(message, b"app:a:2"));
+        assert!(!concerns(message, b"app:c:1"));
+        let flush = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
+        assert!(concerns(flush, b"app:c:1"));
+        let pong = b"+PONG\r\n";
+        assert!(!concerns(pong, b"app:a:1"));
+    }
+
+    #[test]
+    fn contains_finds_needles_anywhere_and_only_whole() {
+        assert!(contains(b"abc", b""));
+        assert!(contains(b"aab", b"ab"));
+        assert!(contains(b"xxab", b"ab"));
+        assert!(!contains(b"xxa", b"ab"));
+        assert!(!contains(b"", b"a"));
+        assert!(contains(b"a", b"a"));
     }
 }

@@ -354,16 +354,29 @@ mod redis_only {
         let before = cache.tier_stats().unwrap();
 
         let mut blocking = server.client().get_connection().unwrap();
-        let _: () = ::redis::cmd("SET")
-            .arg(k.as_str())
-            .arg("2")
-            .arg("EX")
-            .arg(60)
-            .query(&mut blocking)
-            .unwrap();
+        let mut set = |key: &str, value: &str| {
+            let _: () = ::redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(60)
+                .query(&mut blocking)
+                .unwrap();
+        };
+        // A write to another key: its message waits unread, and does not concern this key.
+        let other = key(15);
+        set(other.as_str(), "9");
         // Nothing has yielded since the write returned: the message is still on the socket.
         // A blocking sleep (the task still cannot run) puts the last peek, made by the read
         // that found the copy, more than the 10 µs a quiet socket is trusted for in the past.
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(
+            cache.get_served::<u64>(&k).await,
+            Some((1, Served::Local)),
+            "a message about another key sent the read to Redis"
+        );
+        // Now one about this key.
+        set(k.as_str(), "2");
         std::thread::sleep(Duration::from_millis(1));
         assert_eq!(
             cache.get_served::<u64>(&k).await,
@@ -379,6 +392,15 @@ mod redis_only {
         assert_eq!(after.channel_losses, 0, "{after:?}");
         // Once the task has run, the message has been applied and L1 serves the new value.
         assert_eq!(until_local(&cache, &k).await, 2);
+
+        // A flush, unread, concerns every key.
+        let _: () = ::redis::cmd("FLUSHALL").query(&mut blocking).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(
+            cache.get_served::<u64>(&k).await,
+            None,
+            "read from L1 while a FLUSHALL waited unread"
+        );
     }
 
     /// The same for a killed channel: Redis closes the socket before `CLIENT KILL` returns, and
