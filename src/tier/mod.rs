@@ -46,6 +46,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 #[cfg(feature = "redis")]
+mod socket;
+#[cfg(feature = "redis")]
 mod tracking;
 
 mod read;
@@ -396,15 +398,25 @@ impl Tier {
         match self.entries.get(key) {
             Some(local) if local.expires > now => {
                 // A message about this key (or the close) may be waiting on the socket, unread
-                // by the connection's task: this read goes to Redis.
+                // by the connection's task: this read goes to Redis, and the copy goes now. Were
+                // it kept, a later read could find the socket quiet once the task has taken the
+                // message off it but before applying it, and serve the copy after this read
+                // returned the newer value.
                 #[cfg(feature = "redis")]
                 if matches!(
                     self.channel.peek(self.micros(now), key.as_bytes()),
-                    tracking::Peek::Unread | tracking::Peek::Closed
+                    socket::Peek::Unread | socket::Peek::Closed
                 ) {
                     self.counters
                         .unsettled_reads
                         .fetch_add(1, Ordering::Relaxed);
+                    self.evict(key);
+                    return Lookup::Miss;
+                }
+                // The channel's task may have handled the close since this read began, and
+                // taken the socket away: the loss is marked before that.
+                #[cfg(feature = "redis")]
+                if !self.alive.load(Ordering::Acquire) {
                     return Lookup::Miss;
                 }
                 if stale {
@@ -646,6 +658,69 @@ mod tests {
         tier.lost();
         assert!(matches!(tier.lookup("app:a:1"), Lookup::Miss));
         assert!(tier.snapshot("app:a:1").is_none());
+    }
+
+    /// A connected pair on loopback: the channel's end (as the tier keeps it) and Redis's.
+    #[cfg(feature = "redis")]
+    fn socket_pair() -> (std::sync::Arc<socket::Socket>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (std::sync::Arc::new(socket::Socket::new(ours)), theirs)
+    }
+
+    /// Reads off the channel's end what waits there, as the connection's task would before
+    /// applying it.
+    #[cfg(feature = "redis")]
+    fn take_pending(tier: &Tier) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while tier.channel.take_pending() == 0 {
+            assert!(Instant::now() < deadline, "nothing arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_read_sent_to_redis_by_an_unread_message_drops_the_copy() {
+        use std::io::Write;
+        let tier = tier();
+        let (socket, mut redis) = socket_pair();
+        tier.channel.set(1, None, Some(socket));
+        let snap = tier.snapshot("app:a:1").expect("trusted");
+        tier.fill("app:a:1", Bytes::from_static(b"1"), None, snap);
+        let snap = tier.snapshot("app:b:1").expect("trusted");
+        tier.fill("app:b:1", Bytes::from_static(b"1"), None, snap);
+        assert!(matches!(tier.lookup("app:a:1"), Lookup::Fresh(_)));
+
+        redis
+            .write_all(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\napp:a:1\r\n")
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        // The message names app:a:1: its read goes to Redis (once the bytes have arrived).
+        while !matches!(tier.lookup("app:a:1"), Lookup::Miss) {
+            assert!(Instant::now() < deadline, "the message was not seen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(tier.stats().unsettled_reads, 1);
+        // ... not app:b:1's.
+        std::thread::sleep(Duration::from_micros(2 * tracking::PEEK_EVERY_MICROS));
+        assert!(matches!(tier.lookup("app:b:1"), Lookup::Fresh(_)));
+        // The task takes the message off the socket and has not applied it yet: the socket is
+        // quiet, and the copy must not come back.
+        take_pending(&tier);
+        std::thread::sleep(Duration::from_micros(2 * tracking::PEEK_EVERY_MICROS));
+        assert!(matches!(tier.lookup("app:a:1"), Lookup::Miss));
+        assert!(matches!(tier.lookup("app:b:1"), Lookup::Fresh(_)));
+
+        // A close: every read goes to Redis before the task has seen it.
+        drop(redis);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !matches!(tier.lookup("app:b:1"), Lookup::Miss) {
+            assert!(Instant::now() < deadline, "the close was not seen");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

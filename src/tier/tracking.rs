@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 
+use super::socket::{Peek, Socket};
+
 use super::Tier;
 
 /// A socket found quiet is not peeked at again for this long (microseconds): a peek is a system
@@ -33,98 +35,11 @@ const DEAD_AFTER: Duration = Duration::from_secs(10);
 /// The name the channel's connections carry in `CLIENT LIST`.
 pub(crate) const CLIENT_NAME: &str = "speedlayer-tier";
 
-/// What waits on the channel's socket, unread by the connection's task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Peek {
-    /// Nothing: every message Redis sent has been read (and so applied).
-    Quiet,
-    /// Bytes not read yet, whole messages none of which names the key.
-    Elsewhere,
-    /// Bytes not read yet that may concern the key: a message naming it, a flush, or more
-    /// than one look takes in.
-    Unread,
-    /// The connection is closed (or reset); its task may not have seen it yet.
-    Closed,
-}
-
-/// How many unread bytes one look takes in.
-const PEEK_BYTES: usize = 4096;
-
-/// A second descriptor of the channel's TCP socket, for [`Socket::peek`]. Dropping it shuts
-/// the connection down: it is dropped only when its connection is given up.
-#[derive(Debug)]
-pub(crate) struct Socket(std::net::TcpStream);
-
-impl Socket {
-    /// Looks at the socket without consuming anything (the socket is non-blocking): first one
-    /// byte, and only when something waits, what waits, to tell whether it names `key`.
-    pub(crate) fn peek(&self, key: &[u8]) -> Peek {
-        let mut byte = [0u8; 1];
-        match self.look(&mut byte) {
-            Peek::Elsewhere => {}
-            other => return other,
-        }
-        let mut pending = [0u8; PEEK_BYTES];
-        let Ok(n) = self.0.peek(&mut pending) else {
-            return Peek::Unread;
-        };
-        if n == 0 {
-            return Peek::Closed;
-        }
-        if n == PEEK_BYTES || concerns(&pending[..n], key) {
-            Peek::Unread
-        } else {
-            Peek::Elsewhere
-        }
-    }
-
-    /// One look into `buf`: `Elsewhere` stands for "something waits" here.
-    fn look(&self, buf: &mut [u8]) -> Peek {
-        match self.0.peek(buf) {
-            Ok(0) => Peek::Closed,
-            Ok(_) => Peek::Elsewhere,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Peek::Quiet,
-            // A signal: nothing is known, so nothing is trusted for this read.
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Peek::Unread,
-            Err(_) => Peek::Closed,
-        }
-    }
-}
-
-/// Whether unread bytes of the channel may concern `key`: they name it (a key it is a prefix
-/// of counts too), or they hold a flush (`invalidate` with a null: every key).
-fn concerns(pending: &[u8], key: &[u8]) -> bool {
-    contains(pending, key) || contains(pending, b"invalidate\r\n_")
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, rest)) = needle.split_first() else {
-        return true;
-    };
-    let mut from = 0;
-    while let Some(at) = haystack[from..].iter().position(|&b| b == first) {
-        let start = from + at;
-        if haystack[start + 1..].starts_with(rest) {
-            return true;
-        }
-        from = start + 1;
-    }
-    false
-}
-
-impl Drop for Socket {
-    fn drop(&mut self) {
-        // The connection's own descriptor may still be open in its task: without this the
-        // server would keep a connection nobody reads, with tracking on.
-        let _ = self.0.shutdown(std::net::Shutdown::Both);
-    }
-}
-
 /// The current connection of the channel, for barriers, and its socket, for peeks.
 #[derive(Default)]
 pub(crate) struct Channel {
     conn: Mutex<Option<MultiplexedConnection>>,
-    socket: RwLock<Option<Socket>>,
+    socket: RwLock<Option<Arc<Socket>>>,
     /// When (the tier's microseconds) the socket was last found quiet; 0 when never.
     quiet_at: AtomicU64,
     /// The id of the connection whose tracking is on; 0 when none.
@@ -132,7 +47,12 @@ pub(crate) struct Channel {
 }
 
 impl Channel {
-    fn set(&self, id: u64, conn: Option<MultiplexedConnection>, socket: Option<Socket>) {
+    pub(super) fn set(
+        &self,
+        id: u64,
+        conn: Option<MultiplexedConnection>,
+        socket: Option<Arc<Socket>>,
+    ) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
         let old = std::mem::replace(
             &mut *self.socket.write().unwrap_or_else(|e| e.into_inner()),
@@ -140,13 +60,24 @@ impl Channel {
         );
         self.quiet_at.store(0, Ordering::Release);
         self.current.store(id, Ordering::Release);
-        drop(old);
+        // The connection it belonged to is given up.
+        if let Some(old) = old {
+            old.shut();
+        }
+    }
+
+    /// Reads (consumes) what waits on the socket, as the connection's task does; how many
+    /// bytes.
+    #[cfg(test)]
+    pub(crate) fn take_pending(&self) -> usize {
+        let guard = self.socket.read().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map_or(0, |socket| socket.take_pending())
     }
 
     /// What waits on the current connection's socket at `now` (the tier's microseconds) that
     /// may concern `key`, unless the socket was found quiet less than [`PEEK_EVERY_MICROS`] ago.
-    /// [`Peek::Quiet`] when it cannot be seen (TLS, a Unix socket) or there is no connection
-    /// (L1 is not trusted then anyway).
+    /// [`Peek::Quiet`] when it cannot be seen (TLS, a Unix socket, not Linux) or there is no
+    /// connection (L1 is not trusted then anyway).
     pub(crate) fn peek(&self, now: u64, key: &[u8]) -> Peek {
         if now.saturating_sub(self.quiet_at.load(Ordering::Acquire)) < PEEK_EVERY_MICROS {
             return Peek::Quiet;
@@ -207,8 +138,10 @@ fn on_push(tier: &Tier, id: u64, dead: &AtomicBool, info: PushInfo) {
         PushKind::Disconnection => {
             dead.store(true, Ordering::Release);
             if tier.channel.current.load(Ordering::Acquire) == id {
-                tier.channel.set(0, None, None);
+                // Lost first: a read that then finds no socket to look at also finds L1
+                // untrusted.
                 tier.lost();
+                tier.channel.set(0, None, None);
             }
         }
         _ => {}
@@ -244,10 +177,10 @@ pub(crate) async fn run(tier: Weak<Tier>, client: redis::Client) {
         }
         match tier.upgrade() {
             Some(t) => {
+                t.lost();
                 if t.channel.current.load(Ordering::Acquire) == id {
                     t.channel.set(0, None, None);
                 }
-                t.lost();
             }
             None => return,
         }
@@ -328,31 +261,46 @@ async fn connect(
     }))
 }
 
-/// Opens the channel's connection. On plain TCP the socket is made here, so that a second
-/// descriptor of it can be kept for peeks; TLS and Unix sockets go through redis-rs alone.
+/// Opens the channel's connection. On Linux over plain TCP the socket is made here and watched
+/// (see [`super::socket`]); TLS, Unix sockets and other systems go through redis-rs alone.
 async fn open(
     client: &redis::Client,
     config: &redis::AsyncConnectionConfig,
-) -> redis::RedisResult<(MultiplexedConnection, Option<Socket>)> {
+) -> redis::RedisResult<(MultiplexedConnection, Option<Arc<Socket>>)> {
     let info = client.get_connection_info();
-    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+    let plain_tcp = match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) if cfg!(target_os = "linux") => Some((host, *port)),
+        _ => None,
+    };
+    let Some((host, port)) = plain_tcp else {
         let conn = client
             .get_multiplexed_async_connection_with_config(config)
             .await?;
         return Ok((conn, None));
     };
-    let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
     stream.set_nodelay(true)?;
-    // Tokio's socket is non-blocking, and so is the duplicate (they share the open file).
-    let stream = stream.into_std()?;
-    let socket = Socket(stream.try_clone()?);
-    let stream = tokio::net::TcpStream::from_std(stream)?;
+    let (watched, socket) = super::socket::watch(stream)?;
     let (conn, driver) =
-        MultiplexedConnection::new_with_config(info.redis_settings(), stream, config.clone())
+        MultiplexedConnection::new_with_config(info.redis_settings(), watched, config.clone())
             .await?;
-    // The task ends when the connection closes or every handle to it is dropped.
-    tokio::spawn(driver);
+    // The task ends when the connection closes or every handle to it is dropped; the
+    // connection ends with it, also when the runtime drops the task (the second descriptor
+    // would otherwise keep it open, tracking on, with nobody reading).
+    let on_end = ShutOnDrop(socket.clone());
+    tokio::spawn(async move {
+        let _on_end = on_end;
+        driver.await;
+    });
     Ok((conn, Some(socket)))
+}
+
+struct ShutOnDrop(Arc<Socket>);
+
+impl Drop for ShutOnDrop {
+    fn drop(&mut self) {
+        self.0.shut();
+    }
 }
 
 /// Confirms the channel every heartbeat until it fails or the tier is gone.
@@ -399,37 +347,5 @@ async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, 
             }
             Err(_) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{concerns, contains};
-
-    #[test]
-    fn a_pending_message_concerns_the_keys_it_names_and_a_flush_every_key() {
-        let message = b">2\r\n$10\r\ninvalidate\r\n*2\r\n$7\r\napp:a:1\r\n$8\r\napp:b:22\r\n";
-        assert!(concerns(message, b"app:a:1"));
-        assert!(concerns(message, b"app:b:22"));
-        assert!(
-            concerns(message, b"app:b:2"),
-            "a prefix of a named key counts"
-        );
-        assert!(!concerns(message, b"app:a:2"));
-        assert!(!concerns(message, b"app:c:1"));
-        let flush = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
-        assert!(concerns(flush, b"app:c:1"));
-        let pong = b"+PONG\r\n";
-        assert!(!concerns(pong, b"app:a:1"));
-    }
-
-    #[test]
-    fn contains_finds_needles_anywhere_and_only_whole() {
-        assert!(contains(b"abc", b""));
-        assert!(contains(b"aab", b"ab"));
-        assert!(contains(b"xxab", b"ab"));
-        assert!(!contains(b"xxa", b"ab"));
-        assert!(!contains(b"", b"a"));
-        assert!(contains(b"a", b"a"));
     }
 }
