@@ -23,7 +23,7 @@
 //! | `speedlayer_tier_fills_total` | counter | | copies installed in L1 |
 //! | `speedlayer_tier_fills_refused_total` | counter | | copies refused: an invalidation overtook their read |
 //! | `speedlayer_tier_evictions_total` | counter | `cause` = `message` | L1 copies dropped by Redis's invalidation messages |
-//! | `speedlayer_tier_unsettled_reads_total` | counter | | reads that found a copy in L1 but went to Redis: unread bytes (perhaps a message) or a close waited on the channel's socket |
+//! | `speedlayer_tier_unsettled_reads_total` | counter | | reads that found a copy in L1 but went to Redis: a message that may name the key waited unhandled (on the channel's socket or in its task), or the channel was closed |
 //! | `speedlayer_tier_channel_losses_total` | counter | | invalidation channels lost (L1 emptied) |
 //! | `speedlayer_tier_channel_starts_total` | counter | | tracking switched on (first connection and each reconnection) |
 //! | `speedlayer_tier_channel_rtt_seconds` | histogram | | heartbeat round trip on the channel: how long an invalidation message can be on its way |

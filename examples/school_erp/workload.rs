@@ -113,7 +113,7 @@ pub struct Detail {
     /// Of the hits, those answered by the in-process tier.
     pub local_hits: u64,
     /// Reads that found a copy in L1 but went to Redis: a message about the key (or the
-    /// channel's close) waited unread on the channel's socket.
+    /// channel's close) waited unhandled by the channel's task.
     pub unsettled_reads: u64,
     /// The tier channels' heartbeat round trip (the longest an invalidation message is on its
     /// way while the channel is healthy), p50 and p99 in microseconds, the worst instance's.
@@ -231,7 +231,7 @@ impl Report {
             );
             println!(
                 "                {} reads found a copy but went to Redis: a message about their key \
-                 waited unread on the channel's socket",
+                 waited unread or unhandled by the channel's task",
                 d.unsettled_reads
             );
         }

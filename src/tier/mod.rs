@@ -198,8 +198,9 @@ pub struct TierStats {
     pub fills_refused: u64,
     /// Keys dropped from L1 by an invalidation message from Redis.
     pub evicted_by_message: u64,
-    /// Reads that found a copy in L1 but went to Redis because the channel's socket held bytes
-    /// its task had not read yet (perhaps an invalidation message), or its close.
+    /// Reads that found a copy in L1 but went to Redis (and dropped the copy): a message that may
+    /// name the key waited on the channel's socket or in its task, not yet handled, or the
+    /// channel was closed.
     pub unsettled_reads: u64,
     /// Times the channel was lost (L1 emptied).
     pub channel_losses: u64,
