@@ -686,7 +686,12 @@ mod tests {
     #[test]
     fn a_read_sent_to_redis_by_an_unread_message_drops_the_copy() {
         use std::io::Write;
-        let tier = tier();
+        // No heartbeat runs here: a long liveness window keeps L1 trusted on a slow machine.
+        let tier = Tier::new(
+            LocalTier::new().liveness(Duration::from_secs(60)),
+            vec!["app:".into()],
+        );
+        tier.restored(Instant::now());
         let (socket, mut redis) = socket_pair();
         tier.channel.set(1, None, Some(socket));
         let snap = tier.snapshot("app:a:1").expect("trusted");
