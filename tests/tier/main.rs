@@ -395,7 +395,9 @@ mod redis_only {
 
         // A flush, unread, concerns every key.
         let _: () = ::redis::cmd("FLUSHALL").query(&mut blocking).unwrap();
-        std::thread::sleep(Duration::from_millis(1));
+        // Redis may send FLUSHALL's reply before the message (it is not a BCAST batch, which
+        // goes out before the write's reply): give the message time to land.
+        std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
             cache.get_served::<u64>(&k).await,
             None,
