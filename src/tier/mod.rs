@@ -674,10 +674,20 @@ mod tests {
     /// Reads off the channel's end what waits there, as the connection's task would before
     /// applying it.
     #[cfg(feature = "redis")]
-    fn take_pending(tier: &Tier) {
+    fn take_pending(socket: &socket::Socket) {
         let deadline = Instant::now() + Duration::from_secs(2);
-        while tier.channel.take_pending() == 0 {
+        while socket.take_pending() == 0 {
             assert!(Instant::now() < deadline, "nothing arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Looks `key` up until L1 misses (up to 2 s), failing with `what` otherwise.
+    #[cfg(feature = "redis")]
+    fn until_miss(tier: &Tier, key: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !matches!(tier.lookup(key), Lookup::Miss) {
+            assert!(Instant::now() < deadline, "{what}");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -693,7 +703,7 @@ mod tests {
         );
         tier.restored(Instant::now());
         let (socket, mut redis) = socket_pair();
-        tier.channel.set(1, None, Some(socket));
+        tier.channel.set(1, None, Some(socket.clone()));
         let snap = tier.snapshot("app:a:1").expect("trusted");
         tier.fill("app:a:1", Bytes::from_static(b"1"), None, snap);
         let snap = tier.snapshot("app:b:1").expect("trusted");
@@ -703,30 +713,22 @@ mod tests {
         redis
             .write_all(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$7\r\napp:a:1\r\n")
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(2);
         // The message names app:a:1: its read goes to Redis (once the bytes have arrived).
-        while !matches!(tier.lookup("app:a:1"), Lookup::Miss) {
-            assert!(Instant::now() < deadline, "the message was not seen");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until_miss(&tier, "app:a:1", "the message was not seen");
         assert_eq!(tier.stats().unsettled_reads, 1);
         // ... not app:b:1's.
         std::thread::sleep(Duration::from_micros(2 * tracking::PEEK_EVERY_MICROS));
         assert!(matches!(tier.lookup("app:b:1"), Lookup::Fresh(_)));
         // The task takes the message off the socket and has not applied it yet: the socket is
         // quiet, and the copy must not come back.
-        take_pending(&tier);
+        take_pending(&socket);
         std::thread::sleep(Duration::from_micros(2 * tracking::PEEK_EVERY_MICROS));
         assert!(matches!(tier.lookup("app:a:1"), Lookup::Miss));
         assert!(matches!(tier.lookup("app:b:1"), Lookup::Fresh(_)));
 
         // A close: every read goes to Redis before the task has seen it.
         drop(redis);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !matches!(tier.lookup("app:b:1"), Lookup::Miss) {
-            assert!(Instant::now() < deadline, "the close was not seen");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        until_miss(&tier, "app:b:1", "the close was not seen");
     }
 
     #[test]

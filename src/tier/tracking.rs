@@ -7,12 +7,8 @@
 //! write's invalidation messages before the write's own reply, so once a write has returned to
 //! anyone, a `PING` sent afterwards on the channel is answered only after its messages.
 //!
-//! Between Redis sending a message (or closing the connection) and the connection's task reading
-//! it, the bytes wait in the socket. On a plain TCP connection the channel keeps a second
-//! descriptor of the socket, and a read about to answer from L1 first peeks at it (one
-//! non-blocking `recv` with `MSG_PEEK`, which consumes nothing): unread bytes or a close send
-//! that read to Redis. So a message that reached this host before a read began is never missed
-//! for want of the task having run, however busy the process is.
+//! A message (or the close) that has reached the socket but not been applied yet is seen by a
+//! read through [`Channel::peek`] (see [`super::socket`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -64,14 +60,6 @@ impl Channel {
         if let Some(old) = old {
             old.shut();
         }
-    }
-
-    /// Reads (consumes) what waits on the socket, as the connection's task does; how many
-    /// bytes.
-    #[cfg(test)]
-    pub(crate) fn take_pending(&self) -> usize {
-        let guard = self.socket.read().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map_or(0, |socket| socket.take_pending())
     }
 
     /// What waits on the current connection's socket at `now` (the tier's microseconds) that
