@@ -598,9 +598,20 @@ mod tests {
     use super::*;
 
     fn tier() -> Tier {
-        let tier = Tier::new(LocalTier::new(), vec!["app:".into()]);
+        trusted(LocalTier::new())
+    }
+
+    /// A tier over `app:` with `settings`, its channel just restored.
+    fn trusted(settings: LocalTier) -> Tier {
+        let tier = Tier::new(settings, vec!["app:".into()]);
         tier.restored(Instant::now());
         tier
+    }
+
+    /// Copies `1` into L1 under `key`, as a read that found nothing in its way.
+    fn put(tier: &Tier, key: &str) {
+        let snap = tier.snapshot(key).expect("trusted");
+        tier.fill(key, Bytes::from_static(b"1"), None, snap);
     }
 
     #[test]
@@ -626,8 +637,7 @@ mod tests {
     #[test]
     fn an_untouched_fill_installs_and_a_message_removes_it() {
         let tier = tier();
-        let snap = tier.snapshot("app:a:1").expect("trusted");
-        tier.fill("app:a:1", Bytes::from_static(b"1"), None, snap);
+        put(&tier, "app:a:1");
         assert!(matches!(tier.lookup("app:a:1"), Lookup::Fresh(_)));
         tier.on_message(Some(&[b"app:a:1".as_slice()]));
         assert!(matches!(tier.lookup("app:a:1"), Lookup::Miss));
@@ -649,13 +659,8 @@ mod tests {
 
     #[test]
     fn a_lost_channel_bypasses_l1_even_with_fail_safe() {
-        let tier = Tier::new(
-            LocalTier::new().fail_safe(Duration::from_secs(5)),
-            vec!["app:".into()],
-        );
-        tier.restored(Instant::now());
-        let snap = tier.snapshot("app:a:1").expect("trusted");
-        tier.fill("app:a:1", Bytes::from_static(b"1"), None, snap);
+        let tier = trusted(LocalTier::new().fail_safe(Duration::from_secs(5)));
+        put(&tier, "app:a:1");
         tier.lost();
         assert!(matches!(tier.lookup("app:a:1"), Lookup::Miss));
         assert!(tier.snapshot("app:a:1").is_none());
@@ -697,17 +702,11 @@ mod tests {
     fn a_read_sent_to_redis_by_an_unread_message_drops_the_copy() {
         use std::io::Write;
         // No heartbeat runs here: a long liveness window keeps L1 trusted on a slow machine.
-        let tier = Tier::new(
-            LocalTier::new().liveness(Duration::from_secs(60)),
-            vec!["app:".into()],
-        );
-        tier.restored(Instant::now());
+        let tier = trusted(LocalTier::new().liveness(Duration::from_secs(60)));
         let (socket, mut redis) = socket_pair();
         tier.channel.set(1, None, Some(socket.clone()));
-        let snap = tier.snapshot("app:a:1").expect("trusted");
-        tier.fill("app:a:1", Bytes::from_static(b"1"), None, snap);
-        let snap = tier.snapshot("app:b:1").expect("trusted");
-        tier.fill("app:b:1", Bytes::from_static(b"1"), None, snap);
+        put(&tier, "app:a:1");
+        put(&tier, "app:b:1");
         assert!(matches!(tier.lookup("app:a:1"), Lookup::Fresh(_)));
 
         redis
