@@ -1,7 +1,9 @@
 //! Group `tiered`: the in-process tier. A hit in L1 against raw moka doing the same work (a get
 //! plus the JSON decode), a read that misses L1 and hits Redis (then copies the value into L1)
 //! against raw redis-rs doing a GET plus the decode, and the lag from one instance's
-//! invalidation to another instance's eviction.
+//! invalidation to another instance's eviction. `raw_redis_json_pttl` is raw redis-rs doing the
+//! Redis work of an L2 hit (`GET` and `PTTL` in one pipeline, since a copy never outlives its
+//! Redis entry) plus the decode: it splits the L2 hit's cost into that work and the tier's own.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,7 @@ pub const IDS: &[&str] = &[
     "tiered/raw_moka",
     "tiered/l2_hit",
     "tiered/raw_redis_json",
+    "tiered/raw_redis_json_pttl",
     "tiered/invalidation_lag",
     "tiered/tracking_modes",
 ];
@@ -124,6 +127,12 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
             serde_json::from_slice::<Dashboard>(&bytes).expect("decodes")
         })
     });
+    group.bench_function("raw_redis_json_pttl", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut conn = raw.clone();
+            raw_get_pttl(&mut conn, pick()).await
+        })
+    });
     group.finish();
 
     crate::report::paired_if_selected(
@@ -176,6 +185,39 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         },
         raw_read,
     );
+    // The L2 hit's cost split in two: the Redis work it needs, and the tier's own.
+    let raw_read_pttl = || {
+        let started = Instant::now();
+        rt.block_on(async {
+            for _ in 0..2_000 {
+                let mut conn = raw.clone();
+                raw_get_pttl(&mut conn, pick()).await;
+            }
+        });
+        started.elapsed()
+    };
+    crate::report::paired_if_selected(
+        ("tiered/raw_redis_json_pttl", "tiered/raw_redis_json"),
+        "time",
+        "(the Redis work of a copy's expiry)",
+        raw_read_pttl,
+        raw_read,
+    );
+    crate::report::paired_if_selected(
+        ("tiered/l2_hit", "tiered/raw_redis_json_pttl"),
+        "time",
+        "(the tier's own work)",
+        || {
+            let started = Instant::now();
+            rt.block_on(async {
+                for _ in 0..2_000 {
+                    assert!(l2.get::<Dashboard>(pick()).await.is_some());
+                }
+            });
+            started.elapsed()
+        },
+        raw_read_pttl,
+    );
     // The noise floor of the pair above: the raw read against itself, measured the same way.
     if crate::any_selected(&["tiered/l2_hit", "tiered/raw_redis_json"]) {
         let ratio = crate::report::paired(21, raw_read, raw_read);
@@ -202,6 +244,15 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
     if crate::selected("tiered/tracking_modes") {
         tracking_modes(&rt, server);
     }
+}
+
+/// What an L2 hit asks of Redis, done with raw redis-rs: `GET` and `PTTL` in one pipeline, then
+/// the decode.
+async fn raw_get_pttl(conn: &mut redis::aio::ConnectionManager, k: &speedlayer::Key) -> Dashboard {
+    let mut pipe = redis::pipe();
+    pipe.cmd("GET").arg(k.as_str()).cmd("PTTL").arg(k.as_str());
+    let (bytes, _left): (Vec<u8>, i64) = pipe.query_async(conn).await.expect("GET and PTTL");
+    serde_json::from_slice::<Dashboard>(&bytes).expect("decodes")
 }
 
 /// The two ways Redis can tell a client which keys changed, measured with raw redis-rs RESP3
