@@ -126,18 +126,7 @@ fn concerns(pending: &[u8], key: &[u8]) -> bool {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, rest)) = needle.split_first() else {
-        return true;
-    };
-    let mut from = 0;
-    while let Some(at) = haystack[from..].iter().position(|&b| b == first) {
-        let start = from + at;
-        if haystack[start + 1..].starts_with(rest) {
-            return true;
-        }
-        from = start + 1;
-    }
-    false
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The stream the connection's task reads and writes. `in_flight` is raised before each read

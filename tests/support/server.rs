@@ -236,20 +236,32 @@ impl RedisServer {
         assert!(status.success(), "kill {signal} failed");
     }
 
-    /// The ids of the in-process tier channels connected to this server (`CLIENT LIST`, by
-    /// their name `speedlayer-tier`).
-    pub async fn tier_clients(&self) -> Vec<String> {
-        let mut raw = self.raw().await;
+    /// Closes every in-process tier channel connected to this server (found in `CLIENT LIST`
+    /// by their name `speedlayer-tier`) with `CLIENT KILL ID`, over a blocking connection: on a
+    /// one-thread runtime no task runs meanwhile. Fails unless there were `expected` of them.
+    pub fn kill_tier_channels(&self, expected: usize) {
+        let mut conn = self
+            .client()
+            .get_connection()
+            .expect("a blocking connection");
         let list: String = redis::cmd("CLIENT")
             .arg("LIST")
-            .query_async(&mut raw)
-            .await
+            .query(&mut conn)
             .expect("CLIENT LIST");
-        list.lines()
+        let ids: Vec<&str> = list
+            .lines()
             .filter(|l| l.contains("name=speedlayer-tier"))
             .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-            .map(str::to_owned)
-            .collect()
+            .collect();
+        assert_eq!(ids.len(), expected, "tier channels: {ids:?}");
+        for id in ids {
+            let _: () = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(id)
+                .query(&mut conn)
+                .expect("CLIENT KILL");
+        }
     }
 
     /// SIGSTOP: the server keeps its sockets but answers nothing.

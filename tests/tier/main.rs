@@ -73,6 +73,15 @@ async fn until_local(cache: &Cache, key: &speedlayer::Key) -> u64 {
     }
 }
 
+/// A tiered cache on `backend` holding `1` under `key(id)` in L1.
+async fn warm(backend: &Backend, id: u64) -> (Cache, speedlayer::Key) {
+    let cache = tiered(backend).await;
+    let k = key(id);
+    cache.set(&k, &1u64, MINUTE).await.unwrap();
+    assert_eq!(until_local(&cache, &k).await, 1);
+    (cache, k)
+}
+
 /// Reads `key` until it is absent (up to 5 s), failing with `what` otherwise.
 async fn until_absent(cache: &Cache, key: &speedlayer::Key, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -280,10 +289,7 @@ mod redis_only {
     async fn another_clients_set_and_del_are_seen() {
         let backend = Backend::redis().await;
         let server = backend.server().unwrap();
-        let cache = tiered(&backend).await;
-        let k = key(10);
-        cache.set(&k, &1u64, MINUTE).await.unwrap();
-        assert_eq!(until_local(&cache, &k).await, 1);
+        let (cache, k) = warm(&backend, 10).await;
         let mut node = server.raw().await;
         // A Node service rewrites the value...
         let _: () = node.set_ex(k.as_str(), "2", 60).await.unwrap();
@@ -306,21 +312,11 @@ mod redis_only {
     async fn a_killed_channel_empties_l1_until_tracking_is_back() {
         let backend = Backend::redis().await;
         let server = backend.server().unwrap();
-        let cache = tiered(&backend).await;
-        let k = key(11);
-        cache.set(&k, &1u64, MINUTE).await.unwrap();
-        assert_eq!(until_local(&cache, &k).await, 1);
+        let (cache, k) = warm(&backend, 11).await;
 
-        let ids = server.tier_clients().await;
-        assert_eq!(ids.len(), 1, "one channel per tiered cache");
+        // One channel per tiered cache.
+        server.kill_tier_channels(1);
         let mut raw = server.raw().await;
-        let _: () = ::redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(&ids[0])
-            .query_async(&mut raw)
-            .await
-            .unwrap();
         // Written while this instance has no channel: no message can reach it.
         let _: () = raw.set_ex(k.as_str(), "2", 60).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -347,21 +343,12 @@ mod redis_only {
     async fn a_message_not_yet_read_off_the_socket_sends_the_read_to_redis() {
         let backend = Backend::redis().await;
         let server = backend.server().unwrap();
-        let cache = tiered(&backend).await;
-        let k = key(13);
-        cache.set(&k, &1u64, MINUTE).await.unwrap();
-        assert_eq!(until_local(&cache, &k).await, 1);
+        let (cache, k) = warm(&backend, 13).await;
         let before = cache.tier_stats().unwrap();
 
         let mut blocking = server.client().get_connection().unwrap();
         let mut set = |key: &str, value: &str| {
-            let _: () = ::redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("EX")
-                .arg(60)
-                .query(&mut blocking)
-                .unwrap();
+            let _: () = ::redis::Commands::set_ex(&mut blocking, key, value, 60).unwrap();
         };
         // A write to another key: its message waits unread, and does not concern this key.
         let other = key(15);
@@ -411,28 +398,12 @@ mod redis_only {
     async fn a_killed_channel_is_seen_by_the_very_next_read() {
         let backend = Backend::redis().await;
         let server = backend.server().unwrap();
-        let cache = tiered(&backend).await;
-        let k = key(14);
-        cache.set(&k, &1u64, MINUTE).await.unwrap();
-        assert_eq!(until_local(&cache, &k).await, 1);
+        let (cache, k) = warm(&backend, 14).await;
 
-        let ids = server.tier_clients().await;
-        assert_eq!(ids.len(), 1, "one channel per tiered cache");
+        server.kill_tier_channels(1);
+        // Written after the kill, with a blocking connection: no message can report it.
         let mut blocking = server.client().get_connection().unwrap();
-        let _: () = ::redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ID")
-            .arg(&ids[0])
-            .query(&mut blocking)
-            .unwrap();
-        // Written after the kill: no message can report it.
-        let _: () = ::redis::cmd("SET")
-            .arg(k.as_str())
-            .arg("2")
-            .arg("EX")
-            .arg(60)
-            .query(&mut blocking)
-            .unwrap();
+        let _: () = ::redis::Commands::set_ex(&mut blocking, k.as_str(), "2", 60).unwrap();
         // As above: the last peek is older than the 10 µs a quiet socket is trusted for.
         std::thread::sleep(Duration::from_millis(1));
         assert_eq!(
@@ -448,10 +419,7 @@ mod redis_only {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_redis_empties_l1() {
         let mut backend = Backend::redis().await;
-        let cache = tiered(&backend).await;
-        let k = key(12);
-        cache.set(&k, &1u64, MINUTE).await.unwrap();
-        assert_eq!(until_local(&cache, &k).await, 1);
+        let (cache, k) = warm(&backend, 12).await;
         let Backend::Redis { server, .. } = &mut backend else {
             unreachable!()
         };
