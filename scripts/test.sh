@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# redis-cli (package redis-tools, which redis-server depends on) builds the test clusters.
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 # PostgreSQL for the school ERP demo's test (tests/school_erp), which starts its own server.

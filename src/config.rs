@@ -6,6 +6,8 @@
 //! | --- | --- |
 //! | `REDIS_URL` | `redis://[user][:password@]host[:port][/db]`, or `rediss://` for TLS (feature `tls`) |
 //! | `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_USERNAME` | the same, in parts, when `REDIS_URL` is unset |
+//! | `REDIS_CLUSTER_NODES` | Redis Cluster (feature `cluster`): seed nodes `host:port,host:port`, with `REDIS_PASSWORD`/`REDIS_USERNAME`; or `REDIS_URL=redis+cluster://[user][:password@]host:port,host:port` |
+//! | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | Sentinel (feature `sentinel`): sentinels `host:port,host:port` and the primary's name, with `REDIS_PASSWORD`/`REDIS_USERNAME`/`REDIS_DB` for the data nodes; or `REDIS_URL=redis+sentinel://[user][:password@]host:port,host:port/<primary name>[/db]` |
 //!
 //! With none of them set, the cache runs on the in-memory backend, and says so once in the log.
 //! A password never appears in `Debug`, `Display`, errors or logs: it is held in a type whose
@@ -159,6 +161,143 @@ pub enum Transport {
     },
 }
 
+/// Which Redis deployment a [`RedisConfig`] names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Topology {
+    /// One server (or a managed endpoint that looks like one). The default.
+    Single,
+    /// Redis Cluster (feature `cluster`): seed nodes as `(host, port)`. The client learns the
+    /// other nodes and the slot map from them, and follows the topology as it changes.
+    Cluster {
+        /// Seed nodes; one that answers is enough.
+        nodes: Vec<(String, u16)>,
+    },
+    /// A primary found through Sentinel (feature `sentinel`), followed across failovers.
+    Sentinel {
+        /// The sentinels, as `(host, port)`.
+        sentinels: Vec<(String, u16)>,
+        /// The name the sentinels monitor the primary under.
+        master: String,
+    },
+}
+
+/// Default port of a Sentinel.
+pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
+
+/// Parses `host:port,host:port` (`[v6]:port` too; `default_port` where a port is left out).
+fn parse_hosts(list: &str, default_port: u16, what: &str) -> Result<Vec<(String, u16)>> {
+    let bad = |entry: &str, why: &str| {
+        Error::new(
+            ErrorKind::Config,
+            format!("{what} must be host:port entries separated by commas; {entry:?} {why}"),
+        )
+    };
+    let mut hosts = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (host, port) = if let Some(v6) = entry.strip_prefix('[') {
+            let (host, rest) = v6
+                .split_once(']')
+                .ok_or_else(|| bad(entry, "has no closing ']'"))?;
+            (host, rest.strip_prefix(':'))
+        } else {
+            match entry.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (entry, None),
+            }
+        };
+        if host.is_empty() || host.contains(['@', '/', ' ', '\t', '?', '#', ',']) {
+            // Never echo it: an entry with `@` often carries a password.
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "{what} must be host:port entries separated by commas (a password goes in \
+                     REDIS_PASSWORD or the URL's user info)"
+                ),
+            ));
+        }
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| bad(entry, "has no valid port (1-65535)"))?,
+            None => default_port,
+        };
+        hosts.push((host.to_owned(), port));
+    }
+    if hosts.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("{what} names no host"),
+        ));
+    }
+    Ok(hosts)
+}
+
+/// Splits a `redis+cluster://` or `redis+sentinel://` URL (and the `rediss+` forms) into the URL
+/// of one data node that carries its credentials, TLS and database (the first host stands in),
+/// the host list, and for Sentinel the primary's name. `None` for any other scheme.
+fn split_multi_url(url: &str) -> Option<Result<(String, Topology)>> {
+    let (scheme, kind) = [
+        ("redis+cluster://", "cluster"),
+        ("rediss+cluster://", "cluster"),
+        ("redis+sentinel://", "sentinel"),
+        ("rediss+sentinel://", "sentinel"),
+    ]
+    .into_iter()
+    .find(|(s, _)| url.len() >= s.len() && url[..s.len()].eq_ignore_ascii_case(s))?;
+    let base = if scheme.starts_with("rediss") {
+        "rediss://"
+    } else {
+        "redis://"
+    };
+    let rest = &url[scheme.len()..];
+    let (userinfo, rest) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (list, tail) = rest.split_at(end);
+    let what = if kind == "cluster" {
+        "a redis+cluster:// URL's hosts"
+    } else {
+        "a redis+sentinel:// URL's sentinels"
+    };
+    Some((|| {
+        if kind == "cluster" {
+            let nodes = parse_hosts(list, 6379, what)?;
+            let (h, p) = &nodes[0];
+            let node = format!("{base}{userinfo}{}{tail}", host_port(h, *p));
+            Ok((node, Topology::Cluster { nodes }))
+        } else {
+            let sentinels = parse_hosts(list, DEFAULT_SENTINEL_PORT, what)?;
+            let (path, query) = tail.split_at(tail.find('?').unwrap_or(tail.len()));
+            let mut parts = path.trim_start_matches('/').splitn(2, '/');
+            let master = parts.next().unwrap_or("").to_owned();
+            if master.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "a redis+sentinel:// URL needs the primary's name as its path: \
+                     redis+sentinel://host:26379,host:26379/<name>[/db]",
+                ));
+            }
+            let db = parts.next().filter(|d| !d.is_empty()).unwrap_or("0");
+            let (h, p) = &sentinels[0];
+            let node = format!("{base}{userinfo}{}/{db}{query}", host_port(h, *p));
+            Ok((node, Topology::Sentinel { sentinels, master }))
+        }
+    })())
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 #[derive(Clone)]
 enum Target {
     Url(Secret),
@@ -184,6 +323,7 @@ enum Target {
 #[derive(Clone)]
 pub struct RedisConfig {
     target: Target,
+    topology: Topology,
     connect_timeout: Duration,
     transport: Transport,
 }
@@ -191,9 +331,19 @@ pub struct RedisConfig {
 impl RedisConfig {
     /// Parses a `redis://` or `rediss://` URL. Fails with [`ErrorKind::Config`] when it does not
     /// parse, or asks for TLS without the `tls` feature.
+    ///
+    /// `redis+cluster://[user][:password@]host:port,host:port` names a Redis Cluster by its seed
+    /// nodes (feature `cluster`); `redis+sentinel://[user][:password@]host:port,host:port/<name>[/db]`
+    /// names the primary that the sentinels monitor as `<name>` (feature `sentinel`). The
+    /// credentials are the data nodes'; `rediss+` selects TLS for them.
     pub fn from_url(url: &str) -> Result<RedisConfig> {
+        let topology = match split_multi_url(url) {
+            Some(split) => split?.1,
+            None => Topology::Single,
+        };
         let config = RedisConfig {
             target: Target::Url(Secret::new(url)),
+            topology,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             transport: Transport::Multiplexed,
         };
@@ -213,9 +363,57 @@ impl RedisConfig {
                 username: None,
                 password: None,
             },
+            topology: Topology::Single,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             transport: Transport::Multiplexed,
         }
+    }
+
+    /// A Redis Cluster reached through `nodes` (at least one; feature `cluster`). Credentials
+    /// and the connect timeout are set as for one node; a cluster has only database 0.
+    pub fn cluster<H: Into<String>>(
+        nodes: impl IntoIterator<Item = (H, u16)>,
+    ) -> Result<RedisConfig> {
+        let nodes: Vec<(String, u16)> = nodes.into_iter().map(|(h, p)| (h.into(), p)).collect();
+        let list: Vec<String> = nodes.iter().map(|(h, p)| host_port(h, *p)).collect();
+        let nodes = parse_hosts(&list.join(","), 6379, "the cluster's nodes")?;
+        let (host, port) = nodes[0].clone();
+        let mut config = RedisConfig::from_host(host, port);
+        config.topology = Topology::Cluster { nodes };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The primary that `sentinels` monitor as `master` (feature `sentinel`). Credentials and
+    /// the database are the data nodes', set as for one node.
+    pub fn sentinel<H: Into<String>>(
+        sentinels: impl IntoIterator<Item = (H, u16)>,
+        master: impl Into<String>,
+    ) -> Result<RedisConfig> {
+        let master = master.into();
+        if master.trim().is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "Sentinel needs the name it monitors the primary under (REDIS_SENTINEL_MASTER)",
+            ));
+        }
+        let sentinels: Vec<(String, u16)> =
+            sentinels.into_iter().map(|(h, p)| (h.into(), p)).collect();
+        let list: Vec<String> = sentinels.iter().map(|(h, p)| host_port(h, *p)).collect();
+        let sentinels = parse_hosts(&list.join(","), DEFAULT_SENTINEL_PORT, "the sentinels")?;
+        let (host, port) = sentinels[0].clone();
+        let mut config = RedisConfig::from_host(host, port);
+        config.topology = Topology::Sentinel {
+            sentinels,
+            master: master.trim().to_owned(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The deployment this configuration names.
+    pub fn get_topology(&self) -> &Topology {
+        &self.topology
     }
 
     /// Sets the password (only for configurations built with [`RedisConfig::from_host`]).
@@ -300,21 +498,27 @@ impl RedisConfig {
     pub(crate) fn connection_info(&self) -> Result<redis::ConnectionInfo> {
         use redis::IntoConnectionInfo;
         match &self.target {
-            Target::Url(url) => url.expose().into_connection_info().map_err(|e| {
-                let hint = if url.expose().starts_with("rediss://") && !cfg!(feature = "tls") {
-                    "; rediss:// needs speedlayer's `tls` feature"
-                } else {
-                    ""
+            Target::Url(url) => {
+                let node = match split_multi_url(url.expose()) {
+                    Some(split) => split?.0,
+                    None => url.expose().to_owned(),
                 };
-                Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "REDIS_URL {} is not a valid Redis URL ({}){hint}",
-                        redact_url(url.expose()),
-                        self.scrub(&e.to_string())
-                    ),
-                )
-            }),
+                node.as_str().into_connection_info().map_err(|e| {
+                    let hint = if node.starts_with("rediss://") && !cfg!(feature = "tls") {
+                        "; rediss:// needs speedlayer's `tls` feature"
+                    } else {
+                        ""
+                    };
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "REDIS_URL {} is not a valid Redis URL ({}){hint}",
+                            redact_url(url.expose()),
+                            self.scrub(&e.to_string())
+                        ),
+                    )
+                })
+            }
             Target::Parts {
                 host,
                 port,
@@ -337,10 +541,64 @@ impl RedisConfig {
         }
     }
 
+    /// The connection details of each of `hosts`: this configuration's credentials, TLS and
+    /// database, at another address.
+    #[cfg(any(feature = "cluster", feature = "sentinel"))]
+    pub(crate) fn infos_at(&self, hosts: &[(String, u16)]) -> Result<Vec<redis::ConnectionInfo>> {
+        let base = self.connection_info()?;
+        hosts
+            .iter()
+            .map(|(host, port)| {
+                let addr = match base.addr() {
+                    redis::ConnectionAddr::Tcp(..) => {
+                        redis::ConnectionAddr::Tcp(host.clone(), *port)
+                    }
+                    redis::ConnectionAddr::TcpTls {
+                        insecure,
+                        tls_params,
+                        ..
+                    } => redis::ConnectionAddr::TcpTls {
+                        host: host.clone(),
+                        port: *port,
+                        insecure: *insecure,
+                        tls_params: tls_params.clone(),
+                    },
+                    _ => {
+                        return Err(Error::new(
+                            ErrorKind::Config,
+                            format!("{self}: Cluster and Sentinel nodes are reached over TCP"),
+                        ));
+                    }
+                };
+                Ok(base.clone().set_addr(addr))
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<()> {
         #[cfg(feature = "redis")]
         {
-            self.connection_info().map(|_| ())
+            let needs = match self.topology {
+                Topology::Single => None,
+                Topology::Cluster { .. } if !cfg!(feature = "cluster") => Some("cluster"),
+                Topology::Sentinel { .. } if !cfg!(feature = "sentinel") => Some("sentinel"),
+                _ => None,
+            };
+            if let Some(feature) = needs {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{self} needs speedlayer's `{feature}` feature"),
+                ));
+            }
+            let info = self.connection_info()?;
+            if matches!(self.topology, Topology::Cluster { .. }) && info.redis_settings().db() != 0
+            {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{self}: a Redis Cluster has only database 0"),
+                ));
+            }
+            Ok(())
         }
         #[cfg(not(feature = "redis"))]
         {
@@ -366,14 +624,28 @@ impl fmt::Display for RedisConfig {
                 username,
                 password,
             } => {
-                f.write_str("redis://")?;
+                f.write_str(match self.topology {
+                    Topology::Single => "redis://",
+                    Topology::Cluster { .. } => "redis+cluster://",
+                    Topology::Sentinel { .. } => "redis+sentinel://",
+                })?;
                 match (username, password) {
                     (Some(u), Some(_)) => write!(f, "{u}:***@")?,
                     (Some(u), None) => write!(f, "{u}@")?,
                     (None, Some(_)) => f.write_str(":***@")?,
                     (None, None) => {}
                 }
-                write!(f, "{host}:{port}/{db}")
+                let list = |hosts: &[(String, u16)]| -> String {
+                    let hosts: Vec<String> = hosts.iter().map(|(h, p)| host_port(h, *p)).collect();
+                    hosts.join(",")
+                };
+                match &self.topology {
+                    Topology::Single => write!(f, "{}/{db}", host_port(host, *port)),
+                    Topology::Cluster { nodes } => f.write_str(&list(nodes)),
+                    Topology::Sentinel { sentinels, master } => {
+                        write!(f, "{}/{master}/{db}", list(sentinels))
+                    }
+                }
             }
         }
     }
@@ -385,7 +657,26 @@ impl fmt::Debug for RedisConfig {
             .field("target", &format_args!("{self}"))
             .field("connect_timeout", &self.connect_timeout)
             .field("transport", &self.transport)
+            .field("topology", &self.topology)
             .finish()
+    }
+}
+
+/// `REDIS_DB`, when set.
+fn db_of(value: Option<String>) -> Result<i64> {
+    match value {
+        Some(d) => d
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|d| *d >= 0)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!("REDIS_DB must be a database number (0, 1, ...), not {d:?}"),
+                )
+            }),
+        None => Ok(0),
     }
 }
 
@@ -490,6 +781,34 @@ impl Config {
         if let Some(url) = get("REDIS_URL") {
             return Ok(Config::redis(RedisConfig::from_url(url.trim())?));
         }
+        let credentials = |mut redis: RedisConfig| -> Result<RedisConfig> {
+            if let Some(user) = get("REDIS_USERNAME") {
+                redis = redis.username(user);
+            }
+            if let Some(password) = lookup("REDIS_PASSWORD").filter(|p| !p.is_empty()) {
+                redis = redis.password(Secret::new(password));
+            }
+            redis.validate()?;
+            Ok(redis)
+        };
+        if let Some(nodes) = get("REDIS_CLUSTER_NODES") {
+            let nodes = parse_hosts(&nodes, 6379, "REDIS_CLUSTER_NODES")?;
+            return Ok(Config::redis(credentials(RedisConfig::cluster(nodes)?)?));
+        }
+        if let Some(sentinels) = get("REDIS_SENTINELS") {
+            let sentinels = parse_hosts(&sentinels, DEFAULT_SENTINEL_PORT, "REDIS_SENTINELS")?;
+            let master = get("REDIS_SENTINEL_MASTER").ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Config,
+                    "REDIS_SENTINELS is set but REDIS_SENTINEL_MASTER is not: name the primary \
+                     the sentinels monitor",
+                )
+            })?;
+            let db = db_of(get("REDIS_DB"))?;
+            return Ok(Config::redis(credentials(
+                RedisConfig::sentinel(sentinels, master)?.db(db),
+            )?));
+        }
         let Some(host) = get("REDIS_HOST") else {
             return Ok(Config::memory());
         };
@@ -511,29 +830,10 @@ impl Config {
             })?,
             None => 6379,
         };
-        let db = match get("REDIS_DB") {
-            Some(d) => d
-                .trim()
-                .parse::<i64>()
-                .ok()
-                .filter(|d| *d >= 0)
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::Config,
-                        format!("REDIS_DB must be a database number (0, 1, ...), not {d:?}"),
-                    )
-                })?,
-            None => 0,
-        };
-        let mut redis = RedisConfig::from_host(host, port).db(db);
-        if let Some(user) = get("REDIS_USERNAME") {
-            redis = redis.username(user);
-        }
-        if let Some(password) = lookup("REDIS_PASSWORD").filter(|p| !p.is_empty()) {
-            redis = redis.password(Secret::new(password));
-        }
-        redis.validate()?;
-        Ok(Config::redis(redis))
+        let db = db_of(get("REDIS_DB"))?;
+        Ok(Config::redis(credentials(
+            RedisConfig::from_host(host, port).db(db),
+        )?))
     }
 
     /// The Redis configuration, if this config uses Redis.

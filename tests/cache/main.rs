@@ -1,4 +1,5 @@
-//! The typed `Cache` behaviour suite, run on the memory backend and on a real Redis.
+//! The typed `Cache` behaviour suite, run on the memory backend, on a real Redis and on a local
+//! Redis Cluster.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -25,6 +26,16 @@ macro_rules! cache_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     let backend = crate::support::Backend::redis().await;
+                    crate::suite::$test(&backend).await;
+                }
+            )*
+        }
+        #[cfg(feature = "cluster")]
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = crate::support::Backend::cluster().await;
                     crate::suite::$test(&backend).await;
                 }
             )*

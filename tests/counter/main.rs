@@ -347,8 +347,7 @@ async fn updates_refresh_the_ttl(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(bump(&counters, &k, 1).await, Counted::Updated(2));
-    if let Backend::Redis { server, .. } = &backend {
-        let mut raw = server.raw().await;
+    if let Some(mut raw) = backend.raw().await {
         let pttl: i64 = ::redis::AsyncCommands::pttl(&mut raw, k.as_str())
             .await
             .unwrap();

@@ -103,7 +103,7 @@ async fn another_clients_value_at_a_revocation_key_refuses_the_token() {
     let cache = Cache::new(backend.config()).await.unwrap();
     let revocations = Revocations::new(&cache);
     let key = revocations.key_of("jti-foreign").unwrap();
-    let mut raw = backend.server().unwrap().raw().await;
+    let mut raw = backend.raw().await.unwrap();
     let _: () = raw.hset(key.as_str(), "by", "node").await.unwrap();
     assert_eq!(revocations.check("jti-foreign").await, Revocation::Revoked);
     // And a revocation replaces it with its own value and TTL.

@@ -291,7 +291,7 @@ async fn another_clients_key_at_a_scratch_hash_is_a_clear_error() {
     let backend = Backend::redis().await;
     let cache = Cache::new(backend.config()).await.unwrap();
     let hash = Scratch::new(&cache).hash(day_key(11));
-    let mut raw = backend.server().unwrap().raw().await;
+    let mut raw = backend.raw().await.unwrap();
     let _: () = raw.set(hash.key().as_str(), "node's value").await.unwrap();
     let err = hash.mark("s1", "present").await.unwrap_err();
     assert_eq!(err.kind(), speedlayer::ErrorKind::WrongType);
@@ -317,7 +317,7 @@ async fn reserved_fields_are_refused_and_binary_values_do_not_block_a_flush() {
         speedlayer::ErrorKind::InvalidKey
     );
     hash.mark("s1", "present").await.unwrap();
-    let mut raw = backend.server().unwrap().raw().await;
+    let mut raw = backend.raw().await.unwrap();
     let _: () = raw
         .hset(hash.key().as_str(), "s2", &[0xff_u8, 0xfe, b'x'][..])
         .await
@@ -337,7 +337,7 @@ async fn another_clients_key_at_a_presence_room_is_replaced() {
     let backend = Backend::redis().await;
     let cache = Cache::new(backend.config()).await.unwrap();
     let presence = Presence::new(&Scratch::new(&cache));
-    let mut raw = backend.server().unwrap().raw().await;
+    let mut raw = backend.raw().await.unwrap();
     let _: () = raw
         .set("presence:room:class-9", "node's value")
         .await

@@ -219,7 +219,7 @@ async fn another_clients_data_at_a_session_key_is_a_miss() {
     let db = Table::default();
     db.insert("f1", "u1", Duration::from_secs(3600));
     db.insert("f2", "u2", Duration::from_secs(3600));
-    let mut raw = backend.server().unwrap().raw().await;
+    let mut raw = backend.raw().await.unwrap();
     let hash_key = sessions.key_of("f1").unwrap();
     let _: () = raw.hset(hash_key.as_str(), "user", "x").await.unwrap();
     let text_key = sessions.key_of("f2").unwrap();

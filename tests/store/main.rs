@@ -1,5 +1,6 @@
 //! The `CacheLayer` behaviour suite, written once and run on every backend: memory, Redis over
-//! the multiplexed connection, Redis over the pool, and the resilient `Store` wrapping Redis.
+//! the multiplexed connection, Redis over the pool, a Redis Cluster, and the resilient `Store`
+//! wrapping Redis.
 
 #[path = "../support/mod.rs"]
 #[macro_use]
@@ -32,6 +33,16 @@ macro_rules! behaviour_suite {
                 #[tokio::test]
                 async fn $test() {
                     let backend = crate::support::Backend::redis_pooled().await;
+                    crate::behaviour::$test(&*backend.layer()).await;
+                }
+            )*
+        }
+        #[cfg(feature = "cluster")]
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let backend = crate::support::Backend::cluster().await;
                     crate::behaviour::$test(&*backend.layer()).await;
                 }
             )*
@@ -259,7 +270,7 @@ mod scale {
         // The default configuration: a 100 ms operation timeout.
         let cache = match &backend {
             Backend::Memory(_) => Cache::from_store(populate.clone(), &Config::memory()),
-            Backend::Redis { server, .. } => Cache::new(Config::redis(server.redis_config()))
+            _ => Cache::new(Config::redis(backend.redis_config().unwrap()))
                 .await
                 .unwrap(),
         };

@@ -5,9 +5,13 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod fleet;
 pub mod postgres;
 pub mod proxy;
+#[cfg(feature = "sentinel")]
+pub mod sentinel;
 pub mod server;
 pub mod timing;
 
@@ -47,6 +51,39 @@ macro_rules! both_backends {
                 }
             )*
         }
+        #[cfg(feature = "cluster")]
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::cluster().await).await;
+                }
+            )*
+        }
+    };
+}
+
+/// Like `both_backends!`, on memory and one Redis server only: for what Cluster does not offer
+/// (the in-process tier follows one server's invalidation messages).
+#[allow(unused_macros)]
+macro_rules! single_server_backends {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::memory()).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::redis().await).await;
+                }
+            )*
+        }
     };
 }
 
@@ -68,6 +105,55 @@ pub enum Backend {
         layer: Arc<dyn CacheLayer>,
         server: RedisServer,
     },
+    /// A local Redis Cluster of three primaries (no replicas: the behaviour suites are about
+    /// routing; the failover tests start their own with replicas).
+    #[cfg(feature = "cluster")]
+    Cluster {
+        layer: Arc<dyn CacheLayer>,
+        cluster: cluster::RedisCluster,
+    },
+}
+
+/// A raw redis-rs connection to a test backend's Redis (one server, or the cluster), for
+/// assertions made beside the library and for another client's writes.
+pub enum Raw {
+    Single(redis::aio::MultiplexedConnection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Raw {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Raw::Single(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Raw::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Raw::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Raw::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Raw::Single(c) => c.get_db(),
+            #[cfg(feature = "cluster")]
+            Raw::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl Backend {
@@ -100,17 +186,60 @@ impl Backend {
         }
     }
 
+    /// A local cluster of three primaries.
+    #[cfg(feature = "cluster")]
+    pub async fn cluster() -> Backend {
+        let cluster = tokio::task::spawn_blocking(|| cluster::RedisCluster::start(3, 0))
+            .await
+            .expect("the cluster starts");
+        let layer = speedlayer::store::redis::RedisLayer::connect(&cluster.redis_config())
+            .await
+            .expect("valid config");
+        Backend::Cluster {
+            layer: Arc::new(layer),
+            cluster,
+        }
+    }
+
     pub fn layer(&self) -> Arc<dyn CacheLayer> {
         match self {
             Backend::Memory(m) => m.clone(),
             Backend::Redis { layer, .. } => layer.clone(),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster { layer, .. } => layer.clone(),
         }
     }
 
+    /// The single Redis server, if the backend is one.
     pub fn server(&self) -> Option<&RedisServer> {
         match self {
-            Backend::Memory(_) => None,
             Backend::Redis { server, .. } => Some(server),
+            _ => None,
+        }
+    }
+
+    /// True for the backends on Redis (one server or a cluster).
+    pub fn is_redis(&self) -> bool {
+        !matches!(self, Backend::Memory(_))
+    }
+
+    /// A raw connection to the backend's Redis; `None` on memory.
+    pub async fn raw(&self) -> Option<Raw> {
+        match self {
+            Backend::Memory(_) => None,
+            Backend::Redis { server, .. } => Some(Raw::Single(server.raw().await)),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster { cluster, .. } => Some(Raw::Cluster(cluster.raw().await)),
+        }
+    }
+
+    /// The Redis configuration of the backend; `None` on memory.
+    pub fn redis_config(&self) -> Option<RedisConfig> {
+        match self {
+            Backend::Memory(_) => None,
+            Backend::Redis { server, .. } => Some(server.redis_config()),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster { cluster, .. } => Some(cluster.redis_config()),
         }
     }
 
@@ -119,11 +248,9 @@ impl Backend {
     /// than the 100 ms default, and these tests are about behaviour, not about outages (the
     /// fault tests set their own timeouts).
     pub fn config(&self) -> Config {
-        match self {
-            Backend::Memory(_) => Config::memory(),
-            Backend::Redis { server, .. } => {
-                Config::redis(server.redis_config()).op_timeout(std::time::Duration::from_secs(2))
-            }
+        match self.redis_config() {
+            None => Config::memory(),
+            Some(redis) => Config::redis(redis).op_timeout(std::time::Duration::from_secs(2)),
         }
     }
 }

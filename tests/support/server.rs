@@ -23,6 +23,8 @@ pub struct RedisServer {
     stopped: bool,
     /// Keeps an append-only file written on every command: a restart gives back what it held.
     persistent: bool,
+    /// More arguments for `redis-server` (a cluster node's, a sentinel's).
+    extra: Vec<String>,
 }
 
 fn binary() -> String {
@@ -64,7 +66,22 @@ impl RedisServer {
         RedisServer::start_inner(None, false, true)
     }
 
+    /// Starts a server with more `redis-server` arguments; `$DIR` in them names the server's
+    /// own directory.
+    pub fn start_with_args(args: &[String]) -> RedisServer {
+        RedisServer::start_full(None, false, false, args.to_vec())
+    }
+
     fn start_inner(password: Option<String>, tls: bool, persistent: bool) -> RedisServer {
+        RedisServer::start_full(password, tls, persistent, Vec::new())
+    }
+
+    fn start_full(
+        password: Option<String>,
+        tls: bool,
+        persistent: bool,
+        extra: Vec<String>,
+    ) -> RedisServer {
         let dir = std::env::temp_dir().join(format!(
             "speedlayer-redis-{}-{}",
             std::process::id(),
@@ -85,6 +102,7 @@ impl RedisServer {
                 child: None,
                 stopped: false,
                 persistent,
+                extra: extra.clone(),
             };
             match server.spawn() {
                 Ok(()) => return server,
@@ -102,6 +120,22 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<(), String> {
         let log_path = self.dir.join("redis.log");
         let mut cmd = Command::new(binary());
+        let dir = self.dir.to_string_lossy().into_owned();
+        let expand = |arg: &String| {
+            arg.replace("$DIR", &dir)
+                .replace("$PORT", &self.port.to_string())
+        };
+        // A configuration file (a sentinel's) must be the first argument.
+        let (file, extra) = match self.extra.split_first() {
+            Some((first, rest)) if !first.starts_with("--") => (Some(expand(first)), rest),
+            _ => (None, self.extra.as_slice()),
+        };
+        if let Some(file) = file {
+            if !std::path::Path::new(&file).exists() {
+                std::fs::write(&file, "").expect("write the configuration file");
+            }
+            cmd.arg(file);
+        }
         let aof: &[&str] = if self.persistent {
             &["--appendonly", "yes", "--appendfsync", "always"]
         } else {
@@ -120,6 +154,9 @@ impl RedisServer {
             .stderr(Stdio::null());
         if let Some(p) = &self.password {
             cmd.arg("--requirepass").arg(p);
+        }
+        for arg in extra {
+            cmd.arg(expand(arg));
         }
         if let Some(tls_port) = self.tls_port {
             cmd.arg("--tls-port")
@@ -194,6 +231,11 @@ impl RedisServer {
         self.dir.join("ca.pem")
     }
 
+    /// False after [`kill`](Self::kill) (until a restart).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("server running")
     }
@@ -220,6 +262,11 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
             .unwrap_or_else(|e| panic!("raw connection: {e}\n{}", self.log()))
+    }
+
+    /// The server's directory (its configuration, log and data).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     /// The server log so far.
@@ -322,6 +369,31 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A blocking connection to the server at `port` on loopback.
+pub fn blocking(port: u16) -> redis::Connection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .expect("valid url")
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("a connection to 127.0.0.1:{port}: {e}"))
+}
+
+/// The text a command such as `INFO replication` or `CLUSTER INFO` answers on the server at
+/// `port` (empty when it does not answer within 500 ms).
+pub fn info(port: u16, cmd: &[&str]) -> String {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
+        return String::new();
+    };
+    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
+        return String::new();
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut c = redis::cmd(cmd[0]);
+    for a in &cmd[1..] {
+        c.arg(*a);
+    }
+    c.query::<String>(&mut conn).unwrap_or_default()
 }
 
 /// A CA and a server certificate for 127.0.0.1, made with the openssl command-line tool.

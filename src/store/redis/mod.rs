@@ -27,16 +27,19 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, RedisError, Script};
+use redis::{Cmd, RedisError, RedisResult, Script};
 
 use super::{
     Backend, BackendKind, CacheLayer, Entry, LeaseRequest, Leased, LeasedEntry, Remaining,
     TagChunk, TagCursor, TagMember, lease_key,
 };
-use crate::config::{RedisConfig, Transport};
+use crate::config::{RedisConfig, Topology, Transport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{Key, KeyPattern, Tag};
 use crate::ttl::Ttl;
+
+#[cfg(feature = "cluster")]
+mod cluster;
 
 /// Shortest time between two replacements of the multiplexed connection.
 pub const REPLACE_INTERVAL: Duration = Duration::from_millis(250);
@@ -172,17 +175,26 @@ end
 return forgotten
 ";
 
-/// Adds to `pipe` the registration of `member` in each of `tags` for `ttl`. Each script touches
-/// one index key; EVAL (not EVALSHA) so that a pipeline needs no NOSCRIPT handling.
-fn push_tag_adds(pipe: &mut redis::Pipeline, tags: &[Tag], member: &Key, ttl: Ttl) {
+/// The registration of `member` in each of `tags` for `ttl`, one command per tag index key
+/// (with the key it routes by). EVAL (not EVALSHA) so that a pipeline needs no NOSCRIPT
+/// handling.
+fn tag_adds(tags: &[Tag], member: &Key, ttl: Ttl, out: &mut Vec<(String, Cmd)>) {
     for tag in tags {
-        pipe.cmd("EVAL")
-            .arg(TAG_ADD_SCRIPT)
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(TAG_ADD_SCRIPT)
             .arg(1)
             .arg(tag.as_str())
             .arg(member.as_str())
-            .arg(ttl.as_millis())
-            .ignore();
+            .arg(ttl.as_millis());
+        out.push((tag.as_str().to_owned(), cmd));
+    }
+}
+
+fn lease_reply(reply: redis::Value) -> Leased {
+    match reply {
+        redis::Value::BulkString(bytes) => Leased::Value(Bytes::from(bytes)),
+        redis::Value::Int(1) => Leased::Granted,
+        _ => Leased::Denied,
     }
 }
 
@@ -190,40 +202,105 @@ enum Conn {
     Multiplexed(Box<Multiplexed>),
     #[cfg(feature = "bb8")]
     Pooled(bb8_redis::bb8::Pool<pool::Manager>),
+    #[cfg(feature = "cluster")]
+    Cluster(Box<cluster::Sharded>),
+}
+
+/// Where the multiplexed transport's server comes from.
+enum Source {
+    /// One address, fixed in the configuration.
+    Fixed(redis::Client),
+    /// The primary the sentinels name, asked again after a connection failure.
+    #[cfg(feature = "sentinel")]
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
 }
 
 /// The multiplexed transport: the current connection manager, replaced when a call to it timed
-/// out (its peer may have vanished).
+/// out (its peer may have vanished). With Sentinel, there is none until the sentinels named the
+/// primary, and a failed call makes the next one ask them again.
 struct Multiplexed {
-    client: redis::Client,
+    source: Source,
     config: ConnectionManagerConfig,
-    current: RwLock<(ConnectionManager, Instant)>,
+    current: RwLock<Option<(ConnectionManager, Instant)>>,
 }
 
 impl Multiplexed {
-    fn manager(&self) -> ConnectionManager {
+    async fn manager(&self) -> RedisResult<ConnectionManager> {
         // A poisoned lock still holds a valid manager: replacing it is one assignment.
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+        if let Some((manager, _)) = &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(manager.clone());
+        }
+        self.resolve().await
+    }
+
+    /// Asks the sentinels for the primary and connects to it (one asker at a time; the others
+    /// take its answer).
+    async fn resolve(&self) -> RedisResult<ConnectionManager> {
+        match &self.source {
+            Source::Fixed(client) => {
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone())?;
+                let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+                Ok(current
+                    .get_or_insert_with(|| (manager, Instant::now()))
+                    .0
+                    .clone())
+            }
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel(sentinel) => {
+                let mut sentinel = sentinel.lock().await;
+                if let Some((manager, _)) = &*self.current.read().unwrap_or_else(|e| e.into_inner())
+                {
+                    return Ok(manager.clone());
+                }
+                let client = sentinel.async_get_client().await?;
+                let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some((manager.clone(), Instant::now()));
+                Ok(manager)
+            }
+        }
     }
 
     /// Replaces the connection, unless it was replaced less than [`REPLACE_INTERVAL`] ago.
-    /// Commands already sent on the old one finish or fail there; new ones use the new one.
+    /// Commands already sent on the old one finish or fail there; new ones use the new one
+    /// (with Sentinel, at the primary the sentinels name then).
     fn replace(&self) -> bool {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if current.1.elapsed() < REPLACE_INTERVAL {
+        if current
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < REPLACE_INTERVAL)
+        {
             return false;
         }
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-            Ok(manager) => {
-                *current = (manager, Instant::now());
-                true
+        match &self.source {
+            Source::Fixed(client) => {
+                match ConnectionManager::new_lazy_with_config(client.clone(), self.config.clone()) {
+                    Ok(manager) => {
+                        *current = Some((manager, Instant::now()));
+                        true
+                    }
+                    Err(_) => false,
+                }
             }
-            Err(_) => false,
+            #[cfg(feature = "sentinel")]
+            Source::Sentinel(_) => current.take().is_some(),
         }
+    }
+
+    /// After a failed call: with Sentinel, a lost connection or a server that is no longer the
+    /// primary (`READONLY`, `MASTERDOWN`) sends the next call to the sentinels.
+    fn failed(&self, e: &RedisError) {
+        #[cfg(feature = "sentinel")]
+        if matches!(self.source, Source::Sentinel(_))
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING")))
+        {
+            self.replace();
+        }
+        let _ = e;
     }
 }
 
@@ -256,7 +333,7 @@ impl RedisLayer {
     /// configuration.
     pub async fn connect(config: &RedisConfig) -> Result<RedisLayer> {
         let info = config.connection_info()?;
-        let client = redis::Client::open(info).map_err(|e| {
+        let client = redis::Client::open(info.clone()).map_err(|e| {
             Error::new(
                 ErrorKind::Config,
                 format!(
@@ -265,33 +342,55 @@ impl RedisLayer {
                 ),
             )
         })?;
-        let conn = match config.get_transport() {
-            Transport::Multiplexed => {
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(config.get_connect_timeout()))
-                    // The Store bounds every call; a driver-side timeout would only race it.
-                    .set_response_timeout(None)
-                    // Reconnect quickly and give up soon: while a reconnect is pending every
-                    // call waits on it, and the next failing call starts a new one anyway.
-                    .set_min_delay(Duration::from_millis(20))
-                    .set_max_delay(Duration::from_millis(500))
-                    .set_number_of_retries(2);
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.get_connect_timeout()))
+            // The Store bounds every call; a driver-side timeout would only race it.
+            .set_response_timeout(None)
+            // Reconnect quickly and give up soon: while a reconnect is pending every call
+            // waits on it, and the next failing call starts a new one anyway.
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500))
+            .set_number_of_retries(2);
+        let conn = match (config.get_topology(), config.get_transport()) {
+            #[cfg(feature = "cluster")]
+            (Topology::Cluster { nodes }, _) => {
+                Conn::Cluster(Box::new(cluster::Sharded::new(config, nodes)?))
+            }
+            #[cfg(feature = "sentinel")]
+            (Topology::Sentinel { sentinels, master }, _) => {
+                let sentinel = sentinel_client(config, &info, sentinels, master)?;
+                Conn::Multiplexed(Box::new(Multiplexed {
+                    source: Source::Sentinel(tokio::sync::Mutex::new(sentinel)),
+                    config: manager_config,
+                    current: RwLock::new(None),
+                }))
+            }
+            (Topology::Single, Transport::Multiplexed) => {
                 let manager =
                     ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
                         .map_err(|e| map_error(config, e))?;
                 Conn::Multiplexed(Box::new(Multiplexed {
-                    client,
+                    source: Source::Fixed(client),
                     config: manager_config,
-                    current: RwLock::new((manager, Instant::now())),
+                    current: RwLock::new(Some((manager, Instant::now()))),
                 }))
             }
             #[cfg(feature = "bb8")]
-            Transport::Pooled { size } => Conn::Pooled(pool::build(client, config, size)),
+            (Topology::Single, Transport::Pooled { size }) => {
+                Conn::Pooled(pool::build(client, config, size))
+            }
             #[cfg(not(feature = "bb8"))]
-            Transport::Pooled { .. } => {
+            (Topology::Single, Transport::Pooled { .. }) => {
                 return Err(Error::new(
                     ErrorKind::Config,
                     "the pooled transport needs speedlayer's `bb8` feature",
+                ));
+            }
+            #[allow(unreachable_patterns)]
+            (topology, _) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("{config}: speedlayer was built without support for {topology:?}"),
                 ));
             }
         };
@@ -312,9 +411,17 @@ impl RedisLayer {
     /// Runs one command.
     async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
         let result = match &self.conn {
-            Conn::Multiplexed(m) => cmd.query_async(&mut m.manager()).await,
+            Conn::Multiplexed(m) => match m.manager().await {
+                Ok(mut c) => cmd.query_async(&mut c).await.inspect_err(|e| m.failed(e)),
+                Err(e) => Err(e),
+            },
             #[cfg(feature = "bb8")]
             Conn::Pooled(p) => pool::run(p, async |c| cmd.query_async(c).await).await,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => match c.conn().await {
+                Ok(mut c) => cmd.query_async(&mut c).await,
+                Err(e) => Err(e),
+            },
         };
         result.map_err(|e| map_error(&self.config, e))
     }
@@ -322,11 +429,63 @@ impl RedisLayer {
     /// Runs a pipeline (one round trip).
     async fn query_pipeline<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
         let result = match &self.conn {
-            Conn::Multiplexed(m) => pipe.query_async(&mut m.manager()).await,
+            Conn::Multiplexed(m) => match m.manager().await {
+                Ok(mut c) => pipe.query_async(&mut c).await.inspect_err(|e| m.failed(e)),
+                Err(e) => Err(e),
+            },
             #[cfg(feature = "bb8")]
             Conn::Pooled(p) => pool::run(p, async |c| pipe.query_async(c).await).await,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => match c.conn().await {
+                Ok(mut c) => pipe.query_async(&mut c).await,
+                Err(e) => Err(e),
+            },
         };
         result.map_err(|e| map_error(&self.config, e))
+    }
+
+    /// Runs `cmds`, each given with the key it routes by, as pipelines: one on a single server;
+    /// on a Cluster, one per slot, sent at once. The replies come back in the order of `cmds`.
+    async fn query_routed(&self, cmds: Vec<(String, Cmd)>) -> Result<Vec<redis::Value>> {
+        #[cfg(feature = "cluster")]
+        if let Conn::Cluster(_) = &self.conn {
+            let count = cmds.len();
+            let mut groups: Vec<(redis::cluster_routing::Slot, Vec<usize>, redis::Pipeline)> =
+                Vec::new();
+            for (i, (key, cmd)) in cmds.into_iter().enumerate() {
+                let slot = cluster::slot(&key);
+                let at = match groups.iter().position(|(s, _, _)| *s == slot) {
+                    Some(at) => at,
+                    None => {
+                        groups.push((slot, Vec::new(), redis::pipe()));
+                        groups.len() - 1
+                    }
+                };
+                groups[at].1.push(i);
+                groups[at].2.add_command(cmd);
+            }
+            let replies = futures_util::future::try_join_all(
+                groups
+                    .iter()
+                    .map(|(_, _, pipe)| self.query_pipeline::<Vec<redis::Value>>(pipe)),
+            )
+            .await?;
+            let mut out = vec![redis::Value::Nil; count];
+            for ((_, indices, _), values) in groups.iter().zip(replies) {
+                for (i, value) in indices.iter().zip(values) {
+                    out[*i] = value;
+                }
+            }
+            return Ok(out);
+        }
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (_, cmd) in cmds {
+            pipe.add_command(cmd);
+        }
+        self.query_pipeline(&pipe).await
     }
 
     /// `GET` and `PTTL` of `key` in one pipeline: the value and how long it has left (`None`:
@@ -351,6 +510,17 @@ impl RedisLayer {
     /// A client for the in-process tier's invalidation channel: the same server and
     /// credentials, speaking RESP3 (server push).
     pub(crate) fn tracking_client(&self) -> Result<redis::Client> {
+        if *self.config.get_topology() != Topology::Single {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the in-process tier follows one Redis server's invalidation messages; it is \
+                     not available with {} (Cluster or Sentinel): build the cache without \
+                     `Config::local_tier`",
+                    self.config
+                ),
+            ));
+        }
         let info = self.config.connection_info()?;
         let settings = info
             .redis_settings()
@@ -368,6 +538,92 @@ impl RedisLayer {
         })
     }
 
+    /// Removes the keys matching `pattern` on one node (on a Cluster, the primary at `node`),
+    /// at most `max_removed`.
+    async fn sweep_node(
+        &self,
+        node: Option<(&str, u16)>,
+        pattern: &KeyPattern,
+        batch: usize,
+        max_removed: u64,
+    ) -> Result<u64> {
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern.glob())
+                .arg("COUNT")
+                .arg(batch.max(1));
+            let (next, keys): (u64, Vec<Vec<u8>>) = match node {
+                None => self.query(&scan).await?,
+                #[cfg(feature = "cluster")]
+                Some((host, port)) => match &self.conn {
+                    Conn::Cluster(c) => {
+                        let reply = c
+                            .on_node(host, port, scan)
+                            .await
+                            .map_err(|e| map_error(&self.config, e))?;
+                        redis::from_redis_value(reply)
+                            .map_err(|e| map_error(&self.config, e.into()))?
+                    }
+                    _ => self.query(&scan).await?,
+                },
+                #[cfg(not(feature = "cluster"))]
+                Some(_) => self.query(&scan).await?,
+            };
+            // Keys that are not text are never ours.
+            let victims: Vec<&str> = keys
+                .iter()
+                .filter_map(|k| std::str::from_utf8(k).ok())
+                .filter(|k| pattern.matches_str(k))
+                .take((max_removed - removed).min(usize::MAX as u64) as usize)
+                .collect();
+            if !victims.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                for key in &victims {
+                    unlink.arg(*key);
+                }
+                removed += self.query::<u64>(&unlink).await?;
+            }
+            cursor = next;
+            if cursor == 0 || removed >= max_removed {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// The batch lease script over `requests` (on a Cluster, all in one slot).
+    async fn lease_many_in_one_slot(
+        &self,
+        requests: Vec<&LeaseRequest<'_>>,
+        lease_ttl: Ttl,
+    ) -> Result<Vec<Leased>> {
+        let mut invocation = self.get_or_lease_many.prepare_invoke();
+        invocation.arg(lease_ttl.as_millis());
+        for r in &requests {
+            invocation.key(r.key.as_str()).key(lease_key(r.key));
+            invocation.arg(r.token);
+            match r.replace {
+                Some(replace) => invocation.arg("1").arg(replace),
+                None => invocation.arg("0").arg(""),
+            };
+        }
+        let replies: Vec<redis::Value> = self.invoke(&invocation).await?;
+        if replies.len() != requests.len() {
+            return Err(Error::new(
+                ErrorKind::Script,
+                format!(
+                    "the batch lease script answered {} values for {} keys",
+                    replies.len(),
+                    requests.len()
+                ),
+            ));
+        }
+        Ok(replies.into_iter().map(lease_reply).collect())
+    }
+
     /// Runs a script (`EVALSHA`, loading it once if the server does not know it): what a
     /// capability's [`Operation`](super::Operation) calls. Errors are mapped as for every other
     /// call: a script failing on the data it found is [`ErrorKind::Script`], not an availability
@@ -377,12 +633,71 @@ impl RedisLayer {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
         let result = match &self.conn {
-            Conn::Multiplexed(m) => invocation.invoke_async(&mut m.manager()).await,
+            Conn::Multiplexed(m) => match m.manager().await {
+                Ok(mut c) => invocation
+                    .invoke_async(&mut c)
+                    .await
+                    .inspect_err(|e| m.failed(e)),
+                Err(e) => Err(e),
+            },
             #[cfg(feature = "bb8")]
             Conn::Pooled(p) => pool::run(p, async |c| invocation.invoke_async(c).await).await,
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => match c.conn().await {
+                Ok(mut c) => invocation.invoke_async(&mut c).await,
+                Err(e) => Err(e),
+            },
         };
         result.map_err(|e| map_error(&self.config, e))
     }
+}
+
+/// The client that asks `sentinels` for the primary they monitor as `master`; connections to
+/// the primary use `info`'s credentials, database and TLS. The sentinels are reached without
+/// credentials, over TLS when the data nodes are.
+#[cfg(feature = "sentinel")]
+fn sentinel_client(
+    config: &RedisConfig,
+    info: &redis::ConnectionInfo,
+    sentinels: &[(String, u16)],
+    master: &str,
+) -> Result<redis::sentinel::SentinelClient> {
+    use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+    let tls = match info.addr() {
+        redis::ConnectionAddr::TcpTls { insecure, .. } => Some(if *insecure {
+            redis::TlsMode::Insecure
+        } else {
+            redis::TlsMode::Secure
+        }),
+        _ => None,
+    };
+    let nodes: Vec<redis::ConnectionInfo> = config
+        .infos_at(sentinels)?
+        .into_iter()
+        .map(|i| i.set_redis_settings(redis::RedisConnectionInfo::default()))
+        .collect();
+    let mut node = SentinelNodeConnectionInfo::default()
+        .set_redis_connection_info(info.redis_settings().clone());
+    if let Some(tls) = tls {
+        node = node.set_tls_mode(tls);
+    }
+    // redis-rs takes the name as a `String` without TLS support, as `impl AsRef<str>` with it.
+    #[allow(clippy::unnecessary_to_owned)]
+    SentinelClient::build(
+        nodes,
+        master.to_owned(),
+        Some(node),
+        SentinelServerType::Master,
+    )
+    .map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!(
+                "cannot use Sentinel at {config}: {}",
+                config.scrub(&e.to_string())
+            ),
+        )
+    })
 }
 
 /// Server error codes that say the server cannot serve now (loading, busy, out of memory, a
@@ -452,6 +767,8 @@ impl fmt::Debug for RedisLayer {
             Conn::Multiplexed(_) => "multiplexed",
             #[cfg(feature = "bb8")]
             Conn::Pooled(_) => "pooled",
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(_) => "cluster",
         };
         f.debug_struct("RedisLayer")
             .field("target", &format_args!("{}", self.config))
@@ -497,16 +814,18 @@ impl CacheLayer for RedisLayer {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for entry in entries {
-            pipe.cmd("SET")
-                .arg(entry.key.as_str())
-                .arg(entry.value.as_ref())
-                .arg("PX")
-                .arg(entry.ttl.as_millis())
-                .ignore();
-        }
-        self.query_pipeline::<()>(&pipe).await
+        let cmds = entries
+            .iter()
+            .map(|entry| {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(entry.key.as_str())
+                    .arg(entry.value.as_ref())
+                    .arg("PX")
+                    .arg(entry.ttl.as_millis());
+                (entry.key.as_str().to_owned(), cmd)
+            })
+            .collect();
+        self.query_routed(cmds).await.map(|_| ())
     }
 
     async fn delete(&self, key: &Key) -> Result<bool> {
@@ -570,11 +889,7 @@ impl CacheLayer for RedisLayer {
         if let Some(replace) = replace {
             invocation.arg(replace);
         }
-        Ok(match self.invoke::<redis::Value>(&invocation).await? {
-            redis::Value::BulkString(bytes) => Leased::Value(Bytes::from(bytes)),
-            redis::Value::Int(1) => Leased::Granted,
-            _ => Leased::Denied,
-        })
+        Ok(lease_reply(self.invoke::<redis::Value>(&invocation).await?))
     }
 
     async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
@@ -610,82 +925,93 @@ impl CacheLayer for RedisLayer {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let mut invocation = self.get_or_lease_many.prepare_invoke();
-        invocation.arg(lease_ttl.as_millis());
-        for r in requests {
-            invocation.key(r.key.as_str()).key(lease_key(r.key));
-            invocation.arg(r.token);
-            match r.replace {
-                Some(replace) => invocation.arg("1").arg(replace),
-                None => invocation.arg("0").arg(""),
-            };
+        #[cfg(feature = "cluster")]
+        if let Conn::Cluster(_) = &self.conn {
+            // A script's keys must share a slot: one script per slot, sent at once. Two batches
+            // over the same keys can then each lease some of the other's; each waits at most
+            // the lease wait for the other's values, then loads the rest without caching them.
+            let mut groups: Vec<(redis::cluster_routing::Slot, Vec<usize>)> = Vec::new();
+            for (i, r) in requests.iter().enumerate() {
+                let slot = cluster::slot(r.key.as_str());
+                match groups.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, indices)) => indices.push(i),
+                    None => groups.push((slot, vec![i])),
+                }
+            }
+            let replies = futures_util::future::try_join_all(groups.iter().map(|(_, indices)| {
+                let group: Vec<&LeaseRequest<'_>> = indices.iter().map(|i| &requests[*i]).collect();
+                self.lease_many_in_one_slot(group, lease_ttl)
+            }))
+            .await?;
+            let mut out: Vec<Leased> = (0..requests.len()).map(|_| Leased::Denied).collect();
+            for ((_, indices), leased) in groups.iter().zip(replies) {
+                for (i, l) in indices.iter().zip(leased) {
+                    out[*i] = l;
+                }
+            }
+            return Ok(out);
         }
-        let replies: Vec<redis::Value> = self.invoke(&invocation).await?;
-        if replies.len() != requests.len() {
-            return Err(Error::new(
-                ErrorKind::Script,
-                format!(
-                    "the batch lease script answered {} values for {} keys",
-                    replies.len(),
-                    requests.len()
-                ),
-            ));
-        }
-        Ok(replies
-            .into_iter()
-            .map(|reply| match reply {
-                redis::Value::BulkString(bytes) => Leased::Value(Bytes::from(bytes)),
-                redis::Value::Int(1) => Leased::Granted,
-                _ => Leased::Denied,
-            })
-            .collect())
+        self.lease_many_in_one_slot(requests.iter().collect(), lease_ttl)
+            .await
     }
 
     async fn set_leased_many(&self, entries: &[LeasedEntry]) -> Result<Vec<bool>> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for e in entries {
-            pipe.cmd("EVAL")
-                .arg(SET_LEASED_SCRIPT)
-                .arg(2)
-                .arg(e.key.as_str())
-                .arg(lease_key(&e.key))
-                .arg(e.token)
-                .arg(e.value.as_ref())
-                .arg(e.ttl.as_millis());
-        }
-        let stored: Vec<i64> = self.query_pipeline(&pipe).await?;
-        Ok(stored.into_iter().map(|n| n == 1).collect())
+        let cmds = entries
+            .iter()
+            .map(|e| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(SET_LEASED_SCRIPT)
+                    .arg(2)
+                    .arg(e.key.as_str())
+                    .arg(lease_key(&e.key))
+                    .arg(e.token)
+                    .arg(e.value.as_ref())
+                    .arg(e.ttl.as_millis());
+                (e.key.as_str().to_owned(), cmd)
+            })
+            .collect();
+        let stored = self.query_routed(cmds).await?;
+        Ok(stored
+            .into_iter()
+            .map(|n| matches!(n, redis::Value::Int(1)))
+            .collect())
     }
 
     async fn release_leases(&self, leases: &[(Key, u64)]) -> Result<u64> {
         if leases.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for (key, token) in leases {
-            pipe.cmd("EVAL")
-                .arg(RELEASE_LEASE_SCRIPT)
-                .arg(2)
-                .arg(key.as_str())
-                .arg(lease_key(key))
-                .arg(*token);
-        }
-        let released: Vec<i64> = self.query_pipeline(&pipe).await?;
-        Ok(released.into_iter().filter(|n| *n == 1).count() as u64)
+        let cmds = leases
+            .iter()
+            .map(|(key, token)| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(RELEASE_LEASE_SCRIPT)
+                    .arg(2)
+                    .arg(key.as_str())
+                    .arg(lease_key(key))
+                    .arg(*token);
+                (key.as_str().to_owned(), cmd)
+            })
+            .collect();
+        let released = self.query_routed(cmds).await?;
+        Ok(released
+            .iter()
+            .filter(|n| matches!(n, redis::Value::Int(1)))
+            .count() as u64)
     }
 
     async fn tag_add_many(&self, members: &[(Key, Vec<Tag>)], ttl: Ttl) -> Result<()> {
         if members.iter().all(|(_, tags)| tags.is_empty()) {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for (member, tags) in members {
-            push_tag_adds(&mut pipe, tags, member, ttl);
+            tag_adds(tags, member, ttl, &mut cmds);
         }
-        self.query_pipeline::<()>(&pipe).await
+        self.query_routed(cmds).await.map(|_| ())
     }
 
     async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {
@@ -708,10 +1034,10 @@ impl CacheLayer for RedisLayer {
         if tags.is_empty() {
             return Ok(());
         }
-        // One round trip for all tags.
-        let mut pipe = redis::pipe();
-        push_tag_adds(&mut pipe, tags, member, ttl);
-        self.query_pipeline::<()>(&pipe).await
+        // One round trip for all tags (on a Cluster, one per slot, at once).
+        let mut cmds = Vec::new();
+        tag_adds(tags, member, ttl, &mut cmds);
+        self.query_routed(cmds).await.map(|_| ())
     }
 
     async fn tag_members(&self, tag: &Tag, cursor: &TagCursor, limit: usize) -> Result<TagChunk> {
@@ -787,35 +1113,25 @@ impl CacheLayer for RedisLayer {
     }
 
     async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64> {
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(pattern.glob())
-                .arg("COUNT")
-                .arg(batch.max(1));
-            let (next, keys): (u64, Vec<Vec<u8>>) = self.query(&scan).await?;
-            // Keys that are not text are never ours.
-            let victims: Vec<&str> = keys
-                .iter()
-                .filter_map(|k| std::str::from_utf8(k).ok())
-                .filter(|k| pattern.matches_str(k))
-                .take((max_removed - removed).min(usize::MAX as u64) as usize)
-                .collect();
-            if !victims.is_empty() {
-                let mut unlink = redis::cmd("UNLINK");
-                for key in &victims {
-                    unlink.arg(*key);
+        #[cfg(feature = "cluster")]
+        if let Conn::Cluster(c) = &self.conn {
+            // A SCAN cursor belongs to one node: every primary is walked in turn.
+            let primaries = c
+                .primaries()
+                .await
+                .map_err(|e| map_error(&self.config, e))?;
+            let mut removed = 0;
+            for (host, port) in primaries {
+                if removed >= max_removed {
+                    break;
                 }
-                removed += self.query::<u64>(&unlink).await?;
+                removed += self
+                    .sweep_node(Some((&host, port)), pattern, batch, max_removed - removed)
+                    .await?;
             }
-            cursor = next;
-            if cursor == 0 || removed >= max_removed {
-                return Ok(removed);
-            }
+            return Ok(removed);
         }
+        self.sweep_node(None, pattern, batch, max_removed).await
     }
 
     async fn ping(&self) -> Result<()> {
@@ -839,6 +1155,15 @@ impl CacheLayer for RedisLayer {
             // A pooled connection whose call was cancelled is marked broken by `pool::run`.
             #[cfg(feature = "bb8")]
             Conn::Pooled(_) => {}
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => {
+                if c.replace() {
+                    tracing::info!(
+                        target = %self.config,
+                        "a Redis Cluster call timed out: the cluster connection is replaced"
+                    );
+                }
+            }
         }
     }
 }

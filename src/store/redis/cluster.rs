@@ -1,0 +1,165 @@
+//! The Redis Cluster transport (feature `cluster`): redis-rs's `cluster-async` connection, which
+//! routes each command to the primary owning its key's slot, follows `MOVED` and `ASK`, and
+//! refreshes the slot map when the topology changes (a failover, a resharding).
+//!
+//! It is made lazily, like the single-node transport: a service starts while the cluster is
+//! down, and the first call after it is back connects. A call that timed out drops the
+//! connection (at most once per [`REPLACE_INTERVAL`](super::REPLACE_INTERVAL)); the next call
+//! makes a new one from the seed nodes.
+
+use std::sync::RwLock;
+use std::time::Instant;
+
+use redis::RedisResult;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+
+use crate::config::RedisConfig;
+use crate::error::{Error, ErrorKind, Result};
+
+/// A cluster connection, made on first use.
+pub(super) struct Sharded {
+    client: ClusterClient,
+    current: RwLock<Option<(ClusterConnection, Instant)>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Sharded {
+    pub(super) fn new(config: &RedisConfig, nodes: &[(String, u16)]) -> Result<Sharded> {
+        let infos = config.infos_at(nodes)?;
+        let client = ClusterClientBuilder::new(infos)
+            .connection_timeout(config.get_connect_timeout())
+            // The Store bounds every call; the driver's own waits only need to be shorter than
+            // a failover, so that a call retried after MOVED or a refused connection lands on
+            // the new primary once the cluster promoted it.
+            .retries(3)
+            .min_retry_wait(10)
+            .max_retry_wait(200)
+            .build()
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "cannot use Redis Cluster at {config}: {}",
+                        config.scrub(&e.to_string())
+                    ),
+                )
+            })?;
+        Ok(Sharded {
+            client,
+            current: RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The connection, made now if there is none.
+    pub(super) async fn conn(&self) -> RedisResult<ClusterConnection> {
+        if let Some((conn, _)) = &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(conn.clone());
+        }
+        let _one = self.connecting.lock().await;
+        if let Some((conn, _)) = &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(conn.clone());
+        }
+        let conn = self.client.get_async_connection().await?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+            Some((conn.clone(), Instant::now()));
+        Ok(conn)
+    }
+
+    /// Drops the connection (the next call makes a new one), unless it was made less than
+    /// [`REPLACE_INTERVAL`](super::REPLACE_INTERVAL) ago.
+    pub(super) fn replace(&self) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < super::REPLACE_INTERVAL)
+        {
+            return false;
+        }
+        current.take().is_some()
+    }
+
+    /// The primaries' addresses, from `CLUSTER SHARDS` as one node sees them.
+    pub(super) async fn primaries(&self) -> RedisResult<Vec<(String, u16)>> {
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SHARDS");
+        let shards: redis::Value = conn
+            .route_command(
+                cmd,
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+            )
+            .await?;
+        let mut primaries = Vec::new();
+        for shard in as_items(&shards) {
+            let nodes = field(shard, "nodes");
+            for node in nodes.map(as_items).unwrap_or_default() {
+                let text = |name: &str| match field(node, name) {
+                    Some(redis::Value::BulkString(b)) => String::from_utf8(b.clone()).ok(),
+                    Some(redis::Value::SimpleString(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                let port = match field(node, "port").or_else(|| field(node, "tls-port")) {
+                    Some(redis::Value::Int(p)) => u16::try_from(*p).ok(),
+                    _ => None,
+                };
+                if text("role").as_deref() == Some("master")
+                    && text("health").as_deref() != Some("fail")
+                    && let (Some(ip), Some(port)) = (text("ip").or_else(|| text("endpoint")), port)
+                {
+                    primaries.push((ip, port));
+                }
+            }
+        }
+        Ok(primaries)
+    }
+
+    /// Runs `cmd` on the node at `host:port`.
+    pub(super) async fn on_node(
+        &self,
+        host: &str,
+        port: u16,
+        cmd: redis::Cmd,
+    ) -> RedisResult<redis::Value> {
+        let mut conn = self.conn().await?;
+        conn.route_command(
+            cmd,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.to_owned(),
+                port,
+            }),
+        )
+        .await
+    }
+}
+
+/// The slot of a key: commands of one pipeline or script must share it.
+pub(super) fn slot(key: &str) -> Slot {
+    Slot::for_key(key)
+}
+
+fn as_items(value: &redis::Value) -> Vec<&redis::Value> {
+    match value {
+        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A field of a RESP2 flat key/value array or a RESP3 map.
+fn field<'a>(value: &'a redis::Value, name: &str) -> Option<&'a redis::Value> {
+    let is = |k: &redis::Value| match k {
+        redis::Value::BulkString(b) => b == name.as_bytes(),
+        redis::Value::SimpleString(s) => s == name,
+        _ => false,
+    };
+    match value {
+        redis::Value::Map(pairs) => pairs.iter().find(|(k, _)| is(k)).map(|(_, v)| v),
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .find(|pair| pair.len() == 2 && is(&pair[0]))
+            .map(|pair| &pair[1]),
+        _ => None,
+    }
+}

@@ -1,0 +1,249 @@
+//! A local Redis Cluster, on free loopback ports, torn down on drop; the
+//! nodes' logs are printed when the test fails (each node is a [`RedisServer`]).
+//!
+//! - [`RedisCluster::start`]: `primaries` nodes with `--cluster-enabled yes`, joined by
+//!   `redis-cli --cluster create ... --cluster-replicas N --cluster-yes`, then waited for until
+//!   every node reports `cluster_state:ok` and every slot is covered (and every replica's link to
+//!   its primary is up).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use speedlayer::config::RedisConfig;
+
+use super::server::{RedisServer, blocking, info};
+
+/// How long a node may be unreachable before the cluster fails it over.
+pub const NODE_TIMEOUT_MS: u64 = 1000;
+
+fn redis_cli() -> String {
+    std::env::var("SPEEDLAYER_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned())
+}
+
+/// A Redis Cluster on loopback.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    primaries: usize,
+    /// How long it took to come up, from the first `redis-server` to `cluster_state:ok`.
+    pub startup: Duration,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` primaries with `replicas` replicas each; panics (never skips) when it
+    /// cannot.
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let began = Instant::now();
+        let args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "$DIR/nodes.conf",
+            "--cluster-node-timeout",
+            &NODE_TIMEOUT_MS.to_string(),
+            // A replica syncs at once (the default waits 5 s for more replicas to join).
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
+            .map(|_| RedisServer::start_with_args(&args))
+            .collect();
+        let cluster = RedisCluster {
+            nodes,
+            primaries,
+            startup: Duration::ZERO,
+        };
+        let out = Command::new(redis_cli())
+            .arg("--cluster")
+            .arg("create")
+            .args(
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|n| format!("127.0.0.1:{}", n.port())),
+            )
+            .arg("--cluster-replicas")
+            .arg(replicas.to_string())
+            .arg("--cluster-yes")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {:?}: {e}. Install it (apt-get install -y redis-tools, as \
+                     scripts/test.sh does) or point SPEEDLAYER_REDIS_CLI at a redis-cli binary",
+                    redis_cli()
+                )
+            });
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok(Duration::from_secs(30));
+        RedisCluster {
+            startup: began.elapsed(),
+            ..cluster
+        }
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` with all 16384 slots assigned
+    /// and every replica's link to its primary is up.
+    pub fn wait_ok(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let ready = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
+                let cluster = info(n.port(), &["CLUSTER", "INFO"]);
+                let replication = info(n.port(), &["INFO", "replication"]);
+                cluster.contains("cluster_state:ok")
+                    && cluster.contains("cluster_slots_assigned:16384")
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+            });
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok within {limit:?}:\n{}",
+                self.nodes
+                    .iter()
+                    .map(|n| format!(
+                        "port {}:\n{}",
+                        n.port(),
+                        info(n.port(), &["CLUSTER", "NODES"])
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The seed nodes (all of them) as a configuration.
+    pub fn redis_config(&self) -> RedisConfig {
+        RedisConfig::cluster(self.nodes.iter().map(|n| ("127.0.0.1", n.port())))
+            .expect("a valid cluster configuration")
+    }
+
+    /// `redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...`
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// A redis-rs cluster client, for assertions made beside the library.
+    pub fn client(&self) -> redis::cluster::ClusterClient {
+        redis::cluster::ClusterClient::new(
+            self.nodes
+                .iter()
+                .map(|n| format!("redis://127.0.0.1:{}/", n.port()))
+                .collect::<Vec<_>>(),
+        )
+        .expect("a cluster client")
+    }
+
+    /// A raw cluster connection.
+    pub async fn raw(&self) -> redis::cluster_async::ClusterConnection {
+        self.client()
+            .get_async_connection()
+            .await
+            .expect("a raw cluster connection")
+    }
+
+    /// Every node, primaries first as started (roles change after a failover).
+    pub fn nodes(&mut self) -> &mut [RedisServer] {
+        &mut self.nodes
+    }
+
+    /// The index of the node that is primary for `key`'s slot now.
+    pub fn primary_of(&self, key: &str) -> usize {
+        let mut conn = blocking(self.live().next().expect("a live node").port());
+        let slot_no: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .expect("CLUSTER KEYSLOT");
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut conn)
+            .expect("CLUSTER NODES");
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let covers = fields[8..].iter().any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                match (a.parse::<i64>(), b.parse::<i64>()) {
+                    (Ok(a), Ok(b)) => (a..=b).contains(&slot_no),
+                    _ => false,
+                }
+            });
+            if covers {
+                let port: u16 = fields[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("a node address");
+                return self
+                    .nodes
+                    .iter()
+                    .position(|n| n.port() == port)
+                    .expect("a node of this cluster");
+            }
+        }
+        panic!("no primary covers slot {slot_no}:\n{nodes}");
+    }
+
+    /// The index of a replica of the node at `primary`.
+    pub fn replica_of(&self, primary: usize) -> usize {
+        let mut conn = blocking(self.nodes[primary].port());
+        let id: String = redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut conn)
+            .expect("CLUSTER MYID");
+        let replicas: Vec<String> = redis::cmd("CLUSTER")
+            .arg("REPLICAS")
+            .arg(&id)
+            .query(&mut conn)
+            .expect("CLUSTER REPLICAS");
+        let line = replicas
+            .iter()
+            .find(|l| !l.contains("fail"))
+            .expect("a replica");
+        let port: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|a| a.split(['@', ':']).nth(1))
+            .and_then(|p| p.parse().ok())
+            .expect("a node address");
+        self.nodes
+            .iter()
+            .position(|n| n.port() == port)
+            .expect("a node of this cluster")
+    }
+
+    /// `CLUSTER FAILOVER` on the replica at `replica`: a coordinated switch (no data lost).
+    pub fn failover(&self, replica: usize) {
+        let mut conn = blocking(self.nodes[replica].port());
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query(&mut conn)
+            .expect("CLUSTER FAILOVER");
+    }
+
+    fn live(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes.iter().filter(|n| n.is_running())
+    }
+
+    /// How many primaries the cluster was started with.
+    pub fn primaries(&self) -> usize {
+        self.primaries
+    }
+}
