@@ -230,10 +230,11 @@ pub async fn values_are_stored_as_plain_json(backend: &Backend) {
         cache.store().get(&key(1)).await.unwrap(),
         Some(Bytes::from(expected.clone()))
     );
-    if let Some(server) = backend.server() {
+    if let Some(cli) = backend.cli_args() {
         // Read the value as an operator would (redis-cli ships with redis-server).
         let out = std::process::Command::new("redis-cli")
-            .args(["-p", &server.port().to_string(), "GET", key(1).as_str()])
+            .args(cli)
+            .args(["GET", key(1).as_str()])
             .output()
             .expect("redis-cli is installed with redis-server");
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);

@@ -242,6 +242,11 @@ impl RedisCluster {
         self.nodes.iter().filter(|n| n.is_running())
     }
 
+    /// The port of node `n`.
+    pub fn port(&self, n: usize) -> u16 {
+        self.nodes[n].port()
+    }
+
     /// How many primaries the cluster was started with.
     pub fn primaries(&self) -> usize {
         self.primaries

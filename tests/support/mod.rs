@@ -233,6 +233,19 @@ impl Backend {
         }
     }
 
+    /// The `redis-cli` arguments that reach the backend's Redis (`-c` follows a cluster's
+    /// redirections); `None` on memory.
+    pub fn cli_args(&self) -> Option<Vec<String>> {
+        match self {
+            Backend::Memory(_) => None,
+            Backend::Redis { server, .. } => Some(vec!["-p".into(), server.port().to_string()]),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster { cluster, .. } => {
+                Some(vec!["-c".into(), "-p".into(), cluster.port(0).to_string()])
+            }
+        }
+    }
+
     /// The Redis configuration of the backend; `None` on memory.
     pub fn redis_config(&self) -> Option<RedisConfig> {
         match self {

@@ -13,7 +13,7 @@ use std::time::Instant;
 use redis::RedisResult;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 
 use crate::config::RedisConfig;
 use crate::error::{Error, ErrorKind, Result};
@@ -135,9 +135,44 @@ impl Sharded {
     }
 }
 
-/// The slot of a key: commands of one pipeline or script must share it.
-pub(super) fn slot(key: &str) -> Slot {
-    Slot::for_key(key)
+/// Number of hash slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// The slot of a key (CRC16 of its hash tag, or of the whole key): commands of one pipeline or
+/// script must share it.
+pub(super) fn slot(key: &str) -> u16 {
+    let key = key.as_bytes();
+    let tagged = key.iter().position(|b| *b == b'{').and_then(|open| {
+        let len = key[open + 1..].iter().position(|b| *b == b'}')?;
+        (len > 0).then(|| &key[open + 1..open + 1 + len])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot;
+
+    #[test]
+    fn slots_agree_with_redis_rs() {
+        for key in [
+            "",
+            "a",
+            "user:1000",
+            "{user}:1",
+            "a{}b",
+            "a{b}c{d}",
+            "{",
+            "x}{y}",
+        ] {
+            let ours = slot(key);
+            let theirs = redis::cluster_routing::Slot::for_key(key);
+            assert_eq!(format!("Slot({ours})"), format!("{theirs:?}"), "{key:?}");
+        }
+        // Redis's own documentation example: CLUSTER KEYSLOT somekey is 11058.
+        assert_eq!(slot("somekey"), 11058);
+        assert_eq!(slot("{somekey}:~lease"), 11058);
+    }
 }
 
 fn as_items(value: &redis::Value) -> Vec<&redis::Value> {

@@ -450,8 +450,7 @@ impl RedisLayer {
         #[cfg(feature = "cluster")]
         if let Conn::Cluster(_) = &self.conn {
             let count = cmds.len();
-            let mut groups: Vec<(redis::cluster_routing::Slot, Vec<usize>, redis::Pipeline)> =
-                Vec::new();
+            let mut groups: Vec<(u16, Vec<usize>, redis::Pipeline)> = Vec::new();
             for (i, (key, cmd)) in cmds.into_iter().enumerate() {
                 let slot = cluster::slot(&key);
                 let at = match groups.iter().position(|(s, _, _)| *s == slot) {
@@ -592,6 +591,61 @@ impl RedisLayer {
                 return Ok(removed);
             }
         }
+    }
+
+    /// The batch lease on a Cluster, where a script's keys must share a slot: one script per
+    /// slot, all sent at once. On one server the batch's leases are taken in one atomic step, so
+    /// that two batches never each hold a key the other waits for. Here the same holds by
+    /// ordering: when a key of slot `s` is leased to another batch, this batch keeps only the
+    /// leases it got below `s` and gives back those above it (reported as denied, so that the
+    /// batch asks for them again). Two batches then never wait on each other: each waits only
+    /// for keys below every lease the other keeps.
+    #[cfg(feature = "cluster")]
+    async fn lease_many_by_slot(
+        &self,
+        requests: &[LeaseRequest<'_>],
+        lease_ttl: Ttl,
+    ) -> Result<Vec<Leased>> {
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            let slot = cluster::slot(r.key.as_str());
+            match groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, indices)) => indices.push(i),
+                None => groups.push((slot, vec![i])),
+            }
+        }
+        let replies = futures_util::future::try_join_all(groups.iter().map(|(_, indices)| {
+            let group: Vec<&LeaseRequest<'_>> = indices.iter().map(|i| &requests[*i]).collect();
+            self.lease_many_in_one_slot(group, lease_ttl)
+        }))
+        .await?;
+        let mut out: Vec<Leased> = (0..requests.len()).map(|_| Leased::Denied).collect();
+        let mut lowest_denied = u16::MAX;
+        for ((slot, indices), leased) in groups.iter().zip(replies) {
+            for (i, l) in indices.iter().zip(leased) {
+                if matches!(l, Leased::Denied) {
+                    lowest_denied = lowest_denied.min(*slot);
+                }
+                out[*i] = l;
+            }
+        }
+        let give_back: Vec<usize> = groups
+            .iter()
+            .filter(|(slot, _)| *slot > lowest_denied)
+            .flat_map(|(_, indices)| indices.iter().copied())
+            .filter(|i| matches!(out[*i], Leased::Granted))
+            .collect();
+        if !give_back.is_empty() {
+            let leases: Vec<(Key, u64)> = give_back
+                .iter()
+                .map(|i| (requests[*i].key.clone(), requests[*i].token))
+                .collect();
+            self.release_leases(&leases).await?;
+            for i in give_back {
+                out[i] = Leased::Denied;
+            }
+        }
+        Ok(out)
     }
 
     /// The batch lease script over `requests` (on a Cluster, all in one slot).
@@ -927,29 +981,7 @@ impl CacheLayer for RedisLayer {
         }
         #[cfg(feature = "cluster")]
         if let Conn::Cluster(_) = &self.conn {
-            // A script's keys must share a slot: one script per slot, sent at once. Two batches
-            // over the same keys can then each lease some of the other's; each waits at most
-            // the lease wait for the other's values, then loads the rest without caching them.
-            let mut groups: Vec<(redis::cluster_routing::Slot, Vec<usize>)> = Vec::new();
-            for (i, r) in requests.iter().enumerate() {
-                let slot = cluster::slot(r.key.as_str());
-                match groups.iter_mut().find(|(s, _)| *s == slot) {
-                    Some((_, indices)) => indices.push(i),
-                    None => groups.push((slot, vec![i])),
-                }
-            }
-            let replies = futures_util::future::try_join_all(groups.iter().map(|(_, indices)| {
-                let group: Vec<&LeaseRequest<'_>> = indices.iter().map(|i| &requests[*i]).collect();
-                self.lease_many_in_one_slot(group, lease_ttl)
-            }))
-            .await?;
-            let mut out: Vec<Leased> = (0..requests.len()).map(|_| Leased::Denied).collect();
-            for ((_, indices), leased) in groups.iter().zip(replies) {
-                for (i, l) in indices.iter().zip(leased) {
-                    out[*i] = l;
-                }
-            }
-            return Ok(out);
+            return self.lease_many_by_slot(requests, lease_ttl).await;
         }
         self.lease_many_in_one_slot(requests.iter().collect(), lease_ttl)
             .await
