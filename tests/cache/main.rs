@@ -1,5 +1,5 @@
-//! The typed `Cache` behaviour suite, run on the memory backend, on a real Redis and on a local
-//! Redis Cluster.
+//! The typed `Cache` behaviour suite, run on the memory backend, on a real Redis, on a local
+//! Redis Cluster and on a primary found through Sentinel.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -36,6 +36,16 @@ macro_rules! cache_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     let backend = crate::support::Backend::cluster().await;
+                    crate::suite::$test(&backend).await;
+                }
+            )*
+        }
+        #[cfg(feature = "sentinel")]
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let backend = crate::support::Backend::sentinel().await;
                     crate::suite::$test(&backend).await;
                 }
             )*

@@ -1,6 +1,6 @@
 //! The `CacheLayer` behaviour suite, written once and run on every backend: memory, Redis over
-//! the multiplexed connection, Redis over the pool, a Redis Cluster, and the resilient `Store`
-//! wrapping Redis.
+//! the multiplexed connection, Redis over the pool, a Redis Cluster, a primary found through
+//! Sentinel, and the resilient `Store` wrapping Redis.
 
 #[path = "../support/mod.rs"]
 #[macro_use]
@@ -43,6 +43,16 @@ macro_rules! behaviour_suite {
                 #[tokio::test]
                 async fn $test() {
                     let backend = crate::support::Backend::cluster().await;
+                    crate::behaviour::$test(&*backend.layer()).await;
+                }
+            )*
+        }
+        #[cfg(feature = "sentinel")]
+        mod sentinel {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let backend = crate::support::Backend::sentinel().await;
                     crate::behaviour::$test(&*backend.layer()).await;
                 }
             )*

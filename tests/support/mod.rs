@@ -31,7 +31,9 @@ pub fn nz(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).expect("non-zero")
 }
 
-/// Runs each named `async fn(Backend)` of the invoking module on memory and on a real Redis.
+/// Runs each named `async fn(Backend)` of the invoking module on memory, on a real Redis, on a
+/// local Redis Cluster (feature `cluster`) and on a primary found through Sentinel (feature
+/// `sentinel`).
 #[allow(unused_macros)]
 macro_rules! both_backends {
     ($($test:ident),* $(,)?) => {
@@ -57,6 +59,15 @@ macro_rules! both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test(crate::support::Backend::cluster().await).await;
+                }
+            )*
+        }
+        #[cfg(feature = "sentinel")]
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(crate::support::Backend::sentinel().await).await;
                 }
             )*
         }
@@ -111,6 +122,12 @@ pub enum Backend {
     Cluster {
         layer: Arc<dyn CacheLayer>,
         cluster: cluster::RedisCluster,
+    },
+    /// A primary with a replica, found through three sentinels.
+    #[cfg(feature = "sentinel")]
+    Sentinel {
+        layer: Arc<dyn CacheLayer>,
+        set: sentinel::RedisSentinel,
     },
 }
 
@@ -201,12 +218,29 @@ impl Backend {
         }
     }
 
+    /// A primary with one replica and three sentinels.
+    #[cfg(feature = "sentinel")]
+    pub async fn sentinel() -> Backend {
+        let set = tokio::task::spawn_blocking(|| sentinel::RedisSentinel::start(1, 3))
+            .await
+            .expect("the Sentinel set-up starts");
+        let layer = speedlayer::store::redis::RedisLayer::connect(&set.redis_config())
+            .await
+            .expect("valid config");
+        Backend::Sentinel {
+            layer: Arc::new(layer),
+            set,
+        }
+    }
+
     pub fn layer(&self) -> Arc<dyn CacheLayer> {
         match self {
             Backend::Memory(m) => m.clone(),
             Backend::Redis { layer, .. } => layer.clone(),
             #[cfg(feature = "cluster")]
             Backend::Cluster { layer, .. } => layer.clone(),
+            #[cfg(feature = "sentinel")]
+            Backend::Sentinel { layer, .. } => layer.clone(),
         }
     }
 
@@ -230,6 +264,8 @@ impl Backend {
             Backend::Redis { server, .. } => Some(Raw::Single(server.raw().await)),
             #[cfg(feature = "cluster")]
             Backend::Cluster { cluster, .. } => Some(Raw::Cluster(cluster.raw().await)),
+            #[cfg(feature = "sentinel")]
+            Backend::Sentinel { set, .. } => Some(Raw::Single(set.data[set.primary()].raw().await)),
         }
     }
 
@@ -243,6 +279,11 @@ impl Backend {
             Backend::Cluster { cluster, .. } => {
                 Some(vec!["-c".into(), "-p".into(), cluster.port(0).to_string()])
             }
+            #[cfg(feature = "sentinel")]
+            Backend::Sentinel { set, .. } => Some(vec![
+                "-p".into(),
+                set.data[set.primary()].port().to_string(),
+            ]),
         }
     }
 
@@ -253,6 +294,8 @@ impl Backend {
             Backend::Redis { server, .. } => Some(server.redis_config()),
             #[cfg(feature = "cluster")]
             Backend::Cluster { cluster, .. } => Some(cluster.redis_config()),
+            #[cfg(feature = "sentinel")]
+            Backend::Sentinel { set, .. } => Some(set.redis_config()),
         }
     }
 
