@@ -457,4 +457,11 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     /// answers (a peer that vanished without closing it) should be replaced. The default does
     /// nothing.
     fn call_timed_out(&self) {}
+
+    /// True for a backend whose primary can be replaced by a replica (Redis Cluster, Sentinel):
+    /// the [`Store`] then applies recent invalidations again after an outage, since writes the
+    /// old primary had not replicated are gone.
+    fn fails_over(&self) -> bool {
+        false
+    }
 }

@@ -263,8 +263,65 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
+/// How long a completed invalidation is kept to be applied again after an outage of a backend
+/// that fails over (Redis Cluster, Sentinel): a primary that dies can take writes its replica
+/// had not received yet, deletes among them, and the promoted replica then holds entries an
+/// invalidation had removed. Replication on a healthy link lags by milliseconds.
+pub const FAILOVER_REPLAY_WINDOW: Duration = Duration::from_secs(2);
+
+/// The invalidations completed within [`FAILOVER_REPLAY_WINDOW`], newest last.
+#[derive(Default)]
+struct Journal {
+    entries: std::collections::VecDeque<(std::time::Instant, Vec<Key>, Vec<Tag>)>,
+    items: usize,
+}
+
+impl Journal {
+    fn record(&mut self, keys: &[Key], tags: &[Tag]) {
+        let now = std::time::Instant::now();
+        self.prune(now);
+        if keys.is_empty() && tags.is_empty() {
+            return;
+        }
+        self.items += keys.len() + tags.len();
+        self.entries.push_back((now, keys.to_vec(), tags.to_vec()));
+        while self.items > MAX_PENDING {
+            match self.entries.pop_front() {
+                Some((_, k, t)) => self.items -= k.len() + t.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn prune(&mut self, now: std::time::Instant) {
+        while let Some((at, k, t)) = self.entries.front() {
+            if now.duration_since(*at) <= FAILOVER_REPLAY_WINDOW {
+                break;
+            }
+            self.items -= k.len() + t.len();
+            self.entries.pop_front();
+        }
+    }
+
+    /// Everything recorded within the window, emptying the journal.
+    fn take(&mut self) -> (Vec<Key>, Vec<Tag>) {
+        self.prune(std::time::Instant::now());
+        let mut keys = Vec::new();
+        let mut tags = Vec::new();
+        for (_, k, t) in self.entries.drain(..) {
+            keys.extend(k);
+            tags.extend(t);
+        }
+        self.items = 0;
+        (keys, tags)
+    }
+}
+
 struct Inner {
     primary: Arc<dyn CacheLayer>,
+    /// Completed invalidations, kept for [`FAILOVER_REPLAY_WINDOW`] when the backend can fail
+    /// over; queued again when the breaker opens.
+    journal: Option<Mutex<Journal>>,
     fallback: Option<MemoryLayer>,
     remote: bool,
     op_timeout: Duration,
@@ -365,6 +422,7 @@ impl Store {
         let clock = config.get_clock();
         Store {
             inner: Arc::new(Inner {
+                journal: (remote && primary.fails_over()).then(Mutex::default),
                 primary,
                 fallback,
                 remote,
@@ -530,6 +588,55 @@ impl Store {
         if !self.inner.remote || (keys.is_empty() && tags.is_empty()) {
             return;
         }
+        self.queue(keys, tags);
+        if self.inner.breaker.trip() {
+            crate::telemetry::breaker_open(true);
+            if let Some(f) = &self.inner.fallback {
+                f.clear();
+            }
+            tracing::warn!(
+                backend = %self.inner.primary.kind(),
+                "an invalidation could not reach the backend: circuit opened until it is applied"
+            );
+            self.requeue_journal();
+        }
+        self.start_replayer();
+    }
+
+    /// Records invalidations the backend applied, on a backend that can fail over.
+    fn journal(&self, keys: &[Key], tags: &[Tag]) {
+        if let Some(journal) = &self.inner.journal {
+            journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(keys, tags);
+        }
+    }
+
+    /// As the breaker opens on a backend that can fail over: the invalidations it applied within
+    /// [`FAILOVER_REPLAY_WINDOW`] are queued again, so that they are applied once more, before
+    /// any read, when it answers again (perhaps from a promoted replica that had not received
+    /// them).
+    fn requeue_journal(&self) {
+        let Some(journal) = &self.inner.journal else {
+            return;
+        };
+        let (keys, tags) = journal.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if keys.is_empty() && tags.is_empty() {
+            return;
+        }
+        tracing::info!(
+            keys = keys.len(),
+            tags = tags.len(),
+            "recent invalidations are applied again when the backend answers (a failover may \
+             have lost them)"
+        );
+        self.queue(&keys, &tags);
+        self.start_replayer();
+    }
+
+    /// Adds invalidations to the queue the replay applies.
+    fn queue(&self, keys: &[Key], tags: &[Tag]) {
         let mut lost = 0u64;
         {
             let mut p = self.lock_pending();
@@ -552,16 +659,6 @@ impl Store {
             self.inner.has_pending.store(true, Ordering::Release);
         }
         crate::telemetry::pending_invalidations(self.lock_pending().len());
-        if self.inner.breaker.trip() {
-            crate::telemetry::breaker_open(true);
-            if let Some(f) = &self.inner.fallback {
-                f.clear();
-            }
-            tracing::warn!(
-                backend = %self.inner.primary.kind(),
-                "an invalidation could not reach the backend: circuit opened until it is applied"
-            );
-        }
         if lost > 0 {
             self.inner
                 .counters
@@ -573,7 +670,6 @@ impl Store {
                  be served stale until their TTL ends"
             );
         }
-        self.start_replayer();
     }
 
     /// Starts the background task that applies queued invalidations as soon as the backend
@@ -712,6 +808,9 @@ impl Store {
         for tag in tags {
             match self.invalidate_one_tag(tag).await {
                 Ok((pass, deferred)) => {
+                    if !deferred {
+                        self.journal(&[], std::slice::from_ref(tag));
+                    }
                     done.tag_entries_removed += pass.removed;
                     listed += pass.listed;
                     done.deferred |= deferred;
@@ -738,7 +837,10 @@ impl Store {
             .attempt_removal("UNLINK", self.inner.primary.delete_many(keys))
             .await
         {
-            Outcome::Done(n) => Ok((n.max(from_fallback), false)),
+            Outcome::Done(n) => {
+                self.journal(keys, &[]);
+                Ok((n.max(from_fallback), false))
+            }
             Outcome::Refused(e) => Err(e),
             Outcome::Unusable => {
                 self.defer(keys, &[]);
@@ -1400,6 +1502,7 @@ impl Store {
             if let Some(f) = &inner.fallback {
                 f.clear();
             }
+            self.requeue_journal();
             tracing::warn!(
                 backend = %inner.primary.kind(),
                 failures = inner.breaker.consecutive_failures(),

@@ -81,6 +81,31 @@ impl Sharded {
         current.take().is_some()
     }
 
+    /// After a failed call: a lost connection, or a node that no longer serves (a primary
+    /// failed over), drops the connection, so that the next call builds the slot map anew from
+    /// the seed nodes. The driver refreshes its map after `MOVED` by itself, but a `PING` (sent
+    /// to every primary it knows) can keep reaching a dead primary until then.
+    pub(super) fn failed(&self, e: &redis::RedisError) {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.code(),
+                Some(
+                    "CLUSTERDOWN"
+                        | "READONLY"
+                        | "MASTERDOWN"
+                        | "TRYAGAIN"
+                        | "LOADING"
+                        | "MOVED"
+                        | "ASK"
+                )
+            )
+        {
+            self.replace();
+        }
+    }
+
     /// The primaries' addresses, from `CLUSTER SHARDS` as one node sees them.
     pub(super) async fn primaries(&self) -> RedisResult<Vec<(String, u16)>> {
         let mut conn = self.conn().await?;

@@ -190,6 +190,20 @@ fn tag_adds(tags: &[Tag], member: &Key, ttl: Ttl, out: &mut Vec<(String, Cmd)>) 
     }
 }
 
+/// The positions of `keys`, grouped by Redis Cluster slot (in order of first appearance).
+#[cfg(feature = "cluster")]
+fn by_slot(keys: &[Key]) -> Vec<(u16, Vec<usize>)> {
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let slot = cluster::slot(key.as_str());
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, indices)) => indices.push(i),
+            None => groups.push((slot, vec![i])),
+        }
+    }
+    groups
+}
+
 fn lease_reply(reply: redis::Value) -> Leased {
     match reply {
         redis::Value::BulkString(bytes) => Leased::Value(Bytes::from(bytes)),
@@ -419,7 +433,10 @@ impl RedisLayer {
             Conn::Pooled(p) => pool::run(p, async |c| cmd.query_async(c).await).await,
             #[cfg(feature = "cluster")]
             Conn::Cluster(c) => match c.conn().await {
-                Ok(mut c) => cmd.query_async(&mut c).await,
+                Ok(mut conn) => cmd
+                    .query_async(&mut conn)
+                    .await
+                    .inspect_err(|e| c.failed(e)),
                 Err(e) => Err(e),
             },
         };
@@ -437,7 +454,10 @@ impl RedisLayer {
             Conn::Pooled(p) => pool::run(p, async |c| pipe.query_async(c).await).await,
             #[cfg(feature = "cluster")]
             Conn::Cluster(c) => match c.conn().await {
-                Ok(mut c) => pipe.query_async(&mut c).await,
+                Ok(mut conn) => pipe
+                    .query_async(&mut conn)
+                    .await
+                    .inspect_err(|e| c.failed(e)),
                 Err(e) => Err(e),
             },
         };
@@ -606,14 +626,8 @@ impl RedisLayer {
         requests: &[LeaseRequest<'_>],
         lease_ttl: Ttl,
     ) -> Result<Vec<Leased>> {
-        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-        for (i, r) in requests.iter().enumerate() {
-            let slot = cluster::slot(r.key.as_str());
-            match groups.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, indices)) => indices.push(i),
-                None => groups.push((slot, vec![i])),
-            }
-        }
+        let keys: Vec<Key> = requests.iter().map(|r| r.key.clone()).collect();
+        let groups = by_slot(&keys);
         let replies = futures_util::future::try_join_all(groups.iter().map(|(_, indices)| {
             let group: Vec<&LeaseRequest<'_>> = indices.iter().map(|i| &requests[*i]).collect();
             self.lease_many_in_one_slot(group, lease_ttl)
@@ -698,7 +712,10 @@ impl RedisLayer {
             Conn::Pooled(p) => pool::run(p, async |c| invocation.invoke_async(c).await).await,
             #[cfg(feature = "cluster")]
             Conn::Cluster(c) => match c.conn().await {
-                Ok(mut c) => invocation.invoke_async(&mut c).await,
+                Ok(mut conn) => invocation
+                    .invoke_async(&mut conn)
+                    .await
+                    .inspect_err(|e| c.failed(e)),
                 Err(e) => Err(e),
             },
         };
@@ -847,6 +864,32 @@ impl CacheLayer for RedisLayer {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        #[cfg(feature = "cluster")]
+        if let Conn::Cluster(_) = &self.conn {
+            // One MGET per slot, all at once: each is routed (and redirected after a failover)
+            // on its own.
+            let groups = by_slot(keys);
+            let cmds = groups
+                .iter()
+                .map(|(_, indices)| {
+                    let mut cmd = redis::cmd("MGET");
+                    for i in indices {
+                        cmd.arg(keys[*i].as_str());
+                    }
+                    (keys[indices[0]].as_str().to_owned(), cmd)
+                })
+                .collect();
+            let replies = self.query_routed(cmds).await?;
+            let mut out = vec![None; keys.len()];
+            for ((_, indices), reply) in groups.iter().zip(replies) {
+                let values: Vec<Option<Vec<u8>>> = redis::from_redis_value(reply)
+                    .map_err(|e| map_error(&self.config, e.into()))?;
+                for (i, value) in indices.iter().zip(values) {
+                    out[*i] = bytes_of(value);
+                }
+            }
+            return Ok(out);
+        }
         let mut cmd = redis::cmd("MGET");
         for key in keys {
             cmd.arg(key.as_str());
@@ -891,6 +934,25 @@ impl CacheLayer for RedisLayer {
     async fn delete_many(&self, keys: &[Key]) -> Result<u64> {
         if keys.is_empty() {
             return Ok(0);
+        }
+        #[cfg(feature = "cluster")]
+        if let Conn::Cluster(_) = &self.conn {
+            let cmds = by_slot(keys)
+                .iter()
+                .map(|(_, indices)| {
+                    let mut cmd = redis::cmd("UNLINK");
+                    for i in indices {
+                        cmd.arg(keys[*i].as_str());
+                    }
+                    (keys[indices[0]].as_str().to_owned(), cmd)
+                })
+                .collect();
+            let mut removed = 0;
+            for reply in self.query_routed(cmds).await? {
+                removed += redis::from_redis_value::<u64>(reply)
+                    .map_err(|e| map_error(&self.config, e.into()))?;
+            }
+            return Ok(removed);
         }
         let mut cmd = redis::cmd("UNLINK");
         for key in keys {
@@ -1172,6 +1234,10 @@ impl CacheLayer for RedisLayer {
 
     fn backend(&self) -> Backend<'_> {
         Backend::Redis(self)
+    }
+
+    fn fails_over(&self) -> bool {
+        *self.config.get_topology() != Topology::Single
     }
 
     fn call_timed_out(&self) {

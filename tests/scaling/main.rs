@@ -1,0 +1,298 @@
+//! Scaling out: Redis Cluster and Sentinel under load while a primary fails.
+//!
+//! 64 tasks read through `get_or_set`, write rows and invalidate them, and check a rate limit,
+//! while the primary of a busy slot is failed over (`CLUSTER FAILOVER` on its replica), or is
+//! killed with SIGKILL (a Cluster primary, a Sentinel primary). Every request must succeed, no
+//! read may return a row older than one whose invalidation had returned before the read began,
+//! and the cache must serve from Redis again by itself, following the new topology. The time
+//! that took is printed (`--nocapture`).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod topology;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use speedlayer::config::{Config, RedisConfig};
+use speedlayer::invalidation::{Invalidates, Targets};
+use speedlayer::key::{KeyError, Namespace};
+use speedlayer::ratelimit::{Identity, Limit, RateLimiter, Route};
+use speedlayer::store::BreakerState;
+use speedlayer::ttl::Ttl;
+use speedlayer::{Cache, Ident};
+
+use support::{ITEM, TEST, nz};
+
+const ROWS: u32 = 200;
+const TASKS: usize = 64;
+
+/// The database: each row's version, and the newest version whose invalidation returned.
+#[derive(Default)]
+struct Db {
+    rows: Mutex<HashMap<u32, u64>>,
+    confirmed: Mutex<HashMap<u32, u64>>,
+}
+
+struct RowWritten(u32);
+
+impl Invalidates for RowWritten {
+    fn targets(&self, ns: &Namespace, t: &mut Targets) -> Result<(), KeyError> {
+        t.key(ns.global().key(&TEST, &ITEM, self.0)?);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    requests: AtomicU64,
+    failed: AtomicU64,
+    stale: AtomicU64,
+    invalidations: AtomicU64,
+    rate_checks: AtomicU64,
+}
+
+/// What a run measured.
+struct Outcome {
+    requests: u64,
+    failed: u64,
+    stale: u64,
+    invalidations: u64,
+    rate_checks: u64,
+    /// From the fault until the breaker closed again (`None`: it never opened).
+    back_after: Option<Duration>,
+}
+
+/// Runs the load on a cache built from `redis`, calls `fault` after 1 s, and goes on until the
+/// cache has served from Redis for 1 s after the fault (at most `limit`).
+async fn under_load(
+    redis: RedisConfig,
+    limit: Duration,
+    fault: impl FnOnce() + Send + 'static,
+) -> Outcome {
+    support::init_tracing();
+    let cache = Cache::new(Config::redis(redis)).await.expect("a cache");
+    let limiter = RateLimiter::new(&cache);
+    let route = Route::new(Ident::new("search").unwrap())
+        .per_ip(Limit::gcra(nz(1_000_000), Duration::from_secs(1), nz(1_000)).unwrap());
+    let db = Arc::new(Db::default());
+    let report = Arc::new(Report::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (cache, limiter, route, db, report, stop) = (
+            cache.clone(),
+            limiter.clone(),
+            route.clone(),
+            db.clone(),
+            report.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut n = t as u32;
+            while !stop.load(Ordering::Relaxed) {
+                // A request served from process memory completes without yielding; a real one
+                // waits on its client.
+                tokio::task::yield_now().await;
+                n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                let id = (n >> 8) % ROWS;
+                let key = support::key(id);
+                report.requests.fetch_add(1, Ordering::Relaxed);
+                let who = Identity::ip(&format!("198.51.100.{}", t % 250));
+                let _ = limiter.check(&route, &who).await;
+                report.rate_checks.fetch_add(1, Ordering::Relaxed);
+                if t % 8 == 0 {
+                    // A writer: the row changes, then its invalidation.
+                    let version = {
+                        let mut rows = db.rows.lock().unwrap();
+                        let v = rows.entry(id).or_insert(0);
+                        *v += 1;
+                        *v
+                    };
+                    match cache.invalidate(&RowWritten(id)).await {
+                        Ok(_) => {
+                            report.invalidations.fetch_add(1, Ordering::Relaxed);
+                            let mut confirmed = db.confirmed.lock().unwrap();
+                            let c = confirmed.entry(id).or_insert(0);
+                            *c = (*c).max(version);
+                        }
+                        Err(e) => {
+                            eprintln!("invalidation failed: {e}");
+                            report.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                } else {
+                    let floor = db.confirmed.lock().unwrap().get(&id).copied().unwrap_or(0);
+                    let db = db.clone();
+                    let read = cache
+                        .get_or_set(&key, Ttl::seconds(60), move || async move {
+                            Ok::<u64, std::io::Error>(
+                                db.rows.lock().unwrap().get(&id).copied().unwrap_or(0),
+                            )
+                        })
+                        .await;
+                    match read {
+                        Ok(v) if v < floor => {
+                            eprintln!("stale read of row {id}: {v} < {floor}");
+                            report.stale.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("read failed: {e}");
+                            report.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let faulted = Instant::now();
+    tokio::task::spawn_blocking(fault).await.expect("the fault");
+    let mut opened = false;
+    let mut back_after = None;
+    let mut closed_since: Option<Instant> = None;
+    while faulted.elapsed() < limit {
+        let breaker = cache.stats().breaker;
+        if breaker != BreakerState::Closed {
+            opened = true;
+            closed_since = None;
+        } else {
+            if opened && back_after.is_none() {
+                back_after = Some(faulted.elapsed());
+            }
+            let since = *closed_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(1)
+                && faulted.elapsed() > Duration::from_secs(2)
+            {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("a load task");
+    }
+    let stats = cache.stats();
+    eprintln!("cache after the run: {stats:?}");
+    assert_eq!(
+        stats.breaker,
+        BreakerState::Closed,
+        "the cache serves from Redis again within {limit:?} of the fault"
+    );
+    Outcome {
+        requests: report.requests.load(Ordering::Relaxed),
+        failed: report.failed.load(Ordering::Relaxed),
+        stale: report.stale.load(Ordering::Relaxed),
+        invalidations: report.invalidations.load(Ordering::Relaxed),
+        rate_checks: report.rate_checks.load(Ordering::Relaxed),
+        back_after,
+    }
+}
+
+fn print(name: &str, o: &Outcome) {
+    eprintln!(
+        "{name}: {} requests ({} rate checks, {} invalidations), {} failed, {} stale; served \
+         from Redis again {}",
+        o.requests,
+        o.rate_checks,
+        o.invalidations,
+        o.failed,
+        o.stale,
+        match o.back_after {
+            Some(d) => format!("{} ms after the fault", d.as_millis()),
+            None => "throughout (the breaker never opened)".to_owned(),
+        }
+    );
+}
+
+fn assert_clean(o: &Outcome) {
+    assert!(o.requests > 1_000, "the load ran: {} requests", o.requests);
+    assert!(o.invalidations > 100, "writers ran: {}", o.invalidations);
+    assert_eq!(o.failed, 0, "no request failed");
+    assert_eq!(o.stale, 0, "no read older than a returned invalidation");
+}
+
+/// `CLUSTER FAILOVER` on the replica of a busy primary: a coordinated switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_under_load_fails_no_request() {
+    let cluster = tokio::task::spawn_blocking(|| support::cluster::RedisCluster::start(3, 1))
+        .await
+        .unwrap();
+    eprintln!(
+        "a 3-primary/3-replica cluster came up in {} ms",
+        cluster.startup.as_millis()
+    );
+    let primary = cluster.primary_of(support::key(0).as_str());
+    let replica = cluster.replica_of(primary);
+    let config = cluster.redis_config();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let c = cluster.clone();
+    let o = under_load(config, Duration::from_secs(30), move || {
+        let c = c.lock().unwrap();
+        c.failover(replica);
+    })
+    .await;
+    print("CLUSTER FAILOVER", &o);
+    let c = cluster.lock().unwrap();
+    assert_eq!(
+        c.primary_of(support::key(0).as_str()),
+        replica,
+        "the replica was promoted"
+    );
+    assert_clean(&o);
+}
+
+/// A busy primary killed with SIGKILL: the cluster promotes its replica after the node timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_killed_under_load_fails_no_request() {
+    let cluster = tokio::task::spawn_blocking(|| support::cluster::RedisCluster::start(3, 1))
+        .await
+        .unwrap();
+    let primary = cluster.primary_of(support::key(0).as_str());
+    let replica = cluster.replica_of(primary);
+    let config = cluster.redis_config();
+    let cluster = Arc::new(Mutex::new(cluster));
+    let c = cluster.clone();
+    let o = under_load(config, Duration::from_secs(30), move || {
+        c.lock().unwrap().nodes()[primary].kill()
+    })
+    .await;
+    print("Cluster primary SIGKILL", &o);
+    let c = cluster.lock().unwrap();
+    assert_eq!(
+        c.primary_of(support::key(0).as_str()),
+        replica,
+        "the replica was promoted"
+    );
+    assert_clean(&o);
+}
+
+/// The Sentinel-monitored primary killed with SIGKILL: the sentinels promote a replica and the
+/// cache follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_primary_killed_under_load_fails_no_request() {
+    let set = tokio::task::spawn_blocking(|| support::sentinel::RedisSentinel::start(2, 3))
+        .await
+        .unwrap();
+    eprintln!(
+        "a primary, 2 replicas and 3 sentinels came up in {} ms",
+        set.startup.as_millis()
+    );
+    let before = set.primary();
+    let config = set.redis_config();
+    let set = Arc::new(Mutex::new(set));
+    let s = set.clone();
+    let o = under_load(config, Duration::from_secs(30), move || {
+        s.lock().unwrap().data[before].kill()
+    })
+    .await;
+    print("Sentinel primary SIGKILL", &o);
+    let after = set.lock().unwrap().primary();
+    assert_ne!(after, before, "a replica was promoted");
+    assert_clean(&o);
+}
