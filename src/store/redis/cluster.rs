@@ -174,6 +174,30 @@ pub(super) fn slot(key: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS
 }
 
+fn as_items(value: &redis::Value) -> Vec<&redis::Value> {
+    match value {
+        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A field of a RESP2 flat key/value array or a RESP3 map.
+fn field<'a>(value: &'a redis::Value, name: &str) -> Option<&'a redis::Value> {
+    let is = |k: &redis::Value| match k {
+        redis::Value::BulkString(b) => b == name.as_bytes(),
+        redis::Value::SimpleString(s) => s == name,
+        _ => false,
+    };
+    match value {
+        redis::Value::Map(pairs) => pairs.iter().find(|(k, _)| is(k)).map(|(_, v)| v),
+        redis::Value::Array(items) => items
+            .chunks(2)
+            .find(|pair| pair.len() == 2 && is(&pair[0]))
+            .map(|pair| &pair[1]),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::slot;
@@ -197,29 +221,5 @@ mod tests {
         // Redis's own documentation example: CLUSTER KEYSLOT somekey is 11058.
         assert_eq!(slot("somekey"), 11058);
         assert_eq!(slot("{somekey}:~lease"), 11058);
-    }
-}
-
-fn as_items(value: &redis::Value) -> Vec<&redis::Value> {
-    match value {
-        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// A field of a RESP2 flat key/value array or a RESP3 map.
-fn field<'a>(value: &'a redis::Value, name: &str) -> Option<&'a redis::Value> {
-    let is = |k: &redis::Value| match k {
-        redis::Value::BulkString(b) => b == name.as_bytes(),
-        redis::Value::SimpleString(s) => s == name,
-        _ => false,
-    };
-    match value {
-        redis::Value::Map(pairs) => pairs.iter().find(|(k, _)| is(k)).map(|(_, v)| v),
-        redis::Value::Array(items) => items
-            .chunks(2)
-            .find(|pair| pair.len() == 2 && is(&pair[0]))
-            .map(|pair| &pair[1]),
-        _ => None,
     }
 }
