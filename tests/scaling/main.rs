@@ -101,7 +101,7 @@ async fn under_load(
                 let id = (n >> 8) % ROWS;
                 let key = support::key(id);
                 report.requests.fetch_add(1, Ordering::Relaxed);
-                let who = Identity::ip(&format!("198.51.100.{}", t % 250));
+                let who = Identity::ip(format!("198.51.100.{}", t % 250));
                 let _ = limiter.check(&route, &who).await;
                 report.rate_checks.fetch_add(1, Ordering::Relaxed);
                 if t % 8 == 0 {

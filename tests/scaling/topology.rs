@@ -115,7 +115,7 @@ async fn a_tiered_cache_on_a_cluster_is_refused_with_a_clear_error() {
         .unwrap();
     let config =
         Config::redis(cluster.redis_config()).local_tier(speedlayer::tier::LocalTier::new());
-    let e = Cache::new(config).await.err().expect("refused");
+    let e = Cache::new(config).await.expect_err("refused");
     assert_eq!(e.kind(), ErrorKind::Config);
     assert!(e.to_string().contains("local_tier"), "{e}");
 }
