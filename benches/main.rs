@@ -16,6 +16,7 @@ use criterion::Criterion;
 mod support;
 
 mod batch;
+mod cluster;
 mod common;
 mod coordination;
 mod hit;
@@ -132,6 +133,9 @@ fn main() {
     }
     if any_selected(tiered::IDS) {
         tiered::benches(&mut c, &server);
+    }
+    if any_selected(cluster::IDS) {
+        cluster::benches(&mut c, &server);
     }
     c.final_summary();
     report::print_ratios();

@@ -13,8 +13,8 @@ use speedlayer::ttl::Ttl;
 use crate::common::{Dashboard, dashboard, key, redis_cache, runtime};
 use crate::support::RedisServer;
 
-const TASKS: u64 = 64;
-const GETS_PER_TASK: u64 = 200;
+pub const TASKS: u64 = 64;
+pub const GETS_PER_TASK: u64 = 200;
 const KEYS: u64 = 1_000;
 
 /// Every bench of this group, as `group/name` (for the filter).
@@ -148,7 +148,7 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
     );
 }
 
-async fn run_tasks<F, Fut>(make: F)
+pub async fn run_tasks<F, Fut>(make: F)
 where
     F: Fn(u64) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
