@@ -16,8 +16,11 @@
 //! (`rate:ip:10.0.0.1:log-5-60s:{auth-login}`, `rate:user:42:gcra-100-60s-b10:{auth-login}`,
 //! `rate:global:all:fixed-1000-1s:{auth-login}`). The quota segment gives every layer its own
 //! counter, so two layers of one kind (`per_ip(5/min).per_ip(100/day)`, the usual login set-up)
-//! count separately. The route is a Redis Cluster hash tag, so all the layers of a check live in
-//! one slot. A limiter built for a tenant [`Scope`] ([`RateLimiter::in_scope`]) counts per
+//! count separately. The braces are a Redis Cluster hash tag, so all the layers of a check live in
+//! one slot and a check is one script. A route whose layers all count one identity (all per IP,
+//! or all per user: the usual login and API set-ups) tags each client's keys with a bucket of
+//! its id as well, `{auth-login-74a}` ([`Route::spread`]): its clients then spread over every
+//! node of a cluster instead of all counting on the node that owns `{auth-login}`. A limiter built for a tenant [`Scope`] ([`RateLimiter::in_scope`]) counts per
 //! tenant (`@<tenant>:rate:...`).
 //!
 //! IPv4 clients are counted by address; IPv6 clients by their /64 network (configurable with
@@ -62,6 +65,10 @@ use std::time::Duration;
 use crate::Cache;
 use crate::key::{Ident, Key, KeyError, KeySpace, Scope};
 use crate::store::{Answered, OutageRule, Store};
+
+/// How many buckets the clients of a [`spread`](Route::spread) route are hashed into: each is
+/// its own Redis Cluster hash tag, so a busy route's counters are spread over every node.
+pub const SPREAD_BUCKETS: u32 = 4096;
 
 pub mod headers;
 #[cfg(feature = "axum")]
@@ -132,7 +139,9 @@ pub struct RateCheck {
 pub struct Route {
     name: Ident,
     layers: Vec<(LayerKind, Limit)>,
-    /// Each layer's key after the id, `:<quota>:{<route>}` (see [`Limit::slug`]), built once.
+    /// Each layer's key after the id, `:<quota>:{<route>}` (see [`Limit::slug`]), built once;
+    /// on a route whose layers all count one identity, the hash tag also names the id's bucket
+    /// (see [`Route::spread`]).
     suffixes: Vec<String>,
     outage: Outage,
 }
@@ -155,6 +164,38 @@ impl Route {
                 .push(format!(":{}:{{{}}}", limit.slug(), self.name));
         }
         self
+    }
+
+    /// True when every layer counts the same identity (all per user, or all per IP): then the
+    /// layers' keys carry `{<route>-<bucket>}` as their Redis Cluster hash tag, where the bucket
+    /// (one of [`SPREAD_BUCKETS`], from the id) is the same for all layers of one client, so a
+    /// check stays one script in one slot while the route's clients spread over every node.
+    /// A route with a global layer, or both per-user and per-IP layers, keeps `{<route>}`: its
+    /// keys share one slot, since one check must reach them all.
+    pub fn spread(&self) -> bool {
+        let mut kinds = self.layers.iter().map(|(k, _)| *k);
+        match kinds.next() {
+            Some(first) => first != LayerKind::Global && kinds.all(|k| k == first),
+            None => false,
+        }
+    }
+
+    /// The suffix of layer `index` for the key id `id`.
+    fn suffix(&self, index: usize, id: &str) -> Cow<'_, str> {
+        let suffix = &self.suffixes[index];
+        if !self.spread() {
+            return Cow::Borrowed(suffix);
+        }
+        // FNV-1a: stable across processes and versions, so every app server picks the same
+        // bucket for a client.
+        let mut hash: u32 = 0x811c_9dc5;
+        for b in id.bytes() {
+            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        let bucket = hash % SPREAD_BUCKETS;
+        // `:<quota>:{<route>}` becomes `:<quota>:{<route>-<bucket>}`.
+        let open = &suffix[..suffix.len() - 1];
+        Cow::Owned(format!("{open}-{bucket:03x}}}"))
     }
 
     /// Adds a per-user layer.
@@ -377,7 +418,7 @@ impl RateLimiter {
         let (kind, _) = route.layers[index];
         // The suffix is a context segment (the quota) and the route's hash tag.
         self.keyspace(kind)
-            .key_with_suffix(id, &route.suffixes[index], 2)
+            .key_with_suffix(id, &route.suffix(index, id), 2)
     }
 
     fn keyspace(&self, kind: LayerKind) -> &KeySpace {
@@ -520,6 +561,7 @@ impl RateLimiter {
                 served_by: ServedBy::Backend,
             };
         };
+        // A limiter of this process only: no Redis slot to choose, the route's plain suffix.
         let suffix = &route.suffixes[0];
         let decision = KEY.with_borrow_mut(|key| {
             let keyspace = self.keyspace(kind);

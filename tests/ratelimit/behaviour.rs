@@ -139,6 +139,42 @@ async fn keys_follow_the_key_format(backend: Backend) {
             .as_str(),
         "rate:ip:192.0.2.7:log-5-60s:{auth-login}"
     );
+    // A route whose layers all count one identity spreads its clients over buckets, each its
+    // own hash tag (so a Redis Cluster spreads them over its nodes); every layer of one client
+    // shares the bucket, so that a check stays one script in one slot.
+    let login = Route::new(Ident::from_static("auth-login"))
+        .per_ip(Limit::sliding_log(nz(5), MINUTE).unwrap())
+        .per_ip(Limit::fixed_window(nz(100), Duration::from_secs(86_400)).unwrap());
+    assert!(login.spread() && !route.spread());
+    let layer = |i: usize, ip: &str| {
+        let keys: Vec<String> = (0..2)
+            .map(|n| {
+                let one = Route::new(Ident::from_static("auth-login")).per_ip(login.layers()[n].1);
+                limiter
+                    .key(&one, LayerKind::Ip, &Identity::ip(ip))
+                    .unwrap()
+                    .unwrap()
+                    .as_str()
+                    .to_owned()
+            })
+            .collect();
+        keys[i].clone()
+    };
+    // The bucket is FNV-1a of the id, modulo 4096 (0x74a for 192.0.2.7), in hexadecimal.
+    assert_eq!(
+        layer(0, "192.0.2.7"),
+        "rate:ip:192.0.2.7:log-5-60s:{auth-login-74a}"
+    );
+    let tag = |k: &str| k[k.find('{').unwrap()..].to_owned();
+    assert_eq!(tag(&layer(0, "192.0.2.7")), tag(&layer(1, "192.0.2.7")));
+    let buckets: std::collections::HashSet<String> = (0..200)
+        .map(|i| tag(&layer(0, &format!("198.51.100.{i}"))))
+        .collect();
+    assert!(
+        buckets.len() > 150,
+        "clients spread: {} buckets",
+        buckets.len()
+    );
     // No such layer in the route, or no such identity: no key.
     assert!(
         limiter
