@@ -5,6 +5,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[cfg(feature = "cluster")]
+mod cluster;
 mod outbox;
 mod recovery;
 mod tier;
@@ -48,9 +50,14 @@ fn a_cancelled_load_in_one_process_does_not_stall_the_others() {
 #[test]
 fn an_invalidation_in_one_process_stops_a_load_in_another() {
     let server = RedisServer::start();
-    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
-    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
-    let mut c = Node::spawn("c", &server.url(), NodeSettings::default());
+    an_invalidation_in_one_process_stops_a_load_in_another_on(&server.url());
+}
+
+/// [`an_invalidation_in_one_process_stops_a_load_in_another`] on the Redis at `url` (one server, or a cluster).
+fn an_invalidation_in_one_process_stops_a_load_in_another_on(url: &str) {
+    let mut a = Node::spawn("a", url, NodeSettings::default());
+    let mut b = Node::spawn("b", url, NodeSettings::default());
+    let mut c = Node::spawn("c", url, NodeSettings::default());
     assert_eq!(a.request("hold 5 100"), "holding");
     assert_eq!(b.request("invalidate 5"), "deferred false");
     assert_eq!(a.request("release 5"), "returned 100 refused 1");
@@ -329,9 +336,14 @@ fn a_counter_is_right_after_one_read_when_redis_restarted_mid_run() {
 #[test]
 fn duplicate_payments_over_two_processes_run_once() {
     let server = RedisServer::start();
+    duplicate_payments_over_two_processes_run_once_on(&server.url());
+}
+
+/// [`duplicate_payments_over_two_processes_run_once`] on the Redis at `url` (one server, or a cluster).
+fn duplicate_payments_over_two_processes_run_once_on(url: &str) {
     let database = RedisServer::start();
-    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
-    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    let mut a = Node::spawn("a", url, NodeSettings::default());
+    let mut b = Node::spawn("b", url, NodeSettings::default());
     let db = database.url();
     let body = r#"{"student":7,"amount_cents":12500}"#;
     let request = format!("idem-burst pay-7f3a 25 {body} {db}");
@@ -363,13 +375,18 @@ fn duplicate_payments_over_two_processes_run_once() {
 #[test]
 fn overlapping_batches_across_processes_load_each_row_once() {
     let server = RedisServer::start();
+    overlapping_batches_across_processes_load_each_row_once_on(&server.url());
+}
+
+/// [`overlapping_batches_across_processes_load_each_row_once`] on the Redis at `url` (one server, or a cluster).
+fn overlapping_batches_across_processes_load_each_row_once_on(url: &str) {
     let settings = NodeSettings {
         lease_wait_ms: 5_000,
         ..NodeSettings::default()
     };
-    let mut a = Node::spawn("a", &server.url(), settings);
-    let mut b = Node::spawn("b", &server.url(), settings);
-    let mut c = Node::spawn("c", &server.url(), settings);
+    let mut a = Node::spawn("a", url, settings);
+    let mut b = Node::spawn("b", url, settings);
+    let mut c = Node::spawn("c", url, settings);
     let (na, nb, nc) = (
         a.send("batch 1000 1030 4 30"),
         b.send("batch 1015 1045 4 30"),
@@ -396,9 +413,14 @@ fn overlapping_batches_across_processes_load_each_row_once() {
 #[test]
 fn a_revoked_token_is_refused_by_every_process_at_once() {
     let server = RedisServer::start();
-    let mut api = Node::spawn("api", &server.url(), NodeSettings::default());
-    let mut websocket = Node::spawn("websocket", &server.url(), NodeSettings::default());
-    let mut worker = Node::spawn("worker", &server.url(), NodeSettings::default());
+    a_revoked_token_is_refused_by_every_process_at_once_on(&server.url());
+}
+
+/// [`a_revoked_token_is_refused_by_every_process_at_once`] on the Redis at `url` (one server, or a cluster).
+fn a_revoked_token_is_refused_by_every_process_at_once_on(url: &str) {
+    let mut api = Node::spawn("api", url, NodeSettings::default());
+    let mut websocket = Node::spawn("websocket", url, NodeSettings::default());
+    let mut worker = Node::spawn("worker", url, NodeSettings::default());
     assert_eq!(websocket.request("revoked 7"), "NotRevoked");
     assert_eq!(api.request("revoke 7 900"), "revoked true");
     assert_eq!(websocket.request("revoked 7"), "Revoked");

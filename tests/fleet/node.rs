@@ -324,7 +324,7 @@ struct Node {
     guards: Mutex<HashMap<u64, LockGuard>>,
     /// Idempotent runs begun and not completed yet, by key.
     runs: Mutex<HashMap<String, Pending>>,
-    raw: redis::aio::ConnectionManager,
+    raw: Option<redis::aio::ConnectionManager>,
     revocations: Revocations,
     presence: Presence,
     sessions: Sessions,
@@ -696,7 +696,10 @@ impl Node {
                     );
                     let (acquired, overlaps) = (acquired.clone(), overlaps.clone());
                     workers.push(tokio::spawn(async move {
-                        let mut raw = node.raw.clone();
+                        let mut raw = node
+                            .raw
+                            .clone()
+                            .ok_or("lock-contend needs a single-server URL (its shared record)")?;
                         for _ in 0..rounds {
                             let wait = Duration::from_secs(10);
                             let Some(guard) =
@@ -1096,11 +1099,15 @@ async fn main() {
         config = config.local_tier(settings);
     }
     let cache = Cache::new(config).await.expect("valid configuration");
-    let raw = redis::aio::ConnectionManager::new(
-        redis::Client::open(url.as_str()).expect("a valid Redis URL"),
-    )
-    .await
-    .expect("a raw connection for the shared record");
+    // The shared record of `lock-contend`, on a single server (not on a cluster URL).
+    let raw = match redis::Client::open(url.as_str()) {
+        Ok(client) => Some(
+            redis::aio::ConnectionManager::new(client)
+                .await
+                .expect("a raw connection for the shared record"),
+        ),
+        Err(_) => None,
+    };
     let node = Arc::new(Node {
         revocations: Revocations::new(&cache),
         sessions: Sessions::new(&cache, Ttl::minutes(15)),
