@@ -151,3 +151,38 @@ async fn a_cache_from_a_cluster_url_spreads_keys_over_every_primary() {
     }
     support::assert_healthy(&cache).await;
 }
+
+/// A cluster whose nodes require a password: the URL's password reaches every node (the ones
+/// found through the seeds too), and a wrong one is an error that never shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_behind_a_password_is_used_with_it_and_a_wrong_one_never_shows() {
+    use speedlayer::store::CacheLayer;
+    let cluster = tokio::task::spawn_blocking(|| {
+        support::cluster::RedisCluster::start_with_password(3, 0, "cl-s3cret")
+    })
+    .await
+    .unwrap();
+    let cache =
+        Cache::new(Config::redis(cluster.redis_config()).op_timeout(Duration::from_secs(2)))
+            .await
+            .unwrap();
+    for id in 0..30u32 {
+        cache
+            .set(&support::key(id), &id, Ttl::seconds(60))
+            .await
+            .unwrap();
+    }
+    for id in 0..30u32 {
+        assert_eq!(cache.get::<u32>(&support::key(id)).await, Some(id));
+    }
+    support::assert_healthy(&cache).await;
+
+    let wrong = RedisConfig::from_url(&cluster.url().replace("cl-s3cret", "not-it-4x")).unwrap();
+    assert!(!format!("{wrong} {wrong:?}").contains("not-it-4x"));
+    let layer = speedlayer::store::redis::RedisLayer::connect(&wrong)
+        .await
+        .unwrap();
+    let e = layer.ping().await.expect_err("a wrong password is refused");
+    assert!(!e.to_string().contains("not-it-4x"), "{e}");
+    assert!(!format!("{e:?}").contains("not-it-4x"), "{e:?}");
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use speedlayer::config::RedisConfig;
 
-use super::server::{RedisServer, blocking, info};
+use super::server::{RedisServer, blocking, info_as};
 
 /// How long a node may be unreachable before the cluster fails it over.
 pub const NODE_TIMEOUT_MS: u64 = 1000;
@@ -24,6 +24,7 @@ fn redis_cli() -> String {
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
     primaries: usize,
+    password: Option<String>,
     /// How long it took to come up, from the first `redis-server` to `cluster_state:ok`.
     pub startup: Duration,
 }
@@ -32,8 +33,17 @@ impl RedisCluster {
     /// Starts `primaries` primaries with `replicas` replicas each; panics (never skips) when it
     /// cannot.
     pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        RedisCluster::start_with(primaries, replicas, None)
+    }
+
+    /// A cluster whose nodes require `password` (`requirepass`, and `masterauth` for replicas).
+    pub fn start_with_password(primaries: usize, replicas: usize, password: &str) -> RedisCluster {
+        RedisCluster::start_with(primaries, replicas, Some(password))
+    }
+
+    fn start_with(primaries: usize, replicas: usize, password: Option<&str>) -> RedisCluster {
         let began = Instant::now();
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--cluster-enabled",
             "yes",
             "--cluster-config-file",
@@ -47,15 +57,28 @@ impl RedisCluster {
         .iter()
         .map(|a| a.to_string())
         .collect();
+        if let Some(p) = password {
+            args.extend([
+                "--requirepass".into(),
+                p.into(),
+                "--masterauth".into(),
+                p.into(),
+            ]);
+        }
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|_| RedisServer::start_with_args(&args))
             .collect();
         let cluster = RedisCluster {
             nodes,
             primaries,
+            password: password.map(str::to_owned),
             startup: Duration::ZERO,
         };
-        let out = Command::new(redis_cli())
+        let mut cli = Command::new(redis_cli());
+        if let Some(p) = password {
+            cli.arg("-a").arg(p).arg("--no-auth-warning");
+        }
+        let out = cli
             .arg("--cluster")
             .arg("create")
             .args(
@@ -94,8 +117,8 @@ impl RedisCluster {
         let deadline = Instant::now() + limit;
         loop {
             let ready = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
-                let cluster = info(n.port(), &["CLUSTER", "INFO"]);
-                let replication = info(n.port(), &["INFO", "replication"]);
+                let cluster = self.info(n.port(), &["CLUSTER", "INFO"]);
+                let replication = self.info(n.port(), &["INFO", "replication"]);
                 cluster.contains("cluster_state:ok")
                     && cluster.contains("cluster_slots_assigned:16384")
                     && (replication.contains("role:master")
@@ -112,7 +135,7 @@ impl RedisCluster {
                     .map(|n| format!(
                         "port {}:\n{}",
                         n.port(),
-                        info(n.port(), &["CLUSTER", "NODES"])
+                        self.info(n.port(), &["CLUSTER", "NODES"])
                     ))
                     .collect::<Vec<_>>()
                     .join("\n")
@@ -121,20 +144,28 @@ impl RedisCluster {
         }
     }
 
-    /// The seed nodes (all of them) as a configuration.
-    pub fn redis_config(&self) -> RedisConfig {
-        RedisConfig::cluster(self.nodes.iter().map(|n| ("127.0.0.1", n.port())))
-            .expect("a valid cluster configuration")
+    fn info(&self, port: u16, cmd: &[&str]) -> String {
+        info_as(port, self.password.as_deref(), cmd)
     }
 
-    /// `redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...`
+    /// The seed nodes (all of them) as a configuration.
+    pub fn redis_config(&self) -> RedisConfig {
+        RedisConfig::from_url(&self.url()).expect("a valid cluster configuration")
+    }
+
+    /// `redis+cluster://[:password@]127.0.0.1:p1,127.0.0.1:p2,...`
     pub fn url(&self) -> String {
         let nodes: Vec<String> = self
             .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
-        format!("redis+cluster://{}", nodes.join(","))
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("redis+cluster://{auth}{}", nodes.join(","))
     }
 
     /// A redis-rs cluster client, for assertions made beside the library.
@@ -142,7 +173,14 @@ impl RedisCluster {
         redis::cluster::ClusterClient::new(
             self.nodes
                 .iter()
-                .map(|n| format!("redis://127.0.0.1:{}/", n.port()))
+                .map(|n| {
+                    let auth = self
+                        .password
+                        .as_ref()
+                        .map(|p| format!(":{p}@"))
+                        .unwrap_or_default();
+                    format!("redis://{auth}127.0.0.1:{}/", n.port())
+                })
                 .collect::<Vec<_>>(),
         )
         .expect("a cluster client")

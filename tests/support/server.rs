@@ -382,7 +382,13 @@ pub fn blocking(port: u16) -> redis::Connection {
 /// The text a command such as `INFO replication` or `CLUSTER INFO` answers on the server at
 /// `port` (empty when it does not answer within 500 ms).
 pub fn info(port: u16, cmd: &[&str]) -> String {
-    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
+    info_as(port, None, cmd)
+}
+
+/// [`info`] on a server that requires `password`.
+pub fn info_as(port: u16, password: Option<&str>, cmd: &[&str]) -> String {
+    let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+    let Ok(client) = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}/")) else {
         return String::new();
     };
     let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
