@@ -37,7 +37,7 @@ pub use breaker::BreakerState;
 pub(crate) use lease::{BatchLeases, LeaseHold};
 pub use memory::{MemoryEntry, MemoryLayer, MemoryUpdate, TwinTable};
 pub use operation::{Answered, Backend, Operation, OutageRule};
-pub use resilient::{Invalidated, Source, Store, StoreStats};
+pub use resilient::{FAILOVER_REPLAY_WINDOW, Invalidated, Source, Store, StoreStats};
 
 /// Which backend a store talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
