@@ -358,7 +358,7 @@ impl Sessions {
     /// for as long as a copy can live, copies of this user's sessions are read from the database
     /// and not kept. Returns how many copies were dropped. While Redis is unusable the drop is
     /// queued (as for [`revoke`](Sessions::revoke)) and this returns
-    /// [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable): call it again once Redis
+    /// [`crate::ErrorKind::Unavailable`]: call it again once Redis
     /// answers.
     pub async fn revoke_user(&self, user_id: &str) -> Result<u64> {
         let marker = self.revoked_users.key_str(user_id)?;
