@@ -187,18 +187,25 @@ pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
 
 /// Parses `host:port,host:port` (`[v6]:port` too; `default_port` where a port is left out).
 fn parse_hosts(list: &str, default_port: u16, what: &str) -> Result<Vec<(String, u16)>> {
-    let bad = |entry: &str, why: &str| {
+    // An entry is never echoed: a mistyped one can carry a password.
+    let bad = |n: usize, why: &str| {
         Error::new(
             ErrorKind::Config,
-            format!("{what} must be host:port entries separated by commas; {entry:?} {why}"),
+            format!("{what} must be host:port entries separated by commas; entry {n} {why}"),
         )
     };
     let mut hosts = Vec::new();
-    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    for (n, entry) in list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
+    {
+        let n = n + 1;
         let (host, port) = if let Some(v6) = entry.strip_prefix('[') {
             let (host, rest) = v6
                 .split_once(']')
-                .ok_or_else(|| bad(entry, "has no closing ']'"))?;
+                .ok_or_else(|| bad(n, "has no closing ']'"))?;
             (host, rest.strip_prefix(':'))
         } else {
             match entry.rsplit_once(':') {
@@ -216,12 +223,18 @@ fn parse_hosts(list: &str, default_port: u16, what: &str) -> Result<Vec<(String,
                 ),
             ));
         }
+        if !entry.starts_with('[') && host.contains(':') {
+            return Err(bad(
+                n,
+                "has more than one ':' (write an IPv6 address as [addr]:port)",
+            ));
+        }
         let port = match port {
             Some(p) => p
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| bad(entry, "has no valid port (1-65535)"))?,
+                .ok_or_else(|| bad(n, "has no valid port (1-65535)"))?,
             None => default_port,
         };
         hosts.push((host.to_owned(), port));
@@ -246,7 +259,10 @@ fn split_multi_url(url: &str) -> Option<Result<(String, Topology)>> {
         ("rediss+sentinel://", "sentinel"),
     ]
     .into_iter()
-    .find(|(s, _)| url.len() >= s.len() && url[..s.len()].eq_ignore_ascii_case(s))?;
+    .find(|(s, _)| {
+        url.get(..s.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(s))
+    })?;
     let base = if scheme.starts_with("rediss") {
         "rediss://"
     } else {
@@ -792,6 +808,12 @@ impl Config {
             Ok(redis)
         };
         if let Some(nodes) = get("REDIS_CLUSTER_NODES") {
+            if db_of(get("REDIS_DB"))? != 0 {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    "REDIS_DB is set with REDIS_CLUSTER_NODES: a Redis Cluster has only database 0",
+                ));
+            }
             let nodes = parse_hosts(&nodes, 6379, "REDIS_CLUSTER_NODES")?;
             return Ok(Config::redis(credentials(RedisConfig::cluster(nodes)?)?));
         }

@@ -603,14 +603,24 @@ impl Store {
         self.start_replayer();
     }
 
-    /// Records invalidations the backend applied, on a backend that can fail over.
+    /// Records invalidations the backend applied, on a backend that can fail over. One that
+    /// completes while the breaker is open (it was under way on the old primary as it opened) is
+    /// queued at once: the journal was queued as the breaker opened, and this one is the
+    /// likeliest to be lost. (Removals made during the recovery hold reach the backend that
+    /// answers again, and are journalled.)
     fn journal(&self, keys: &[Key], tags: &[Tag]) {
-        if let Some(journal) = &self.inner.journal {
-            journal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(keys, tags);
+        let Some(journal) = &self.inner.journal else {
+            return;
+        };
+        if self.inner.breaker.state() == BreakerState::Open {
+            self.queue(keys, tags);
+            self.start_replayer();
+            return;
         }
+        journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(keys, tags);
     }
 
     /// As the breaker opens on a backend that can fail over: the invalidations it applied within
@@ -1852,6 +1862,184 @@ impl CacheLayer for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::{Ident, KeyPattern, Namespace};
+    use crate::store::{Entry, LeaseRequest, Leased, Remaining, TagChunk, TagCursor, TagMember};
+    use bytes::Bytes;
+
+    /// A backend that fails over: memory underneath, unreachable while `down` is set (a primary
+    /// lost), and `fails_over` as Redis Cluster and Sentinel say.
+    #[derive(Debug)]
+    struct FailingOver {
+        inner: MemoryLayer,
+        down: AtomicBool,
+        replicated: bool,
+    }
+
+    impl FailingOver {
+        fn check(&self) -> Result<()> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(Error::new(ErrorKind::Connection, "the primary is gone"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl CacheLayer for FailingOver {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Redis
+        }
+        fn fails_over(&self) -> bool {
+            self.replicated
+        }
+        async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+            self.check()?;
+            self.inner.get(key).await
+        }
+        async fn get_many(&self, keys: &[Key]) -> Result<Vec<Option<Bytes>>> {
+            self.check()?;
+            self.inner.get_many(keys).await
+        }
+        async fn set(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<()> {
+            self.check()?;
+            self.inner.set(key, value, ttl).await
+        }
+        async fn set_many(&self, entries: &[Entry]) -> Result<()> {
+            self.check()?;
+            self.inner.set_many(entries).await
+        }
+        async fn delete(&self, key: &Key) -> Result<bool> {
+            self.check()?;
+            self.inner.delete(key).await
+        }
+        async fn delete_many(&self, keys: &[Key]) -> Result<u64> {
+            self.check()?;
+            self.inner.delete_many(keys).await
+        }
+        async fn remaining_ttl(&self, key: &Key) -> Result<Remaining> {
+            self.check()?;
+            self.inner.remaining_ttl(key).await
+        }
+        async fn set_if_absent(&self, key: &Key, value: Bytes, ttl: Ttl) -> Result<bool> {
+            self.check()?;
+            self.inner.set_if_absent(key, value, ttl).await
+        }
+        async fn increment(&self, key: &Key, delta: i64, ttl: Ttl) -> Result<i64> {
+            self.check()?;
+            self.inner.increment(key, delta, ttl).await
+        }
+        async fn get_or_lease(
+            &self,
+            key: &Key,
+            token: u64,
+            lease_ttl: Ttl,
+            replace: Option<&[u8]>,
+        ) -> Result<Leased> {
+            self.check()?;
+            self.inner
+                .get_or_lease(key, token, lease_ttl, replace)
+                .await
+        }
+        async fn set_leased(&self, key: &Key, token: u64, value: Bytes, ttl: Ttl) -> Result<bool> {
+            self.check()?;
+            self.inner.set_leased(key, token, value, ttl).await
+        }
+        async fn release_lease(&self, key: &Key, token: u64) -> Result<bool> {
+            self.check()?;
+            self.inner.release_lease(key, token).await
+        }
+        async fn get_or_lease_many(
+            &self,
+            requests: &[LeaseRequest<'_>],
+            lease_ttl: Ttl,
+        ) -> Result<Vec<Leased>> {
+            self.check()?;
+            self.inner.get_or_lease_many(requests, lease_ttl).await
+        }
+        async fn peek(&self, key: &Key) -> Result<Option<Remaining>> {
+            self.check()?;
+            self.inner.peek(key).await
+        }
+        async fn touch(&self, key: &Key, ttl: Ttl) -> Result<bool> {
+            self.check()?;
+            self.inner.touch(key, ttl).await
+        }
+        async fn tag_add(&self, tags: &[Tag], member: &Key, ttl: Ttl) -> Result<()> {
+            self.check()?;
+            self.inner.tag_add(tags, member, ttl).await
+        }
+        async fn tag_members(
+            &self,
+            tag: &Tag,
+            cursor: &TagCursor,
+            limit: usize,
+        ) -> Result<TagChunk> {
+            self.check()?;
+            self.inner.tag_members(tag, cursor, limit).await
+        }
+        async fn tag_forget(&self, tag: &Tag, members: &[TagMember]) -> Result<u64> {
+            self.check()?;
+            self.inner.tag_forget(tag, members).await
+        }
+        async fn sweep(&self, pattern: &KeyPattern, batch: usize, max_removed: u64) -> Result<u64> {
+            self.check()?;
+            self.inner.sweep(pattern, batch, max_removed).await
+        }
+        async fn ping(&self) -> Result<()> {
+            self.check()
+        }
+    }
+
+    /// A delete applied just before the primary was lost, and missing from the replica promoted
+    /// in its place, is applied again once the backend answers: on a backend that fails over,
+    /// and only there.
+    async fn a_delete_lost_in_a_failover(replicated: bool) -> Option<Bytes> {
+        let layer = Arc::new(FailingOver {
+            inner: MemoryLayer::new(1 << 20),
+            down: AtomicBool::new(false),
+            replicated,
+        });
+        let config = Config::memory()
+            .cool_down(Duration::from_millis(20))
+            .recovery_hold(Duration::from_millis(20));
+        let store = Store::from_layer(layer.clone(), &config);
+        let key = Namespace::root()
+            .global()
+            .key(&Ident::from_static("test"), &Ident::from_static("item"), 1)
+            .unwrap();
+        let value = Bytes::from_static(b"old");
+        store
+            .set(&key, value.clone(), Ttl::seconds(60))
+            .await
+            .unwrap();
+        store
+            .invalidate(std::slice::from_ref(&key), &[])
+            .await
+            .unwrap();
+        // The promoted replica never received the delete.
+        layer
+            .inner
+            .set(&key, value, Ttl::seconds(60))
+            .await
+            .unwrap();
+        layer.down.store(true, Ordering::SeqCst);
+        assert_eq!(store.get(&key).await.unwrap(), None, "the fallback answers");
+        assert_ne!(store.breaker_state(), BreakerState::Closed);
+        layer.down.store(false, Ordering::SeqCst);
+        assert!(store.flush_invalidations(Duration::from_secs(5)).await);
+        layer.inner.get(&key).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failover_gets_the_recent_invalidations_again() {
+        assert_eq!(a_delete_lost_in_a_failover(true).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_single_server_keeps_no_journal() {
+        assert!(a_delete_lost_in_a_failover(false).await.is_some());
+    }
 
     #[test]
     fn throttle_lets_one_line_through_per_interval() {

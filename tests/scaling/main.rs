@@ -74,7 +74,11 @@ async fn under_load(
     fault: impl FnOnce() + Send + 'static,
 ) -> Outcome {
     support::init_tracing();
-    let cache = Cache::new(Config::redis(redis)).await.expect("a cache");
+    // A longer operation timeout than the default 100 ms: six servers and 64 tasks share two
+    // cores here, and this test is about the failover, not about slow calls.
+    let cache = Cache::new(Config::redis(redis).op_timeout(Duration::from_millis(500)))
+        .await
+        .expect("a cache");
     let limiter = RateLimiter::new(&cache);
     let route = Route::new(Ident::new("search").unwrap())
         .per_ip(Limit::gcra(nz(1_000_000), Duration::from_secs(1), nz(1_000)).unwrap());
@@ -155,6 +159,7 @@ async fn under_load(
     let mut opened = false;
     let mut back_after = None;
     let mut closed_since: Option<Instant> = None;
+    let mut settled = false;
     while faulted.elapsed() < limit {
         let breaker = cache.stats().breaker;
         if breaker != BreakerState::Closed {
@@ -168,6 +173,7 @@ async fn under_load(
             if since.elapsed() >= Duration::from_secs(1)
                 && faulted.elapsed() > Duration::from_secs(2)
             {
+                settled = true;
                 break;
             }
         }
@@ -179,10 +185,10 @@ async fn under_load(
     }
     let stats = cache.stats();
     eprintln!("cache after the run: {stats:?}");
-    assert_eq!(
-        stats.breaker,
-        BreakerState::Closed,
-        "the cache serves from Redis again within {limit:?} of the fault"
+    assert!(
+        settled,
+        "the cache served from Redis for 1 s without a break within {limit:?} of the fault: \
+         {stats:?}"
     );
     Outcome {
         requests: report.requests.load(Ordering::Relaxed),
@@ -208,6 +214,18 @@ fn print(name: &str, o: &Outcome) {
             None => "throughout (the breaker never opened)".to_owned(),
         }
     );
+}
+
+/// Waits (10 s at most) until `done` says the replica was promoted, as the nodes see it.
+fn promoted(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "the replica was promoted within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn assert_clean(o: &Outcome) {
@@ -238,12 +256,7 @@ async fn a_cluster_failover_under_load_fails_no_request() {
     })
     .await;
     print("CLUSTER FAILOVER", &o);
-    let c = cluster.lock().unwrap();
-    assert_eq!(
-        c.primary_of(support::key(0).as_str()),
-        replica,
-        "the replica was promoted"
-    );
+    promoted(|| cluster.lock().unwrap().primary_of(support::key(0).as_str()) == replica);
     assert_clean(&o);
 }
 
@@ -263,12 +276,7 @@ async fn a_cluster_primary_killed_under_load_fails_no_request() {
     })
     .await;
     print("Cluster primary SIGKILL", &o);
-    let c = cluster.lock().unwrap();
-    assert_eq!(
-        c.primary_of(support::key(0).as_str()),
-        replica,
-        "the replica was promoted"
-    );
+    promoted(|| cluster.lock().unwrap().primary_of(support::key(0).as_str()) == replica);
     assert_clean(&o);
 }
 
@@ -292,7 +300,6 @@ async fn a_sentinel_primary_killed_under_load_fails_no_request() {
     })
     .await;
     print("Sentinel primary SIGKILL", &o);
-    let after = set.lock().unwrap().primary();
-    assert_ne!(after, before, "a replica was promoted");
+    promoted(|| set.lock().unwrap().primary() != before);
     assert_clean(&o);
 }

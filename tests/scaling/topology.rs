@@ -42,6 +42,15 @@ fn cluster_and_sentinel_urls_and_variables_parse_and_never_show_the_password() {
         }
     );
     assert!(!format!("{s} {s:?}").contains("s3cret"));
+    let v6 = RedisConfig::from_url("redis+cluster://[::1]:7000,[::1]:7001").unwrap();
+    assert_eq!(
+        v6.get_topology(),
+        &Topology::Cluster {
+            nodes: vec![("::1".into(), 7000), ("::1".into(), 7001)]
+        }
+    );
+    // Not a URL of ours, and no panic on a multi-byte character where a scheme would end.
+    let _ = RedisConfig::from_url("redis://h123456\u{e9}x");
 
     let config = Config::from_lookup(env(&[
         ("REDIS_CLUSTER_NODES", "10.0.0.1:7000, 10.0.0.2"),
@@ -102,7 +111,10 @@ fn bad_cluster_and_sentinel_settings_say_what_to_fix() {
             .unwrap_or_else(|| panic!("{vars:?} refused"));
         assert_eq!(e.kind(), ErrorKind::Config, "{vars:?}");
         assert!(e.to_string().contains(expected), "{vars:?}: {e}");
-        assert!(!e.to_string().contains("pw@"), "{e}");
+        assert!(
+            !e.to_string().contains("pw@") && !e.to_string().contains(":pw"),
+            "{e}"
+        );
     }
 }
 

@@ -38,6 +38,16 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// A free loopback port whose cluster bus port (+10000) is free too: at most 55535.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 impl RedisServer {
     /// Starts a server; panics (never skips) when it cannot.
     pub fn start() -> RedisServer {
@@ -94,8 +104,14 @@ impl RedisServer {
         let mut last_log = String::new();
         // A port found free can be taken before the server binds it; try a few.
         for _ in 0..5 {
+            // A cluster node also listens on its port + 10000 (the cluster bus).
+            let cluster = extra.iter().any(|a| a == "--cluster-enabled");
             let mut server = RedisServer {
-                port: free_port(),
+                port: if cluster {
+                    free_cluster_port()
+                } else {
+                    free_port()
+                },
                 password: password.clone(),
                 tls_port: tls.then(free_port),
                 dir: dir.clone(),

@@ -3,26 +3,43 @@
 //! refreshes the slot map when the topology changes (a failover, a resharding).
 //!
 //! It is made lazily, like the single-node transport: a service starts while the cluster is
-//! down, and the first call after it is back connects. A call that timed out drops the
-//! connection (at most once per [`REPLACE_INTERVAL`](super::REPLACE_INTERVAL)); the next call
-//! makes a new one from the seed nodes.
+//! down, and the first call after it is back connects. The connection is made in a task of its
+//! own, one at a time: a caller that gives up waiting (the Store's timeout) does not cancel it,
+//! so a connect slower than one call (a seed on a dead host waits out the connect timeout) still
+//! completes for the calls after it. A call that timed out, or failed on a lost node, drops the
+//! connection (at most once per [`REPLACE_INTERVAL`](super::REPLACE_INTERVAL), and only the one
+//! the call used); the next call makes a new one from the seed nodes.
 
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use redis::RedisResult;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{RedisError, RedisResult};
+use tokio::sync::Notify;
 
 use crate::config::RedisConfig;
 use crate::error::{Error, ErrorKind, Result};
 
+/// The connection and its bookkeeping.
+#[derive(Default)]
+struct State {
+    /// The connection, when it was made, and its generation.
+    conn: Option<(ClusterConnection, Instant, u64)>,
+    generation: u64,
+    /// A connect task is running.
+    connecting: bool,
+    /// How the last connect failed.
+    error: Option<RedisError>,
+}
+
 /// A cluster connection, made on first use.
 pub(super) struct Sharded {
     client: ClusterClient,
-    current: RwLock<Option<(ClusterConnection, Instant)>>,
-    connecting: tokio::sync::Mutex<()>,
+    state: Arc<Mutex<State>>,
+    /// Signalled when a connect task ends.
+    done: Arc<Notify>,
 }
 
 impl Sharded {
@@ -48,44 +65,84 @@ impl Sharded {
             })?;
         Ok(Sharded {
             client,
-            current: RwLock::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            state: Arc::default(),
+            done: Arc::new(Notify::new()),
         })
     }
 
-    /// The connection, made now if there is none.
-    pub(super) async fn conn(&self) -> RedisResult<ClusterConnection> {
-        if let Some((conn, _)) = &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(conn.clone());
-        }
-        let _one = self.connecting.lock().await;
-        if let Some((conn, _)) = &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
-            return Ok(conn.clone());
-        }
-        let conn = self.client.get_async_connection().await?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-            Some((conn.clone(), Instant::now()));
-        Ok(conn)
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock still holds consistent state: every update is one assignment.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops the connection (the next call makes a new one), unless it was made less than
-    /// [`REPLACE_INTERVAL`](super::REPLACE_INTERVAL) ago.
-    pub(super) fn replace(&self) -> bool {
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if current
-            .as_ref()
-            .is_some_and(|(_, at)| at.elapsed() < super::REPLACE_INTERVAL)
-        {
-            return false;
+    /// The connection and its generation, made now (in a task of its own) if there is none.
+    pub(super) async fn conn(&self) -> RedisResult<(ClusterConnection, u64)> {
+        loop {
+            let notified = {
+                let mut state = self.lock();
+                if let Some((conn, _, generation)) = &state.conn {
+                    return Ok((conn.clone(), *generation));
+                }
+                // Registered before the task can end: `notify_waiters` reaches it.
+                let notified = self.done.clone().notified_owned();
+                if !state.connecting {
+                    state.connecting = true;
+                    state.error = None;
+                    let (client, shared, done) =
+                        (self.client.clone(), self.state.clone(), self.done.clone());
+                    let spawned = crate::store::spawn_detached(async move {
+                        let made = client.get_async_connection().await;
+                        let mut state = shared.lock().unwrap_or_else(|e| e.into_inner());
+                        state.connecting = false;
+                        match made {
+                            Ok(conn) => {
+                                state.generation += 1;
+                                state.conn = Some((conn, Instant::now(), state.generation));
+                            }
+                            Err(e) => state.error = Some(e),
+                        }
+                        drop(state);
+                        done.notify_waiters();
+                    });
+                    if !spawned {
+                        state.connecting = false;
+                        return Err(RedisError::from((
+                            redis::ErrorKind::Io,
+                            "no runtime to connect to the cluster on",
+                        )));
+                    }
+                }
+                notified
+            };
+            notified.await;
+            let state = self.lock();
+            if let Some((conn, _, generation)) = &state.conn {
+                return Ok((conn.clone(), *generation));
+            }
+            if let Some(e) = &state.error {
+                return Err(e.clone());
+            }
         }
-        current.take().is_some()
+    }
+
+    /// Drops the connection of `generation` (any, when `None`), so that the next call makes a
+    /// new one, unless it was made less than [`REPLACE_INTERVAL`](super::REPLACE_INTERVAL) ago.
+    pub(super) fn replace(&self, generation: Option<u64>) -> bool {
+        let mut state = self.lock();
+        let stale = state.conn.as_ref().is_some_and(|(_, at, g)| {
+            at.elapsed() >= super::REPLACE_INTERVAL && generation.is_none_or(|want| want == *g)
+        });
+        if stale {
+            state.conn = None;
+        }
+        stale
     }
 
     /// After a failed call: a lost connection, or a node that no longer serves (a primary
     /// failed over), drops the connection, so that the next call builds the slot map anew from
     /// the seed nodes. The driver refreshes its map after `MOVED` by itself, but a `PING` (sent
     /// to every primary it knows) can keep reaching a dead primary until then.
-    pub(super) fn failed(&self, e: &redis::RedisError) {
+    pub(super) fn failed(&self, e: &RedisError, generation: u64) {
         if e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
@@ -102,13 +159,13 @@ impl Sharded {
                 )
             )
         {
-            self.replace();
+            self.replace(Some(generation));
         }
     }
 
     /// The primaries' addresses, from `CLUSTER SHARDS` as one node sees them.
     pub(super) async fn primaries(&self) -> RedisResult<Vec<(String, u16)>> {
-        let mut conn = self.conn().await?;
+        let (mut conn, _) = self.conn().await?;
         let mut cmd = redis::cmd("CLUSTER");
         cmd.arg("SHARDS");
         let shards: redis::Value = conn
@@ -130,8 +187,10 @@ impl Sharded {
                     Some(redis::Value::Int(p)) => u16::try_from(*p).ok(),
                     _ => None,
                 };
+                // A failed or loading node (a primary left behind after a failover) is no node
+                // to walk.
                 if text("role").as_deref() == Some("master")
-                    && text("health").as_deref() != Some("fail")
+                    && text("health").as_deref() == Some("online")
                     && let (Some(ip), Some(port)) = (text("ip").or_else(|| text("endpoint")), port)
                 {
                     primaries.push((ip, port));
@@ -148,7 +207,7 @@ impl Sharded {
         port: u16,
         cmd: redis::Cmd,
     ) -> RedisResult<redis::Value> {
-        let mut conn = self.conn().await?;
+        let (mut conn, _) = self.conn().await?;
         conn.route_command(
             cmd,
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {

@@ -10,8 +10,9 @@
 //!
 //! Values are stored as plain Redis strings (`SET key value PX ttl`), readable with
 //! `redis-cli GET`. Multi-key operations are one round trip: `MGET`, a pipeline of `SET`s, one
-//! `UNLINK`. Counters are one Lua script (`INCRBY` + `PEXPIRE`) so that the TTL refresh cannot be
-//! lost between two commands.
+//! `UNLINK`; on a Redis Cluster (feature `cluster`), one per slot, all sent at once. Counters are
+//! one Lua script (`INCRBY` + `PEXPIRE`) so that the TTL refresh cannot be lost between two
+//! commands.
 //!
 //! Capabilities run their own scripts through [`RedisLayer::invoke`], from an
 //! [`Operation`](super::Operation).
@@ -220,13 +221,24 @@ enum Conn {
     Cluster(Box<cluster::Sharded>),
 }
 
-/// Where the multiplexed transport's server comes from.
+/// Where the multiplexed transport's server comes from (one per layer: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Source {
     /// One address, fixed in the configuration.
     Fixed(redis::Client),
     /// The primary the sentinels name, asked again after a connection failure.
     #[cfg(feature = "sentinel")]
-    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+    Sentinel(std::sync::Arc<Asker>),
+}
+
+/// Asks the sentinels for the primary, in a task of its own.
+#[cfg(feature = "sentinel")]
+struct Asker {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// A task is asking; how the last one failed.
+    state: std::sync::Mutex<(bool, Option<RedisError>)>,
+    /// Signalled when a task ends.
+    done: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// The multiplexed transport: the current connection manager, replaced when a call to it timed
@@ -235,7 +247,7 @@ enum Source {
 struct Multiplexed {
     source: Source,
     config: ConnectionManagerConfig,
-    current: RwLock<Option<(ConnectionManager, Instant)>>,
+    current: std::sync::Arc<RwLock<Option<(ConnectionManager, Instant)>>>,
 }
 
 impl Multiplexed {
@@ -247,8 +259,8 @@ impl Multiplexed {
         self.resolve().await
     }
 
-    /// Asks the sentinels for the primary and connects to it (one asker at a time; the others
-    /// take its answer).
+    /// The connection of a source without one yet: with Sentinel, the primary's, once the
+    /// sentinels named it.
     async fn resolve(&self) -> RedisResult<ConnectionManager> {
         match &self.source {
             Source::Fixed(client) => {
@@ -261,18 +273,61 @@ impl Multiplexed {
                     .clone())
             }
             #[cfg(feature = "sentinel")]
-            Source::Sentinel(sentinel) => {
-                let mut sentinel = sentinel.lock().await;
+            Source::Sentinel(asker) => loop {
+                // The sentinels are asked in a task of its own, one at a time: a caller that
+                // gives up waiting (the Store's timeout) does not cancel it, so an answer slower
+                // than one call still reaches the calls after it.
+                let notified = {
+                    let mut state = asker.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((manager, _)) =
+                        &*self.current.read().unwrap_or_else(|e| e.into_inner())
+                    {
+                        return Ok(manager.clone());
+                    }
+                    let notified = asker.done.clone().notified_owned();
+                    if !state.0 {
+                        state.0 = true;
+                        state.1 = None;
+                        let (asker, current, config) =
+                            (asker.clone(), self.current.clone(), self.config.clone());
+                        let spawned = crate::store::spawn_detached(async move {
+                            let found = async {
+                                let client = asker.client.lock().await.async_get_client().await?;
+                                ConnectionManager::new_lazy_with_config(client, config)
+                            }
+                            .await;
+                            let mut state = asker.state.lock().unwrap_or_else(|e| e.into_inner());
+                            state.0 = false;
+                            match found {
+                                Ok(manager) => {
+                                    *current.write().unwrap_or_else(|e| e.into_inner()) =
+                                        Some((manager, Instant::now()));
+                                }
+                                Err(e) => state.1 = Some(e),
+                            }
+                            drop(state);
+                            asker.done.notify_waiters();
+                        });
+                        if !spawned {
+                            state.0 = false;
+                            return Err(RedisError::from((
+                                redis::ErrorKind::Io,
+                                "no runtime to ask the sentinels on",
+                            )));
+                        }
+                    }
+                    notified
+                };
+                notified.await;
                 if let Some((manager, _)) = &*self.current.read().unwrap_or_else(|e| e.into_inner())
                 {
                     return Ok(manager.clone());
                 }
-                let client = sentinel.async_get_client().await?;
-                let manager = ConnectionManager::new_lazy_with_config(client, self.config.clone())?;
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) =
-                    Some((manager.clone(), Instant::now()));
-                Ok(manager)
-            }
+                let state = asker.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(e) = &state.1 {
+                    return Err(e.clone());
+                }
+            },
         }
     }
 
@@ -374,9 +429,13 @@ impl RedisLayer {
             (Topology::Sentinel { sentinels, master }, _) => {
                 let sentinel = sentinel_client(config, &info, sentinels, master)?;
                 Conn::Multiplexed(Box::new(Multiplexed {
-                    source: Source::Sentinel(tokio::sync::Mutex::new(sentinel)),
+                    source: Source::Sentinel(std::sync::Arc::new(Asker {
+                        client: tokio::sync::Mutex::new(sentinel),
+                        state: std::sync::Mutex::new((false, None)),
+                        done: std::sync::Arc::new(tokio::sync::Notify::new()),
+                    })),
                     config: manager_config,
-                    current: RwLock::new(None),
+                    current: Default::default(),
                 }))
             }
             (Topology::Single, Transport::Multiplexed) => {
@@ -386,7 +445,7 @@ impl RedisLayer {
                 Conn::Multiplexed(Box::new(Multiplexed {
                     source: Source::Fixed(client),
                     config: manager_config,
-                    current: RwLock::new(Some((manager, Instant::now()))),
+                    current: std::sync::Arc::new(RwLock::new(Some((manager, Instant::now())))),
                 }))
             }
             #[cfg(feature = "bb8")]
@@ -433,10 +492,10 @@ impl RedisLayer {
             Conn::Pooled(p) => pool::run(p, async |c| cmd.query_async(c).await).await,
             #[cfg(feature = "cluster")]
             Conn::Cluster(c) => match c.conn().await {
-                Ok(mut conn) => cmd
+                Ok((mut conn, generation)) => cmd
                     .query_async(&mut conn)
                     .await
-                    .inspect_err(|e| c.failed(e)),
+                    .inspect_err(|e| c.failed(e, generation)),
                 Err(e) => Err(e),
             },
         };
@@ -454,10 +513,10 @@ impl RedisLayer {
             Conn::Pooled(p) => pool::run(p, async |c| pipe.query_async(c).await).await,
             #[cfg(feature = "cluster")]
             Conn::Cluster(c) => match c.conn().await {
-                Ok(mut conn) => pipe
+                Ok((mut conn, generation)) => pipe
                     .query_async(&mut conn)
                     .await
-                    .inspect_err(|e| c.failed(e)),
+                    .inspect_err(|e| c.failed(e, generation)),
                 Err(e) => Err(e),
             },
         };
@@ -615,11 +674,15 @@ impl RedisLayer {
 
     /// The batch lease on a Cluster, where a script's keys must share a slot: one script per
     /// slot, all sent at once. On one server the batch's leases are taken in one atomic step, so
-    /// that two batches never each hold a key the other waits for. Here the same holds by
-    /// ordering: when a key of slot `s` is leased to another batch, this batch keeps only the
-    /// leases it got below `s` and gives back those above it (reported as denied, so that the
-    /// batch asks for them again). Two batches then never wait on each other: each waits only
-    /// for keys below every lease the other keeps.
+    /// that two batches over the same keys never each hold a key the other waits for. Here the
+    /// same holds by ordering slots: when a key of slot `s` is leased to another batch, this
+    /// batch keeps the leases it got in slots up to `s` and gives back those above it (reported
+    /// as denied, so that the batch asks for them again). A batch then holds leases only in
+    /// slots at or below the lowest one it waits on, and a cycle of two batches waiting on each
+    /// other would need both to wait on the other's lowest slot: within one slot the script is
+    /// atomic, as on one server. (As on one server, a third batch that gives a lease up without
+    /// a value can still leave two batches waiting on each other, each for at most the lease
+    /// wait.)
     #[cfg(feature = "cluster")]
     async fn lease_many_by_slot(
         &self,
@@ -712,10 +775,10 @@ impl RedisLayer {
             Conn::Pooled(p) => pool::run(p, async |c| invocation.invoke_async(c).await).await,
             #[cfg(feature = "cluster")]
             Conn::Cluster(c) => match c.conn().await {
-                Ok(mut conn) => invocation
+                Ok((mut conn, generation)) => invocation
                     .invoke_async(&mut conn)
                     .await
-                    .inspect_err(|e| c.failed(e)),
+                    .inspect_err(|e| c.failed(e, generation)),
                 Err(e) => Err(e),
             },
         };
@@ -1255,7 +1318,7 @@ impl CacheLayer for RedisLayer {
             Conn::Pooled(_) => {}
             #[cfg(feature = "cluster")]
             Conn::Cluster(c) => {
-                if c.replace() {
+                if c.replace(None) {
                     tracing::info!(
                         target = %self.config,
                         "a Redis Cluster call timed out: the cluster connection is replaced"
