@@ -235,9 +235,12 @@ fn assert_clean(o: &Outcome) {
     assert_eq!(o.stale, 0, "no read older than a returned invalidation");
 }
 
-/// `CLUSTER FAILOVER` on the replica of a busy primary: a coordinated switch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_failover_under_load_fails_no_request() {
+/// A 3-primary/3-replica cluster under load while `fault` strikes the primary of a busy slot
+/// (given the cluster, the primary and its replica): the replica must be promoted.
+async fn cluster_fault(
+    name: &str,
+    fault: impl FnOnce(&mut support::cluster::RedisCluster, usize, usize) + Send + 'static,
+) {
     let cluster = tokio::task::spawn_blocking(|| support::cluster::RedisCluster::start(3, 1))
         .await
         .unwrap();
@@ -251,33 +254,27 @@ async fn a_cluster_failover_under_load_fails_no_request() {
     let cluster = Arc::new(Mutex::new(cluster));
     let c = cluster.clone();
     let o = under_load(config, Duration::from_secs(30), move || {
-        let c = c.lock().unwrap();
-        c.failover(replica);
+        fault(&mut c.lock().unwrap(), primary, replica)
     })
     .await;
-    print("CLUSTER FAILOVER", &o);
+    print(name, &o);
     promoted(|| cluster.lock().unwrap().primary_of(support::key(0).as_str()) == replica);
     assert_clean(&o);
+}
+
+/// `CLUSTER FAILOVER` on the replica of a busy primary: a coordinated switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_under_load_fails_no_request() {
+    cluster_fault("CLUSTER FAILOVER", |c, _, replica| c.failover(replica)).await;
 }
 
 /// A busy primary killed with SIGKILL: the cluster promotes its replica after the node timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_primary_killed_under_load_fails_no_request() {
-    let cluster = tokio::task::spawn_blocking(|| support::cluster::RedisCluster::start(3, 1))
-        .await
-        .unwrap();
-    let primary = cluster.primary_of(support::key(0).as_str());
-    let replica = cluster.replica_of(primary);
-    let config = cluster.redis_config();
-    let cluster = Arc::new(Mutex::new(cluster));
-    let c = cluster.clone();
-    let o = under_load(config, Duration::from_secs(30), move || {
-        c.lock().unwrap().nodes()[primary].kill()
+    cluster_fault("Cluster primary SIGKILL", |c, primary, _| {
+        c.nodes()[primary].kill()
     })
     .await;
-    print("Cluster primary SIGKILL", &o);
-    promoted(|| cluster.lock().unwrap().primary_of(support::key(0).as_str()) == replica);
-    assert_clean(&o);
 }
 
 /// The Sentinel-monitored primary killed with SIGKILL: the sentinels promote a replica and the

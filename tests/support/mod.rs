@@ -31,70 +31,43 @@ pub fn nz(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).expect("non-zero")
 }
 
-/// Runs each named `async fn(Backend)` of the invoking module on memory, on a real Redis, on a
-/// local Redis Cluster (feature `cluster`) and on a primary found through Sentinel (feature
-/// `sentinel`).
+/// One module `$name` of `#[tokio::test]`s, each calling the invoking module's `async
+/// fn(Backend)` of the same name with the backend `$backend` builds.
 #[allow(unused_macros)]
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod memory {
+macro_rules! backend_module {
+    ($name:ident, $backend:expr, $($test:ident),*) => {
+        mod $name {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
-                    super::$test(crate::support::Backend::memory()).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::redis().await).await;
-                }
-            )*
-        }
-        #[cfg(feature = "cluster")]
-        mod cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::cluster().await).await;
-                }
-            )*
-        }
-        #[cfg(feature = "sentinel")]
-        mod sentinel {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::sentinel().await).await;
+                    super::$test($backend).await;
                 }
             )*
         }
     };
 }
 
-/// Like `both_backends!`, on memory and one Redis server only: for what Cluster does not offer
-/// (the in-process tier follows one server's invalidation messages).
+/// Like `both_backends!`, on memory and one Redis server only: for what Cluster and Sentinel do
+/// not offer (the in-process tier follows one server's invalidation messages).
 #[allow(unused_macros)]
 macro_rules! single_server_backends {
     ($($test:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::memory()).await;
-                }
-            )*
-        }
-        mod redis {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    super::$test(crate::support::Backend::redis().await).await;
-                }
-            )*
-        }
+        backend_module!(memory, crate::support::Backend::memory(), $($test),*);
+        backend_module!(redis, crate::support::Backend::redis().await, $($test),*);
+    };
+}
+
+/// Runs each named `async fn(Backend)` of the invoking module on memory, on a real Redis, on a
+/// local Redis Cluster (feature `cluster`) and on a primary found through Sentinel (feature
+/// `sentinel`).
+#[allow(unused_macros)]
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        single_server_backends!($($test),*);
+        #[cfg(feature = "cluster")]
+        backend_module!(cluster, crate::support::Backend::cluster().await, $($test),*);
+        #[cfg(feature = "sentinel")]
+        backend_module!(sentinel, crate::support::Backend::sentinel().await, $($test),*);
     };
 }
 
