@@ -20,11 +20,15 @@ fn redis_cli() -> String {
     std::env::var("SPEEDLAYER_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned())
 }
 
+static NEXT_TLS_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// A Redis Cluster on loopback.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
     primaries: usize,
     password: Option<String>,
+    /// The directory of the CA and certificate every node of a TLS cluster uses.
+    tls: Option<std::path::PathBuf>,
     /// How long it took to come up, from the first `redis-server` to `cluster_state:ok`.
     pub startup: Duration,
 }
@@ -33,15 +37,50 @@ impl RedisCluster {
     /// Starts `primaries` primaries with `replicas` replicas each; panics (never skips) when it
     /// cannot.
     pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
-        RedisCluster::start_with(primaries, replicas, None)
+        RedisCluster::start_with(
+            primaries,
+            replicas,
+            None,
+            None::<&mut Option<fn(&std::path::Path)>>,
+        )
     }
 
     /// A cluster whose nodes require `password` (`requirepass`, and `masterauth` for replicas).
     pub fn start_with_password(primaries: usize, replicas: usize, password: &str) -> RedisCluster {
-        RedisCluster::start_with(primaries, replicas, Some(password))
+        RedisCluster::start_with(
+            primaries,
+            replicas,
+            Some(password),
+            None::<&mut Option<fn(&std::path::Path)>>,
+        )
     }
 
-    fn start_with(primaries: usize, replicas: usize, password: Option<&str>) -> RedisCluster {
+    /// A cluster whose nodes listen with TLS only (clients, the cluster bus and replication),
+    /// with a certificate for 127.0.0.1 signed by a fresh CA ([`ca_file`](Self::ca_file));
+    /// `trust` is given the CA's path before the nodes start, to make the process trust it
+    /// (`SSL_CERT_FILE`).
+    pub fn start_tls(
+        primaries: usize,
+        replicas: usize,
+        trust: impl FnOnce(&std::path::Path),
+    ) -> RedisCluster {
+        RedisCluster::start_with(primaries, replicas, None, Some(&mut Some(trust)))
+    }
+
+    /// The CA of a TLS cluster.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.tls
+            .as_ref()
+            .expect("started with start_tls")
+            .join("ca.pem")
+    }
+
+    fn start_with<T: FnOnce(&std::path::Path)>(
+        primaries: usize,
+        replicas: usize,
+        password: Option<&str>,
+        tls: Option<&mut Option<T>>,
+    ) -> RedisCluster {
         let began = Instant::now();
         let mut args: Vec<String> = [
             "--cluster-enabled",
@@ -65,6 +104,38 @@ impl RedisCluster {
                 p.into(),
             ]);
         }
+        let tls = tls.map(|trust| {
+            let dir = std::env::temp_dir().join(format!(
+                "speedlayer-cluster-tls-{}-{}",
+                std::process::id(),
+                NEXT_TLS_DIR.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&dir).expect("a directory for the certificates");
+            super::server::make_certificates(&dir);
+            if let Some(trust) = trust.take() {
+                trust(&dir.join("ca.pem"));
+            }
+            let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+            args.extend([
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                "$PORT".into(),
+                "--tls-cluster".into(),
+                "yes".into(),
+                "--tls-replication".into(),
+                "yes".into(),
+                "--tls-cert-file".into(),
+                file("server.pem"),
+                "--tls-key-file".into(),
+                file("server.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.pem"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]);
+            dir
+        });
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))
             .map(|_| RedisServer::start_with_args(&args))
             .collect();
@@ -72,11 +143,15 @@ impl RedisCluster {
             nodes,
             primaries,
             password: password.map(str::to_owned),
+            tls,
             startup: Duration::ZERO,
         };
         let mut cli = Command::new(redis_cli());
         if let Some(p) = password {
             cli.arg("-a").arg(p).arg("--no-auth-warning");
+        }
+        if let Some(dir) = &cluster.tls {
+            cli.arg("--tls").arg("--cacert").arg(dir.join("ca.pem"));
         }
         let out = cli
             .arg("--cluster")
@@ -105,10 +180,9 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_ok(Duration::from_secs(30));
-        RedisCluster {
-            startup: began.elapsed(),
-            ..cluster
-        }
+        let mut cluster = cluster;
+        cluster.startup = began.elapsed();
+        cluster
     }
 
     /// Waits until every live node reports `cluster_state:ok` with all 16384 slots assigned
@@ -145,7 +219,7 @@ impl RedisCluster {
     }
 
     fn info(&self, port: u16, cmd: &[&str]) -> String {
-        info_as(port, self.password.as_deref(), cmd)
+        info_as(port, self.password.as_deref(), self.tls.is_some(), cmd)
     }
 
     /// The seed nodes (all of them) as a configuration.
@@ -165,7 +239,12 @@ impl RedisCluster {
             .as_ref()
             .map(|p| format!(":{p}@"))
             .unwrap_or_default();
-        format!("redis+cluster://{auth}{}", nodes.join(","))
+        let scheme = if self.tls.is_some() {
+            "rediss+cluster"
+        } else {
+            "redis+cluster"
+        };
+        format!("{scheme}://{auth}{}", nodes.join(","))
     }
 
     /// A redis-rs cluster client, for assertions made beside the library.
@@ -179,7 +258,12 @@ impl RedisCluster {
                         .as_ref()
                         .map(|p| format!(":{p}@"))
                         .unwrap_or_default();
-                    format!("redis://{auth}127.0.0.1:{}/", n.port())
+                    let scheme = if self.tls.is_some() {
+                        "rediss"
+                    } else {
+                        "redis"
+                    };
+                    format!("{scheme}://{auth}127.0.0.1:{}/", n.port())
                 })
                 .collect::<Vec<_>>(),
         )
@@ -288,5 +372,14 @@ impl RedisCluster {
     /// How many primaries the cluster was started with.
     pub fn primaries(&self) -> usize {
         self.primaries
+    }
+}
+
+/// Removes a TLS cluster's certificates.
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -223,6 +223,14 @@ impl RedisServer {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
+        // A node that listens with TLS only (`--port 0 --tls-port <port>`) is up once it accepts.
+        if self
+            .extra
+            .windows(2)
+            .any(|w| w[0] == "--port" && w[1] == "0")
+        {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         if s.write_all(b"PING\r\n").is_err() {
             return false;
@@ -398,13 +406,14 @@ pub fn blocking(port: u16) -> redis::Connection {
 /// The text a command such as `INFO replication` or `CLUSTER INFO` answers on the server at
 /// `port` (empty when it does not answer within 500 ms).
 pub fn info(port: u16, cmd: &[&str]) -> String {
-    info_as(port, None, cmd)
+    info_as(port, None, false, cmd)
 }
 
-/// [`info`] on a server that requires `password`.
-pub fn info_as(port: u16, password: Option<&str>, cmd: &[&str]) -> String {
+/// [`info`] on a server that requires `password`, over TLS when `tls`.
+pub fn info_as(port: u16, password: Option<&str>, tls: bool, cmd: &[&str]) -> String {
     let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
-    let Ok(client) = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}/")) else {
+    let scheme = if tls { "rediss" } else { "redis" };
+    let Ok(client) = redis::Client::open(format!("{scheme}://{auth}127.0.0.1:{port}/")) else {
         return String::new();
     };
     let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
@@ -418,8 +427,9 @@ pub fn info_as(port: u16, password: Option<&str>, cmd: &[&str]) -> String {
     c.query::<String>(&mut conn).unwrap_or_default()
 }
 
-/// A CA and a server certificate for 127.0.0.1, made with the openssl command-line tool.
-fn make_certificates(dir: &std::path::Path) {
+/// A CA (`ca.pem`) and a server certificate for 127.0.0.1 (`server.pem`, `server.key`) in
+/// `dir`, made with the openssl command-line tool.
+pub fn make_certificates(dir: &std::path::Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -465,7 +475,7 @@ fn make_certificates(dir: &std::path::Path) {
     ]);
     std::fs::write(
         dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     .expect("write extension file");
     run(&[
