@@ -227,44 +227,42 @@ impl RedisCluster {
         RedisConfig::from_url(&self.url()).expect("a valid cluster configuration")
     }
 
-    /// `redis+cluster://[:password@]127.0.0.1:p1,127.0.0.1:p2,...`
-    pub fn url(&self) -> String {
-        let nodes: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
-            .collect();
+    /// The user info (`:password@`, or nothing) and the scheme (`redis` or `rediss`) of every
+    /// node's URL.
+    fn auth_and_scheme(&self) -> (String, &'static str) {
         let auth = self
             .password
             .as_ref()
             .map(|p| format!(":{p}@"))
             .unwrap_or_default();
-        let scheme = if self.tls.is_some() {
-            "rediss+cluster"
-        } else {
-            "redis+cluster"
-        };
-        format!("{scheme}://{auth}{}", nodes.join(","))
+        (
+            auth,
+            if self.tls.is_some() {
+                "rediss"
+            } else {
+                "redis"
+            },
+        )
+    }
+
+    /// `redis+cluster://[:password@]127.0.0.1:p1,127.0.0.1:p2,...` (`rediss+cluster` with TLS)
+    pub fn url(&self) -> String {
+        let (auth, scheme) = self.auth_and_scheme();
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("{scheme}+cluster://{auth}{}", nodes.join(","))
     }
 
     /// A redis-rs cluster client, for assertions made beside the library.
     pub fn client(&self) -> redis::cluster::ClusterClient {
+        let (auth, scheme) = self.auth_and_scheme();
         redis::cluster::ClusterClient::new(
             self.nodes
                 .iter()
-                .map(|n| {
-                    let auth = self
-                        .password
-                        .as_ref()
-                        .map(|p| format!(":{p}@"))
-                        .unwrap_or_default();
-                    let scheme = if self.tls.is_some() {
-                        "rediss"
-                    } else {
-                        "redis"
-                    };
-                    format!("{scheme}://{auth}127.0.0.1:{}/", n.port())
-                })
+                .map(|n| format!("{scheme}://{auth}127.0.0.1:{}/", n.port()))
                 .collect::<Vec<_>>(),
         )
         .expect("a cluster client")
