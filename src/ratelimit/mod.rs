@@ -143,6 +143,8 @@ pub struct Route {
     /// on a route whose layers all count one identity, the hash tag also names the id's bucket
     /// (see [`Route::spread`]).
     suffixes: Vec<String>,
+    /// [`Route::spread`], kept as layers are added (a check reads it for every layer).
+    spread: bool,
     outage: Outage,
 }
 
@@ -153,6 +155,7 @@ impl Route {
             name,
             layers: Vec::new(),
             suffixes: Vec::new(),
+            spread: false,
             outage: Outage::default(),
         }
     }
@@ -162,6 +165,9 @@ impl Route {
             self.layers.push((kind, limit));
             self.suffixes
                 .push(format!(":{}:{{{}}}", limit.slug(), self.name));
+            let first = self.layers[0].0;
+            self.spread =
+                first != LayerKind::Global && self.layers.iter().all(|(k, _)| *k == first);
         }
         self
     }
@@ -173,17 +179,13 @@ impl Route {
     /// A route with a global layer, or both per-user and per-IP layers, keeps `{<route>}`: its
     /// keys share one slot, since one check must reach them all.
     pub fn spread(&self) -> bool {
-        let mut kinds = self.layers.iter().map(|(k, _)| *k);
-        match kinds.next() {
-            Some(first) => first != LayerKind::Global && kinds.all(|k| k == first),
-            None => false,
-        }
+        self.spread
     }
 
     /// The suffix of layer `index` for the key id `id`.
     fn suffix(&self, index: usize, id: &str) -> Cow<'_, str> {
         let suffix = &self.suffixes[index];
-        if !self.spread() {
+        if !self.spread {
             return Cow::Borrowed(suffix);
         }
         // FNV-1a: stable across processes and versions, so every app server picks the same

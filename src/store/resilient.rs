@@ -590,17 +590,24 @@ impl Store {
         }
         self.queue(keys, tags);
         if self.inner.breaker.trip() {
-            crate::telemetry::breaker_open(true);
-            if let Some(f) = &self.inner.fallback {
-                f.clear();
-            }
+            self.opened();
             tracing::warn!(
                 backend = %self.inner.primary.kind(),
                 "an invalidation could not reach the backend: circuit opened until it is applied"
             );
-            self.requeue_journal();
         }
         self.start_replayer();
+    }
+
+    /// What every opening of the breaker does: the fallback starts empty (it never serves
+    /// entries from before the outage), and on a backend that fails over, the recent
+    /// invalidations are queued again.
+    fn opened(&self) {
+        crate::telemetry::breaker_open(true);
+        if let Some(f) = &self.inner.fallback {
+            f.clear();
+        }
+        self.requeue_journal();
     }
 
     /// Records invalidations the backend applied, on a backend that can fail over. One that
@@ -1508,11 +1515,7 @@ impl Store {
             inner.breaker.on_failure(admit)
         };
         if transition == Transition::Opened {
-            crate::telemetry::breaker_open(true);
-            if let Some(f) = &inner.fallback {
-                f.clear();
-            }
-            self.requeue_journal();
+            self.opened();
             tracing::warn!(
                 backend = %inner.primary.kind(),
                 failures = inner.breaker.consecutive_failures(),

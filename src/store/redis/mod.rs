@@ -191,18 +191,40 @@ fn tag_adds(tags: &[Tag], member: &Key, ttl: Ttl, out: &mut Vec<(String, Cmd)>) 
     }
 }
 
+/// Positions of keys, grouped by Redis Cluster slot.
+#[cfg(feature = "cluster")]
+type SlotGroups = Vec<(u16, Vec<usize>)>;
+
 /// The positions of `keys`, grouped by Redis Cluster slot (in order of first appearance).
 #[cfg(feature = "cluster")]
-fn by_slot(keys: &[Key]) -> Vec<(u16, Vec<usize>)> {
-    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-    for (i, key) in keys.iter().enumerate() {
-        let slot = cluster::slot(key.as_str());
+fn by_slot<'a>(keys: impl IntoIterator<Item = &'a str>) -> SlotGroups {
+    let mut groups: SlotGroups = Vec::new();
+    for (i, key) in keys.into_iter().enumerate() {
+        let slot = cluster::slot(key);
         match groups.iter_mut().find(|(s, _)| *s == slot) {
             Some((_, indices)) => indices.push(i),
             None => groups.push((slot, vec![i])),
         }
     }
     groups
+}
+
+/// One `command` (`MGET`, `UNLINK`) per slot of `keys`, with the key each routes by, and the
+/// positions of the keys it names.
+#[cfg(feature = "cluster")]
+fn per_slot(command: &str, keys: &[Key]) -> (SlotGroups, Vec<(String, Cmd)>) {
+    let groups = by_slot(keys.iter().map(Key::as_str));
+    let cmds = groups
+        .iter()
+        .map(|(_, indices)| {
+            let mut cmd = redis::cmd(command);
+            for i in indices {
+                cmd.arg(keys[*i].as_str());
+            }
+            (keys[indices[0]].as_str().to_owned(), cmd)
+        })
+        .collect();
+    (groups, cmds)
 }
 
 fn lease_reply(reply: redis::Value) -> Leased {
@@ -529,27 +551,28 @@ impl RedisLayer {
         #[cfg(feature = "cluster")]
         if let Conn::Cluster(_) = &self.conn {
             let count = cmds.len();
-            let mut groups: Vec<(u16, Vec<usize>, redis::Pipeline)> = Vec::new();
-            for (i, (key, cmd)) in cmds.into_iter().enumerate() {
-                let slot = cluster::slot(&key);
-                let at = match groups.iter().position(|(s, _, _)| *s == slot) {
-                    Some(at) => at,
-                    None => {
-                        groups.push((slot, Vec::new(), redis::pipe()));
-                        groups.len() - 1
+            let groups = by_slot(cmds.iter().map(|(key, _)| key.as_str()));
+            let mut cmds: Vec<Option<Cmd>> = cmds.into_iter().map(|(_, cmd)| Some(cmd)).collect();
+            let groups: Vec<(Vec<usize>, redis::Pipeline)> = groups
+                .into_iter()
+                .map(|(_, indices)| {
+                    let mut pipe = redis::pipe();
+                    for i in &indices {
+                        if let Some(cmd) = cmds[*i].take() {
+                            pipe.add_command(cmd);
+                        }
                     }
-                };
-                groups[at].1.push(i);
-                groups[at].2.add_command(cmd);
-            }
+                    (indices, pipe)
+                })
+                .collect();
             let replies = futures_util::future::try_join_all(
                 groups
                     .iter()
-                    .map(|(_, _, pipe)| self.query_pipeline::<Vec<redis::Value>>(pipe)),
+                    .map(|(_, pipe)| self.query_pipeline::<Vec<redis::Value>>(pipe)),
             )
             .await?;
             let mut out = vec![redis::Value::Nil; count];
-            for ((_, indices, _), values) in groups.iter().zip(replies) {
+            for ((indices, _), values) in groups.iter().zip(replies) {
                 for (i, value) in indices.iter().zip(values) {
                     out[*i] = value;
                 }
@@ -689,8 +712,7 @@ impl RedisLayer {
         requests: &[LeaseRequest<'_>],
         lease_ttl: Ttl,
     ) -> Result<Vec<Leased>> {
-        let keys: Vec<Key> = requests.iter().map(|r| r.key.clone()).collect();
-        let groups = by_slot(&keys);
+        let groups = by_slot(requests.iter().map(|r| r.key.as_str()));
         let replies = futures_util::future::try_join_all(groups.iter().map(|(_, indices)| {
             let group: Vec<&LeaseRequest<'_>> = indices.iter().map(|i| &requests[*i]).collect();
             self.lease_many_in_one_slot(group, lease_ttl)
@@ -931,17 +953,7 @@ impl CacheLayer for RedisLayer {
         if let Conn::Cluster(_) = &self.conn {
             // One MGET per slot, all at once: each is routed (and redirected after a failover)
             // on its own.
-            let groups = by_slot(keys);
-            let cmds = groups
-                .iter()
-                .map(|(_, indices)| {
-                    let mut cmd = redis::cmd("MGET");
-                    for i in indices {
-                        cmd.arg(keys[*i].as_str());
-                    }
-                    (keys[indices[0]].as_str().to_owned(), cmd)
-                })
-                .collect();
+            let (groups, cmds) = per_slot("MGET", keys);
             let replies = self.query_routed(cmds).await?;
             let mut out = vec![None; keys.len()];
             for ((_, indices), reply) in groups.iter().zip(replies) {
@@ -1000,16 +1012,7 @@ impl CacheLayer for RedisLayer {
         }
         #[cfg(feature = "cluster")]
         if let Conn::Cluster(_) = &self.conn {
-            let cmds = by_slot(keys)
-                .iter()
-                .map(|(_, indices)| {
-                    let mut cmd = redis::cmd("UNLINK");
-                    for i in indices {
-                        cmd.arg(keys[*i].as_str());
-                    }
-                    (keys[indices[0]].as_str().to_owned(), cmd)
-                })
-                .collect();
+            let (_, cmds) = per_slot("UNLINK", keys);
             let mut removed = 0;
             for reply in self.query_routed(cmds).await? {
                 removed += redis::from_redis_value::<u64>(reply)
