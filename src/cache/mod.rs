@@ -308,18 +308,6 @@ impl Cache {
     /// Builds a cache from a [`Config`]. Fails only for invalid configuration; a Redis that is
     /// down is served around, not reported.
     pub async fn new(config: Config) -> Result<Cache> {
-        if let (Some(_), Some(redis)) = (config.get_local_tier(), config.redis_config())
-            && *redis.get_topology() != crate::config::Topology::Single
-        {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "the in-process tier follows one Redis server's invalidation messages; it is \
-                     not available with {redis} (Cluster or Sentinel): build the cache without \
-                     `Config::local_tier`"
-                ),
-            ));
-        }
         let store = Store::connect(&config).await?;
         Ok(Cache::from_store(store, &config))
     }

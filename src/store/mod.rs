@@ -464,4 +464,19 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
     fn fails_over(&self) -> bool {
         false
     }
+
+    /// How many times this layer found its primary replaced while the old one still answered
+    /// (with Sentinel: the sentinels name another primary); always 0 by default. The [`Store`]
+    /// applies again the invalidations made shortly before each change (the old primary may
+    /// have taken them after the switch, and drops them when it is made a replica), and does
+    /// not trust a call that overlapped one. The count is raised before any call can reach the
+    /// new primary.
+    fn primary_changes(&self) -> u64 {
+        0
+    }
+
+    /// When the last change [`primary_changes`](CacheLayer::primary_changes) counts was found.
+    fn primary_changed_at(&self) -> Option<std::time::Instant> {
+        None
+    }
 }

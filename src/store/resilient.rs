@@ -305,12 +305,20 @@ impl Journal {
 
     /// Everything recorded within the window, emptying the journal.
     fn take(&mut self) -> (Vec<Key>, Vec<Tag>) {
-        self.prune(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        self.prune(now);
+        self.take_since(None)
+    }
+
+    /// Everything recorded at or after `since` (`None`: everything), emptying the journal.
+    fn take_since(&mut self, since: Option<std::time::Instant>) -> (Vec<Key>, Vec<Tag>) {
         let mut keys = Vec::new();
         let mut tags = Vec::new();
-        for (_, k, t) in self.entries.drain(..) {
-            keys.extend(k);
-            tags.extend(t);
+        for (at, k, t) in self.entries.drain(..) {
+            if since.is_none_or(|since| at >= since) {
+                keys.extend(k);
+                tags.extend(t);
+            }
         }
         self.items = 0;
         (keys, tags)
@@ -322,6 +330,10 @@ struct Inner {
     /// Completed invalidations, kept for [`FAILOVER_REPLAY_WINDOW`] when the backend can fail
     /// over; queued again when the breaker opens.
     journal: Option<Mutex<Journal>>,
+    /// The primary's [`primary_changes`](CacheLayer::primary_changes) acted on, and the lock
+    /// that acting on a new one holds.
+    primary_changes: AtomicU64,
+    following: Mutex<()>,
     fallback: Option<MemoryLayer>,
     remote: bool,
     op_timeout: Duration,
@@ -423,6 +435,8 @@ impl Store {
         Store {
             inner: Arc::new(Inner {
                 journal: (remote && primary.fails_over()).then(Mutex::default),
+                primary_changes: AtomicU64::new(0),
+                following: Mutex::new(()),
                 primary,
                 fallback,
                 remote,
@@ -650,6 +664,38 @@ impl Store {
         );
         self.queue(&keys, &tags);
         self.start_replayer();
+    }
+
+    /// The backend found its primary replaced while the old one still answered (a Sentinel
+    /// failover), `changes` times in all: the invalidations made within
+    /// [`FAILOVER_REPLAY_WINDOW`] before it found the last may have gone to the old primary after
+    /// the switch, and are lost when it is made a replica. They are queued again, like after an
+    /// outage, before any call goes on: nothing is read from the new primary before they are
+    /// applied.
+    fn primary_changed(&self, changes: u64) {
+        let inner = &*self.inner;
+        let _following = inner.following.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.primary_changes.load(Ordering::Acquire) == changes {
+            return;
+        }
+        if let Some(journal) = &inner.journal {
+            // Right after start, the window reaches back before the process: everything.
+            let since = inner
+                .primary
+                .primary_changed_at()
+                .and_then(|at| at.checked_sub(FAILOVER_REPLAY_WINDOW));
+            let (keys, tags) = journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take_since(since);
+            tracing::info!(
+                keys = keys.len(),
+                tags = tags.len(),
+                "the backend's primary was replaced: recent invalidations are applied again"
+            );
+            self.defer(&keys, &tags);
+        }
+        inner.primary_changes.store(changes, Ordering::Release);
     }
 
     /// Adds invalidations to the queue the replay applies.
@@ -1384,6 +1430,10 @@ impl Store {
                 Err(e) => Outcome::Refused(e),
             };
         }
+        let changes = inner.primary.primary_changes();
+        if changes != inner.primary_changes.load(Ordering::Acquire) {
+            self.primary_changed(changes);
+        }
         let admit = if during_hold {
             inner.breaker.admit_removal()
         } else {
@@ -1442,6 +1492,13 @@ impl Store {
         }
         let result = tokio::time::timeout(inner.op_timeout, call).await;
         guard.finished = true;
+        if inner.primary.primary_changes() != changes {
+            // The primary changed during the call: it may have reached the new one before the
+            // recent invalidations were applied there again. Its outcome is not used.
+            inner.breaker.on_abandoned(admit);
+            inner.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            return Outcome::Unusable;
+        }
         match result {
             Ok(Ok(v)) => {
                 self.succeeded(admit);

@@ -331,14 +331,14 @@ impl Tier {
         settings: LocalTier,
         namespace_prefix: &str,
     ) -> crate::error::Result<Option<Arc<Tier>>> {
-        let client = redis.tracking_client()?;
+        let targets = redis.tracking_targets()?;
         let prefixes = settings.tracked_prefixes(namespace_prefix);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!("the in-process tier needs a Tokio runtime; it is not used");
             return Ok(None);
         };
         let tier = Arc::new(Tier::new(settings, prefixes));
-        runtime.spawn(tracking::run(Arc::downgrade(&tier), client));
+        runtime.spawn(tracking::run(Arc::downgrade(&tier), targets));
         Ok(Some(tier))
     }
 
@@ -704,7 +704,7 @@ mod tests {
         // No heartbeat runs here: a long liveness window keeps L1 trusted on a slow machine.
         let tier = trusted(LocalTier::new().liveness(Duration::from_secs(60)));
         let (socket, mut redis) = socket_pair();
-        tier.channel.set(1, None, Some(socket.clone()));
+        tier.channel.set(1, Vec::new(), vec![socket.clone()]);
         put(&tier, "app:a:1");
         put(&tier, "app:b:1");
         assert!(matches!(tier.lookup("app:a:1"), Lookup::Fresh(_)));

@@ -1,5 +1,9 @@
-//! The invalidation channel of the in-process tier: one RESP3 connection per tiered cache with
-//! `CLIENT TRACKING ON BCAST PREFIX ...`, a heartbeat on it, and reconnection.
+//! The invalidation channel of the in-process tier: per tiered cache, one RESP3 connection to
+//! each server that takes writes (one server, the primary Sentinel names, or every primary of a
+//! cluster: see [`Targets`]) with `CLIENT TRACKING ON BCAST PREFIX ...`, a heartbeat on them,
+//! and reconnection. The connections are one channel: the loss of any loses the channel, and a
+//! heartbeat confirms it only when every connection answered (and, on Cluster and Sentinel,
+//! every server still said it is a primary).
 //!
 //! Invalidation messages are applied inside the connection's push handler, as they are read off
 //! the socket: by the time the reply to a later command on the same connection (a heartbeat's
@@ -18,6 +22,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 
 use super::socket::{Peek, Socket};
+use crate::store::redis::tracking::{TOPOLOGY_EVERY, Target, Targets, probe};
 
 use super::Tier;
 
@@ -31,14 +36,16 @@ const DEAD_AFTER: Duration = Duration::from_secs(10);
 /// The name the channel's connections carry in `CLIENT LIST`.
 pub(crate) const CLIENT_NAME: &str = "speedlayer-tier";
 
-/// The current connection of the channel, for barriers, and its socket, for peeks.
+/// The current connections of the channel, for barriers, and their sockets, for peeks.
 #[derive(Default)]
 pub(crate) struct Channel {
-    conn: Mutex<Option<MultiplexedConnection>>,
-    socket: RwLock<Option<Arc<Socket>>>,
+    conns: Mutex<Vec<MultiplexedConnection>>,
+    sockets: RwLock<Vec<Arc<Socket>>>,
+    /// Whether a round trip asks each server its `ROLE` (Cluster, Sentinel).
+    roles: AtomicBool,
     /// When (the tier's microseconds) the socket was last found quiet; 0 when never.
     quiet_at: AtomicU64,
-    /// The id of the connection whose tracking is on; 0 when none.
+    /// The id of the connections whose tracking is on; 0 when none.
     current: AtomicU64,
 }
 
@@ -46,58 +53,68 @@ impl Channel {
     pub(super) fn set(
         &self,
         id: u64,
-        conn: Option<MultiplexedConnection>,
-        socket: Option<Arc<Socket>>,
+        conns: Vec<MultiplexedConnection>,
+        sockets: Vec<Arc<Socket>>,
     ) {
-        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+        *self.conns.lock().unwrap_or_else(|e| e.into_inner()) = conns;
         let old = std::mem::replace(
-            &mut *self.socket.write().unwrap_or_else(|e| e.into_inner()),
-            socket,
+            &mut *self.sockets.write().unwrap_or_else(|e| e.into_inner()),
+            sockets,
         );
         self.quiet_at.store(0, Ordering::Release);
         self.current.store(id, Ordering::Release);
-        // The connection it belonged to is given up.
-        if let Some(old) = old {
+        // The connections they belonged to are given up.
+        for old in old {
             old.shut();
         }
     }
 
-    /// What waits on the current connection's socket at `now` (the tier's microseconds) that
-    /// may concern `key`, unless the socket was found quiet less than [`PEEK_EVERY_MICROS`] ago.
-    /// [`Peek::Quiet`] when it cannot be seen (TLS, a Unix socket, not Linux) or there is no
-    /// connection (L1 is not trusted then anyway).
+    /// Empties the channel (no connection).
+    pub(super) fn clear(&self) {
+        self.set(0, Vec::new(), Vec::new());
+    }
+
+    /// What waits on the current connections' sockets at `now` (the tier's microseconds) that
+    /// may concern `key`, unless they were found quiet less than [`PEEK_EVERY_MICROS`] ago.
+    /// [`Peek::Quiet`] for a socket that cannot be seen (TLS, a Unix socket, not Linux) or when
+    /// there is no connection (L1 is not trusted then anyway).
     pub(crate) fn peek(&self, now: u64, key: &[u8]) -> Peek {
         if now.saturating_sub(self.quiet_at.load(Ordering::Acquire)) < PEEK_EVERY_MICROS {
             return Peek::Quiet;
         }
-        let peek = match &*self.socket.read().unwrap_or_else(|e| e.into_inner()) {
-            Some(socket) => socket.peek(key),
-            None => return Peek::Quiet,
-        };
+        let mut peek = Peek::Quiet;
+        for socket in &*self.sockets.read().unwrap_or_else(|e| e.into_inner()) {
+            match socket.peek(key) {
+                found @ (Peek::Unread | Peek::Closed) => return found,
+                Peek::Elsewhere => peek = Peek::Elsewhere,
+                Peek::Quiet => {}
+            }
+        }
         if peek == Peek::Quiet {
             self.quiet_at.fetch_max(now, Ordering::AcqRel);
         }
         peek
     }
 
-    fn connection(&self) -> Option<MultiplexedConnection> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn connections(&self) -> Vec<MultiplexedConnection> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// One round trip on the channel: true when it was answered within the liveness window,
-    /// and so every message sent before it was applied.
-    /// A failure is reported only for the connection that is still current: a barrier that
-    /// ran on a connection since replaced says nothing about the new one.
+    /// One round trip on each connection of the channel: true when all were answered within
+    /// the liveness window (every server still a primary, where that is asked), and so every
+    /// message sent before them was applied.
+    /// A failure is reported only for connections that are still current: a barrier that
+    /// ran on connections since replaced says nothing about the new ones.
     pub(crate) async fn barrier(&self, tier: &Tier) -> bool {
         let id = self.current.load(Ordering::Acquire);
-        let Some(mut conn) = self.connection() else {
+        let mut conns = self.connections();
+        if conns.is_empty() {
             return false;
-        };
+        }
         let sent = Instant::now();
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout(tier.settings.liveness, ping.query_async::<()>(&mut conn)).await
-        {
-            Ok(Ok(())) => {
+        let roles = self.roles.load(Ordering::Acquire);
+        match tokio::time::timeout(tier.settings.liveness, probe_all(&mut conns, roles)).await {
+            Ok(Ok(true)) => {
                 tier.confirm(sent);
                 true
             }
@@ -129,26 +146,45 @@ fn on_push(tier: &Tier, id: u64, dead: &AtomicBool, info: PushInfo) {
                 // Lost first: a read that then finds no socket to look at also finds L1
                 // untrusted.
                 tier.lost();
-                tier.channel.set(0, None, None);
+                tier.channel.clear();
             }
         }
         _ => {}
     }
 }
 
+/// One round trip on every connection at once (see [`probe`]): `Ok(false)` when a server no
+/// longer takes writes.
+async fn probe_all(conns: &mut [MultiplexedConnection], roles: bool) -> redis::RedisResult<bool> {
+    let answers =
+        futures_util::future::join_all(conns.iter_mut().map(|conn| probe(conn, roles))).await;
+    let mut all = true;
+    for answer in answers {
+        all &= answer?;
+    }
+    Ok(all)
+}
+
 /// Keeps the channel of `tier` up until the tier is dropped.
-pub(crate) async fn run(tier: Weak<Tier>, client: redis::Client) {
+pub(crate) async fn run(tier: Weak<Tier>, targets: Targets) {
     let mut next_id = 0u64;
     let mut backoff = Duration::from_millis(20);
     let mut warned = false;
+    match tier.upgrade() {
+        Some(t) => t
+            .channel
+            .roles
+            .store(targets.fails_over(), Ordering::Release),
+        None => return,
+    }
     loop {
         next_id += 1;
         let id = next_id;
-        match connect(&tier, &client, id).await {
-            Some(Ok((conn, dead))) => {
+        match connect(&tier, &targets, id).await {
+            Some(Ok((conns, addrs, dead))) => {
                 backoff = Duration::from_millis(20);
                 warned = false;
-                heartbeat(&tier, id, conn, &dead).await;
+                heartbeat(&tier, id, conns, &addrs, &targets, &dead).await;
             }
             Some(Err(e)) => {
                 if !warned {
@@ -167,7 +203,7 @@ pub(crate) async fn run(tier: Weak<Tier>, client: redis::Client) {
             Some(t) => {
                 t.lost();
                 if t.channel.current.load(Ordering::Acquire) == id {
-                    t.channel.set(0, None, None);
+                    t.channel.clear();
                 }
             }
             None => return,
@@ -177,12 +213,20 @@ pub(crate) async fn run(tier: Weak<Tier>, client: redis::Client) {
     }
 }
 
-/// Connects and switches tracking on; `None` when the tier is gone.
+/// What a connected channel is: its connections, the servers' addresses (sorted; Cluster only)
+/// and the flag set once any of them closed.
+type Connected = (
+    Vec<MultiplexedConnection>,
+    Vec<(String, u16)>,
+    Arc<AtomicBool>,
+);
+
+/// Finds the servers, connects to each and switches tracking on; `None` when the tier is gone.
 async fn connect(
     tier: &Weak<Tier>,
-    client: &redis::Client,
+    targets: &Targets,
     id: u64,
-) -> Option<redis::RedisResult<(MultiplexedConnection, Arc<AtomicBool>)>> {
+) -> Option<redis::RedisResult<Connected>> {
     let (prefixes, timeout) = {
         let t = tier.upgrade()?;
         (
@@ -203,21 +247,50 @@ async fn connect(
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(None)
         .set_push_sender(sender);
-    let attempt = async {
-        let (mut conn, socket) = open(client, &config).await?;
-        redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(CLIENT_NAME)
-            .query_async::<()>(&mut conn)
-            .await?;
-        let mut tracking = redis::cmd("CLIENT");
-        tracking.arg("TRACKING").arg("ON").arg("BCAST");
-        for prefix in prefixes.iter().filter(|p| !p.is_empty()) {
-            tracking.arg("PREFIX").arg(prefix);
+    let roles = targets.fails_over();
+    let one = |target: Target| {
+        let (config, prefixes) = (&config, &prefixes);
+        async move {
+            let (mut conn, socket) = open(&target.client, config).await?;
+            redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(CLIENT_NAME)
+                .query_async::<()>(&mut conn)
+                .await?;
+            let mut tracking = redis::cmd("CLIENT");
+            tracking.arg("TRACKING").arg("ON").arg("BCAST");
+            for prefix in prefixes.iter().filter(|p| !p.is_empty()) {
+                tracking.arg("PREFIX").arg(prefix);
+            }
+            let sent = Instant::now();
+            tracking.query_async::<()>(&mut conn).await?;
+            // A server named a primary a moment ago may have been demoted since: tracking it
+            // would miss the writes of the one that took over.
+            if !probe(&mut conn, roles).await? {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "a server to track is no longer a primary",
+                )));
+            }
+            redis::RedisResult::Ok((conn, socket, target.addr, sent))
         }
-        let sent = Instant::now();
-        tracking.query_async::<()>(&mut conn).await?;
-        Ok((conn, socket, sent))
+    };
+    let attempt = async {
+        let found = targets.resolve(timeout).await?;
+        let opened = futures_util::future::join_all(found.into_iter().map(one)).await;
+        let (mut conns, mut sockets, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut earliest: Option<Instant> = None;
+        for result in opened {
+            let (conn, socket, addr, sent) = result?;
+            conns.push(conn);
+            sockets.extend(socket);
+            addrs.extend(addr);
+            earliest = Some(earliest.map_or(sent, |e| e.min(sent)));
+        }
+        addrs.sort();
+        let sent = earliest
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "no server to track")))?;
+        redis::RedisResult::Ok((conns, sockets, addrs, sent))
     };
     let result = match tokio::time::timeout(timeout.saturating_mul(2), attempt).await {
         Ok(result) => result,
@@ -233,8 +306,8 @@ async fn connect(
             "the connection closed while tracking was switched on",
         ))
     };
-    Some(result.and_then(|(conn, socket, sent)| {
-        t.channel.set(id, Some(conn.clone()), socket);
+    Some(result.and_then(|(conns, sockets, addrs, sent)| {
+        t.channel.set(id, conns.clone(), sockets);
         if dead.load(Ordering::Acquire) {
             return Err(closed_early());
         }
@@ -244,8 +317,8 @@ async fn connect(
             t.lost();
             return Err(closed_early());
         }
-        tracing::debug!(prefixes = ?t.prefixes, "in-process tier: tracking on");
-        Ok((conn, dead))
+        tracing::debug!(prefixes = ?t.prefixes, servers = conns.len(), "in-process tier: tracking on");
+        Ok((conns, addrs, dead))
     }))
 }
 
@@ -291,8 +364,16 @@ impl Drop for ShutOnDrop {
     }
 }
 
-/// Confirms the channel every heartbeat until it fails or the tier is gone.
-async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, dead: &AtomicBool) {
+/// Confirms the channel every heartbeat until it fails, a server is no longer a primary, the
+/// cluster's primaries are no longer `addrs`, or the tier is gone.
+async fn heartbeat(
+    tier: &Weak<Tier>,
+    id: u64,
+    mut conns: Vec<MultiplexedConnection>,
+    addrs: &[(String, u16)],
+    targets: &Targets,
+    dead: &AtomicBool,
+) {
     let (every, liveness, dead_after) = match tier.upgrade() {
         // A connection that answers nothing for this long is replaced (emptying L1): never
         // sooner than the fail-safe bound lets L1 answer.
@@ -303,9 +384,11 @@ async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, 
         ),
         None => return,
     };
+    let roles = targets.fails_over();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut answered = Instant::now();
+    let mut listed = Instant::now();
     loop {
         ticker.tick().await;
         {
@@ -317,13 +400,34 @@ async fn heartbeat(tier: &Weak<Tier>, id: u64, mut conn: MultiplexedConnection, 
                 return;
             }
         }
+        if listed.elapsed() >= TOPOLOGY_EVERY
+            && let Some(first) = conns.first_mut()
+            && let Some(now) = targets
+                .listed(first, liveness.max(Duration::from_secs(1)))
+                .await
+        {
+            listed = Instant::now();
+            match now {
+                Ok(now) if now != addrs => {
+                    tracing::debug!(
+                        "in-process tier: the servers taking writes changed; tracking them anew"
+                    );
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "in-process tier: cannot list the servers"),
+            }
+        }
         let sent = Instant::now();
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout(liveness, ping.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => {
+        match tokio::time::timeout(liveness, probe_all(&mut conns, roles)).await {
+            Ok(Ok(true)) => {
                 answered = sent;
                 let Some(t) = tier.upgrade() else { return };
                 t.confirm(sent);
+            }
+            Ok(Ok(false)) => {
+                tracing::debug!("in-process tier: a tracked server is no longer a primary");
+                return;
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "in-process tier: the channel failed");

@@ -10,6 +10,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod tier;
 mod topology;
 
 use std::collections::HashMap;
@@ -155,7 +156,9 @@ async fn under_load(
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let faulted = Instant::now();
-    tokio::task::spawn_blocking(fault).await.expect("the fault");
+    // A fault may wait for its consequences (the old primary made a replica): the load goes on
+    // meanwhile, and until it is over.
+    let fault = tokio::task::spawn_blocking(fault);
     let mut opened = false;
     let mut back_after = None;
     let mut closed_since: Option<Instant> = None;
@@ -172,6 +175,7 @@ async fn under_load(
             let since = *closed_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= Duration::from_secs(1)
                 && faulted.elapsed() > Duration::from_secs(2)
+                && fault.is_finished()
             {
                 settled = true;
                 break;
@@ -180,6 +184,7 @@ async fn under_load(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.store(true, Ordering::Relaxed);
+    fault.await.expect("the fault");
     for t in tasks {
         t.await.expect("a load task");
     }
@@ -258,7 +263,7 @@ async fn cluster_fault(
     })
     .await;
     print(name, &o);
-    promoted(|| cluster.lock().unwrap().primary_of(support::key(0).as_str()) == replica);
+    promoted(|| cluster.lock().unwrap().owner_of(support::key(0).as_str()) == Ok(replica));
     assert_clean(&o);
 }
 
@@ -277,10 +282,12 @@ async fn a_cluster_primary_killed_under_load_fails_no_request() {
     .await;
 }
 
-/// The Sentinel-monitored primary killed with SIGKILL: the sentinels promote a replica and the
-/// cache follows it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sentinel_primary_killed_under_load_fails_no_request() {
+/// A primary, 2 replicas and 3 sentinels under load while `fault` strikes the primary (given
+/// the set and the primary's index): the sentinels must name another one.
+async fn sentinel_fault(
+    name: &str,
+    fault: impl FnOnce(&mut support::sentinel::RedisSentinel, usize) + Send + 'static,
+) {
     let set = tokio::task::spawn_blocking(|| support::sentinel::RedisSentinel::start(2, 3))
         .await
         .unwrap();
@@ -292,11 +299,145 @@ async fn a_sentinel_primary_killed_under_load_fails_no_request() {
     let config = set.redis_config();
     let set = Arc::new(Mutex::new(set));
     let s = set.clone();
-    let o = under_load(config, Duration::from_secs(30), move || {
-        s.lock().unwrap().data[before].kill()
+    let o = under_load(config, Duration::from_secs(40), move || {
+        fault(&mut s.lock().unwrap(), before)
     })
     .await;
-    print("Sentinel primary SIGKILL", &o);
+    print(name, &o);
     promoted(|| set.lock().unwrap().primary() != before);
     assert_clean(&o);
+}
+
+/// The Sentinel-monitored primary killed with SIGKILL: the sentinels promote a replica and the
+/// cache follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_primary_killed_under_load_fails_no_request() {
+    sentinel_fault("Sentinel primary SIGKILL", |set, primary| {
+        set.data[primary].kill()
+    })
+    .await;
+}
+
+/// `SENTINEL FAILOVER`: a replica is promoted while the old primary stays up and keeps taking
+/// writes until the sentinels make it a replica (seconds later, dropping what it took
+/// meanwhile). The cache must move to the new primary by itself and apply again the
+/// invalidations the old one may have taken after the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_under_load_fails_no_request() {
+    sentinel_fault("SENTINEL FAILOVER", |set, old| {
+        let mut conn = support::server::blocking(set.sentinels[0].port());
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(support::sentinel::MASTER)
+            .query(&mut conn)
+            .expect("SENTINEL FAILOVER");
+        // The load goes on until the old primary was made a replica and took the new primary's
+        // data: what it took after the switch is gone then, and a lost invalidation would
+        // show as a stale read.
+        let deadline = Instant::now() + Duration::from_secs(25);
+        loop {
+            let replication = support::server::info(set.data[old].port(), &["INFO", "replication"]);
+            if replication.contains("role:slave") && replication.contains("master_link_status:up") {
+                eprintln!(
+                    "SENTINEL FAILOVER: the old primary is a replica in sync again after {} ms",
+                    25_000
+                        - deadline
+                            .saturating_duration_since(Instant::now())
+                            .as_millis()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old primary was made a replica within 25 s:\n{replication}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+}
+
+/// A delete made just after `SENTINEL FAILOVER` promoted a replica, while the old primary still
+/// takes writes, is not lost when the old primary is made a replica seconds later (and drops
+/// what it took meanwhile): the cache notices that the sentinels name another primary and
+/// applies its recent invalidations there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_just_after_a_sentinel_failover_is_not_lost() {
+    let set = tokio::task::spawn_blocking(|| support::sentinel::RedisSentinel::start(1, 3))
+        .await
+        .unwrap();
+    let cache = Cache::new(Config::redis(set.redis_config()))
+        .await
+        .expect("a cache");
+    let k = support::key(1);
+    cache.set(&k, &1u64, Ttl::seconds(60)).await.unwrap();
+    let old = set.primary();
+    let replica = 1 - old;
+    let set = tokio::task::spawn_blocking(move || {
+        // The replica holds the entry before the switch.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut conn = support::server::blocking(set.data[replica].port());
+        while !redis::cmd("EXISTS")
+            .arg(support::key(1).as_str())
+            .query::<bool>(&mut conn)
+            .unwrap()
+        {
+            assert!(Instant::now() < deadline, "the entry reached the replica");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut conn = support::server::blocking(set.sentinels[0].port());
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(support::sentinel::MASTER)
+            .query(&mut conn)
+            .expect("SENTINEL FAILOVER");
+        promoted(|| set.primary() == replica);
+        set
+    })
+    .await
+    .unwrap();
+    assert!(cache.delete(&k).await, "the delete returned");
+    let set = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(25);
+        loop {
+            let replication = support::server::info(set.data[old].port(), &["INFO", "replication"]);
+            if replication.contains("role:slave") && replication.contains("master_link_status:up") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old primary was made a replica within 25 s:\n{replication}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        set
+    })
+    .await
+    .unwrap();
+    // The cache may need a few calls to notice the lost connection and get to the new primary.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        assert_eq!(
+            cache.get::<u64>(&k).await,
+            None,
+            "the deleted entry came back: {:?}",
+            cache.stats()
+        );
+        if cache.stats().breaker == BreakerState::Closed && Instant::now() > deadline {
+            break;
+        }
+        if Instant::now() > deadline + Duration::from_secs(10) {
+            panic!(
+                "the cache did not serve from Redis again: {:?}",
+                cache.stats()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut conn = support::server::blocking(set.data[replica].port());
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(k.as_str())
+        .query(&mut conn)
+        .unwrap();
+    assert!(!exists, "the new primary does not hold the deleted entry");
 }

@@ -118,20 +118,6 @@ fn bad_cluster_and_sentinel_settings_say_what_to_fix() {
     }
 }
 
-/// The in-process tier follows one server's invalidation messages: with Cluster it is refused
-/// with an error that says what to do, rather than serving copies no message would invalidate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tiered_cache_on_a_cluster_is_refused_with_a_clear_error() {
-    let cluster = tokio::task::spawn_blocking(|| support::cluster::RedisCluster::start(3, 0))
-        .await
-        .unwrap();
-    let config =
-        Config::redis(cluster.redis_config()).local_tier(speedlayer::tier::LocalTier::new());
-    let e = Cache::new(config).await.expect_err("refused");
-    assert_eq!(e.kind(), ErrorKind::Config);
-    assert!(e.to_string().contains("local_tier"), "{e}");
-}
-
 /// A cache built from a `redis+cluster://` URL writes keys on every primary, and another
 /// client (redis-rs's own cluster client) reads them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

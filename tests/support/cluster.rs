@@ -283,6 +283,13 @@ impl RedisCluster {
 
     /// The index of the node that is primary for `key`'s slot now.
     pub fn primary_of(&self, key: &str) -> usize {
+        self.owner_of(key)
+            .unwrap_or_else(|nodes| panic!("no primary covers {key:?}'s slot:\n{nodes}"))
+    }
+
+    /// The index of the node that is primary for `key`'s slot now, as a live node sees it; the
+    /// nodes' table when no primary that is not failing covers it (during a failover).
+    pub fn owner_of(&self, key: &str) -> Result<usize, String> {
         let mut conn = blocking(self.live().next().expect("a live node").port());
         let slot_no: i64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
@@ -311,14 +318,14 @@ impl RedisCluster {
                     .nth(1)
                     .and_then(|p| p.parse().ok())
                     .expect("a node address");
-                return self
+                return Ok(self
                     .nodes
                     .iter()
                     .position(|n| n.port() == port)
-                    .expect("a node of this cluster");
+                    .expect("a node of this cluster"));
             }
         }
-        panic!("no primary covers slot {slot_no}:\n{nodes}");
+        Err(format!("slot {slot_no}:\n{nodes}"))
     }
 
     /// The index of a replica of the node at `primary`.

@@ -47,23 +47,14 @@ macro_rules! backend_module {
     };
 }
 
-/// Like `both_backends!`, on memory and one Redis server only: for what Cluster and Sentinel do
-/// not offer (the in-process tier follows one server's invalidation messages).
-#[allow(unused_macros)]
-macro_rules! single_server_backends {
-    ($($test:ident),* $(,)?) => {
-        backend_module!(memory, crate::support::Backend::memory(), $($test),*);
-        backend_module!(redis, crate::support::Backend::redis().await, $($test),*);
-    };
-}
-
 /// Runs each named `async fn(Backend)` of the invoking module on memory, on a real Redis, on a
 /// local Redis Cluster (feature `cluster`) and on a primary found through Sentinel (feature
 /// `sentinel`).
 #[allow(unused_macros)]
 macro_rules! both_backends {
     ($($test:ident),* $(,)?) => {
-        single_server_backends!($($test),*);
+        backend_module!(memory, crate::support::Backend::memory(), $($test),*);
+        backend_module!(redis, crate::support::Backend::redis().await, $($test),*);
         #[cfg(feature = "cluster")]
         backend_module!(cluster, crate::support::Backend::cluster().await, $($test),*);
         #[cfg(feature = "sentinel")]

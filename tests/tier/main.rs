@@ -1,5 +1,6 @@
 //! The in-process tier: its behaviour suite on every backend (on memory a configured tier is
-//! not built, and every promise holds as it is), and what only Redis can show (another client's
+//! not built, and every promise holds as it is; on Cluster it tracks every primary, with
+//! Sentinel the primary the sentinels name), and what only Redis can show (another client's
 //! writes, a killed channel, a frozen server, fill races).
 //!
 //! The same promises across separate OS processes are in `tests/fleet`.
@@ -124,7 +125,7 @@ async fn writes_on_this_instance_are_read_back_at_once(backend: Backend) {
         .unwrap();
     cache.set(&k, &1u64, MINUTE).await.unwrap();
     assert_eq!(cache.get::<u64>(&k).await, Some(1));
-    if backend.server().is_some() {
+    if backend.is_redis() {
         assert_eq!(
             until_local(&cache, &k).await,
             1,
@@ -273,7 +274,7 @@ async fn fills_racing_writes_never_install_an_older_value(backend: Backend) {
     assert_eq!(reader.get::<u64>(&k).await, Some(200));
 }
 
-single_server_backends!(
+both_backends!(
     writes_on_this_instance_are_read_back_at_once,
     a_copy_expires_with_its_entry,
     writes_on_another_instance_are_seen,

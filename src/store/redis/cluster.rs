@@ -174,30 +174,7 @@ impl Sharded {
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
             )
             .await?;
-        let mut primaries = Vec::new();
-        for shard in as_items(&shards) {
-            let nodes = field(shard, "nodes");
-            for node in nodes.map(as_items).unwrap_or_default() {
-                let text = |name: &str| match field(node, name) {
-                    Some(redis::Value::BulkString(b)) => String::from_utf8(b.clone()).ok(),
-                    Some(redis::Value::SimpleString(s)) => Some(s.clone()),
-                    _ => None,
-                };
-                let port = match field(node, "port").or_else(|| field(node, "tls-port")) {
-                    Some(redis::Value::Int(p)) => u16::try_from(*p).ok(),
-                    _ => None,
-                };
-                // A failed or loading node (a primary left behind after a failover) is no node
-                // to walk.
-                if text("role").as_deref() == Some("master")
-                    && text("health").as_deref() == Some("online")
-                    && let (Some(ip), Some(port)) = (text("ip").or_else(|| text("endpoint")), port)
-                {
-                    primaries.push((ip, port));
-                }
-            }
-        }
-        Ok(primaries)
+        Ok(primaries_in(&shards))
     }
 
     /// Runs `cmd` on the node at `host:port`.
@@ -217,6 +194,34 @@ impl Sharded {
         )
         .await
     }
+}
+
+/// The online primaries a `CLUSTER SHARDS` reply lists (RESP2 or RESP3).
+pub(super) fn primaries_in(shards: &redis::Value) -> Vec<(String, u16)> {
+    let mut primaries = Vec::new();
+    for shard in as_items(shards) {
+        let nodes = field(shard, "nodes");
+        for node in nodes.map(as_items).unwrap_or_default() {
+            let text = |name: &str| match field(node, name) {
+                Some(redis::Value::BulkString(b)) => String::from_utf8(b.clone()).ok(),
+                Some(redis::Value::SimpleString(s)) => Some(s.clone()),
+                _ => None,
+            };
+            let port = match field(node, "port").or_else(|| field(node, "tls-port")) {
+                Some(redis::Value::Int(p)) => u16::try_from(*p).ok(),
+                _ => None,
+            };
+            // A failed or loading node (a primary left behind after a failover) is no node
+            // to walk.
+            if text("role").as_deref() == Some("master")
+                && text("health").as_deref() == Some("online")
+                && let (Some(ip), Some(port)) = (text("ip").or_else(|| text("endpoint")), port)
+            {
+                primaries.push((ip, port));
+            }
+        }
+    }
+    primaries
 }
 
 /// Number of hash slots of a Redis Cluster.

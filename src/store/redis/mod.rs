@@ -41,6 +41,7 @@ use crate::ttl::Ttl;
 
 #[cfg(feature = "cluster")]
 mod cluster;
+pub(crate) mod tracking;
 
 /// Shortest time between two replacements of the multiplexed connection.
 pub const REPLACE_INTERVAL: Duration = Duration::from_millis(250);
@@ -253,6 +254,12 @@ enum Source {
     Sentinel(std::sync::Arc<Asker>),
 }
 
+/// How often, with Sentinel, the sentinels are asked whether the primary in use is still the
+/// one they name: a `SENTINEL FAILOVER` leaves the old primary up and taking writes (until the
+/// sentinels reconfigure it, seconds later), so no failed call would tell.
+#[cfg(feature = "sentinel")]
+pub const SENTINEL_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Asks the sentinels for the primary, in a task of its own.
 #[cfg(feature = "sentinel")]
 struct Asker {
@@ -261,6 +268,72 @@ struct Asker {
     state: std::sync::Mutex<(bool, Option<RedisError>)>,
     /// Signalled when a task ends.
     done: std::sync::Arc<tokio::sync::Notify>,
+    /// The address of the primary the current connection goes to.
+    primary: std::sync::Mutex<Option<(String, u16)>>,
+    /// How many times the sentinels were found naming another primary.
+    changes: std::sync::atomic::AtomicU64,
+    /// When last.
+    changed_at: std::sync::Mutex<Option<Instant>>,
+}
+
+#[cfg(feature = "sentinel")]
+impl Asker {
+    fn new(client: redis::sentinel::SentinelClient) -> Asker {
+        Asker {
+            client: tokio::sync::Mutex::new(client),
+            state: std::sync::Mutex::new((false, None)),
+            done: std::sync::Arc::new(tokio::sync::Notify::new()),
+            primary: std::sync::Mutex::new(None),
+            changes: Default::default(),
+            changed_at: Default::default(),
+        }
+    }
+}
+
+/// Every [`SENTINEL_CHECK_EVERY`] while the layer lives: asks the sentinels whether the primary
+/// in use is still the one they name. When it is not, the connection is dropped (the next call
+/// asks them again) and the change recorded.
+#[cfg(feature = "sentinel")]
+async fn watch_sentinels(
+    asker: std::sync::Weak<Asker>,
+    current: std::sync::Weak<RwLock<Option<(ConnectionManager, Instant)>>>,
+) {
+    loop {
+        tokio::time::sleep(SENTINEL_CHECK_EVERY).await;
+        let (Some(asker), Some(current)) = (asker.upgrade(), current.upgrade()) else {
+            return;
+        };
+        let named = tokio::time::timeout(SENTINEL_CHECK_EVERY, async {
+            asker.client.lock().await.async_get_client().await
+        })
+        .await;
+        let Ok(Ok(client)) = named else {
+            continue;
+        };
+        let named = address_of(&client);
+        let mut primary = asker.primary.lock().unwrap_or_else(|e| e.into_inner());
+        if primary.is_some() && named.is_some() && *primary != named {
+            tracing::warn!("the sentinels name another primary: calls go to it from now on");
+            *primary = None;
+            // Counted before the connection goes: a call that reaches the new primary began
+            // before the count was raised, or sees it raised as it begins.
+            *asker.changed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            asker
+                .changes
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            current.write().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+}
+
+/// The address a client connects to.
+#[cfg(feature = "sentinel")]
+pub(crate) fn address_of(client: &redis::Client) -> Option<(String, u16)> {
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+        _ => None,
+    }
 }
 
 /// The multiplexed transport: the current connection manager, replaced when a call to it timed
@@ -315,13 +388,18 @@ impl Multiplexed {
                         let spawned = crate::store::spawn_detached(async move {
                             let found = async {
                                 let client = asker.client.lock().await.async_get_client().await?;
-                                ConnectionManager::new_lazy_with_config(client, config)
+                                let addr = address_of(&client);
+                                Ok((
+                                    ConnectionManager::new_lazy_with_config(client, config)?,
+                                    addr,
+                                ))
                             }
                             .await;
                             let mut state = asker.state.lock().unwrap_or_else(|e| e.into_inner());
                             state.0 = false;
                             match found {
-                                Ok(manager) => {
+                                Ok((manager, addr)) => {
+                                    *asker.primary.lock().unwrap_or_else(|e| e.into_inner()) = addr;
                                     *current.write().unwrap_or_else(|e| e.into_inner()) =
                                         Some((manager, Instant::now()));
                                 }
@@ -450,14 +528,16 @@ impl RedisLayer {
             #[cfg(feature = "sentinel")]
             (Topology::Sentinel { sentinels, master }, _) => {
                 let sentinel = sentinel_client(config, &info, sentinels, master)?;
+                let asker = std::sync::Arc::new(Asker::new(sentinel));
+                let current = std::sync::Arc::default();
+                crate::store::spawn_detached(watch_sentinels(
+                    std::sync::Arc::downgrade(&asker),
+                    std::sync::Arc::downgrade(&current),
+                ));
                 Conn::Multiplexed(Box::new(Multiplexed {
-                    source: Source::Sentinel(std::sync::Arc::new(Asker {
-                        client: tokio::sync::Mutex::new(sentinel),
-                        state: std::sync::Mutex::new((false, None)),
-                        done: std::sync::Arc::new(tokio::sync::Notify::new()),
-                    })),
+                    source: Source::Sentinel(asker),
                     config: manager_config,
-                    current: Default::default(),
+                    current,
                 }))
             }
             (Topology::Single, Transport::Multiplexed) => {
@@ -608,35 +688,10 @@ impl RedisLayer {
         Ok((bytes_of(value), remaining))
     }
 
-    /// A client for the in-process tier's invalidation channel: the same server and
-    /// credentials, speaking RESP3 (server push).
-    pub(crate) fn tracking_client(&self) -> Result<redis::Client> {
-        if *self.config.get_topology() != Topology::Single {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!(
-                    "the in-process tier follows one Redis server's invalidation messages; it is \
-                     not available with {} (Cluster or Sentinel): build the cache without \
-                     `Config::local_tier`",
-                    self.config
-                ),
-            ));
-        }
-        let info = self.config.connection_info()?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        redis::Client::open(info.set_redis_settings(settings)).map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                format!(
-                    "cannot use Redis at {} for the in-process tier: {}",
-                    self.config,
-                    self.config.scrub(&e.to_string())
-                ),
-            )
-        })
+    /// The servers of the in-process tier's invalidation channel: the same credentials and
+    /// TLS, speaking RESP3 (server push).
+    pub(crate) fn tracking_targets(&self) -> Result<tracking::Targets> {
+        tracking::Targets::new(&self.config)
     }
 
     /// Removes the keys matching `pattern` on one node (on a Cluster, the primary at `node`),
@@ -1304,6 +1359,32 @@ impl CacheLayer for RedisLayer {
 
     fn fails_over(&self) -> bool {
         *self.config.get_topology() != Topology::Single
+    }
+
+    fn primary_changes(&self) -> u64 {
+        match &self.conn {
+            #[cfg(feature = "sentinel")]
+            Conn::Multiplexed(m) => match &m.source {
+                Source::Sentinel(asker) => asker.changes.load(std::sync::atomic::Ordering::Acquire),
+                Source::Fixed(_) => 0,
+            },
+            #[allow(unreachable_patterns)]
+            _ => 0,
+        }
+    }
+
+    fn primary_changed_at(&self) -> Option<Instant> {
+        match &self.conn {
+            #[cfg(feature = "sentinel")]
+            Conn::Multiplexed(m) => match &m.source {
+                Source::Sentinel(asker) => {
+                    *asker.changed_at.lock().unwrap_or_else(|e| e.into_inner())
+                }
+                Source::Fixed(_) => None,
+            },
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
     }
 
     fn call_timed_out(&self) {
