@@ -2,6 +2,7 @@
 //! Redis Cluster and on a primary found through Sentinel.
 
 #[path = "../support/mod.rs"]
+#[macro_use]
 mod support;
 
 mod batch;
@@ -105,8 +106,9 @@ cache_suite!(
     xfetch_refreshes_a_hot_key_before_it_expires,
 );
 
+/// Other clients' data under our keys, on every Redis backend.
 mod redis_only {
-    use redis::AsyncCommands;
+    use ::redis::AsyncCommands;
     use serde::{Deserialize, Serialize};
     use speedlayer::Cache;
     use speedlayer::ttl::Ttl;
@@ -121,13 +123,10 @@ mod redis_only {
     /// Another client's data where `fetch` looks (a hash, text that is not JSON, a value
     /// without a TTL): a miss that the load replaces, or a value served as it is; never an error
     /// and never a breaker trip.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn fetch_over_another_clients_data() {
+    async fn fetch_over_another_clients_data(backend: Backend) {
         use speedlayer::cache::FetchPolicy;
-        let backend = Backend::redis().await;
-        let server = backend.server().unwrap();
         let cache = Cache::new(backend.config()).await.unwrap();
-        let mut raw = server.raw().await;
+        let mut raw = backend.raw().await.expect("a Redis backend");
         let (hash, text, forever) = (key("f-hash"), key("f-text"), key("f-forever"));
         let _: () = raw.hset(hash.as_str(), "f", "v").await.unwrap();
         let _: () = raw.set(text.as_str(), "not json").await.unwrap();
@@ -164,11 +163,9 @@ mod redis_only {
         crate::support::assert_healthy(&cache).await;
     }
 
-    #[tokio::test]
-    async fn a_wrong_redis_type_is_a_counted_miss_and_is_deleted() {
-        let backend = Backend::redis().await;
+    async fn a_wrong_redis_type_is_a_counted_miss_and_is_deleted(backend: Backend) {
         let cache = Cache::new(backend.config()).await.unwrap();
-        let mut raw = backend.server().unwrap().raw().await;
+        let mut raw = backend.raw().await.expect("a Redis backend");
         let _: () = raw.hset(key(1).as_str(), "id", "1").await.unwrap();
         let _: () = raw.lpush(key(2).as_str(), "x").await.unwrap();
 
@@ -204,14 +201,11 @@ mod redis_only {
     /// Another client's keys of other types inside a batch are loaded over (the batch's lease
     /// replaces them), and `exists`, `remaining_ttl` and `touch` treat them as no value and leave
     /// them alone; a value another client wrote without a TTL reads as `NoExpiry`.
-    #[tokio::test]
-    async fn foreign_types_in_batches_and_the_typed_helpers() {
+    async fn foreign_types_in_batches_and_the_typed_helpers(backend: Backend) {
         use speedlayer::store::Remaining;
         use std::collections::HashMap;
-
-        let backend = Backend::redis().await;
         let cache = Cache::new(backend.config()).await.unwrap();
-        let mut raw = backend.server().unwrap().raw().await;
+        let mut raw = backend.raw().await.expect("a Redis backend");
         let _: () = raw.hset(key(1).as_str(), "id", "1").await.unwrap();
         let _: () = raw.lpush(key(2).as_str(), "x").await.unwrap();
         let _: () = raw.set(key(3).as_str(), r#"{"id":3}"#).await.unwrap();
@@ -251,4 +245,10 @@ mod redis_only {
         assert_eq!((s.hits, s.misses, s.loader_calls), (1, 3, 1));
         assert_eq!(s.errors, 0, "a wrong type is not a backend failure");
     }
+
+    redis_backends!(
+        fetch_over_another_clients_data,
+        a_wrong_redis_type_is_a_counted_miss_and_is_deleted,
+        foreign_types_in_batches_and_the_typed_helpers,
+    );
 }

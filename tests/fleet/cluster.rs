@@ -1,7 +1,8 @@
 //! Fleet behaviour on a Redis Cluster: the same cross-process tests, with every process reaching
 //! a local 3-primary cluster through a `redis+cluster://` URL. A batch's leases there are taken
-//! per slot (and kept only below the lowest slot another process holds), invalidations and
-//! idempotency records live on whichever primary owns their slot.
+//! per slot (and kept only below the lowest slot another process holds), invalidations,
+//! idempotency records, locks, counters, sessions and presence live on whichever primary owns
+//! their slot, and each process's in-process tier tracks every primary.
 
 use crate::support::cluster::RedisCluster;
 
@@ -27,4 +28,31 @@ fn overlapping_batches_across_processes_load_each_row_once() {
 #[test]
 fn a_revoked_token_is_refused_by_every_process_at_once() {
     super::a_revoked_token_is_refused_by_every_process_at_once_on(&cluster().url());
+}
+
+#[test]
+fn two_processes_contending_for_a_lock_never_overlap() {
+    super::two_processes_contending_for_a_lock_never_overlap_on(&cluster().url());
+}
+
+#[test]
+fn counters_updated_from_two_processes_end_equal_to_the_database() {
+    super::counters_updated_from_two_processes_end_equal_to_the_database_on(&cluster().url());
+}
+
+#[test]
+fn presence_is_shared_by_every_process() {
+    super::presence_is_shared_by_every_process_on(&cluster().url());
+}
+
+#[test]
+fn a_users_sessions_revoked_in_one_process_are_gone_in_the_others() {
+    super::a_users_sessions_revoked_in_one_process_are_gone_in_the_others_on(&cluster().url());
+}
+
+#[test]
+fn after_a_write_returns_the_other_instances_stop_reading_the_old_value() {
+    super::tier::after_a_write_returns_the_other_instances_stop_reading_the_old_value_on(
+        &super::shared(crate::support::Backend::cluster()),
+    );
 }

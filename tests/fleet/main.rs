@@ -9,12 +9,20 @@ mod support;
 mod cluster;
 mod outbox;
 mod recovery;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 mod tier;
 
 use std::time::{Duration, Instant};
 
 use support::fleet::{Node, NodeSettings, number_after};
 use support::{Mode, Proxy, RedisServer};
+
+/// The Redis a test's processes share (one server, a local cluster, a Sentinel set), made on a
+/// runtime of its own: only its servers, URL and raw connections are used.
+fn shared(backend: impl std::future::Future<Output = support::Backend>) -> support::Backend {
+    tokio::runtime::Runtime::new().unwrap().block_on(backend)
+}
 
 /// A load cancelled in one process (its request timed out, its client went away) gives its
 /// lease up: 2 other processes × 25 concurrent callers then share one loader call, instead of
@@ -140,14 +148,18 @@ async fn a_deferred_invalidation_reaches_the_other_processes_without_traffic() {
 /// the tokens, in the order the holders entered, strictly increase.
 #[test]
 fn two_processes_contending_for_a_lock_never_overlap() {
-    let server = RedisServer::start();
-    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
-    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    two_processes_contending_for_a_lock_never_overlap_on(&RedisServer::start().url());
+}
+
+/// The same, the lock on the Redis at `url`; the shared record on a server of its own (a
+/// stand-in for the database the lock protects).
+fn two_processes_contending_for_a_lock_never_overlap_on(url: &str) {
+    let record = RedisServer::start();
+    let mut a = Node::spawn("a", url, NodeSettings::default());
+    let mut b = Node::spawn("b", url, NodeSettings::default());
     let started = Instant::now();
-    let (na, nb) = (
-        a.send("lock-contend 1 25 4 2000"),
-        b.send("lock-contend 1 25 4 2000"),
-    );
+    let contend = format!("lock-contend 1 25 4 2000 {}", record.url());
+    let (na, nb) = (a.send(&contend), b.send(&contend));
     let (ra, rb) = (a.wait(na), b.wait(nb));
     eprintln!(
         "lock contention: a {ra:?}, b {rb:?} in {:?}",
@@ -161,7 +173,7 @@ fn two_processes_contending_for_a_lock_never_overlap() {
         number_after(&ra, "overlaps") + number_after(&rb, "overlaps"),
         0
     );
-    let mut raw = server.client().get_connection().unwrap();
+    let mut raw = record.client().get_connection().unwrap();
     let tokens: Vec<u64> = redis::cmd("LRANGE")
         .arg("fleet:tokens:1")
         .arg(0)
@@ -261,10 +273,13 @@ async fn a_frozen_holder_loses_the_lock_and_its_late_write_is_refused() {
 /// to the database's count.
 #[test]
 fn counters_updated_from_two_processes_end_equal_to_the_database() {
-    let server = RedisServer::start();
+    counters_updated_from_two_processes_end_equal_to_the_database_on(&RedisServer::start().url());
+}
+
+fn counters_updated_from_two_processes_end_equal_to_the_database_on(url: &str) {
     let database = RedisServer::start();
-    let mut a = Node::spawn("a", &server.url(), NodeSettings::default());
-    let mut b = Node::spawn("b", &server.url(), NodeSettings::default());
+    let mut a = Node::spawn("a", url, NodeSettings::default());
+    let mut b = Node::spawn("b", url, NodeSettings::default());
     let db = database.url();
     let (na, nb) = (
         a.send(&format!("count-run 1 500 {db}")),
@@ -432,10 +447,13 @@ fn a_revoked_token_is_refused_by_every_process_at_once_on(url: &str) {
 /// heartbeat, a third process lists both; a member whose heartbeats stopped drops out for all.
 #[test]
 fn presence_is_shared_by_every_process() {
-    let server = RedisServer::start();
-    let mut api = Node::spawn("api", &server.url(), NodeSettings::default());
-    let mut websocket = Node::spawn("websocket", &server.url(), NodeSettings::default());
-    let mut reader = Node::spawn("reader", &server.url(), NodeSettings::default());
+    presence_is_shared_by_every_process_on(&RedisServer::start().url());
+}
+
+fn presence_is_shared_by_every_process_on(url: &str) {
+    let mut api = Node::spawn("api", url, NodeSettings::default());
+    let mut websocket = Node::spawn("websocket", url, NodeSettings::default());
+    let mut reader = Node::spawn("reader", url, NodeSettings::default());
     assert_eq!(api.request("presence-beat 7 1 30000"), "ok");
     assert_eq!(websocket.request("presence-beat 7 2 1000"), "ok");
     assert_eq!(reader.request("presence-list 7"), "online m1,m2");
@@ -448,7 +466,10 @@ fn presence_is_shared_by_every_process() {
 /// user's sessions in a third (after deleting them in the database) reaches both at once.
 #[test]
 fn a_users_sessions_revoked_in_one_process_are_gone_in_the_others() {
-    let server = RedisServer::start();
+    a_users_sessions_revoked_in_one_process_are_gone_in_the_others_on(&RedisServer::start().url());
+}
+
+fn a_users_sessions_revoked_in_one_process_are_gone_in_the_others_on(url: &str) {
     let database = RedisServer::start();
     let db = database.url();
     let client = database.client();
@@ -460,9 +481,9 @@ fn a_users_sessions_revoked_in_one_process_are_gone_in_the_others() {
         .arg("u1")
         .query(&mut conn)
         .unwrap();
-    let mut api = Node::spawn("api", &server.url(), NodeSettings::default());
-    let mut websocket = Node::spawn("websocket", &server.url(), NodeSettings::default());
-    let mut admin = Node::spawn("admin", &server.url(), NodeSettings::default());
+    let mut api = Node::spawn("api", url, NodeSettings::default());
+    let mut websocket = Node::spawn("websocket", url, NodeSettings::default());
+    let mut admin = Node::spawn("admin", url, NodeSettings::default());
     assert_eq!(
         api.request(&format!("session-get 1 {db}")),
         "present u1 loads 1"

@@ -22,10 +22,11 @@
 //! - `lock-hold <id> <lease ms>`: takes the lock `lock:fleet:<id>` and keeps the guard (no
 //!   watchdog) → `token <n>` or `contended` / `unavailable`
 //! - `lock-release <id>`: releases the guard kept by `lock-hold` → `released <true|false>`
-//! - `lock-contend <id> <tasks> <rounds> <lease ms>`: `tasks` tasks each take the lock `rounds`
-//!   times (waiting up to 10 s each), and while holding it check a shared record on the same
-//!   Redis (`INCR` of `fleet:occupancy:<id>` must answer 1) and append their token to
-//!   `fleet:tokens:<id>` → `acquired <n> overlaps <n>`
+//! - `lock-contend <id> <tasks> <rounds> <lease ms> [<record url>]`: `tasks` tasks each take the
+//!   lock `rounds` times (waiting up to 10 s each), and while holding it check a shared record
+//!   on the Redis at `record url` (by default the same single server: `INCR` of
+//!   `fleet:occupancy:<id>` must answer 1) and append their token to `fleet:tokens:<id>` →
+//!   `acquired <n> overlaps <n>`
 //! - `count-run <id> <n> <database url>`: `n` times, inserts a row in the database (a second
 //!   Redis standing for it: `INCR rows:<id>`) and then increments the counter
 //!   `fleet:count:<id>`; every 7th time reads the counter (recounting from the database when it
@@ -684,6 +685,11 @@ impl Node {
                 let lease = Ttl::from_millis(lease).map_err(|e| e.to_string())?;
                 let occupancy = format!("fleet:occupancy:{id}");
                 let tokens = format!("fleet:tokens:{id}");
+                // The shared record: on the server named, else on the node's own Redis.
+                let record = match args.get(4) {
+                    Some(url) => Some(database(url).await?),
+                    None => self.raw.clone(),
+                };
                 let acquired = Arc::new(AtomicUsize::new(0));
                 let overlaps = Arc::new(AtomicUsize::new(0));
                 let mut workers = Vec::new();
@@ -694,12 +700,11 @@ impl Node {
                         occupancy.clone(),
                         tokens.clone(),
                     );
-                    let (acquired, overlaps) = (acquired.clone(), overlaps.clone());
+                    let (acquired, overlaps, record) =
+                        (acquired.clone(), overlaps.clone(), record.clone());
                     workers.push(tokio::spawn(async move {
-                        let mut raw = node
-                            .raw
-                            .clone()
-                            .ok_or("lock-contend needs a single-server URL (its shared record)")?;
+                        let mut raw = record
+                            .ok_or("lock-contend needs a single-server URL or the record's URL")?;
                         for _ in 0..rounds {
                             let wait = Duration::from_secs(10);
                             let Some(guard) =

@@ -3,8 +3,8 @@
 
 use redis::AsyncCommands;
 
-use crate::support::RedisServer;
 use crate::support::fleet::{Node, NodeSettings, number_after};
+use crate::support::{self, Backend, RedisServer};
 
 /// How a trial changes the key, and what the watchers must read afterwards instead of the
 /// old value.
@@ -24,10 +24,10 @@ enum Write {
     ExternalDel,
 }
 
-fn three_tiered(server: &RedisServer) -> Vec<Node> {
+fn three_tiered(url: &str) -> Vec<Node> {
     ["a", "b", "c"]
         .iter()
-        .map(|name| Node::spawn_tiered(name, &server.url(), NodeSettings::default(), "on"))
+        .map(|name| Node::spawn_tiered(name, url, NodeSettings::default(), "on"))
         .collect()
 }
 
@@ -47,10 +47,17 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// reading the new state. 60 trials over six kinds of write, each node writing in turn.
 #[test]
 fn after_a_write_returns_the_other_instances_stop_reading_the_old_value() {
-    let server = RedisServer::start();
-    let mut nodes = three_tiered(&server);
+    after_a_write_returns_the_other_instances_stop_reading_the_old_value_on(&super::shared(
+        support::Backend::redis(),
+    ));
+}
+
+pub(crate) fn after_a_write_returns_the_other_instances_stop_reading_the_old_value_on(
+    backend: &Backend,
+) {
+    let mut nodes = three_tiered(&backend.url().expect("a Redis backend"));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut raw = rt.block_on(server.raw());
+    let mut raw = rt.block_on(backend.raw()).expect("a Redis backend");
     let kinds = [
         Write::Set,
         Write::Delete,
@@ -97,7 +104,8 @@ fn after_a_write_returns_the_other_instances_stop_reading_the_old_value() {
             }
             Write::ExternalDel => {
                 let out = std::process::Command::new("redis-cli")
-                    .args(["-p", &server.port().to_string(), "DEL", &key])
+                    .args(backend.cli_args().expect("a Redis backend"))
+                    .args(["DEL", &key])
                     .output()
                     .expect("redis-cli is installed with redis-server");
                 assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{out:?}");
@@ -156,7 +164,7 @@ fn after_a_write_returns_the_other_instances_stop_reading_the_old_value() {
 #[test]
 fn a_killed_channel_makes_every_instance_stop_serving_l1() {
     let server = RedisServer::start();
-    let mut nodes = three_tiered(&server);
+    let mut nodes = three_tiered(&server.url());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut raw = rt.block_on(server.raw());
     for round in 0..10u64 {

@@ -95,25 +95,30 @@ both_backends!(
     odd_token_ids_and_expiries_get_clear_answers,
 );
 
-/// Another client's data under a revocation key counts as a revocation.
-#[tokio::test]
-async fn another_clients_value_at_a_revocation_key_refuses_the_token() {
-    use ::redis::AsyncCommands;
-    let backend = Backend::redis().await;
-    let cache = Cache::new(backend.config()).await.unwrap();
-    let revocations = Revocations::new(&cache);
-    let key = revocations.key_of("jti-foreign").unwrap();
-    let mut raw = backend.raw().await.unwrap();
-    let _: () = raw.hset(key.as_str(), "by", "node").await.unwrap();
-    assert_eq!(revocations.check("jti-foreign").await, Revocation::Revoked);
-    // And a revocation replaces it with its own value and TTL.
-    assert!(
-        revocations
-            .revoke("jti-foreign", in_secs(60))
-            .await
-            .unwrap()
-    );
-    let stored: String = raw.get(key.as_str()).await.unwrap();
-    assert_eq!(stored, "1");
-    crate::support::assert_healthy(&cache).await;
+/// Other clients' data under our keys, on every Redis backend.
+mod other_clients {
+    use super::*;
+
+    /// Another client's data under a revocation key counts as a revocation.
+    async fn another_clients_value_at_a_revocation_key_refuses_the_token(backend: Backend) {
+        use ::redis::AsyncCommands;
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let revocations = Revocations::new(&cache);
+        let key = revocations.key_of("jti-foreign").unwrap();
+        let mut raw = backend.raw().await.expect("a Redis backend");
+        let _: () = raw.hset(key.as_str(), "by", "node").await.unwrap();
+        assert_eq!(revocations.check("jti-foreign").await, Revocation::Revoked);
+        // And a revocation replaces it with its own value and TTL.
+        assert!(
+            revocations
+                .revoke("jti-foreign", in_secs(60))
+                .await
+                .unwrap()
+        );
+        let stored: String = raw.get(key.as_str()).await.unwrap();
+        assert_eq!(stored, "1");
+        crate::support::assert_healthy(&cache).await;
+    }
+
+    redis_backends!(another_clients_value_at_a_revocation_key_refuses_the_token,);
 }

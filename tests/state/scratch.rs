@@ -283,75 +283,80 @@ both_backends!(
     presence_is_shared_and_expires_without_heartbeats,
 );
 
-/// Another client's key of another type where a scratch hash lives: a clear error, the key left
-/// as it is, and the backend counted healthy.
-#[tokio::test]
-async fn another_clients_key_at_a_scratch_hash_is_a_clear_error() {
-    use ::redis::AsyncCommands;
-    let backend = Backend::redis().await;
-    let cache = Cache::new(backend.config()).await.unwrap();
-    let hash = Scratch::new(&cache).hash(day_key(11));
-    let mut raw = backend.raw().await.unwrap();
-    let _: () = raw.set(hash.key().as_str(), "node's value").await.unwrap();
-    let err = hash.mark("s1", "present").await.unwrap_err();
-    assert_eq!(err.kind(), speedlayer::ErrorKind::WrongType);
-    assert!(matches!(
-        hash.flush(&Db::default()).await,
-        Err(FlushError::Store(e)) if e.kind() == speedlayer::ErrorKind::WrongType
-    ));
-    let kept: String = raw.get(hash.key().as_str()).await.unwrap();
-    assert_eq!(kept, "node's value");
-    crate::support::assert_healthy(&cache).await;
-}
+/// Other clients' data under our keys, on every Redis backend.
+mod other_clients {
+    use super::*;
 
-/// A field with the reserved prefix is refused; another client's bytes that are not UTF-8 reach
-/// the sink replaced, and do not block the batch.
-#[tokio::test]
-async fn reserved_fields_are_refused_and_binary_values_do_not_block_a_flush() {
-    use ::redis::AsyncCommands;
-    let backend = Backend::redis().await;
-    let cache = Cache::new(backend.config()).await.unwrap();
-    let hash = Scratch::new(&cache).hash(day_key(12));
-    assert_eq!(
-        hash.mark("~batch", "x").await.unwrap_err().kind(),
-        speedlayer::ErrorKind::InvalidKey
-    );
-    hash.mark("s1", "present").await.unwrap();
-    let mut raw = backend.raw().await.unwrap();
-    let _: () = raw
-        .hset(hash.key().as_str(), "s2", &[0xff_u8, 0xfe, b'x'][..])
-        .await
-        .unwrap();
-    let db = Db::default();
-    let flushed = hash.flush(&db).await.unwrap();
-    assert_eq!((flushed.batches, flushed.fields), (1, 2));
-    assert!(hash.read().await.unwrap().is_empty());
-    crate::support::assert_healthy(&cache).await;
-}
+    /// Another client's key of another type where a scratch hash lives: a clear error, the key left
+    /// as it is, and the backend counted healthy.
+    async fn another_clients_key_at_a_scratch_hash_is_a_clear_error(backend: Backend) {
+        use ::redis::AsyncCommands;
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let hash = Scratch::new(&cache).hash(day_key(11));
+        let mut raw = backend.raw().await.expect("a Redis backend");
+        let _: () = raw.set(hash.key().as_str(), "node's value").await.unwrap();
+        let err = hash.mark("s1", "present").await.unwrap_err();
+        assert_eq!(err.kind(), speedlayer::ErrorKind::WrongType);
+        assert!(matches!(
+            hash.flush(&Db::default()).await,
+            Err(FlushError::Store(e)) if e.kind() == speedlayer::ErrorKind::WrongType
+        ));
+        let kept: String = raw.get(hash.key().as_str()).await.unwrap();
+        assert_eq!(kept, "node's value");
+        crate::support::assert_healthy(&cache).await;
+    }
 
-/// Another client's key of another type where a presence room lives: the room reads as empty,
-/// a heartbeat replaces it, and the backend stays healthy.
-#[tokio::test]
-async fn another_clients_key_at_a_presence_room_is_replaced() {
-    use ::redis::AsyncCommands;
-    let backend = Backend::redis().await;
-    let cache = Cache::new(backend.config()).await.unwrap();
-    let presence = Presence::new(&Scratch::new(&cache));
-    let mut raw = backend.raw().await.unwrap();
-    let _: () = raw
-        .set("presence:room:class-9", "node's value")
-        .await
-        .unwrap();
-    assert!(presence.online("class-9").await.unwrap().is_empty());
-    presence
-        .heartbeat("class-9", "t9", Ttl::seconds(30))
-        .await
-        .unwrap();
-    assert_eq!(
-        presence.online("class-9").await.unwrap(),
-        vec!["t9".to_owned()]
+    /// A field with the reserved prefix is refused; another client's bytes that are not UTF-8 reach
+    /// the sink replaced, and do not block the batch.
+    async fn reserved_fields_are_refused_and_binary_values_do_not_block_a_flush(backend: Backend) {
+        use ::redis::AsyncCommands;
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let hash = Scratch::new(&cache).hash(day_key(12));
+        assert_eq!(
+            hash.mark("~batch", "x").await.unwrap_err().kind(),
+            speedlayer::ErrorKind::InvalidKey
+        );
+        hash.mark("s1", "present").await.unwrap();
+        let mut raw = backend.raw().await.expect("a Redis backend");
+        let _: () = raw
+            .hset(hash.key().as_str(), "s2", &[0xff_u8, 0xfe, b'x'][..])
+            .await
+            .unwrap();
+        let db = Db::default();
+        let flushed = hash.flush(&db).await.unwrap();
+        assert_eq!((flushed.batches, flushed.fields), (1, 2));
+        assert!(hash.read().await.unwrap().is_empty());
+        crate::support::assert_healthy(&cache).await;
+    }
+
+    /// Another client's key of another type where a presence room lives: the room reads as empty,
+    /// a heartbeat replaces it, and the backend stays healthy.
+    async fn another_clients_key_at_a_presence_room_is_replaced(backend: Backend) {
+        use ::redis::AsyncCommands;
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let presence = Presence::new(&Scratch::new(&cache));
+        let mut raw = backend.raw().await.expect("a Redis backend");
+        let _: () = raw
+            .set("presence:room:class-9", "node's value")
+            .await
+            .unwrap();
+        assert!(presence.online("class-9").await.unwrap().is_empty());
+        presence
+            .heartbeat("class-9", "t9", Ttl::seconds(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            presence.online("class-9").await.unwrap(),
+            vec!["t9".to_owned()]
+        );
+        let ttl: i64 = raw.pttl("presence:room:class-9").await.unwrap();
+        assert!(ttl > 0);
+        crate::support::assert_healthy(&cache).await;
+    }
+
+    redis_backends!(
+        another_clients_key_at_a_scratch_hash_is_a_clear_error,
+        reserved_fields_are_refused_and_binary_values_do_not_block_a_flush,
+        another_clients_key_at_a_presence_room_is_replaced,
     );
-    let ttl: i64 = raw.pttl("presence:room:class-9").await.unwrap();
-    assert!(ttl > 0);
-    crate::support::assert_healthy(&cache).await;
 }

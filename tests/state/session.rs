@@ -208,30 +208,35 @@ both_backends!(
     a_user_revoked_during_a_load_is_not_kept,
 );
 
-/// Another client's data where a session copy lives (a hash, a string without TTL that is not
-/// a copy): a miss, replaced by the database's answer with a TTL, and never a breaker trip.
-#[tokio::test]
-async fn another_clients_data_at_a_session_key_is_a_miss() {
-    use ::redis::AsyncCommands;
-    let backend = Backend::redis().await;
-    let cache = Cache::new(backend.config()).await.unwrap();
-    let sessions = Sessions::new(&cache, Ttl::minutes(15));
-    let db = Table::default();
-    db.insert("f1", "u1", Duration::from_secs(3600));
-    db.insert("f2", "u2", Duration::from_secs(3600));
-    let mut raw = backend.raw().await.unwrap();
-    let hash_key = sessions.key_of("f1").unwrap();
-    let _: () = raw.hset(hash_key.as_str(), "user", "x").await.unwrap();
-    let text_key = sessions.key_of("f2").unwrap();
-    let _: () = raw.set(text_key.as_str(), "not a session").await.unwrap();
-    assert_eq!(user_of(&db.lookup(&sessions, "f1").await), Some("u1"));
-    assert_eq!(user_of(&db.lookup(&sessions, "f2").await), Some("u2"));
-    assert_eq!(db.queries(), 2);
-    for key in [&hash_key, &text_key] {
-        let ttl: i64 = raw.pttl(key.as_str()).await.unwrap();
-        assert!(ttl > 0, "replaced by a copy with a TTL");
+/// Other clients' data under our keys, on every Redis backend.
+mod other_clients {
+    use super::*;
+
+    /// Another client's data where a session copy lives (a hash, a string without TTL that is not
+    /// a copy): a miss, replaced by the database's answer with a TTL, and never a breaker trip.
+    async fn another_clients_data_at_a_session_key_is_a_miss(backend: Backend) {
+        use ::redis::AsyncCommands;
+        let cache = Cache::new(backend.config()).await.unwrap();
+        let sessions = Sessions::new(&cache, Ttl::minutes(15));
+        let db = Table::default();
+        db.insert("f1", "u1", Duration::from_secs(3600));
+        db.insert("f2", "u2", Duration::from_secs(3600));
+        let mut raw = backend.raw().await.expect("a Redis backend");
+        let hash_key = sessions.key_of("f1").unwrap();
+        let _: () = raw.hset(hash_key.as_str(), "user", "x").await.unwrap();
+        let text_key = sessions.key_of("f2").unwrap();
+        let _: () = raw.set(text_key.as_str(), "not a session").await.unwrap();
+        assert_eq!(user_of(&db.lookup(&sessions, "f1").await), Some("u1"));
+        assert_eq!(user_of(&db.lookup(&sessions, "f2").await), Some("u2"));
+        assert_eq!(db.queries(), 2);
+        for key in [&hash_key, &text_key] {
+            let ttl: i64 = raw.pttl(key.as_str()).await.unwrap();
+            assert!(ttl > 0, "replaced by a copy with a TTL");
+        }
+        assert_eq!(user_of(&db.lookup(&sessions, "f1").await), Some("u1"));
+        assert_eq!(db.queries(), 2, "now a hit");
+        crate::support::assert_healthy(&cache).await;
     }
-    assert_eq!(user_of(&db.lookup(&sessions, "f1").await), Some("u1"));
-    assert_eq!(db.queries(), 2, "now a hit");
-    crate::support::assert_healthy(&cache).await;
+
+    redis_backends!(another_clients_data_at_a_session_key_is_a_miss,);
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use redis::AsyncCommands;
+use ::redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use speedlayer::key::Ident;
 use speedlayer::ratelimit::{Identity, LayerKind, Limit, RateLimiter, Route, ServedBy};
@@ -13,7 +13,7 @@ use speedlayer::store::{CacheLayer, lease_key};
 use speedlayer::ttl::Ttl;
 use speedlayer::{Cache, ErrorKind};
 
-use crate::support::{Backend, assert_healthy, key, nz};
+use crate::support::{Backend, Raw, assert_healthy, key, nz};
 
 const MINUTE: Ttl = Ttl::seconds(60);
 
@@ -22,23 +22,21 @@ struct Row {
     id: u32,
 }
 
-async fn setup() -> (Backend, Cache, redis::aio::MultiplexedConnection) {
-    let backend = Backend::redis().await;
+async fn setup(backend: &Backend) -> (Cache, Raw) {
     let cache = Cache::new(backend.config()).await.unwrap();
-    let raw = backend.server().unwrap().raw().await;
-    (backend, cache, raw)
+    let raw = backend.raw().await.expect("a Redis backend");
+    (cache, raw)
 }
 
-async fn cached(raw: &mut redis::aio::MultiplexedConnection, key: &speedlayer::Key) -> String {
+async fn cached(raw: &mut Raw, key: &speedlayer::Key) -> String {
     raw.get::<_, Option<String>>(key.as_str())
         .await
         .unwrap()
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_value_key_of_another_type_is_a_miss_then_replaced() {
-    let (_backend, cache, mut raw) = setup().await;
+async fn a_value_key_of_another_type_is_a_miss_then_replaced(backend: Backend) {
+    let (cache, mut raw) = setup(&backend).await;
     for i in 0..10 {
         let _: () = raw.hset(key(i).as_str(), "f", "v").await.unwrap();
         let row = cache
@@ -54,9 +52,8 @@ async fn a_value_key_of_another_type_is_a_miss_then_replaced() {
     assert_healthy(&cache).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tag_index_of_another_type_is_replaced_and_the_value_written() {
-    let (_backend, cache, mut raw) = setup().await;
+async fn a_tag_index_of_another_type_is_replaced_and_the_value_written(backend: Backend) {
+    let (cache, mut raw) = setup(&backend).await;
     let tag = cache
         .namespace()
         .global()
@@ -119,14 +116,14 @@ async fn a_tag_index_of_another_type_is_replaced_and_the_value_written() {
         )
         .await
         .unwrap();
-    let _: () = redis::cmd("ZADD")
+    let _: () = ::redis::cmd("ZADD")
         .arg(tag.as_str())
         .arg("-inf")
         .arg(&[0xffu8, 0xfe, 0x00][..])
         .query_async(&mut raw)
         .await
         .unwrap();
-    let _: () = redis::cmd("ZADD")
+    let _: () = ::redis::cmd("ZADD")
         .arg(tag.as_str())
         .arg("+inf")
         .arg(&b"test:item:\xff"[..])
@@ -145,9 +142,8 @@ async fn a_tag_index_of_another_type_is_replaced_and_the_value_written() {
     assert_healthy(&cache).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_counter_of_another_type_is_a_clear_error() {
-    let (_backend, cache, mut raw) = setup().await;
+async fn a_counter_of_another_type_is_a_clear_error(backend: Backend) {
+    let (cache, mut raw) = setup(&backend).await;
     let _: () = raw.hset(key(1).as_str(), "f", "v").await.unwrap();
     let _: () = raw.set(key(2).as_str(), "twelve").await.unwrap();
     for _ in 0..10 {
@@ -169,9 +165,8 @@ async fn a_counter_of_another_type_is_a_clear_error() {
     assert_healthy(&cache).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_left_without_ttl_or_token_does_not_block_the_key() {
-    let (_backend, cache, mut raw) = setup().await;
+async fn a_lease_left_without_ttl_or_token_does_not_block_the_key(backend: Backend) {
+    let (cache, mut raw) = setup(&backend).await;
     // An empty value without TTL (no token beside it): not a live lease.
     let _: () = raw.set(key(1).as_str(), "").await.unwrap();
     // An empty value with a TTL but no token: not a live lease either.
@@ -204,9 +199,8 @@ async fn a_lease_left_without_ttl_or_token_does_not_block_the_key() {
     assert_healthy(&cache).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_keys_of_another_type_are_repaired() {
-    let (_backend, cache, mut raw) = setup().await;
+async fn rate_limit_keys_of_another_type_are_repaired(backend: Backend) {
+    let (cache, mut raw) = setup(&backend).await;
     let limiter = RateLimiter::new(&cache);
     let who = Identity::ip("192.0.2.44");
     let algorithms = [
@@ -254,9 +248,8 @@ async fn rate_limit_keys_of_another_type_are_repaired() {
     assert_healthy(&cache).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_value_without_ttl_written_by_another_client_is_read_and_kept() {
-    let (_backend, cache, mut raw) = setup().await;
+async fn a_value_without_ttl_written_by_another_client_is_read_and_kept(backend: Backend) {
+    let (cache, mut raw) = setup(&backend).await;
     let _: () = raw.set(key(1).as_str(), "{\"id\":5}").await.unwrap();
     assert_eq!(cache.get::<Row>(&key(1)).await, Some(Row { id: 5 }));
     assert_eq!(
@@ -265,3 +258,12 @@ async fn a_value_without_ttl_written_by_another_client_is_read_and_kept() {
     );
     assert_healthy(&cache).await;
 }
+
+redis_backends!(
+    a_value_key_of_another_type_is_a_miss_then_replaced,
+    a_tag_index_of_another_type_is_replaced_and_the_value_written,
+    a_counter_of_another_type_is_a_clear_error,
+    a_lease_left_without_ttl_or_token_does_not_block_the_key,
+    rate_limit_keys_of_another_type_are_repaired,
+    a_value_without_ttl_written_by_another_client_is_read_and_kept,
+);

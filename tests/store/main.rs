@@ -109,22 +109,19 @@ behaviour_suite!(
 
 mod redis_specific {
     use crate::support::{Backend, key};
-    use redis::AsyncCommands;
+    use ::redis::AsyncCommands;
     use speedlayer::ErrorKind;
     use speedlayer::store::CacheLayer;
     use speedlayer::ttl::Ttl;
 
-    #[tokio::test]
-    async fn values_are_plain_strings_readable_by_other_clients() {
-        let backend = Backend::redis().await;
+    async fn values_are_plain_strings_readable_by_other_clients(backend: Backend) {
         let layer = backend.layer();
-        let server = backend.server().unwrap();
         layer
             .set(&key(1), "{\"a\":1}".into(), Ttl::seconds(60))
             .await
             .unwrap();
         layer.increment(&key(2), 5, Ttl::seconds(60)).await.unwrap();
-        let mut raw = server.raw().await;
+        let mut raw = backend.raw().await.expect("a Redis backend");
         let value: String = raw.get(key(1).as_str()).await.unwrap();
         assert_eq!(value, "{\"a\":1}");
         let counter: String = raw.get(key(2).as_str()).await.unwrap();
@@ -133,11 +130,9 @@ mod redis_specific {
         assert!(pttl > 59_000 && pttl <= 60_000, "PTTL {pttl}");
     }
 
-    #[tokio::test]
-    async fn a_hash_where_a_string_is_expected_is_a_wrong_type_error() {
-        let backend = Backend::redis().await;
+    async fn a_hash_where_a_string_is_expected_is_a_wrong_type_error(backend: Backend) {
         let layer = backend.layer();
-        let mut raw = backend.server().unwrap().raw().await;
+        let mut raw = backend.raw().await.expect("a Redis backend");
         let _: () = raw.hset(key(1).as_str(), "f", "v").await.unwrap();
         let err = layer.get(&key(1)).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::WrongType, "{err}");
@@ -185,6 +180,11 @@ mod redis_specific {
             }
         }
     }
+
+    redis_backends!(
+        values_are_plain_strings_readable_by_other_clients,
+        a_hash_where_a_string_is_expected_is_a_wrong_type_error,
+    );
 
     fn speedlayer_test_server() -> crate::support::RedisServer {
         crate::support::RedisServer::start()

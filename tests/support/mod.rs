@@ -47,6 +47,20 @@ macro_rules! backend_module {
     };
 }
 
+/// Runs each named `async fn(Backend)` of the invoking module on every Redis backend: one
+/// server, a local Redis Cluster (feature `cluster`) and a primary found through Sentinel
+/// (feature `sentinel`). For what only Redis has: other clients' data under our keys.
+#[allow(unused_macros)]
+macro_rules! redis_backends {
+    ($($test:ident),* $(,)?) => {
+        backend_module!(redis, crate::support::Backend::redis().await, $($test),*);
+        #[cfg(feature = "cluster")]
+        backend_module!(cluster, crate::support::Backend::cluster().await, $($test),*);
+        #[cfg(feature = "sentinel")]
+        backend_module!(sentinel, crate::support::Backend::sentinel().await, $($test),*);
+    };
+}
+
 /// Runs each named `async fn(Backend)` of the invoking module on memory, on a real Redis, on a
 /// local Redis Cluster (feature `cluster`) and on a primary found through Sentinel (feature
 /// `sentinel`).
@@ -248,6 +262,19 @@ impl Backend {
                 "-p".into(),
                 set.data[set.primary()].port().to_string(),
             ]),
+        }
+    }
+
+    /// The URL of the backend's Redis, for processes started beside the test; `None` on
+    /// memory.
+    pub fn url(&self) -> Option<String> {
+        match self {
+            Backend::Memory(_) => None,
+            Backend::Redis { server, .. } => Some(server.url()),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster { cluster, .. } => Some(cluster.url()),
+            #[cfg(feature = "sentinel")]
+            Backend::Sentinel { set, .. } => Some(set.url()),
         }
     }
 

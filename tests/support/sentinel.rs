@@ -119,6 +119,16 @@ impl RedisSentinel {
         .expect("a valid Sentinel configuration")
     }
 
+    /// The sentinels and the primary's name as a `redis+sentinel://` URL.
+    pub fn url(&self) -> String {
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        format!("redis+sentinel://{}/{MASTER}", sentinels.join(","))
+    }
+
     /// The index in `data` of the node the sentinels name as primary now.
     pub fn primary(&self) -> usize {
         for s in &self.sentinels {
