@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use speedlayer::config::RedisConfig;
 
-use super::server::{RedisServer, blocking, info};
+use super::server::{RedisServer, info_as};
 
 /// A primary with replicas and sentinels, on loopback.
 pub struct RedisSentinel {
@@ -19,21 +19,92 @@ pub struct RedisSentinel {
     pub sentinels: Vec<RedisServer>,
     /// How long it took to come up.
     pub startup: Duration,
+    /// The data nodes' password (the sentinels have none).
+    password: Option<String>,
+    /// The directory of the certificates, when every node listens with TLS only.
+    tls: Option<std::path::PathBuf>,
 }
 
 /// The name the sentinels monitor the primary under.
 pub const MASTER: &str = "mymaster";
 
+static NEXT_TLS_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl RedisSentinel {
     pub fn start(replicas: usize, sentinels: usize) -> RedisSentinel {
+        RedisSentinel::start_with::<fn(&std::path::Path)>(replicas, sentinels, None, None)
+    }
+
+    /// A set whose nodes (data nodes and sentinels) listen with TLS only, with a certificate
+    /// for 127.0.0.1 signed by a fresh CA, and whose data nodes require `password`; `trust` is
+    /// given the CA's path before the nodes start, to make the process trust it
+    /// (`SSL_CERT_FILE`).
+    pub fn start_tls(
+        replicas: usize,
+        sentinels: usize,
+        password: &str,
+        trust: impl FnOnce(&std::path::Path),
+    ) -> RedisSentinel {
+        RedisSentinel::start_with(replicas, sentinels, Some(password), Some(trust))
+    }
+
+    fn start_with<T: FnOnce(&std::path::Path)>(
+        replicas: usize,
+        sentinels: usize,
+        password: Option<&str>,
+        trust: Option<T>,
+    ) -> RedisSentinel {
         let began = Instant::now();
-        let fast_sync: Vec<String> = vec!["--repl-diskless-sync-delay".into(), "0".into()];
-        let primary = RedisServer::start_with_args(&fast_sync);
+        let tls = trust.map(|trust| {
+            let dir = std::env::temp_dir().join(format!(
+                "speedlayer-sentinel-tls-{}-{}",
+                std::process::id(),
+                NEXT_TLS_DIR.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&dir).expect("a directory for the certificates");
+            super::server::make_certificates(&dir);
+            trust(&dir.join("ca.pem"));
+            dir
+        });
+        // Both kinds of node listen with TLS only and speak it to each other.
+        let tls_args: Vec<String> = match &tls {
+            Some(dir) => {
+                let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    "$PORT".into(),
+                    "--tls-replication".into(),
+                    "yes".into(),
+                    "--tls-cert-file".into(),
+                    file("server.pem"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.pem"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }
+            None => Vec::new(),
+        };
+        let mut data_args: Vec<String> = vec!["--repl-diskless-sync-delay".into(), "0".into()];
+        if let Some(p) = password {
+            data_args.extend([
+                "--requirepass".into(),
+                p.into(),
+                "--masterauth".into(),
+                p.into(),
+            ]);
+        }
+        data_args.extend(tls_args.iter().cloned());
+        let primary = RedisServer::start_with_args(&data_args);
         let mut data = vec![];
         let primary_port = primary.port();
         data.push(primary);
         for _ in 0..replicas {
-            let mut args = fast_sync.clone();
+            let mut args = data_args.clone();
             args.extend([
                 "--replicaof".into(),
                 "127.0.0.1".into(),
@@ -42,7 +113,7 @@ impl RedisSentinel {
             data.push(RedisServer::start_with_args(&args));
         }
         let quorum = sentinels / 2 + 1;
-        let sentinel_args: Vec<String> = vec![
+        let mut sentinel_args: Vec<String> = vec![
             "$DIR/sentinel.conf".into(),
             "--sentinel".into(),
             "monitor".into(),
@@ -51,14 +122,26 @@ impl RedisSentinel {
             primary_port.to_string(),
             quorum.to_string(),
         ];
-        let sentinels: Vec<RedisServer> = (0..sentinels)
+        sentinel_args.extend(tls_args);
+        let mut set = RedisSentinel {
+            data,
+            sentinels: Vec::new(),
+            startup: Duration::ZERO,
+            password: password.map(str::to_owned),
+            tls,
+        };
+        set.sentinels = (0..sentinels)
             .map(|_| {
                 let s = RedisServer::start_with_args(&sentinel_args);
-                let mut conn = blocking(s.port());
-                for (option, value) in [
+                let mut conn = set.connect(s.port(), false);
+                let mut options = vec![
                     ("down-after-milliseconds", "1000"),
                     ("failover-timeout", "5000"),
-                ] {
+                ];
+                if let Some(p) = password {
+                    options.push(("auth-pass", p));
+                }
+                for (option, value) in options {
                     let _: () = redis::cmd("SENTINEL")
                         .arg("SET")
                         .arg(MASTER)
@@ -70,20 +153,16 @@ impl RedisSentinel {
                 s
             })
             .collect();
-        let set = RedisSentinel {
-            data,
-            sentinels,
-            startup: Duration::ZERO,
-        };
         // Every sentinel knows every replica and every other sentinel, and every replica's link
         // is up: a failover can then happen.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let links = set.data[1..].iter().all(|r| {
-                info(r.port(), &["INFO", "replication"]).contains("master_link_status:up")
+                set.info(r.port(), true, &["INFO", "replication"])
+                    .contains("master_link_status:up")
             });
             let known = set.sentinels.iter().all(|s| {
-                let text = info(s.port(), &["INFO", "sentinel"]);
+                let text = set.info(s.port(), false, &["INFO", "sentinel"]);
                 text.contains(&format!(
                     "slaves={},sentinels={}",
                     set.data.len() - 1,
@@ -98,41 +177,82 @@ impl RedisSentinel {
                 "the sentinels did not see the whole set-up within 30 s:\n{}",
                 set.sentinels
                     .iter()
-                    .map(|s| info(s.port(), &["INFO", "sentinel"]))
+                    .map(|s| set.info(s.port(), false, &["INFO", "sentinel"]))
                     .collect::<Vec<_>>()
                     .join("\n")
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        RedisSentinel {
-            startup: began.elapsed(),
-            ..set
-        }
+        set.startup = began.elapsed();
+        set
+    }
+
+    /// The URL of the node at `port`: with the data nodes' password when `data`, over TLS when
+    /// the set speaks it.
+    fn node_url(&self, port: u16, data: bool) -> String {
+        let auth = match (&self.password, data) {
+            (Some(p), true) => format!(":{p}@"),
+            _ => String::new(),
+        };
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://{auth}127.0.0.1:{port}/")
+    }
+
+    /// A blocking connection to the node at `port` (a data node when `data`).
+    pub fn connect(&self, port: u16, data: bool) -> redis::Connection {
+        redis::Client::open(self.node_url(port, data))
+            .expect("valid url")
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("a connection to 127.0.0.1:{port}: {e}"))
+    }
+
+    /// [`info`](super::server::info) on the node at `port` (a data node when `data`).
+    pub fn info(&self, port: u16, data: bool, cmd: &[&str]) -> String {
+        let password = if data { self.password.as_deref() } else { None };
+        info_as(port, password, self.tls.is_some(), cmd)
     }
 
     /// The sentinels and the primary's name as a configuration.
     pub fn redis_config(&self) -> RedisConfig {
-        RedisConfig::sentinel(
-            self.sentinels.iter().map(|s| ("127.0.0.1", s.port())),
-            MASTER,
-        )
-        .expect("a valid Sentinel configuration")
+        if self.password.is_none() && self.tls.is_none() {
+            return RedisConfig::sentinel(
+                self.sentinels.iter().map(|s| ("127.0.0.1", s.port())),
+                MASTER,
+            )
+            .expect("a valid Sentinel configuration");
+        }
+        RedisConfig::from_url(&self.url()).expect("a valid Sentinel URL")
     }
 
-    /// The sentinels and the primary's name as a `redis+sentinel://` URL.
+    /// The sentinels and the primary's name as a `redis+sentinel://` (or `rediss+sentinel://`)
+    /// URL, with the data nodes' password.
     pub fn url(&self) -> String {
         let sentinels: Vec<String> = self
             .sentinels
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port()))
             .collect();
-        format!("redis+sentinel://{}/{MASTER}", sentinels.join(","))
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}+sentinel://{auth}{}/{MASTER}", sentinels.join(","))
     }
 
     /// The index in `data` of the node the sentinels name as primary now.
     pub fn primary(&self) -> usize {
         for s in &self.sentinels {
-            let Ok(mut conn) = redis::Client::open(format!("redis://127.0.0.1:{}/", s.port()))
+            let Ok(mut conn) = redis::Client::open(self.node_url(s.port(), false))
                 .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
             else {
                 continue;
@@ -149,5 +269,13 @@ impl RedisSentinel {
             }
         }
         panic!("no sentinel names a primary");
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
