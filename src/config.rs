@@ -8,6 +8,7 @@
 //! | `REDIS_HOST`, `REDIS_PORT`, `REDIS_PASSWORD`, `REDIS_DB`, `REDIS_USERNAME` | the same, in parts, when `REDIS_URL` is unset |
 //! | `REDIS_CLUSTER_NODES` | Redis Cluster (feature `cluster`): seed nodes `host:port,host:port`, with `REDIS_PASSWORD`/`REDIS_USERNAME`; or `REDIS_URL=redis+cluster://[user][:password@]host:port,host:port` |
 //! | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | Sentinel (feature `sentinel`): sentinels `host:port,host:port` and the primary's name, with `REDIS_PASSWORD`/`REDIS_USERNAME`/`REDIS_DB` for the data nodes; or `REDIS_URL=redis+sentinel://[user][:password@]host:port,host:port/<primary name>[/db]` |
+//! | `REDIS_SENTINEL_PASSWORD`, `REDIS_SENTINEL_USERNAME` | The sentinels' own credentials, when they require a password (Sentinel's `requirepass`) |
 //!
 //! With none of them set, the cache runs on the in-memory backend, and says so once in the log.
 //! A password never appears in `Debug`, `Display`, errors or logs: it is held in a type whose
@@ -342,6 +343,10 @@ pub struct RedisConfig {
     topology: Topology,
     connect_timeout: Duration,
     transport: Transport,
+    /// The sentinels' own user name and password (Sentinel's `requirepass`), when they have
+    /// one: the data nodes' credentials are not theirs.
+    sentinel_username: Option<String>,
+    sentinel_password: Option<Secret>,
 }
 
 impl RedisConfig {
@@ -361,6 +366,8 @@ impl RedisConfig {
             target: Target::Url(Secret::new(url)),
             topology,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            sentinel_username: None,
+            sentinel_password: None,
             transport: Transport::Multiplexed,
         };
         config.validate()?;
@@ -381,6 +388,8 @@ impl RedisConfig {
             },
             topology: Topology::Single,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            sentinel_username: None,
+            sentinel_password: None,
             transport: Transport::Multiplexed,
         }
     }
@@ -430,6 +439,34 @@ impl RedisConfig {
     /// The deployment this configuration names.
     pub fn get_topology(&self) -> &Topology {
         &self.topology
+    }
+
+    /// The password the sentinels themselves require (Sentinel's `requirepass`; feature
+    /// `sentinel`), also read from `REDIS_SENTINEL_PASSWORD`. Without it the sentinels are
+    /// asked without credentials; the URL's (or [`password`](RedisConfig::password)'s)
+    /// credentials are the data nodes'. Unused with other topologies.
+    #[must_use]
+    pub fn sentinel_password(mut self, password: Secret) -> RedisConfig {
+        self.sentinel_password = Some(password);
+        self
+    }
+
+    /// The ACL user name for the sentinels (with
+    /// [`sentinel_password`](RedisConfig::sentinel_password)), also read from
+    /// `REDIS_SENTINEL_USERNAME`.
+    #[must_use]
+    pub fn sentinel_username(mut self, username: impl Into<String>) -> RedisConfig {
+        self.sentinel_username = Some(username.into());
+        self
+    }
+
+    /// The sentinels' credentials: user name and password.
+    #[cfg(feature = "sentinel")]
+    pub(crate) fn sentinel_credentials(&self) -> (Option<&str>, Option<&str>) {
+        (
+            self.sentinel_username.as_deref(),
+            self.sentinel_password.as_ref().map(Secret::expose),
+        )
     }
 
     /// Sets the password (only for configurations built with [`RedisConfig::from_host`]).
@@ -494,18 +531,23 @@ impl RedisConfig {
         }
     }
 
-    /// Removes the secret from a text (an error message of the driver), in the form it has in
-    /// the URL and percent-decoded.
+    /// Removes the secrets from a text (an error message of the driver): the data nodes'
+    /// password, in the form it has in the URL and percent-decoded, and the sentinels'.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        let Some(secret) = self.secret() else {
-            return text.to_owned();
-        };
-        let mut out = text.replace(secret, "***");
-        if let Some(decoded) = percent_decode(secret)
-            && decoded != secret
-            && !decoded.is_empty()
+        let mut out = text.to_owned();
+        if let Some(secret) = self.secret() {
+            out = out.replace(secret, "***");
+            if let Some(decoded) = percent_decode(secret)
+                && decoded != secret
+                && !decoded.is_empty()
+            {
+                out = out.replace(&decoded, "***");
+            }
+        }
+        if let Some(secret) = self.sentinel_password.as_ref().map(Secret::expose)
+            && !secret.is_empty()
         {
-            out = out.replace(&decoded, "***");
+            out = out.replace(secret, "***");
         }
         out
     }
@@ -674,6 +716,8 @@ impl fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("transport", &self.transport)
             .field("topology", &self.topology)
+            .field("sentinel_username", &self.sentinel_username)
+            .field("sentinel_password", &self.sentinel_password)
             .finish()
     }
 }
@@ -794,8 +838,20 @@ impl Config {
 
     fn backend_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config> {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        // The sentinels' own credentials, whichever way Sentinel is selected.
+        let sentinel_auth = |mut redis: RedisConfig| -> RedisConfig {
+            if let Some(user) = get("REDIS_SENTINEL_USERNAME") {
+                redis = redis.sentinel_username(user.trim());
+            }
+            if let Some(password) = lookup("REDIS_SENTINEL_PASSWORD").filter(|p| !p.is_empty()) {
+                redis = redis.sentinel_password(Secret::new(password));
+            }
+            redis
+        };
         if let Some(url) = get("REDIS_URL") {
-            return Ok(Config::redis(RedisConfig::from_url(url.trim())?));
+            return Ok(Config::redis(sentinel_auth(RedisConfig::from_url(
+                url.trim(),
+            )?)));
         }
         let credentials = |mut redis: RedisConfig| -> Result<RedisConfig> {
             if let Some(user) = get("REDIS_USERNAME") {
@@ -827,9 +883,9 @@ impl Config {
                 )
             })?;
             let db = db_of(get("REDIS_DB"))?;
-            return Ok(Config::redis(credentials(
+            return Ok(Config::redis(sentinel_auth(credentials(
                 RedisConfig::sentinel(sentinels, master)?.db(db),
-            )?));
+            )?)));
         }
         let Some(host) = get("REDIS_HOST") else {
             return Ok(Config::memory());

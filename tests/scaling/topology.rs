@@ -72,11 +72,19 @@ fn cluster_and_sentinel_urls_and_variables_parse_and_never_show_the_password() {
         ("REDIS_SENTINELS", "10.0.0.1:26379,10.0.0.2:26379"),
         ("REDIS_SENTINEL_MASTER", "orders"),
         ("REDIS_DB", "3"),
+        ("REDIS_SENTINEL_USERNAME", "watcher"),
+        ("REDIS_SENTINEL_PASSWORD", "sentinel-s3cret"),
     ]))
     .unwrap();
+    let redis = config.redis_config().unwrap();
     assert_eq!(
-        config.redis_config().unwrap().to_string(),
+        redis.to_string(),
         "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/orders/3"
+    );
+    let debug = format!("{redis:?}");
+    assert!(
+        debug.contains("watcher") && !debug.contains("sentinel-s3cret"),
+        "{debug}"
     );
 }
 

@@ -19,8 +19,10 @@ pub struct RedisSentinel {
     pub sentinels: Vec<RedisServer>,
     /// How long it took to come up.
     pub startup: Duration,
-    /// The data nodes' password (the sentinels have none).
+    /// The data nodes' password.
     password: Option<String>,
+    /// The sentinels' own password (`requirepass` on each sentinel).
+    sentinel_password: Option<String>,
     /// The directory of the certificates, when every node listens with TLS only.
     tls: Option<std::path::PathBuf>,
 }
@@ -36,9 +38,9 @@ impl RedisSentinel {
     }
 
     /// A set whose nodes (data nodes and sentinels) listen with TLS only, with a certificate
-    /// for 127.0.0.1 signed by a fresh CA, and whose data nodes require `password`; `trust` is
-    /// given the CA's path before the nodes start, to make the process trust it
-    /// (`SSL_CERT_FILE`).
+    /// for 127.0.0.1 signed by a fresh CA, whose data nodes require `password` and whose
+    /// sentinels require `<password>-sentinels`; `trust` is given the CA's path before the
+    /// nodes start, to make the process trust it (`SSL_CERT_FILE`).
     pub fn start_tls(
         replicas: usize,
         sentinels: usize,
@@ -122,12 +124,24 @@ impl RedisSentinel {
             primary_port.to_string(),
             quorum.to_string(),
         ];
+        let sentinel_password = password.map(|p| format!("{p}-sentinels"));
+        if let Some(p) = &sentinel_password {
+            // Each sentinel requires it, and gives it to the others.
+            sentinel_args.extend([
+                "--requirepass".into(),
+                p.clone(),
+                "--sentinel".into(),
+                "sentinel-pass".into(),
+                p.clone(),
+            ]);
+        }
         sentinel_args.extend(tls_args);
         let mut set = RedisSentinel {
             data,
             sentinels: Vec::new(),
             startup: Duration::ZERO,
             password: password.map(str::to_owned),
+            sentinel_password,
             tls,
         };
         set.sentinels = (0..sentinels)
@@ -187,13 +201,18 @@ impl RedisSentinel {
         set
     }
 
-    /// The URL of the node at `port`: with the data nodes' password when `data`, over TLS when
-    /// the set speaks it.
+    /// The URL of the node at `port` (a data node when `data`, else a sentinel), with its
+    /// password, over TLS when the set speaks it.
     fn node_url(&self, port: u16, data: bool) -> String {
-        let auth = match (&self.password, data) {
-            (Some(p), true) => format!(":{p}@"),
-            _ => String::new(),
+        let password = if data {
+            &self.password
+        } else {
+            &self.sentinel_password
         };
+        let auth = password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
         let scheme = if self.tls.is_some() {
             "rediss"
         } else {
@@ -212,7 +231,11 @@ impl RedisSentinel {
 
     /// [`info`](super::server::info) on the node at `port` (a data node when `data`).
     pub fn info(&self, port: u16, data: bool, cmd: &[&str]) -> String {
-        let password = if data { self.password.as_deref() } else { None };
+        let password = if data {
+            self.password.as_deref()
+        } else {
+            self.sentinel_password.as_deref()
+        };
         info_as(port, password, self.tls.is_some(), cmd)
     }
 
@@ -225,11 +248,16 @@ impl RedisSentinel {
             )
             .expect("a valid Sentinel configuration");
         }
-        RedisConfig::from_url(&self.url()).expect("a valid Sentinel URL")
+        let config = RedisConfig::from_url(&self.url()).expect("a valid Sentinel URL");
+        match &self.sentinel_password {
+            Some(p) => config.sentinel_password(speedlayer::config::Secret::new(p.clone())),
+            None => config,
+        }
     }
 
     /// The sentinels and the primary's name as a `redis+sentinel://` (or `rediss+sentinel://`)
-    /// URL, with the data nodes' password.
+    /// URL, with the data nodes' password (the sentinels' own is in
+    /// [`redis_config`](Self::redis_config) and [`sentinel_password`](Self::sentinel_password)).
     pub fn url(&self) -> String {
         let sentinels: Vec<String> = self
             .sentinels
@@ -247,6 +275,11 @@ impl RedisSentinel {
             "redis"
         };
         format!("{scheme}+sentinel://{auth}{}/{MASTER}", sentinels.join(","))
+    }
+
+    /// The sentinels' own password, if they require one.
+    pub fn sentinel_password(&self) -> Option<&str> {
+        self.sentinel_password.as_deref()
     }
 
     /// The index in `data` of the node the sentinels name as primary now.

@@ -1,8 +1,8 @@
 //! `rediss+sentinel://` against a local Sentinel set-up whose nodes (the data nodes and the
 //! sentinels) listen with TLS only, with a certificate signed by a CA made for the test and
-//! trusted through `SSL_CERT_FILE`, and whose data nodes require a password: the sentinels are
-//! asked over TLS, the primary they name is reached over TLS with the URL's password, and the
-//! client follows a failover there too.
+//! trusted through `SSL_CERT_FILE`, whose data nodes require a password and whose sentinels
+//! require another: the sentinels are asked over TLS with theirs, the primary they name is
+//! reached over TLS with the URL's, and the client follows a failover there too.
 //!
 //! One test per binary: it sets `SSL_CERT_FILE` for the whole process.
 
@@ -36,10 +36,18 @@ async fn rediss_sentinel_with_a_password_connects_verifies_and_follows_a_failove
     );
     let url = set.url();
     assert!(url.starts_with("rediss+sentinel://"), "{url}");
-    let config = RedisConfig::from_url(&url).unwrap();
+    let sentinel_password = set.sentinel_password().unwrap().to_owned();
+    // As a service configures it: the URL, and the sentinels' password beside it.
+    let config = Config::from_lookup(|name| match name {
+        "REDIS_URL" => Some(url.clone()),
+        "REDIS_SENTINEL_PASSWORD" => Some(sentinel_password.clone()),
+        _ => None,
+    })
+    .unwrap();
+    let config = config.redis_config().unwrap().clone();
     assert!(
         !format!("{config} {config:?}").contains("s3cret-pw"),
-        "the password never shows"
+        "no password shows: {config:?}"
     );
     let cache = Cache::new(Config::redis(config).op_timeout(Duration::from_secs(2)))
         .await
@@ -91,14 +99,20 @@ async fn rediss_sentinel_with_a_password_connects_verifies_and_follows_a_failove
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // A wrong password is an error that never shows it.
-    let wrong = url.replace("s3cret-pw", "not-the-pw");
-    let layer =
-        speedlayer::store::redis::RedisLayer::connect(&RedisConfig::from_url(&wrong).unwrap())
+    // A wrong password for the data nodes, or none for the sentinels: an error that shows no
+    // password.
+    let wrong = RedisConfig::from_url(&url.replace("s3cret-pw", "not-the-pw"))
+        .unwrap()
+        .sentinel_password(speedlayer::config::Secret::new(sentinel_password.clone()));
+    let without = RedisConfig::from_url(&url).unwrap();
+    for config in [wrong, without] {
+        let layer = speedlayer::store::redis::RedisLayer::connect(&config)
             .await
             .unwrap();
-    let err = speedlayer::store::CacheLayer::get(&layer, &key(1))
-        .await
-        .unwrap_err();
-    assert!(!err.to_string().contains("not-the-pw"), "{err}");
+        let err = speedlayer::store::CacheLayer::get(&layer, &key(1))
+            .await
+            .unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("pw") && !text.contains("s3cret"), "{text}");
+    }
 }

@@ -882,10 +882,19 @@ fn sentinel_client(
         }),
         _ => None,
     };
+    // The sentinels get their own credentials (if any), never the data nodes'.
+    let (user, password) = config.sentinel_credentials();
+    let mut auth = redis::RedisConnectionInfo::default();
+    if let Some(user) = user {
+        auth = auth.set_username(user);
+    }
+    if let Some(password) = password {
+        auth = auth.set_password(password);
+    }
     let nodes: Vec<redis::ConnectionInfo> = config
         .infos_at(sentinels)?
         .into_iter()
-        .map(|i| i.set_redis_settings(redis::RedisConnectionInfo::default()))
+        .map(|i| i.set_redis_settings(auth.clone()))
         .collect();
     let mut node = SentinelNodeConnectionInfo::default()
         .set_redis_connection_info(info.redis_settings().clone());
