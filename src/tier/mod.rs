@@ -9,7 +9,8 @@
 //!   one round trip) and copies what it found into L1 for the tier's own, shorter TTL, never past
 //!   the Redis entry's own expiry. Writes never fill L1.
 //! - **Evicted by any write to the key, by anyone.** The tier keeps one extra connection to Redis
-//!   with server-assisted client-side caching on (`CLIENT TRACKING ON BCAST PREFIX ...`, RESP3):
+//!   (to every primary of a Redis Cluster; to the primary Sentinel names, followed across
+//!   failovers) with server-assisted client-side caching on (`CLIENT TRACKING ON BCAST PREFIX ...`, RESP3):
 //!   Redis itself sends the key name of every key written, deleted, expired or evicted under the
 //!   tier's prefixes, whoever wrote it: another instance's `invalidate`, a lease being taken, a
 //!   Node service's `SET`, a `redis-cli DEL`. The message carries no value; the key is dropped from
