@@ -283,7 +283,7 @@ impl Operation for Replace<'_> {
 
 impl Cache {
     /// The cached value under `key`, or the loader's, with the fail-safe, timeouts and early
-    /// refresh of `policy` (see [`FetchPolicy`](crate::cache::FetchPolicy)).
+    /// refresh of `policy` (see [`FetchPolicy`]).
     ///
     /// The loader is `Fn` and `'static` because a refresh may outlive this call: it runs in the
     /// background while the current or stale value is returned. A first load (nothing cached)

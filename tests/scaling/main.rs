@@ -325,34 +325,15 @@ async fn a_sentinel_primary_killed_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_under_load_fails_no_request() {
     sentinel_fault("SENTINEL FAILOVER", |set, old| {
-        let mut conn = support::server::blocking(set.sentinels[0].port());
-        let _: () = redis::cmd("SENTINEL")
-            .arg("FAILOVER")
-            .arg(support::sentinel::MASTER)
-            .query(&mut conn)
-            .expect("SENTINEL FAILOVER");
+        set.failover();
         // The load goes on until the old primary was made a replica and took the new primary's
         // data: what it took after the switch is gone then, and a lost invalidation would
         // show as a stale read.
-        let deadline = Instant::now() + Duration::from_secs(25);
-        loop {
-            let replication = support::server::info(set.data[old].port(), &["INFO", "replication"]);
-            if replication.contains("role:slave") && replication.contains("master_link_status:up") {
-                eprintln!(
-                    "SENTINEL FAILOVER: the old primary is a replica in sync again after {} ms",
-                    25_000
-                        - deadline
-                            .saturating_duration_since(Instant::now())
-                            .as_millis()
-                );
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the old primary was made a replica within 25 s:\n{replication}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let took = set.wait_in_sync(old);
+        eprintln!(
+            "SENTINEL FAILOVER: the old primary is a replica in sync again after {} ms",
+            took.as_millis()
+        );
     })
     .await;
 }
@@ -385,12 +366,7 @@ async fn a_delete_just_after_a_sentinel_failover_is_not_lost() {
             assert!(Instant::now() < deadline, "the entry reached the replica");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let mut conn = support::server::blocking(set.sentinels[0].port());
-        let _: () = redis::cmd("SENTINEL")
-            .arg("FAILOVER")
-            .arg(support::sentinel::MASTER)
-            .query(&mut conn)
-            .expect("SENTINEL FAILOVER");
+        set.failover();
         promoted(|| set.primary() == replica);
         set
     })
@@ -398,18 +374,7 @@ async fn a_delete_just_after_a_sentinel_failover_is_not_lost() {
     .unwrap();
     assert!(cache.delete(&k).await, "the delete returned");
     let set = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(25);
-        loop {
-            let replication = support::server::info(set.data[old].port(), &["INFO", "replication"]);
-            if replication.contains("role:slave") && replication.contains("master_link_status:up") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the old primary was made a replica within 25 s:\n{replication}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        set.wait_in_sync(old);
         set
     })
     .await

@@ -9,7 +9,7 @@ use redis::AsyncCommands;
 use speedlayer::config::{Config, RedisConfig};
 use speedlayer::tier::{LocalTier, TierStats};
 use speedlayer::ttl::Ttl;
-use speedlayer::{Cache, Key, Served};
+use speedlayer::{Cache, Key};
 
 use crate::support;
 
@@ -21,24 +21,11 @@ async fn warm(config: RedisConfig, id: u64) -> (Cache, Key) {
     let cache = Cache::new(config).await.expect("a tiered cache");
     let k = support::key(id);
     cache.set(&k, &1u64, MINUTE).await.unwrap();
-    assert_eq!(until_local(&cache, &k, Duration::from_secs(5)).await, 1);
+    assert_eq!(
+        support::until_local(&cache, &k, Duration::from_secs(5)).await,
+        1
+    );
     (cache, k)
-}
-
-/// Reads `key` until L1 answers (within `limit`); returns the value.
-async fn until_local(cache: &Cache, key: &Key, limit: Duration) -> u64 {
-    let deadline = Instant::now() + limit;
-    loop {
-        match cache.get_served::<u64>(key).await {
-            Some((v, Served::Local)) => return v,
-            other => assert!(
-                Instant::now() < deadline,
-                "L1 never answered: {other:?}, {:?}",
-                cache.tier_stats()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// After another client wrote `2` under `key` on the promoted primary: reads until the cache
@@ -69,7 +56,7 @@ async fn follows(cache: &Cache, key: &Key, before: &TierStats, limit: Duration) 
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     assert_eq!(
-        until_local(cache, key, Duration::from_secs(10)).await,
+        support::until_local(cache, key, Duration::from_secs(10)).await,
         2,
         "L1 answers again, on the new topology"
     );
@@ -156,12 +143,7 @@ async fn sentinel_fault(name: &str, id: u64, kill: bool) {
         if kill {
             set.data[before_primary].kill();
         } else {
-            let mut conn = support::server::blocking(set.sentinels[0].port());
-            let _: () = redis::cmd("SENTINEL")
-                .arg("FAILOVER")
-                .arg(support::sentinel::MASTER)
-                .query(&mut conn)
-                .expect("SENTINEL FAILOVER");
+            set.failover();
         }
         crate::promoted(|| set.primary() != before_primary);
         set

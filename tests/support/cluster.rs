@@ -20,8 +20,6 @@ fn redis_cli() -> String {
     std::env::var("SPEEDLAYER_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned())
 }
 
-static NEXT_TLS_DIR: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
 /// A Redis Cluster on loopback.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
@@ -105,35 +103,12 @@ impl RedisCluster {
             ]);
         }
         let tls = tls.map(|trust| {
-            let dir = std::env::temp_dir().join(format!(
-                "speedlayer-cluster-tls-{}-{}",
-                std::process::id(),
-                NEXT_TLS_DIR.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            ));
-            std::fs::create_dir_all(&dir).expect("a directory for the certificates");
-            super::server::make_certificates(&dir);
+            let dir = super::server::certificate_dir("cluster");
             if let Some(trust) = trust.take() {
                 trust(&dir.join("ca.pem"));
             }
-            let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
-            args.extend([
-                "--port".into(),
-                "0".into(),
-                "--tls-port".into(),
-                "$PORT".into(),
-                "--tls-cluster".into(),
-                "yes".into(),
-                "--tls-replication".into(),
-                "yes".into(),
-                "--tls-cert-file".into(),
-                file("server.pem"),
-                "--tls-key-file".into(),
-                file("server.key"),
-                "--tls-ca-cert-file".into(),
-                file("ca.pem"),
-                "--tls-auth-clients".into(),
-                "no".into(),
-            ]);
+            args.extend(super::server::tls_only_args(&dir));
+            args.extend(["--tls-cluster".into(), "yes".into()]);
             dir
         });
         let nodes: Vec<RedisServer> = (0..primaries * (1 + replicas))

@@ -361,3 +361,22 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Reads `key` (a `u64`) through `cache` until its in-process tier answers, within `limit`: the
+/// message of the write that stored it may come after the first read copied it, and drop that
+/// copy. Returns the value.
+#[allow(dead_code)]
+pub async fn until_local(cache: &speedlayer::Cache, key: &Key, limit: std::time::Duration) -> u64 {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match cache.get_served::<u64>(key).await {
+            Some((v, speedlayer::Served::Local)) => return v,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "L1 never answered: {other:?}, {:?}",
+                cache.tier_stats()
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}

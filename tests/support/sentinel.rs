@@ -30,8 +30,6 @@ pub struct RedisSentinel {
 /// The name the sentinels monitor the primary under.
 pub const MASTER: &str = "mymaster";
 
-static NEXT_TLS_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 impl RedisSentinel {
     pub fn start(replicas: usize, sentinels: usize) -> RedisSentinel {
         RedisSentinel::start_with::<fn(&std::path::Path)>(replicas, sentinels, None, None)
@@ -58,39 +56,15 @@ impl RedisSentinel {
     ) -> RedisSentinel {
         let began = Instant::now();
         let tls = trust.map(|trust| {
-            let dir = std::env::temp_dir().join(format!(
-                "speedlayer-sentinel-tls-{}-{}",
-                std::process::id(),
-                NEXT_TLS_DIR.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            ));
-            std::fs::create_dir_all(&dir).expect("a directory for the certificates");
-            super::server::make_certificates(&dir);
+            let dir = super::server::certificate_dir("sentinel");
             trust(&dir.join("ca.pem"));
             dir
         });
         // Both kinds of node listen with TLS only and speak it to each other.
-        let tls_args: Vec<String> = match &tls {
-            Some(dir) => {
-                let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
-                vec![
-                    "--port".into(),
-                    "0".into(),
-                    "--tls-port".into(),
-                    "$PORT".into(),
-                    "--tls-replication".into(),
-                    "yes".into(),
-                    "--tls-cert-file".into(),
-                    file("server.pem"),
-                    "--tls-key-file".into(),
-                    file("server.key"),
-                    "--tls-ca-cert-file".into(),
-                    file("ca.pem"),
-                    "--tls-auth-clients".into(),
-                    "no".into(),
-                ]
-            }
-            None => Vec::new(),
-        };
+        let tls_args = tls
+            .as_deref()
+            .map(super::server::tls_only_args)
+            .unwrap_or_default();
         let mut data_args: Vec<String> = vec!["--repl-diskless-sync-delay".into(), "0".into()];
         if let Some(p) = password {
             data_args.extend([
@@ -201,24 +175,34 @@ impl RedisSentinel {
         set
     }
 
+    /// The user info (`:password@`, or nothing) for `password` and the scheme (`redis` or
+    /// `rediss`) of the set's URLs.
+    fn auth_and_scheme(&self, password: Option<&str>) -> (String, &'static str) {
+        let auth = password.map(|p| format!(":{p}@")).unwrap_or_default();
+        (
+            auth,
+            if self.tls.is_some() {
+                "rediss"
+            } else {
+                "redis"
+            },
+        )
+    }
+
     /// The URL of the node at `port` (a data node when `data`, else a sentinel), with its
     /// password, over TLS when the set speaks it.
     fn node_url(&self, port: u16, data: bool) -> String {
-        let password = if data {
-            &self.password
-        } else {
-            &self.sentinel_password
-        };
-        let auth = password
-            .as_ref()
-            .map(|p| format!(":{p}@"))
-            .unwrap_or_default();
-        let scheme = if self.tls.is_some() {
-            "rediss"
-        } else {
-            "redis"
-        };
+        let (auth, scheme) = self.auth_and_scheme(self.password_of(data));
         format!("{scheme}://{auth}127.0.0.1:{port}/")
+    }
+
+    /// The data nodes' password when `data`, else the sentinels'.
+    fn password_of(&self, data: bool) -> Option<&str> {
+        if data {
+            self.password.as_deref()
+        } else {
+            self.sentinel_password.as_deref()
+        }
     }
 
     /// A blocking connection to the node at `port` (a data node when `data`).
@@ -231,12 +215,35 @@ impl RedisSentinel {
 
     /// [`info`](super::server::info) on the node at `port` (a data node when `data`).
     pub fn info(&self, port: u16, data: bool, cmd: &[&str]) -> String {
-        let password = if data {
-            self.password.as_deref()
-        } else {
-            self.sentinel_password.as_deref()
-        };
-        info_as(port, password, self.tls.is_some(), cmd)
+        info_as(port, self.password_of(data), self.tls.is_some(), cmd)
+    }
+
+    /// `SENTINEL FAILOVER` on the first sentinel: a replica is promoted while the old primary
+    /// stays up (taking writes until the sentinels make it a replica).
+    pub fn failover(&self) {
+        let mut conn = self.connect(self.sentinels[0].port(), false);
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(MASTER)
+            .query(&mut conn)
+            .expect("SENTINEL FAILOVER");
+    }
+
+    /// Waits (25 s at most) until the data node `n` is a replica in sync with its primary (an
+    /// old primary made a replica has then dropped what it took meanwhile); how long that took.
+    pub fn wait_in_sync(&self, n: usize) -> Duration {
+        let began = Instant::now();
+        loop {
+            let replication = self.info(self.data[n].port(), true, &["INFO", "replication"]);
+            if replication.contains("role:slave") && replication.contains("master_link_status:up") {
+                return began.elapsed();
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(25),
+                "node {n} was a replica in sync within 25 s:\n{replication}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The sentinels and the primary's name as a configuration.
@@ -264,16 +271,7 @@ impl RedisSentinel {
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port()))
             .collect();
-        let auth = self
-            .password
-            .as_ref()
-            .map(|p| format!(":{p}@"))
-            .unwrap_or_default();
-        let scheme = if self.tls.is_some() {
-            "rediss"
-        } else {
-            "redis"
-        };
+        let (auth, scheme) = self.auth_and_scheme(self.password_of(true));
         format!("{scheme}+sentinel://{auth}{}/{MASTER}", sentinels.join(","))
     }
 

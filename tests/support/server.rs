@@ -427,6 +427,44 @@ pub fn info_as(port: u16, password: Option<&str>, tls: bool, cmd: &[&str]) -> St
     c.query::<String>(&mut conn).unwrap_or_default()
 }
 
+static NEXT_TLS_DIR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A fresh directory `speedlayer-<what>-tls-*` holding a CA and a server certificate for
+/// 127.0.0.1 ([`make_certificates`]); the caller removes it.
+pub fn certificate_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "speedlayer-{what}-tls-{}-{}",
+        std::process::id(),
+        NEXT_TLS_DIR.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("a directory for the certificates");
+    make_certificates(&dir);
+    dir
+}
+
+/// The arguments that make a node listen with TLS only (on the port `$PORT` stands for) with
+/// the certificates of `dir`, and speak TLS to its primary (replication, or a sentinel's
+/// connections to the nodes it watches); clients need no certificate.
+pub fn tls_only_args(dir: &std::path::Path) -> Vec<String> {
+    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    vec![
+        "--port".into(),
+        "0".into(),
+        "--tls-port".into(),
+        "$PORT".into(),
+        "--tls-replication".into(),
+        "yes".into(),
+        "--tls-cert-file".into(),
+        file("server.pem"),
+        "--tls-key-file".into(),
+        file("server.key"),
+        "--tls-ca-cert-file".into(),
+        file("ca.pem"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]
+}
+
 /// A CA (`ca.pem`) and a server certificate for 127.0.0.1 (`server.pem`, `server.key`) in
 /// `dir`, made with the openssl command-line tool.
 pub fn make_certificates(dir: &std::path::Path) {

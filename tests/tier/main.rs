@@ -57,21 +57,9 @@ async fn wait_until_trusted(cache: &Cache) {
     }
 }
 
-/// Reads `key` until L1 answers (up to 2 s): the message of the write that stored it may come
-/// after the first read copied it, and drop that copy. Returns the value.
+/// Reads `key` until L1 answers (up to 2 s); returns the value.
 async fn until_local(cache: &Cache, key: &speedlayer::Key) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match cache.get_served::<u64>(key).await {
-            Some((v, Served::Local)) => return v,
-            other => assert!(
-                Instant::now() < deadline,
-                "L1 never answered: {other:?}, {:?}",
-                cache.tier_stats()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    support::until_local(cache, key, Duration::from_secs(2)).await
 }
 
 /// A tiered cache on `backend` holding `1` under `key(id)` in L1.

@@ -66,12 +66,7 @@ async fn rediss_sentinel_with_a_password_connects_verifies_and_follows_a_failove
     support::assert_healthy(&cache).await;
 
     // The primary fails over: the cache follows the one the sentinels name, over TLS.
-    let mut conn = set.connect(set.sentinels[0].port(), false);
-    let _: () = redis::cmd("SENTINEL")
-        .arg("FAILOVER")
-        .arg(support::sentinel::MASTER)
-        .query(&mut conn)
-        .expect("SENTINEL FAILOVER");
+    set.failover();
     let deadline = Instant::now() + Duration::from_secs(20);
     while set.primary() == primary {
         assert!(Instant::now() < deadline, "a replica was promoted");
