@@ -534,20 +534,22 @@ impl RedisConfig {
     /// Removes the secrets from a text (an error message of the driver): the data nodes'
     /// password, in the form it has in the URL and percent-decoded, and the sentinels'.
     pub(crate) fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_owned();
+        let mut secrets: Vec<String> = Vec::new();
         if let Some(secret) = self.secret() {
-            out = out.replace(secret, "***");
-            if let Some(decoded) = percent_decode(secret)
-                && decoded != secret
-                && !decoded.is_empty()
-            {
-                out = out.replace(&decoded, "***");
-            }
+            secrets.push(secret.to_owned());
+            secrets.extend(percent_decode(secret).filter(|d| d != secret));
         }
-        if let Some(secret) = self.sentinel_password.as_ref().map(Secret::expose)
-            && !secret.is_empty()
-        {
-            out = out.replace(secret, "***");
+        secrets.extend(
+            self.sentinel_password
+                .as_ref()
+                .map(|s| s.expose().to_owned()),
+        );
+        // The longest first: one secret may hold another.
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let mut out = text.to_owned();
+        for secret in &secrets {
+            out = out.replace(secret.as_str(), "***");
         }
         out
     }
@@ -1127,6 +1129,18 @@ mod tests {
         );
         let short = RedisConfig::from_host("h", 1).password(Secret::new("x"));
         assert_eq!(short.scrub("axb"), "a***b");
+    }
+
+    #[test]
+    fn scrub_removes_the_sentinels_password_even_when_it_holds_the_data_nodes() {
+        let config = RedisConfig::from_url("redis+sentinel://:pw@127.0.0.1:26379/m")
+            .unwrap()
+            .sentinel_password(Secret::new("pw-sentinels"));
+        assert_eq!(
+            config.scrub("sentinel said pw-sentinels; node said pw"),
+            "sentinel said ***; node said ***"
+        );
+        assert!(!format!("{config:?}").contains("pw-sentinels"));
     }
 
     #[test]

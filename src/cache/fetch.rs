@@ -485,34 +485,39 @@ impl Cache {
                     self.0.inner.refreshes.lock().remove(self.1.as_str());
                 }
             }
-            let _running = Running(&cache, &key);
-            let c = &cache.inner.counters;
-            c.loader_calls.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
-            let limit = policy.refresh_limit(cache.inner.lease_ttl.as_duration());
-            let loaded = tokio::time::timeout(limit, (*loader)()).await;
-            crate::telemetry::load_time(started.elapsed().as_secs_f64());
-            let value = match loaded {
-                Ok(Ok(value)) => value,
-                Err(_) => {
-                    tracing::debug!(key = %key, "refresh timed out; the entry is kept as it is");
-                    let _ = tx.send(None);
-                    return;
-                }
-                Ok(Err(_)) => {
-                    c.loader_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(key = %key, "refresh failed; the entry is kept as it is");
-                    let _ = tx.send(None);
-                    return;
-                }
-            };
-            cache
-                .inner
-                .refreshes
-                .load_times
-                .insert(key.as_str().to_owned(), started.elapsed());
-            cache.store_refresh(&key, &policy, &old, &value).await;
-            let _ = tx.send(Some(value));
+            let running = Running(&cache, &key);
+            let refreshed = async {
+                let c = &cache.inner.counters;
+                c.loader_calls.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let limit = policy.refresh_limit(cache.inner.lease_ttl.as_duration());
+                let loaded = tokio::time::timeout(limit, (*loader)()).await;
+                crate::telemetry::load_time(started.elapsed().as_secs_f64());
+                let value = match loaded {
+                    Ok(Ok(value)) => value,
+                    Err(_) => {
+                        tracing::debug!(key = %key, "refresh timed out; the entry is kept as it is");
+                        return None;
+                    }
+                    Ok(Err(_)) => {
+                        c.loader_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(key = %key, "refresh failed; the entry is kept as it is");
+                        return None;
+                    }
+                };
+                cache
+                    .inner
+                    .refreshes
+                    .load_times
+                    .insert(key.as_str().to_owned(), started.elapsed());
+                cache.store_refresh(&key, &policy, &old, &value).await;
+                Some(value)
+            }
+            .await;
+            // Out of the running set before the waiting caller hears of it: a fetch it makes
+            // next may start the next refresh.
+            drop(running);
+            let _ = tx.send(refreshed);
         });
         Some(rx)
     }

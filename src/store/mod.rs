@@ -475,8 +475,10 @@ pub trait CacheLayer: Send + Sync + fmt::Debug {
         0
     }
 
-    /// When the last change [`primary_changes`](CacheLayer::primary_changes) counts was found.
-    fn primary_changed_at(&self) -> Option<std::time::Instant> {
+    /// For the last change [`primary_changes`](CacheLayer::primary_changes) counts: since when
+    /// calls may have reached the old primary after it stopped being the primary (when it was
+    /// last known to be the primary); `None` when not known (everything recent is suspect).
+    fn primary_changed_since(&self) -> Option<std::time::Instant> {
         None
     }
 }

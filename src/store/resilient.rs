@@ -269,6 +269,11 @@ impl Drop for ProbeGuard<'_> {
 /// invalidation had removed. Replication on a healthy link lags by milliseconds.
 pub const FAILOVER_REPLAY_WINDOW: Duration = Duration::from_secs(2);
 
+/// How long the journal keeps a completed invalidation: a change of primary found by asking the
+/// sentinels (every second, each ask bounded by a second) reaches back to their last answer that
+/// named the old one.
+const JOURNAL_KEEP: Duration = Duration::from_secs(6);
+
 /// The invalidations completed within [`FAILOVER_REPLAY_WINDOW`], newest last.
 #[derive(Default)]
 struct Journal {
@@ -295,7 +300,7 @@ impl Journal {
 
     fn prune(&mut self, now: std::time::Instant) {
         while let Some((at, k, t)) = self.entries.front() {
-            if now.duration_since(*at) <= FAILOVER_REPLAY_WINDOW {
+            if now.duration_since(*at) <= JOURNAL_KEEP {
                 break;
             }
             self.items -= k.len() + t.len();
@@ -303,14 +308,15 @@ impl Journal {
         }
     }
 
-    /// Everything recorded within the window, emptying the journal.
+    /// Everything recorded within [`FAILOVER_REPLAY_WINDOW`], emptying the journal.
     fn take(&mut self) -> (Vec<Key>, Vec<Tag>) {
         let now = std::time::Instant::now();
         self.prune(now);
-        self.take_since(None)
+        self.take_since(now.checked_sub(FAILOVER_REPLAY_WINDOW))
     }
 
-    /// Everything recorded at or after `since` (`None`: everything), emptying the journal.
+    /// Everything kept that was recorded at or after `since` (`None`: everything kept),
+    /// emptying the journal.
     fn take_since(&mut self, since: Option<std::time::Instant>) -> (Vec<Key>, Vec<Tag>) {
         let mut keys = Vec::new();
         let mut tags = Vec::new();
@@ -667,23 +673,19 @@ impl Store {
     }
 
     /// The backend found its primary replaced while the old one still answered (a Sentinel
-    /// failover), `changes` times in all: the invalidations made within
-    /// [`FAILOVER_REPLAY_WINDOW`] before it found the last may have gone to the old primary after
-    /// the switch, and are lost when it is made a replica. They are queued again, like after an
+    /// failover), `changes` times in all: the invalidations made since the old primary was last
+    /// known to be the primary (at most [`JOURNAL_KEEP`] back) may have gone to it after the
+    /// switch, and are lost when it is made a replica. They are queued again, like after an
     /// outage, before any call goes on: nothing is read from the new primary before they are
     /// applied.
     fn primary_changed(&self, changes: u64) {
         let inner = &*self.inner;
         let _following = inner.following.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.primary_changes.load(Ordering::Acquire) == changes {
+        if inner.primary_changes.load(Ordering::Acquire) >= changes {
             return;
         }
         if let Some(journal) = &inner.journal {
-            // Right after start, the window reaches back before the process: everything.
-            let since = inner
-                .primary
-                .primary_changed_at()
-                .and_then(|at| at.checked_sub(FAILOVER_REPLAY_WINDOW));
+            let since = inner.primary.primary_changed_since();
             let (keys, tags) = journal
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -695,7 +697,18 @@ impl Store {
             );
             self.defer(&keys, &tags);
         }
-        inner.primary_changes.store(changes, Ordering::Release);
+        inner.primary_changes.fetch_max(changes, Ordering::AcqRel);
+    }
+
+    /// Records in the journal invalidations the replay applied (they could be lost in a
+    /// failover like any other), whatever the breaker's state.
+    fn remember(&self, keys: &[Key], tags: &[Tag]) {
+        if let Some(journal) = &self.inner.journal {
+            journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(keys, tags);
+        }
     }
 
     /// Adds invalidations to the queue the replay applies.
@@ -760,11 +773,17 @@ impl Store {
             (keys, tags)
         };
         let total = keys.len() + tags.len();
+        // A batch applied while the primary changed may have reached the old one: it stays
+        // queued for the next pass.
+        let changes = inner.primary.primary_changes();
+        let moved = || inner.primary.primary_changes() != changes;
         for chunk in keys.chunks(REPLAY_CHUNK) {
             let batch: Vec<Key> = chunk.iter().map(|(k, _)| k.clone()).collect();
             match tokio::time::timeout_at(deadline, inner.primary.delete_many(&batch)).await {
+                Ok(Ok(_)) if moved() => return Replay::Unfinished,
                 Ok(Ok(_)) => {
                     forget_applied(&mut self.lock_pending().keys, chunk);
+                    self.remember(&batch, &[]);
                 }
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
                 // An error about the data cannot be mended by retrying: those keys leave the
@@ -795,9 +814,11 @@ impl Store {
             };
             match tokio::time::timeout_at(deadline, passes).await {
                 Ok(Err(e)) if e.is_unavailable() => return Replay::Failed,
+                Ok(_) if moved() => return Replay::Unfinished,
                 // Applied, or a data error, which retrying cannot apply (the index was repaired).
                 Ok(_) => {
                     forget_applied(&mut self.lock_pending().tags, one);
+                    self.remember(&[], std::slice::from_ref(tag));
                 }
                 Err(_) => return Replay::Unfinished,
             }
@@ -1431,7 +1452,7 @@ impl Store {
             };
         }
         let changes = inner.primary.primary_changes();
-        if changes != inner.primary_changes.load(Ordering::Acquire) {
+        if changes > inner.primary_changes.load(Ordering::Acquire) {
             self.primary_changed(changes);
         }
         let admit = if during_hold {

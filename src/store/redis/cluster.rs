@@ -40,11 +40,16 @@ pub(super) struct Sharded {
     state: Arc<Mutex<State>>,
     /// Signalled when a connect task ends.
     done: Arc<Notify>,
+    /// The nodes are reached over TLS (their TLS ports are the ones to walk).
+    tls: bool,
 }
 
 impl Sharded {
     pub(super) fn new(config: &RedisConfig, nodes: &[(String, u16)]) -> Result<Sharded> {
         let infos = config.infos_at(nodes)?;
+        let tls = infos
+            .first()
+            .is_some_and(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }));
         let client = ClusterClientBuilder::new(infos)
             .connection_timeout(config.get_connect_timeout())
             // The Store bounds every call; the driver's own waits only need to be shorter than
@@ -67,6 +72,7 @@ impl Sharded {
             client,
             state: Arc::default(),
             done: Arc::new(Notify::new()),
+            tls,
         })
     }
 
@@ -174,7 +180,7 @@ impl Sharded {
                 RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
             )
             .await?;
-        Ok(primaries_in(&shards))
+        Ok(primaries_in(&shards, self.tls))
     }
 
     /// Runs `cmd` on the node at `host:port`.
@@ -196,8 +202,9 @@ impl Sharded {
     }
 }
 
-/// The online primaries a `CLUSTER SHARDS` reply lists (RESP2 or RESP3).
-pub(super) fn primaries_in(shards: &redis::Value) -> Vec<(String, u16)> {
+/// The online primaries a `CLUSTER SHARDS` reply lists (RESP2 or RESP3), at their TLS ports
+/// when `tls` (a node may listen on both).
+pub(super) fn primaries_in(shards: &redis::Value, tls: bool) -> Vec<(String, u16)> {
     let mut primaries = Vec::new();
     for shard in as_items(shards) {
         let nodes = field(shard, "nodes");
@@ -207,7 +214,12 @@ pub(super) fn primaries_in(shards: &redis::Value) -> Vec<(String, u16)> {
                 Some(redis::Value::SimpleString(s)) => Some(s.clone()),
                 _ => None,
             };
-            let port = match field(node, "port").or_else(|| field(node, "tls-port")) {
+            let (first, then) = if tls {
+                ("tls-port", "port")
+            } else {
+                ("port", "tls-port")
+            };
+            let port = match field(node, first).or_else(|| field(node, then)) {
                 Some(redis::Value::Int(p)) => u16::try_from(*p).ok(),
                 _ => None,
             };

@@ -260,6 +260,10 @@ enum Source {
 #[cfg(feature = "sentinel")]
 pub const SENTINEL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// A server's host and port.
+#[cfg(feature = "sentinel")]
+type Address = (String, u16);
+
 /// Asks the sentinels for the primary, in a task of its own.
 #[cfg(feature = "sentinel")]
 struct Asker {
@@ -268,12 +272,16 @@ struct Asker {
     state: std::sync::Mutex<(bool, Option<RedisError>)>,
     /// Signalled when a task ends.
     done: std::sync::Arc<tokio::sync::Notify>,
-    /// The address of the primary the current connection goes to.
-    primary: std::sync::Mutex<Option<(String, u16)>>,
-    /// How many times the sentinels were found naming another primary.
+    /// The address of the primary the current connection goes to (`None` while there is no
+    /// connection after a change), and when the sentinels last named it. Locked before
+    /// `current` wherever both are.
+    primary: std::sync::Mutex<(Option<Address>, Option<Instant>)>,
+    /// How many times another primary was found (named by the sentinels, or reached after a
+    /// failed call) while one was in use.
     changes: std::sync::atomic::AtomicU64,
-    /// When last.
-    changed_at: std::sync::Mutex<Option<Instant>>,
+    /// For the last change: since when calls may have reached the old primary after it stopped
+    /// being the primary (when the sentinels last named it; `None`: never known).
+    changed_since: std::sync::Mutex<Option<Instant>>,
 }
 
 #[cfg(feature = "sentinel")]
@@ -283,10 +291,19 @@ impl Asker {
             client: tokio::sync::Mutex::new(client),
             state: std::sync::Mutex::new((false, None)),
             done: std::sync::Arc::new(tokio::sync::Notify::new()),
-            primary: std::sync::Mutex::new(None),
+            primary: std::sync::Mutex::new((None, None)),
             changes: Default::default(),
-            changed_at: Default::default(),
+            changed_since: Default::default(),
         }
+    }
+
+    /// Records a change of primary; the caller holds the `primary` lock (whose last naming is
+    /// `named_at`) and `current`'s write lock, and drops or replaces the connection before
+    /// releasing it: a call that reads the raised count gets no connection to the old primary.
+    fn changed(&self, named_at: Option<Instant>) {
+        *self.changed_since.lock().unwrap_or_else(|e| e.into_inner()) = named_at;
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -303,6 +320,7 @@ async fn watch_sentinels(
         let (Some(asker), Some(current)) = (asker.upgrade(), current.upgrade()) else {
             return;
         };
+        let asked_at = Instant::now();
         let named = tokio::time::timeout(SENTINEL_CHECK_EVERY, async {
             asker.client.lock().await.async_get_client().await
         })
@@ -312,16 +330,16 @@ async fn watch_sentinels(
         };
         let named = address_of(&client);
         let mut primary = asker.primary.lock().unwrap_or_else(|e| e.into_inner());
-        if primary.is_some() && named.is_some() && *primary != named {
-            tracing::warn!("the sentinels name another primary: calls go to it from now on");
-            *primary = None;
-            // Counted before the connection goes: a call that reaches the new primary began
-            // before the count was raised, or sees it raised as it begins.
-            *asker.changed_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-            asker
-                .changes
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            current.write().unwrap_or_else(|e| e.into_inner()).take();
+        match (&primary.0, &named) {
+            (Some(used), Some(named)) if used != named => {
+                tracing::warn!("the sentinels name another primary: calls go to it from now on");
+                let mut current = current.write().unwrap_or_else(|e| e.into_inner());
+                asker.changed(primary.1);
+                *primary = (None, None);
+                current.take();
+            }
+            (Some(_), Some(_)) => primary.1 = Some(asked_at),
+            _ => {}
         }
     }
 }
@@ -386,6 +404,7 @@ impl Multiplexed {
                         let (asker, current, config) =
                             (asker.clone(), self.current.clone(), self.config.clone());
                         let spawned = crate::store::spawn_detached(async move {
+                            let asked_at = Instant::now();
                             let found = async {
                                 let client = asker.client.lock().await.async_get_client().await?;
                                 let addr = address_of(&client);
@@ -399,9 +418,19 @@ impl Multiplexed {
                             state.0 = false;
                             match found {
                                 Ok((manager, addr)) => {
-                                    *asker.primary.lock().unwrap_or_else(|e| e.into_inner()) = addr;
-                                    *current.write().unwrap_or_else(|e| e.into_inner()) =
-                                        Some((manager, Instant::now()));
+                                    let mut primary =
+                                        asker.primary.lock().unwrap_or_else(|e| e.into_inner());
+                                    let mut current =
+                                        current.write().unwrap_or_else(|e| e.into_inner());
+                                    // Another primary than the one in use before a failed
+                                    // call (a `READONLY` old primary): a change too.
+                                    if let (Some(used), Some(found)) = (&primary.0, &addr)
+                                        && used != found
+                                    {
+                                        asker.changed(primary.1);
+                                    }
+                                    *primary = (addr, Some(asked_at));
+                                    *current = Some((manager, Instant::now()));
                                 }
                                 Err(e) => state.1 = Some(e),
                             }
@@ -864,8 +893,8 @@ impl RedisLayer {
 }
 
 /// The client that asks `sentinels` for the primary they monitor as `master`; connections to
-/// the primary use `info`'s credentials, database and TLS. The sentinels are reached without
-/// credentials, over TLS when the data nodes are.
+/// the primary use `info`'s credentials, database and TLS. The sentinels are reached with their
+/// own credentials (`RedisConfig::sentinel_password`), if any, over TLS when the data nodes are.
 #[cfg(feature = "sentinel")]
 fn sentinel_client(
     config: &RedisConfig,
@@ -1382,13 +1411,14 @@ impl CacheLayer for RedisLayer {
         }
     }
 
-    fn primary_changed_at(&self) -> Option<Instant> {
+    fn primary_changed_since(&self) -> Option<Instant> {
         match &self.conn {
             #[cfg(feature = "sentinel")]
             Conn::Multiplexed(m) => match &m.source {
-                Source::Sentinel(asker) => {
-                    *asker.changed_at.lock().unwrap_or_else(|e| e.into_inner())
-                }
+                Source::Sentinel(asker) => *asker
+                    .changed_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
                 Source::Fixed(_) => None,
             },
             #[allow(unreachable_patterns)]

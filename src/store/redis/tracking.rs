@@ -122,8 +122,8 @@ impl Targets {
                     .map(|found| found.into_iter().filter_map(|t| t.addr).collect()),
             ),
             #[cfg(feature = "cluster")]
-            Kind::Cluster { .. } => Some(
-                tokio::time::timeout(timeout, primaries_on(conn))
+            Kind::Cluster { config, .. } => Some(
+                tokio::time::timeout(timeout, primaries_on(conn, tls_of(config)))
                     .await
                     .unwrap_or_else(|_| Err(timed_out("listing the primaries")))
                     .map(|mut primaries| {
@@ -167,9 +167,16 @@ impl Targets {
                         candidates.push(seed.clone());
                     }
                 }
+                // Asked all at once: a seed on a dead host costs no more than one timeout.
+                let answers = futures_util::future::join_all(
+                    candidates
+                        .iter()
+                        .map(|candidate| primaries_at(config, candidate, timeout)),
+                )
+                .await;
                 let mut last = timed_out("listing the primaries");
-                for candidate in candidates {
-                    match primaries_at(config, &candidate, timeout).await {
+                for answer in answers {
+                    match answer {
                         Ok(primaries) if !primaries.is_empty() => {
                             let targets = config
                                 .infos_at(&primaries)
@@ -207,6 +214,14 @@ impl Targets {
     }
 }
 
+/// True when `config` reaches its nodes over TLS.
+#[cfg(feature = "cluster")]
+fn tls_of(config: &RedisConfig) -> bool {
+    config
+        .connection_info()
+        .is_ok_and(|i| matches!(i.addr(), redis::ConnectionAddr::TcpTls { .. }))
+}
+
 #[cfg(any(feature = "cluster", feature = "sentinel"))]
 fn timed_out(what: &'static str) -> RedisError {
     RedisError::from((redis::ErrorKind::Io, "timed out", what.to_owned()))
@@ -224,26 +239,29 @@ async fn primaries_at(
         .ok()
         .and_then(|mut infos| infos.pop())
         .ok_or_else(|| timed_out("a node's address"))?;
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
     let client = redis::Client::open(resp3(info))?;
     let asked = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
-        primaries_on(&mut conn).await
+        primaries_on(&mut conn, tls).await
     };
     tokio::time::timeout(timeout, asked)
         .await
         .map_err(|_| timed_out("listing the primaries"))?
 }
 
-/// The online primaries as the cluster node behind `conn` lists them (`CLUSTER SHARDS`).
+/// The online primaries as the cluster node behind `conn` lists them (`CLUSTER SHARDS`), at
+/// their TLS ports when `tls`.
 #[cfg(feature = "cluster")]
 pub(crate) async fn primaries_on(
     conn: &mut MultiplexedConnection,
+    tls: bool,
 ) -> RedisResult<Vec<(String, u16)>> {
     let shards: Value = redis::cmd("CLUSTER")
         .arg("SHARDS")
         .query_async(conn)
         .await?;
-    Ok(super::cluster::primaries_in(&shards))
+    Ok(super::cluster::primaries_in(&shards, tls))
 }
 
 /// One round trip on `conn`: `Ok(true)` when answered and, with `role`, the server still takes
