@@ -477,15 +477,17 @@ impl Cache {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (cache, key, policy) = (self.clone(), key.clone(), policy.clone());
-        tokio::spawn(async move {
-            // Out of the running set however this task ends.
-            struct Running<'a>(&'a Cache, &'a Key);
-            impl Drop for Running<'_> {
-                fn drop(&mut self) {
-                    self.0.inner.refreshes.lock().remove(self.1.as_str());
-                }
+        // Out of the running set however the task ends, also when it never runs (a runtime
+        // shutting down drops it unpolled).
+        struct Running(Cache, Key);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.inner.refreshes.lock().remove(self.1.as_str());
             }
-            let running = Running(&cache, &key);
+        }
+        let running = Running(cache.clone(), key.clone());
+        tokio::spawn(async move {
+            let running = running;
             let refreshed = async {
                 let c = &cache.inner.counters;
                 c.loader_calls.fetch_add(1, Ordering::Relaxed);

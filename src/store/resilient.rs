@@ -315,25 +315,28 @@ impl Journal {
         self.take_since(now.checked_sub(FAILOVER_REPLAY_WINDOW))
     }
 
-    /// Everything kept that was recorded at or after `since` (`None`: everything kept),
-    /// emptying the journal.
+    /// Everything kept that was recorded at or after `since` (`None`: everything kept), taken
+    /// out of the journal; older entries stay (a later change of primary may reach further
+    /// back).
     fn take_since(&mut self, since: Option<std::time::Instant>) -> (Vec<Key>, Vec<Tag>) {
         let mut keys = Vec::new();
         let mut tags = Vec::new();
-        for (at, k, t) in self.entries.drain(..) {
-            if since.is_none_or(|since| at >= since) {
-                keys.extend(k);
-                tags.extend(t);
-            }
+        let split = match since {
+            Some(since) => self.entries.partition_point(|(at, _, _)| *at < since),
+            None => 0,
+        };
+        for (_, k, t) in self.entries.drain(split..) {
+            self.items -= k.len() + t.len();
+            keys.extend(k);
+            tags.extend(t);
         }
-        self.items = 0;
         (keys, tags)
     }
 }
 
 struct Inner {
     primary: Arc<dyn CacheLayer>,
-    /// Completed invalidations, kept for [`FAILOVER_REPLAY_WINDOW`] when the backend can fail
+    /// Completed invalidations, kept for [`JOURNAL_KEEP`] when the backend can fail
     /// over; queued again when the breaker opens.
     journal: Option<Mutex<Journal>>,
     /// The primary's [`primary_changes`](CacheLayer::primary_changes) acted on, and the lock
@@ -2120,6 +2123,37 @@ mod tests {
     #[tokio::test]
     async fn a_single_server_keeps_no_journal() {
         assert!(a_delete_lost_in_a_failover(false).await.is_some());
+    }
+
+    /// A change of primary takes what was recorded since the old one was last known; an
+    /// outage takes the last [`FAILOVER_REPLAY_WINDOW`] and leaves the older entries for a
+    /// change found later.
+    #[test]
+    fn the_journal_gives_what_is_asked_and_keeps_the_older_entries() {
+        let key = |id: u64| {
+            Namespace::root()
+                .global()
+                .key(&Ident::from_static("test"), &Ident::from_static("item"), id)
+                .unwrap()
+        };
+        let mut journal = Journal::default();
+        let start = std::time::Instant::now();
+        journal.record(&[key(1)], &[]);
+        std::thread::sleep(Duration::from_millis(5));
+        let middle = std::time::Instant::now();
+        journal.record(&[key(2), key(3)], &[]);
+        assert_eq!(journal.take_since(Some(middle)).0, vec![key(2), key(3)]);
+        assert_eq!(journal.items, 1);
+        assert_eq!(journal.take_since(Some(start)).0, vec![key(1)]);
+        assert_eq!(journal.items, 0);
+        journal.record(&[key(4)], &[]);
+        // Old entries (here: made to look older than the window) stay after an outage's take.
+        journal.entries[0].0 = std::time::Instant::now()
+            .checked_sub(FAILOVER_REPLAY_WINDOW + Duration::from_secs(1))
+            .expect("the monotonic clock reaches 3 s back");
+        journal.record(&[key(5)], &[]);
+        assert_eq!(journal.take().0, vec![key(5)]);
+        assert_eq!(journal.take_since(None).0, vec![key(4)]);
     }
 
     #[test]

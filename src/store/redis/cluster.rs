@@ -276,7 +276,41 @@ fn field<'a>(value: &'a redis::Value, name: &str) -> Option<&'a redis::Value> {
 
 #[cfg(test)]
 mod tests {
-    use super::slot;
+    use super::{primaries_in, slot};
+
+    /// A `CLUSTER SHARDS` reply (RESP3) naming one online primary listening on both a plain and
+    /// a TLS port, a failed primary and a replica: only the online primary, at the port the
+    /// transport speaks.
+    #[test]
+    fn primaries_are_the_online_ones_at_the_port_the_transport_speaks() {
+        use redis::Value;
+        let text = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let node = |ip: &str, role: &str, health: &str, tls_port: i64| {
+            Value::Map(vec![
+                (text("ip"), text(ip)),
+                (text("port"), Value::Int(7000)),
+                (text("tls-port"), Value::Int(tls_port)),
+                (text("role"), text(role)),
+                (text("health"), text(health)),
+            ])
+        };
+        let shards = Value::Array(vec![Value::Map(vec![(
+            text("nodes"),
+            Value::Array(vec![
+                node("10.0.0.1", "master", "online", 8000),
+                node("10.0.0.2", "master", "failed", 8001),
+                node("10.0.0.3", "replica", "online", 8002),
+            ]),
+        )])]);
+        assert_eq!(
+            primaries_in(&shards, false),
+            vec![("10.0.0.1".to_owned(), 7000)]
+        );
+        assert_eq!(
+            primaries_in(&shards, true),
+            vec![("10.0.0.1".to_owned(), 8000)]
+        );
+    }
 
     #[test]
     fn slots_agree_with_redis_rs() {

@@ -279,8 +279,8 @@ struct Asker {
     /// How many times another primary was found (named by the sentinels, or reached after a
     /// failed call) while one was in use.
     changes: std::sync::atomic::AtomicU64,
-    /// For the last change: since when calls may have reached the old primary after it stopped
-    /// being the primary (when the sentinels last named it; `None`: never known).
+    /// Since when calls may have reached an old primary after it stopped being the primary (the
+    /// sentinels' last naming of it, the earliest over every change; `None`: not known).
     changed_since: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -301,7 +301,15 @@ impl Asker {
     /// `named_at`) and `current`'s write lock, and drops or replaces the connection before
     /// releasing it: a call that reads the raised count gets no connection to the old primary.
     fn changed(&self, named_at: Option<Instant>) {
-        *self.changed_since.lock().unwrap_or_else(|e| e.into_inner()) = named_at;
+        // The earliest of every change: two changes before the store acts on them are covered
+        // from the first.
+        let mut since = self.changed_since.lock().unwrap_or_else(|e| e.into_inner());
+        if self.changes.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            *since = named_at;
+        } else {
+            *since = since.zip(named_at).map(|(a, b)| a.min(b));
+        }
+        drop(since);
         self.changes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }

@@ -167,15 +167,15 @@ impl Targets {
                         candidates.push(seed.clone());
                     }
                 }
-                // Asked all at once: a seed on a dead host costs no more than one timeout.
-                let answers = futures_util::future::join_all(
-                    candidates
-                        .iter()
-                        .map(|candidate| primaries_at(config, candidate, timeout)),
-                )
-                .await;
+                // Asked all at once, the first answer taken: a seed on a dead host costs nothing
+                // while another answers.
+                use futures_util::StreamExt;
+                let mut answers: futures_util::stream::FuturesUnordered<_> = candidates
+                    .iter()
+                    .map(|candidate| primaries_at(config, candidate, timeout))
+                    .collect();
                 let mut last = timed_out("listing the primaries");
-                for answer in answers {
+                while let Some(answer) = answers.next().await {
                     match answer {
                         Ok(primaries) if !primaries.is_empty() => {
                             let targets = config
