@@ -69,63 +69,64 @@ async fn follows(cache: &Cache, key: &Key, before: &TierStats, limit: Duration) 
     seen
 }
 
-/// `CLUSTER FAILOVER`: the old primary stays up as a replica and keeps the channel's connection
-/// open; the channel must notice that it no longer takes writes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tiered_cache_follows_a_cluster_failover() {
+/// A 3-primary/3-replica cluster whose primary of `key(id)` is struck by `fault` (given the
+/// cluster, the primary and its replica) while a tiered cache holds the key in L1; another
+/// client, which knows the new topology, then writes the key on the promoted replica, and the
+/// cache must read it within `limit`.
+async fn cluster_fault(
+    name: &str,
+    id: u64,
+    limit: Duration,
+    fault: impl FnOnce(&mut support::cluster::RedisCluster, usize, usize) + Send + 'static,
+) {
     let cluster = tokio::task::spawn_blocking(|| support::cluster::RedisCluster::start(3, 1))
         .await
         .unwrap();
-    let (cache, k) = warm(cluster.redis_config(), 1).await;
+    let (cache, k) = warm(cluster.redis_config(), id).await;
     let primary = cluster.primary_of(k.as_str());
     let replica = cluster.replica_of(primary);
     let before = cache.tier_stats().unwrap();
     let cluster = tokio::task::spawn_blocking(move || {
-        cluster.failover(replica);
-        crate::promoted(|| cluster.owner_of(k.as_str()) == Ok(replica));
+        let mut cluster = cluster;
+        fault(&mut cluster, primary, replica);
+        crate::promoted(|| cluster.owner_of(support::key(id).as_str()) == Ok(replica));
         cluster
     })
     .await
     .unwrap();
-    let k = support::key(1);
-    // Another client, which knows the new topology, writes the key on the new primary.
     let mut other = cluster.raw().await;
     let _: () = other.set_ex(k.as_str(), "2", 60).await.unwrap();
-    let seen = follows(&cache, &k, &before, Duration::from_secs(3)).await;
+    let seen = follows(&cache, &k, &before, limit).await;
     eprintln!(
-        "CLUSTER FAILOVER: a tiered cache read the new primary's write {} ms after it returned",
+        "{name}: a tiered cache read the new primary's write {} ms after it returned",
         seen.as_millis()
     );
+}
+
+/// `CLUSTER FAILOVER`: the old primary stays up as a replica and keeps the channel's connection
+/// open; the channel must notice that it no longer takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiered_cache_follows_a_cluster_failover() {
+    cluster_fault(
+        "CLUSTER FAILOVER",
+        1,
+        Duration::from_secs(3),
+        |cluster, _, replica| cluster.failover(replica),
+    )
+    .await;
 }
 
 /// A cluster primary killed with SIGKILL: its connection closes, L1 is emptied, and the channel
 /// tracks the promoted replica once the cluster lists it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiered_cache_follows_a_killed_cluster_primary() {
-    let cluster = tokio::task::spawn_blocking(|| support::cluster::RedisCluster::start(3, 1))
-        .await
-        .unwrap();
-    let (cache, k) = warm(cluster.redis_config(), 2).await;
-    let primary = cluster.primary_of(k.as_str());
-    let replica = cluster.replica_of(primary);
-    let before = cache.tier_stats().unwrap();
-    let cluster = tokio::task::spawn_blocking(move || {
-        let mut cluster = cluster;
-        cluster.nodes()[primary].kill();
-        crate::promoted(|| cluster.owner_of(k.as_str()) == Ok(replica));
-        cluster
-    })
-    .await
-    .unwrap();
-    let k = support::key(2);
-    let mut other = cluster.raw().await;
-    let _: () = other.set_ex(k.as_str(), "2", 60).await.unwrap();
-    let seen = follows(&cache, &k, &before, Duration::from_secs(10)).await;
-    eprintln!(
-        "Cluster primary SIGKILL: a tiered cache read the new primary's write {} ms after it \
-         returned",
-        seen.as_millis()
-    );
+    cluster_fault(
+        "Cluster primary SIGKILL",
+        2,
+        Duration::from_secs(10),
+        |cluster, primary, _| cluster.nodes()[primary].kill(),
+    )
+    .await;
 }
 
 /// The Sentinel-monitored primary killed with SIGKILL, or failed over with `SENTINEL
