@@ -56,3 +56,10 @@ fn after_a_write_returns_the_other_instances_stop_reading_the_old_value() {
         &super::shared(crate::support::Backend::cluster()),
     );
 }
+
+#[test]
+fn a_killed_channel_makes_every_instance_stop_serving_l1() {
+    super::tier::a_killed_channel_makes_every_instance_stop_serving_l1_on(&super::shared(
+        crate::support::Backend::cluster(),
+    ));
+}

@@ -4,7 +4,7 @@
 use redis::AsyncCommands;
 
 use crate::support::fleet::{Node, NodeSettings, number_after};
-use crate::support::{self, Backend, RedisServer};
+use crate::support::{self, Backend};
 
 /// How a trial changes the key, and what the watchers must read afterwards instead of the
 /// old value.
@@ -163,10 +163,17 @@ pub(crate) fn after_a_write_returns_the_other_instances_stop_reading_the_old_val
 /// value is never read again.
 #[test]
 fn a_killed_channel_makes_every_instance_stop_serving_l1() {
-    let server = RedisServer::start();
-    let mut nodes = three_tiered(&server.url());
+    a_killed_channel_makes_every_instance_stop_serving_l1_on(&super::shared(
+        support::Backend::redis(),
+    ));
+}
+
+/// The same on `backend`: on a cluster, the channels to the key's primary are killed (each
+/// instance's channel has one connection per primary, and losing any loses the channel).
+pub(crate) fn a_killed_channel_makes_every_instance_stop_serving_l1_on(backend: &Backend) {
+    let mut nodes = three_tiered(&backend.url().expect("a Redis backend"));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut raw = rt.block_on(server.raw());
+    let mut raw = rt.block_on(backend.raw()).expect("a Redis backend");
     for round in 0..10u64 {
         let id = 2_000 + round;
         assert!(
@@ -178,7 +185,7 @@ fn a_killed_channel_makes_every_instance_stop_serving_l1() {
             assert_eq!(node.request(&format!("tier-warm {id}")), "warm 1");
         }
         // One channel per instance.
-        server.kill_tier_channels(3);
+        backend.kill_tier_channels_of(&format!("fleet:item:{id}"), 3);
         let _: () = rt
             .block_on(raw.set_ex(format!("fleet:item:{id}"), "2", 60))
             .unwrap();

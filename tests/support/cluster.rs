@@ -256,6 +256,11 @@ impl RedisCluster {
         &mut self.nodes
     }
 
+    /// Node `n`.
+    pub fn node(&self, n: usize) -> &RedisServer {
+        &self.nodes[n]
+    }
+
     /// The index of the node that is primary for `key`'s slot now.
     pub fn primary_of(&self, key: &str) -> usize {
         self.owner_of(key)

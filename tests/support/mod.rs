@@ -265,6 +265,22 @@ impl Backend {
         }
     }
 
+    /// Kills (`CLIENT KILL`) the in-process tier's tracking connections that carry `key`'s
+    /// invalidations: on the server, the cluster node owning it, or the primary the sentinels
+    /// name; `expected` of them must be there (one per tiered instance).
+    pub fn kill_tier_channels_of(&self, key: &str, expected: usize) {
+        match self {
+            Backend::Memory(_) => panic!("no tier channel on memory"),
+            Backend::Redis { server, .. } => server.kill_tier_channels(expected),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster { cluster, .. } => cluster
+                .node(cluster.primary_of(key))
+                .kill_tier_channels(expected),
+            #[cfg(feature = "sentinel")]
+            Backend::Sentinel { set, .. } => set.data[set.primary()].kill_tier_channels(expected),
+        }
+    }
+
     /// The URL of the backend's Redis, for processes started beside the test; `None` on
     /// memory.
     pub fn url(&self) -> Option<String> {
