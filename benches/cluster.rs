@@ -17,7 +17,7 @@ use speedlayer::{Cache, Key};
 use crate::common::{Dashboard, dashboard, key, redis_cache, runtime};
 use crate::support::RedisServer;
 use crate::support::cluster::RedisCluster;
-use crate::throughput::{GETS_PER_TASK, TASKS, run_tasks};
+use crate::throughput::{GETS_PER_TASK, TASKS, cache_round as round, raw_round, timed};
 
 const KEYS: u64 = 1_000;
 
@@ -69,26 +69,20 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         group.bench_function(name, |b| {
             b.to_async(&rt).iter_custom(|iters| {
                 let (cache, keys) = (cache.clone(), keys.clone());
-                async move {
-                    let started = Instant::now();
-                    for _ in 0..iters {
-                        round(&cache, &keys).await;
-                    }
-                    started.elapsed()
-                }
+                timed(iters, move || {
+                    let (cache, keys) = (cache.clone(), keys.clone());
+                    async move { round(&cache, &keys).await }
+                })
             })
         });
     }
     group.bench_function("throughput64_raw", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let (raw, keys) = (raw.clone(), keys.clone());
-            async move {
-                let started = Instant::now();
-                for _ in 0..iters {
-                    raw_round(&raw, &keys).await;
-                }
-                started.elapsed()
-            }
+            timed(iters, move || {
+                let (raw, keys) = (raw.clone(), keys.clone());
+                async move { raw_round(&raw, &keys).await }
+            })
         })
     });
     group.finish();
@@ -155,36 +149,4 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
     );
     println!("{line}");
     crate::report::remember(line);
-}
-
-/// One round: 64 tasks share 12,800 hits over 1,000 keys.
-async fn round(cache: &Cache, keys: &Arc<Vec<Key>>) {
-    run_tasks(|task| {
-        let (cache, keys) = (cache.clone(), keys.clone());
-        async move {
-            for i in 0..GETS_PER_TASK {
-                let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
-                let v: Option<Dashboard> = cache.get(k).await;
-                std::hint::black_box(v);
-            }
-        }
-    })
-    .await;
-}
-
-/// One round of raw redis-rs on the cluster: the same hits, `GET` plus the JSON decode.
-async fn raw_round(raw: &redis::cluster_async::ClusterConnection, keys: &Arc<Vec<Key>>) {
-    run_tasks(|task| {
-        let (mut conn, keys) = (raw.clone(), keys.clone());
-        async move {
-            for i in 0..GETS_PER_TASK {
-                let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
-                let bytes: Vec<u8> = redis::AsyncCommands::get(&mut conn, k.as_str())
-                    .await
-                    .expect("GET");
-                let _: Dashboard = serde_json::from_slice(&bytes).expect("decodes");
-            }
-        }
-    })
-    .await;
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use redis::AsyncCommands;
+use speedlayer::Key;
 use speedlayer::config::Transport;
 use speedlayer::ttl::Ttl;
 
@@ -48,46 +49,20 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         group.bench_function(name, |b| {
             b.to_async(&rt).iter_custom(|iters| {
                 let (cache, keys) = (cache.clone(), keys.clone());
-                async move {
-                    let started = Instant::now();
-                    for _ in 0..iters {
-                        run_tasks(|task| {
-                            let (cache, keys) = (cache.clone(), keys.clone());
-                            async move {
-                                for i in 0..GETS_PER_TASK {
-                                    let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
-                                    let v: Option<Dashboard> = cache.get(k).await;
-                                    std::hint::black_box(v);
-                                }
-                            }
-                        })
-                        .await;
-                    }
-                    started.elapsed()
-                }
+                timed(iters, move || {
+                    let (cache, keys) = (cache.clone(), keys.clone());
+                    async move { cache_round(&cache, &keys).await }
+                })
             })
         });
     }
     group.bench_function("redis64/raw", |b| {
         b.to_async(&rt).iter_custom(|iters| {
             let (raw, keys) = (raw.clone(), keys.clone());
-            async move {
-                let started = Instant::now();
-                for _ in 0..iters {
-                    run_tasks(|task| {
-                        let (mut conn, keys) = (raw.clone(), keys.clone());
-                        async move {
-                            for i in 0..GETS_PER_TASK {
-                                let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
-                                let bytes: Vec<u8> = conn.get(k.as_str()).await.expect("GET");
-                                let _: Dashboard = serde_json::from_slice(&bytes).expect("decodes");
-                            }
-                        }
-                    })
-                    .await;
-                }
-                started.elapsed()
-            }
+            timed(iters, move || {
+                let (raw, keys) = (raw.clone(), keys.clone());
+                async move { raw_round(&raw, &keys).await }
+            })
         })
     });
     group.finish();
@@ -95,30 +70,12 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
     // Paired rounds: one 64-task round of each, alternating, 21 times.
     let round_cache = |cache: &speedlayer::Cache| {
         let started = Instant::now();
-        rt.block_on(run_tasks(|task| {
-            let (cache, keys) = (cache.clone(), keys.clone());
-            async move {
-                for i in 0..GETS_PER_TASK {
-                    let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
-                    let v: Option<Dashboard> = cache.get(k).await;
-                    std::hint::black_box(v);
-                }
-            }
-        }));
+        rt.block_on(cache_round(cache, &keys));
         started.elapsed()
     };
     let round_raw = || {
         let started = Instant::now();
-        rt.block_on(run_tasks(|task| {
-            let (mut conn, keys) = (raw.clone(), keys.clone());
-            async move {
-                for i in 0..GETS_PER_TASK {
-                    let k = &keys[((task * GETS_PER_TASK + i) % KEYS) as usize];
-                    let bytes: Vec<u8> = conn.get(k.as_str()).await.expect("GET");
-                    let _: Dashboard = serde_json::from_slice(&bytes).expect("decodes");
-                }
-            }
-        }));
+        rt.block_on(raw_round(&raw, &keys));
         started.elapsed()
     };
     let (median, q1, q3) = crate::report::paired(21, || round_cache(&multiplexed), round_raw);
@@ -146,6 +103,55 @@ pub fn benches(c: &mut Criterion, server: &RedisServer) {
         "reported",
         (1.0 / median, 1.0 / q3, 1.0 / q1),
     );
+}
+
+/// One round: 64 tasks share 12,800 hits (`GETS_PER_TASK` each) over `keys`.
+pub async fn cache_round(cache: &speedlayer::Cache, keys: &Arc<Vec<Key>>) {
+    let count = keys.len() as u64;
+    run_tasks(|task| {
+        let (cache, keys) = (cache.clone(), keys.clone());
+        async move {
+            for i in 0..GETS_PER_TASK {
+                let k = &keys[((task * GETS_PER_TASK + i) % count) as usize];
+                let v: Option<Dashboard> = cache.get(k).await;
+                std::hint::black_box(v);
+            }
+        }
+    })
+    .await;
+}
+
+/// The same round with raw redis-rs over `raw` (one server's connection manager, or a
+/// cluster connection): `GET` plus the same JSON decode.
+pub async fn raw_round<C>(raw: &C, keys: &Arc<Vec<Key>>)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let count = keys.len() as u64;
+    run_tasks(|task| {
+        let (mut conn, keys) = (raw.clone(), keys.clone());
+        async move {
+            for i in 0..GETS_PER_TASK {
+                let k = &keys[((task * GETS_PER_TASK + i) % count) as usize];
+                let bytes: Vec<u8> = conn.get(k.as_str()).await.expect("GET");
+                let _: Dashboard = serde_json::from_slice(&bytes).expect("decodes");
+            }
+        }
+    })
+    .await;
+}
+
+/// `iters` runs of `round`, timed: the body of criterion's `iter_custom`.
+pub async fn timed<F, Fut>(iters: u64, round: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = Instant::now();
+    for _ in 0..iters {
+        round().await;
+    }
+    started.elapsed()
 }
 
 pub async fn run_tasks<F, Fut>(make: F)

@@ -639,18 +639,15 @@ impl Store {
     /// likeliest to be lost. (Removals made during the recovery hold reach the backend that
     /// answers again, and are journalled.)
     fn journal(&self, keys: &[Key], tags: &[Tag]) {
-        let Some(journal) = &self.inner.journal else {
+        if self.inner.journal.is_none() {
             return;
-        };
+        }
         if self.inner.breaker.state() == BreakerState::Open {
             self.queue(keys, tags);
             self.start_replayer();
             return;
         }
-        journal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .record(keys, tags);
+        self.remember(keys, tags);
     }
 
     /// As the breaker opens on a backend that can fail over: the invalidations it applied within
