@@ -20,8 +20,9 @@
 //! one slot and a check is one script. A route whose layers all count one identity (all per IP,
 //! or all per user: the usual login and API set-ups) tags each client's keys with a bucket of
 //! its id as well, `{auth-login-74a}` ([`Route::spread`]): its clients then spread over every
-//! node of a cluster instead of all counting on the node that owns `{auth-login}`. A limiter built for a tenant [`Scope`] ([`RateLimiter::in_scope`]) counts per
-//! tenant (`@<tenant>:rate:...`).
+//! node of a cluster instead of all counting on the node that owns `{auth-login}`. A limiter
+//! built for a tenant [`Scope`] ([`RateLimiter::in_scope`]) counts per tenant
+//! (`@<tenant>:rate:...`).
 //!
 //! IPv4 clients are counted by address; IPv6 clients by their /64 network (configurable with
 //! [`RateLimiter::ipv6_prefix`]): a single IPv6 client controls a whole /64 and rotates
